@@ -1,0 +1,39 @@
+"""The Outrider wire contract: generated protobuf code (`outrider.v1`) plus the small
+helpers both the sidecar and the collector need (topic names, record keys and headers,
+the envelope codec)."""
+
+from outrider._envelope import (
+    CONTENT_TYPE_HEADER,
+    SCHEMA_HEADER,
+    SCHEMA_VERSION,
+    DecodeError,
+    decode_control,
+    decode_event,
+    encode_control,
+    encode_event,
+)
+from outrider._topics import (
+    COMMANDS_TOPIC,
+    CONTROL_TOPIC,
+    DEADLETTER_TOPIC,
+    EVENTS_TOPIC,
+    SPANS_TOPIC,
+    agent_key,
+)
+
+__all__ = [
+    "COMMANDS_TOPIC",
+    "CONTENT_TYPE_HEADER",
+    "CONTROL_TOPIC",
+    "DEADLETTER_TOPIC",
+    "EVENTS_TOPIC",
+    "SCHEMA_HEADER",
+    "SCHEMA_VERSION",
+    "SPANS_TOPIC",
+    "DecodeError",
+    "agent_key",
+    "decode_control",
+    "decode_event",
+    "encode_control",
+    "encode_event",
+]

@@ -1,0 +1,86 @@
+"""Encoding of records on the Outrider topics.
+
+A record's value is the serialized protobuf message; its headers say what it is, so a
+reader can tell a newer schema or a foreign record from garbage and dead-letter it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf.message import DecodeError as _ProtoDecodeError
+
+from outrider.v1 import control_pb2, events_pb2
+
+CONTENT_TYPE_HEADER = "content-type"
+SCHEMA_HEADER = "outrider-schema"
+SCHEMA_VERSION = 1
+
+_EVENT_TYPE = b"application/x-protobuf; messageType=outrider.v1.Event"
+_CONTROL_TYPE = b"application/x-protobuf; messageType=outrider.v1.ControlMessage"
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+class DecodeError(ValueError):
+    """A record that is not a message of the expected type and schema."""
+
+
+def _headers(content_type: bytes) -> list[tuple[str, bytes]]:
+    return [(CONTENT_TYPE_HEADER, content_type), (SCHEMA_HEADER, str(SCHEMA_VERSION).encode())]
+
+
+def _check(headers: Headers | None, content_type: bytes) -> None:
+    if not headers:
+        return  # records from writers that set no headers are judged by their bytes alone
+    found = dict(headers)
+    if found.get(CONTENT_TYPE_HEADER, content_type) != content_type:
+        raise DecodeError(f"unexpected content type {found[CONTENT_TYPE_HEADER]!r}")
+    schema = found.get(SCHEMA_HEADER)
+    if schema is not None:
+        try:
+            version = int(schema)
+        except ValueError:
+            raise DecodeError(f"bad schema header {schema!r}") from None
+        if version > SCHEMA_VERSION:
+            raise DecodeError(f"schema version {version} is newer than {SCHEMA_VERSION}")
+
+
+def encode_event(event: events_pb2.Event) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of an `outrider.events` record."""
+    return event.SerializeToString(), _headers(_EVENT_TYPE)
+
+
+def decode_event(value: bytes | None, headers: Headers | None = None) -> events_pb2.Event:
+    """Parse an `outrider.events` record; raise DecodeError for anything else."""
+    _check(headers, _EVENT_TYPE)
+    if not value:
+        raise DecodeError("empty record")
+    event = events_pb2.Event()
+    try:
+        event.ParseFromString(value)
+    except _ProtoDecodeError as exc:
+        raise DecodeError(f"not an outrider.v1.Event: {exc}") from exc
+    if not event.event_id or not event.agent or event.WhichOneof("body") is None:
+        raise DecodeError("event lacks event_id, agent or body")
+    return event
+
+
+def encode_control(message: control_pb2.ControlMessage) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of an `outrider.control` record."""
+    return message.SerializeToString(), _headers(_CONTROL_TYPE)
+
+
+def decode_control(value: bytes | None, headers: Headers | None = None) -> control_pb2.ControlMessage:
+    """Parse an `outrider.control` record; raise DecodeError for anything else."""
+    _check(headers, _CONTROL_TYPE)
+    if not value:
+        raise DecodeError("empty record")
+    message = control_pb2.ControlMessage()
+    try:
+        message.ParseFromString(value)
+    except _ProtoDecodeError as exc:
+        raise DecodeError(f"not an outrider.v1.ControlMessage: {exc}") from exc
+    if message.WhichOneof("body") is None:
+        raise DecodeError("control message has no body")
+    return message
