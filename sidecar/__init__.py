@@ -1,0 +1,42 @@
+"""The Outrider sidecar (data plane): the agent-facing gRPC API, session pinning, routing,
+upstream clients and the telemetry producer. `outrider sidecar --config FILE` runs `run`."""
+
+from sidecar._app import Sidecar, SidecarError, run
+from sidecar._clock import Clock, ManualClock, SystemClock
+from sidecar._config import ConfigError, SidecarConfig, ToolConfig, VersionConfig, load_config, parse_duration
+from sidecar._exceptions import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamInvalidResponse,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from sidecar._router import Assignment, Router
+from sidecar._session import Session, SessionCodec, SessionError, SessionExpired, UnknownSession
+
+__all__ = [
+    "Assignment",
+    "Clock",
+    "ConfigError",
+    "ManualClock",
+    "Router",
+    "Session",
+    "SessionCodec",
+    "SessionError",
+    "SessionExpired",
+    "Sidecar",
+    "SidecarConfig",
+    "SidecarError",
+    "SystemClock",
+    "ToolConfig",
+    "UnknownSession",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamInvalidResponse",
+    "UpstreamStatusError",
+    "UpstreamTimeout",
+    "VersionConfig",
+    "load_config",
+    "parse_duration",
+    "run",
+]

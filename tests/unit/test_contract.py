@@ -16,21 +16,38 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), str(tmp_path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
     assert generated, "protoc produced nothing"
-    stale = [str(rel) for rel in generated
-             if not filecmp.cmp(tmp_path / rel, ROOT / "proto" / rel, shallow=False)]
+    stale = [
+        str(rel) for rel in generated if not filecmp.cmp(tmp_path / rel, ROOT / "proto" / rel, shallow=False)
+    ]
     assert not stale, f"regenerate with `make proto`: {stale}"
 
 
 def test_public_surface() -> None:
-    assert sorted(outrider.__all__) == sorted([
-        "COMMANDS_TOPIC", "CONTENT_TYPE_HEADER", "CONTROL_TOPIC", "DEADLETTER_TOPIC", "EVENTS_TOPIC",
-        "SCHEMA_HEADER", "SCHEMA_VERSION", "SPANS_TOPIC", "DecodeError", "agent_key", "decode_control",
-        "decode_event", "encode_control", "encode_event",
-    ])
+    assert sorted(outrider.__all__) == sorted(
+        [
+            "COMMANDS_TOPIC",
+            "CONTENT_TYPE_HEADER",
+            "CONTROL_TOPIC",
+            "DEADLETTER_TOPIC",
+            "EVENTS_TOPIC",
+            "SCHEMA_HEADER",
+            "SCHEMA_VERSION",
+            "SPANS_TOPIC",
+            "DecodeError",
+            "agent_key",
+            "decode_control",
+            "decode_event",
+            "encode_control",
+            "encode_event",
+        ]
+    )
 
 
 def test_event_round_trip() -> None:

@@ -1,0 +1,139 @@
+"""The admin gRPC API (`outrider.v1.Admin`): start, inspect and abort rollouts.
+
+Errors map to status codes once, here: a bad spec is INVALID_ARGUMENT naming the source and
+field, a second start ALREADY_EXISTS, an unknown agent NOT_FOUND, aborting a finished
+rollout FAILED_PRECONDITION, a control-topic write that failed UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from collector._config_errors import SpecError
+from collector._errors import NoRollout, RolloutConflict, RolloutError, RolloutFinished
+from collector._manager import PublishError, RolloutManager
+from collector._spec import load_spec_text
+from outrider.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+MAX_SPEC_BYTES = 256 * 1024
+
+_CODES: dict[type[Exception], grpc.StatusCode] = {
+    RolloutConflict: grpc.StatusCode.ALREADY_EXISTS,
+    NoRollout: grpc.StatusCode.NOT_FOUND,
+    RolloutFinished: grpc.StatusCode.FAILED_PRECONDITION,
+    PublishError: grpc.StatusCode.UNAVAILABLE,
+    SpecError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+async def _fail(context: grpc.aio.ServicerContext[object, object], exc: Exception) -> NoReturn:
+    code = next((c for t, c in _CODES.items() if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
+    await context.abort(code, str(exc))
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+async def _require(context: grpc.aio.ServicerContext[object, object], field: str, value: str) -> None:
+    if not value:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: must not be empty")
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, manager: RolloutManager) -> None:
+        self._manager = manager
+
+    async def StartRollout(
+        self, request: admin_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        source = request.source_name or "<request>"
+        await _require(context, "spec_yaml", request.spec_yaml)
+        if len(request.spec_yaml.encode()) > MAX_SPEC_BYTES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"spec_yaml: larger than {MAX_SPEC_BYTES} bytes"
+            )
+        try:
+            spec = load_spec_text(request.spec_yaml, source)
+            await self._manager.start(spec, request.spec_yaml, request.requested_by)
+            log.info(
+                "rollout of %s started by %s from %s", spec.agent, request.requested_by or "admin", source
+            )
+            return self._manager.status(spec.agent)
+        except (SpecError, RolloutError, PublishError) as exc:
+            await _fail(context, exc)
+
+    async def GetRollout(
+        self, request: admin_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        await _require(context, "agent", request.agent)
+        try:
+            return self._manager.status(request.agent)
+        except RolloutError as exc:
+            await _fail(context, exc)
+
+    async def AbortRollout(
+        self, request: admin_pb2.AbortRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        await _require(context, "agent", request.agent)
+        try:
+            await self._manager.abort(request.agent, request.reason, request.requested_by)
+            log.info(
+                "rollout of %s aborted by %s: %s",
+                request.agent,
+                request.requested_by or "admin",
+                request.reason,
+            )
+            return self._manager.status(request.agent)
+        except (RolloutError, PublishError) as exc:
+            await _fail(context, exc)
+
+
+class AdminServer:
+    """grpc.aio server with Admin, health and reflection; start/stop idempotent."""
+
+    def __init__(self, manager: RolloutManager, listen: str) -> None:
+        self._listen = listen
+        self._server: grpc.aio.Server | None = None
+        self._manager = manager
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.address = ""
+
+    async def start(self) -> str:
+        if self._server is not None:
+            return self.address
+        server = grpc.aio.server()
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self._manager), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [
+                ADMIN_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        host = self._listen.rpartition(":")[0]
+        try:
+            port = server.add_insecure_port(self._listen)
+        except RuntimeError as exc:
+            await server.stop(None)
+            raise OSError(f"cannot listen on {self._listen}: {exc}") from exc
+        await server.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(ADMIN_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        self.address = f"{host}:{port}"
+        log.info("collector admin gRPC on %s", self.address)
+        return self.address
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await self._health.enter_graceful_shutdown()
+            await server.stop(grace_s)

@@ -1,0 +1,25 @@
+"""Errors of rollout commands that do not fit an agent's current state.
+
+RolloutError
+ ├─ RolloutConflict   a rollout is already running for the agent   (ALREADY_EXISTS)
+ ├─ NoRollout         the agent has no rollout                      (NOT_FOUND)
+ └─ RolloutFinished   the rollout is in a terminal phase            (FAILED_PRECONDITION)
+"""
+
+from __future__ import annotations
+
+
+class RolloutError(Exception):
+    """A rollout command that does not fit the agent's current state."""
+
+
+class RolloutConflict(RolloutError):
+    pass
+
+
+class NoRollout(RolloutError):
+    pass
+
+
+class RolloutFinished(RolloutError):
+    pass

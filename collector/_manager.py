@@ -1,0 +1,165 @@
+"""Every agent's rollout controller, and the rule that a state counts only once published.
+
+Admin commands and the tick loop share one lock, so each decision is proposed from the
+current state, written to `outrider.control`, and only then applied: a failed write leaves
+the controller where it was and the tick loop tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from aiokafka.errors import KafkaError
+
+from collector._clock import Clock
+from collector._errors import NoRollout
+from collector._metrics import CollectorMetrics
+from collector._rollout import RolloutController
+from collector._spec import RolloutSpec
+from collector._windows import RollingWindows
+from outrider.v1 import admin_pb2, common_pb2, control_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_WINDOW_S = 60.0
+
+
+class PublishError(Exception):
+    """A rollout state could not be written to the control topic; nothing changed."""
+
+
+class StatePublisher(Protocol):
+    async def publish(self, state: control_pb2.RolloutState) -> None: ...
+
+
+class RolloutManager:
+    def __init__(
+        self, publisher: StatePublisher, windows: RollingWindows, metrics: CollectorMetrics, clock: Clock
+    ) -> None:
+        self._publisher, self._windows, self._metrics, self._clock = publisher, windows, metrics, clock
+        self._controllers: dict[str, RolloutController] = {}
+        self._lock = asyncio.Lock()
+
+    def restore(self, states: Mapping[str, Sequence[control_pb2.RolloutState]]) -> None:
+        """Take over the states read back from the control topic; generations continue from them."""
+        for agent, agent_states in states.items():
+            if not agent_states:
+                continue
+            ctl = RolloutController.restore(agent_states)
+            self._controllers[agent] = ctl
+            assert ctl.state is not None
+            self._metrics.observe_state(ctl.state)
+            phase = control_pb2.RolloutPhase.Name(ctl.state.phase)
+            if ctl.running and ctl.spec is None:
+                log.error(
+                    "rollout %s of %s cannot resume: its spec no longer validates; abort it",
+                    ctl.state.rollout_id,
+                    agent,
+                )
+            log.info(
+                "recovered %s: rollout %s generation %d %s",
+                agent,
+                ctl.state.rollout_id,
+                ctl.state.generation,
+                phase,
+            )
+
+    def get(self, agent: str) -> RolloutController | None:
+        return self._controllers.get(agent)
+
+    def agents(self) -> list[str]:
+        return list(self._controllers)
+
+    async def _publish(self, ctl: RolloutController, state: control_pb2.RolloutState) -> None:
+        try:
+            await self._publisher.publish(state)
+        except (KafkaError, TimeoutError) as exc:
+            self._metrics.publish_failures.inc()
+            ctl.reserve(state.generation)
+            raise PublishError(
+                f"could not write generation {state.generation} of {state.agent!r} to the "
+                f"control topic: {exc or type(exc).__name__}"
+            ) from exc
+        self._metrics.observe_state(state)
+        log.info(
+            "%s generation %d: %s weight %.2f step %d/%d (%s, by %s)",
+            state.agent,
+            state.generation,
+            control_pb2.RolloutPhase.Name(state.phase),
+            state.candidate_weight,
+            state.step_index + 1,
+            state.step_count,
+            state.reason,
+            state.decided_by,
+        )
+
+    async def start(self, spec: RolloutSpec, spec_yaml: str, decided_by: str) -> RolloutController:
+        async with self._lock:
+            ctl = self._controllers.setdefault(spec.agent, RolloutController(spec.agent))
+            state = ctl.propose_start(spec, spec_yaml, self._clock.now(), decided_by or "admin")
+            await self._publish(ctl, state)
+            ctl.apply(state, spec)
+            return ctl
+
+    async def abort(self, agent: str, reason: str, decided_by: str) -> RolloutController:
+        async with self._lock:
+            ctl = self._controllers.get(agent)
+            if ctl is None:
+                raise NoRollout(f"agent {agent!r} has no rollout")
+            state = ctl.propose_abort(reason, self._clock.now(), decided_by or "admin")
+            await self._publish(ctl, state)
+            ctl.apply(state)
+            return ctl
+
+    async def tick(self) -> list[control_pb2.RolloutState]:
+        """Evaluate every running rollout once; the states published."""
+        published: list[control_pb2.RolloutState] = []
+        async with self._lock:
+            now = self._clock.now()
+            self._windows.evict(now)
+            for ctl in list(self._controllers.values()):
+                if not ctl.running:
+                    continue
+                state = ctl.decide(self._windows, now)
+                if state is None:
+                    continue
+                try:
+                    await self._publish(ctl, state)
+                except PublishError as exc:
+                    log.warning("%s; retrying next tick", exc)
+                    continue
+                ctl.apply(state)
+                published.append(state)
+        return published
+
+    def status(self, agent: str) -> admin_pb2.RolloutStatus:
+        ctl = self._controllers.get(agent)
+        if ctl is None or ctl.state is None:
+            raise NoRollout(f"agent {agent!r} has no rollout")
+        state = ctl.state
+        window = (
+            ctl.spec.gates[0].window if ctl.spec is not None and ctl.spec.gates else DEFAULT_METRICS_WINDOW_S
+        )
+        now = self._clock.now()
+        metrics = []
+        for version, role in (
+            (state.stable_version_id, common_pb2.ROLE_STABLE),
+            (state.candidate_version_id, common_pb2.ROLE_CANARY),
+        ):
+            stats = self._windows.snapshot(agent, version, role, window, now)
+            metrics.append(
+                admin_pb2.VersionMetrics(
+                    version_id=version,
+                    role=role,
+                    requests=stats.requests,
+                    errors=stats.errors,
+                    error_rate=stats.error_rate,
+                    latency_p95_ms=stats.latency_p95_ms,
+                )
+            )
+        return admin_pb2.RolloutStatus(
+            state=state, timeline=ctl.timeline, metrics=metrics, spec_yaml=state.spec_yaml
+        )

@@ -1,0 +1,306 @@
+"""The rollout controller of one agent: pure, synchronous, clock passed in.
+
+Every decision is a new `RolloutState` with the next generation. The `propose_*` and
+`decide` methods only compute it; `apply` makes it current. The service publishes a
+proposal to `outrider.control` first and applies it only once the write succeeded, so
+what the controller holds is always what sidecars can see. `start`, `evaluate` and
+`abort` propose and apply in one call, for callers without I/O (tests, tools).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from collector._config_errors import SpecError
+from collector._errors import NoRollout, RolloutConflict, RolloutFinished
+from collector._gates import StatsProvider, candidate_stats, check_gate
+from collector._spec import RolloutSpec, load_spec_text
+from outrider.v1 import admin_pb2, common_pb2, control_pb2
+
+CONTROLLER = "controller"
+RUNNING = control_pb2.ROLLOUT_PHASE_RUNNING
+PROMOTED = control_pb2.ROLLOUT_PHASE_PROMOTED
+ROLLED_BACK = control_pb2.ROLLOUT_PHASE_ROLLED_BACK
+ABORTED = control_pb2.ROLLOUT_PHASE_ABORTED
+TERMINAL = frozenset({PROMOTED, ROLLED_BACK, ABORTED})
+MAX_TIMELINE = 1000
+_STICKY = {
+    "session": common_pb2.STICKY_BY_SESSION,
+    "user": common_pb2.STICKY_BY_USER,
+    "tenant": common_pb2.STICKY_BY_TENANT,
+}
+
+
+def _ns(t: float) -> int:
+    return round(t * 1e9)
+
+
+def _stage(state: control_pb2.RolloutState) -> admin_pb2.StageRecord:
+    return admin_pb2.StageRecord(
+        generation=state.generation,
+        step_index=state.step_index,
+        candidate_weight=state.candidate_weight,
+        phase=state.phase,
+        at_unix_nano=state.decided_at_unix_nano,
+        reason=state.reason,
+        decided_by=state.decided_by,
+        gate_results=state.gate_results,
+    )
+
+
+class RolloutController:
+    """The rollout state, spec and deployment record (timeline) of one agent."""
+
+    def __init__(self, agent: str) -> None:
+        self.agent = agent
+        self._state: control_pb2.RolloutState | None = None
+        self._spec: RolloutSpec | None = None
+        self._timeline: list[admin_pb2.StageRecord] = []
+        self._reserved = 0
+
+    @classmethod
+    def restore(
+        cls, states: Iterable[control_pb2.RolloutState], spec: RolloutSpec | None = None
+    ) -> RolloutController:
+        """Rebuild from states read back from the control topic (any order, duplicates fine).
+
+        The spec comes back from `spec_yaml` unless `spec` is given, so a RUNNING rollout resumes;
+        if it no longer validates, `spec` stays None: the rollout is frozen until aborted.
+        """
+        ordered = sorted({s.generation: s for s in states}.values(), key=lambda s: s.generation)
+        if not ordered:
+            raise ValueError("nothing to restore")
+        latest = ordered[-1]
+        ctl = cls(latest.agent)
+        ctl._state = latest
+        ctl._timeline = [_stage(s) for s in ordered if s.rollout_id == latest.rollout_id][-MAX_TIMELINE:]
+        if latest.spec_yaml or spec is not None:
+            try:
+                ctl._spec = spec or load_spec_text(
+                    latest.spec_yaml, f"{latest.agent} rollout {latest.rollout_id}"
+                )
+            except SpecError:
+                ctl._spec = None
+        return ctl
+
+    @property
+    def state(self) -> control_pb2.RolloutState | None:
+        return self._state
+
+    @property
+    def spec(self) -> RolloutSpec | None:
+        return self._spec
+
+    @property
+    def timeline(self) -> list[admin_pb2.StageRecord]:
+        return list(self._timeline)
+
+    @property
+    def generation(self) -> int:
+        """The highest generation used or reserved; the next state gets one more."""
+        return max(self._state.generation if self._state is not None else 0, self._reserved)
+
+    def reserve(self, generation: int) -> None:
+        """Never hand out `generation` again: a write that seemed to fail may still have landed."""
+        self._reserved = max(self._reserved, generation)
+
+    @property
+    def running(self) -> bool:
+        return self._state is not None and self._state.phase == RUNNING
+
+    # -- proposals: pure -------------------------------------------------------------------
+
+    def propose_start(
+        self,
+        spec: RolloutSpec,
+        spec_yaml: str,
+        now: float,
+        decided_by: str = CONTROLLER,
+        generation_base: int = 0,
+    ) -> control_pb2.RolloutState:
+        if spec.agent != self.agent:
+            raise ValueError(f"spec is for agent {spec.agent!r}, not {self.agent!r}")
+        if self.running:
+            assert self._state is not None
+            raise RolloutConflict(
+                f"agent {self.agent!r} already has a running rollout "
+                f"({self._state.rollout_id}, generation {self._state.generation})"
+            )
+        generation = max(generation_base, self.generation) + 1
+        rollout_id = hashlib.sha256(f"{self.agent}|{_ns(now)}|{generation}|{spec_yaml}".encode()).hexdigest()[
+            :12
+        ]
+        first = spec.steps[0]
+        return control_pb2.RolloutState(
+            agent=self.agent,
+            generation=generation,
+            rollout_id=rollout_id,
+            stable_version_id=spec.stable,
+            candidate_version_id=spec.candidate,
+            candidate_weight=first.weight / 100,
+            phase=RUNNING,
+            step_index=0,
+            step_count=len(spec.steps),
+            sticky_by=_STICKY[spec.sticky_by],
+            reason=f"started: step 1 of {len(spec.steps)} at {first.weight:g}%",
+            decided_by=decided_by,
+            decided_at_unix_nano=_ns(now),
+            step_started_at_unix_nano=_ns(now),
+            spec_yaml=spec_yaml,
+            started_at_unix_nano=_ns(now),
+            gate_results=[
+                control_pb2.GateResult(
+                    name=g.name, metric=g.metric, limit=g.limit, detail="not evaluated yet"
+                )
+                for g in spec.gates
+            ],
+        )
+
+    def propose_abort(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
+        state = self._require_state()
+        if state.phase in TERMINAL:
+            raise RolloutFinished(
+                f"rollout {state.rollout_id} of {self.agent!r} already ended "
+                f"({control_pb2.RolloutPhase.Name(state.phase)})"
+            )
+        return self._next(
+            state,
+            now,
+            decided_by,
+            phase=ABORTED,
+            weight=0.0,
+            reason=f"aborted: {reason or 'no reason given'}",
+        )
+
+    def decide(self, stats: StatsProvider, now: float) -> control_pb2.RolloutState | None:
+        """The next state if the gates or the step timing call for one; None otherwise."""
+        state, spec = self._state, self._spec
+        if state is None or spec is None or state.phase != RUNNING:
+            return None
+        step_no = state.step_index + 1
+        age = max(0.0, now - state.started_at_unix_nano / 1e9)
+        results = [check_gate(g, spec, stats, now, age) for g in spec.gates]
+        failed = [(g, r) for g, r in zip(spec.gates, results, strict=True) if r.ready and not r.passed]
+        for gate, result in failed:
+            if gate.on_failure == "rollback":
+                return self._next(
+                    state,
+                    now,
+                    CONTROLLER,
+                    results,
+                    phase=ROLLED_BACK,
+                    weight=0.0,
+                    reason=f"gate {gate.name} failed at step {step_no}: {result.detail}",
+                )
+        if failed:
+            reason = f"held at step {step_no}: gate {', '.join(g.name for g, _ in failed)} failing"
+            return (
+                self._next(state, now, CONTROLLER, results, reason=reason) if state.reason != reason else None
+            )
+        step = spec.steps[state.step_index]
+        elapsed = now - state.step_started_at_unix_nano / 1e9
+        if elapsed < step.min_duration or not all(r.ready and r.passed for r in results):
+            return None
+        samples = candidate_stats(stats, spec, elapsed, now).requests if elapsed > 0 else 0
+        if samples < step.min_samples:
+            return None
+        done = f"step {step_no} passed ({samples} candidate samples in {elapsed:.1f}s)"
+        if step_no == len(spec.steps):
+            return self._next(
+                state,
+                now,
+                CONTROLLER,
+                results,
+                phase=PROMOTED,
+                weight=1.0,
+                reason=f"{done}; all {len(spec.steps)} steps passed: promoted",
+            )
+        following = spec.steps[step_no]
+        return self._next(
+            state,
+            now,
+            CONTROLLER,
+            results,
+            step_index=step_no,
+            weight=following.weight / 100,
+            reason=f"{done}; advancing to step {step_no + 1} at {following.weight:g}%",
+        )
+
+    # -- making a proposal current ---------------------------------------------------------
+
+    def apply(self, state: control_pb2.RolloutState, spec: RolloutSpec | None = None) -> None:
+        """Make `state` current (after it was published). A new rollout brings its spec."""
+        if state.agent != self.agent:
+            raise ValueError(f"state is for agent {state.agent!r}, not {self.agent!r}")
+        if state.generation <= self.generation:
+            raise ValueError(f"generation {state.generation} is not after {self.generation}")
+        if self._state is None or state.rollout_id != self._state.rollout_id:
+            self._timeline = []
+            if state.phase == RUNNING:
+                self._spec = spec or load_spec_text(
+                    state.spec_yaml, f"{self.agent} rollout {state.rollout_id}"
+                )
+        self._state = state
+        self._timeline.append(_stage(state))
+        del self._timeline[:-MAX_TIMELINE]
+
+    def start(
+        self,
+        spec: RolloutSpec,
+        spec_yaml: str,
+        now: float,
+        decided_by: str = CONTROLLER,
+        generation_base: int = 0,
+    ) -> control_pb2.RolloutState:
+        state = self.propose_start(spec, spec_yaml, now, decided_by, generation_base)
+        self.apply(state, spec)
+        return state
+
+    def evaluate(self, stats: StatsProvider, now: float) -> control_pb2.RolloutState | None:
+        state = self.decide(stats, now)
+        if state is not None:
+            self.apply(state)
+        return state
+
+    def abort(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
+        state = self.propose_abort(reason, now, decided_by)
+        self.apply(state)
+        return state
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _require_state(self) -> control_pb2.RolloutState:
+        if self._state is None:
+            raise NoRollout(f"agent {self.agent!r} has no rollout")
+        return self._state
+
+    def _next(
+        self,
+        state: control_pb2.RolloutState,
+        now: float,
+        decided_by: str,
+        results: list[control_pb2.GateResult] | None = None,
+        *,
+        phase: control_pb2.RolloutPhase.ValueType | None = None,
+        weight: float | None = None,
+        step_index: int | None = None,
+        reason: str,
+    ) -> control_pb2.RolloutState:
+        new = control_pb2.RolloutState()
+        new.CopyFrom(state)
+        new.generation = max(state.generation, self.generation) + 1
+        new.decided_by = decided_by
+        new.decided_at_unix_nano = _ns(now)
+        new.reason = reason
+        if phase is not None:
+            new.phase = phase
+        if weight is not None:
+            new.candidate_weight = weight
+        if step_index is not None:
+            new.step_index = step_index
+            new.step_started_at_unix_nano = _ns(now)
+        if results is not None:
+            del new.gate_results[:]
+            new.gate_results.extend(results)
+        return new

@@ -1,0 +1,5 @@
+"""`python -m devstack` is the `outrider` command."""
+
+from devstack.cli import main
+
+main(prog_name="outrider")

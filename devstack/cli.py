@@ -1,0 +1,278 @@
+"""The `outrider` command line.
+
+Each subcommand imports only what it runs, so `outrider rollout ...` needs neither the
+sidecar nor the collector, and the two never share a process unless a test puts them there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import grpc
+from google.protobuf import json_format
+
+from outrider.v1 import admin_pb2, admin_pb2_grpc, control_pb2
+
+ENV_KAFKA = "OUTRIDER_KAFKA_BOOTSTRAP"
+ENV_ADMIN = "OUTRIDER_ADMIN_ADDR"
+ENV_LOG_LEVEL = "OUTRIDER_LOG_LEVEL"
+DEFAULT_ADMIN_ADDR = "127.0.0.1:50061"
+ADMIN_TIMEOUT_S = 10.0
+
+_PHASES = {
+    control_pb2.ROLLOUT_PHASE_RUNNING: "running",
+    control_pb2.ROLLOUT_PHASE_PROMOTED: "promoted",
+    control_pb2.ROLLOUT_PHASE_ROLLED_BACK: "rolled back",
+    control_pb2.ROLLOUT_PHASE_ABORTED: "aborted",
+}
+
+
+@click.group()
+@click.option(
+    "--log-level",
+    envvar=ENV_LOG_LEVEL,
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+def main(log_level: str) -> None:
+    """Outrider: ship AI-agent versions to production safely."""
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Sidecar YAML: the agent, its versions and tools.",
+)
+@click.option("--listen", help="host:port or unix:///path (default: the config's, 127.0.0.1:50051).")
+@click.option("--kafka", envvar=ENV_KAFKA, help="Kafka bootstrap servers (default: the config's).")
+@click.option("--metrics-port", type=int, help="Prometheus /metrics port (0 picks a free one).")
+def sidecar(config_path: Path, listen: str | None, kafka: str | None, metrics_port: int | None) -> None:
+    """Run the sidecar next to an agent."""
+    import sidecar as sidecar_pkg
+
+    try:
+        config = sidecar_pkg.load_config(config_path)
+    except sidecar_pkg.ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    config = config.with_overrides(listen=listen, kafka_bootstrap=kafka, metrics_port=metrics_port)
+    sys.exit(asyncio.run(sidecar_pkg.run(config)))
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Collector YAML (optional; defaults are fine for development).",
+)
+@click.option("--kafka", envvar=ENV_KAFKA, help="Kafka bootstrap servers.")
+@click.option("--admin-listen", help="Admin gRPC address (default 127.0.0.1:50061).")
+@click.option("--metrics-port", type=int, help="Prometheus /metrics port (0 picks a free one).")
+def collector(
+    config_path: Path | None, kafka: str | None, admin_listen: str | None, metrics_port: int | None
+) -> None:
+    """Run the collector: rolling metrics, gates and the rollout controller."""
+    import collector as collector_pkg
+
+    overrides = {"kafka_bootstrap": kafka, "admin_listen": admin_listen, "metrics_port": metrics_port}
+    try:
+        settings = collector_pkg.load_settings(
+            config_path, **{k: v for k, v in overrides.items() if v is not None}
+        )
+    except collector_pkg.SpecError as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(asyncio.run(collector_pkg.run(settings)))
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8000", show_default=True, help="host:port to serve on.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML with per-model and per-tool latency and error rates.",
+)
+def simprovider(listen: str, config_path: Path | None) -> None:
+    """Serve the simulated OpenAI-compatible provider and tool endpoints."""
+    from devstack.simprovider import serve
+
+    host, port = _split_host_port(listen)
+
+    def ready(sim: object) -> None:
+        click.echo(f"simulated provider on {getattr(sim, 'base_url', listen)}", err=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(host, port, config_path, on_ready=ready))
+
+
+@main.command()
+@click.option(
+    "--sidecar-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("examples/sidecar.yaml"),
+    show_default=True,
+)
+@click.option(
+    "--sim-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("examples/simprovider.yaml"),
+    show_default=True,
+)
+@click.option(
+    "--collector-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("examples/collector.yaml"),
+    show_default=True,
+)
+def dev(sidecar_config: Path, sim_config: Path, collector_config: Path) -> None:
+    """Run everything on the embedded default: broker, collector, sidecar, simulated provider."""
+    from devstack.stack import DevStack, StackError
+
+    for path in (sidecar_config, sim_config, collector_config):
+        if not path.is_file():
+            raise click.ClickException(f"{path}: not found (run from the repository root or pass the path)")
+    stack = DevStack(sidecar_config=sidecar_config, sim_config=sim_config, collector_config=collector_config)
+    try:
+        sys.exit(stack.run_until_interrupted())
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+def versions(config_path: Path) -> None:
+    """Print the id of each version in a sidecar config (rollout specs name versions by id)."""
+    import sidecar as sidecar_pkg
+
+    try:
+        config = sidecar_pkg.load_config(config_path, resolve_secrets=False)
+    except sidecar_pkg.ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for label, version_id in config.version_ids().items():
+        marker = " (stable)" if label == config.stable else ""
+        click.echo(f"{label}\t{version_id}{marker}")
+
+
+@main.group()
+def rollout() -> None:
+    """Start, watch and abort rollouts through the collector's admin API."""
+
+
+_admin_option = click.option(
+    "--admin",
+    envvar=ENV_ADMIN,
+    default=DEFAULT_ADMIN_ADDR,
+    show_default=True,
+    help="The collector's admin gRPC address.",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+
+
+@rollout.command("start")
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_admin_option
+@_json_option
+def rollout_start(spec: Path, admin: str, as_json: bool) -> None:
+    """Start the rollout described by SPEC (YAML)."""
+    request = admin_pb2.StartRolloutRequest(
+        spec_yaml=spec.read_text(), source_name=str(spec), requested_by=_who()
+    )
+    _print_status(
+        _admin_call(admin, lambda stub: stub.StartRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json
+    )
+
+
+@rollout.command("status")
+@click.argument("agent")
+@_admin_option
+@_json_option
+def rollout_status(agent: str, admin: str, as_json: bool) -> None:
+    """Show the rollout state, gate results and deployment record of AGENT."""
+    request = admin_pb2.GetRolloutRequest(agent=agent)
+    _print_status(_admin_call(admin, lambda stub: stub.GetRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json)
+
+
+@rollout.command("abort")
+@click.argument("agent")
+@click.option("--reason", default="aborted by operator", show_default=True)
+@_admin_option
+@_json_option
+def rollout_abort(agent: str, reason: str, admin: str, as_json: bool) -> None:
+    """Stop AGENT's rollout: new sessions go to stable at once."""
+    request = admin_pb2.AbortRolloutRequest(agent=agent, reason=reason, requested_by=_who())
+    _print_status(
+        _admin_call(admin, lambda stub: stub.AbortRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json
+    )
+
+
+def _who() -> str:
+    return f"cli:{os.environ.get('USER', 'unknown')}"
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"{address!r}: expected host:port")
+    return host or "127.0.0.1", int(port)
+
+
+def _admin_call(address: str, call: object) -> admin_pb2.RolloutStatus:
+    with grpc.insecure_channel(address) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        try:
+            return call(stub)  # type: ignore[operator,no-any-return]
+        except grpc.RpcError as exc:
+            code = exc.code()
+            detail = exc.details()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                detail = f"no collector admin API at {address} ({detail})"
+            raise click.ClickException(f"{code.name}: {detail}") from exc
+
+
+def _print_status(status: admin_pb2.RolloutStatus, as_json: bool) -> None:
+    if as_json:
+        click.echo(json_format.MessageToJson(status, preserving_proto_field_name=True))
+        return
+    state = status.state
+    click.echo(f"agent       {state.agent}")
+    click.echo(f"rollout     {state.rollout_id}  (generation {state.generation})")
+    click.echo(
+        f"phase       {_PHASES.get(state.phase, 'unknown')}  step {state.step_index + 1}/"
+        f"{state.step_count}  candidate weight {state.candidate_weight:.0%}"
+    )
+    click.echo(f"versions    stable {state.stable_version_id}  candidate {state.candidate_version_id}")
+    if state.reason:
+        click.echo(f"reason      {state.reason}  (by {state.decided_by})")
+    for gate in state.gate_results:
+        verdict = "pass" if gate.passed else ("FAIL" if gate.ready else "waiting")
+        click.echo(
+            f"gate        {gate.name:<12} {verdict:<8} candidate {gate.candidate_value:.4g} "
+            f"(n={gate.candidate_samples})  baseline {gate.baseline_value:.4g} "
+            f"(n={gate.baseline_samples})  limit {gate.limit:.4g}"
+        )
+    for m in status.metrics:
+        click.echo(
+            f"metrics     {m.version_id} requests {m.requests} errors {m.errors} "
+            f"error rate {m.error_rate:.2%} p95 {m.latency_p95_ms:.1f} ms"
+        )
+    for stage in status.timeline:
+        click.echo(
+            f"timeline    gen {stage.generation} step {stage.step_index + 1} "
+            f"weight {stage.candidate_weight:.0%} {_PHASES.get(stage.phase, '?')}: {stage.reason}"
+        )

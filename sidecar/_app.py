@@ -1,0 +1,214 @@
+"""The sidecar process: wires config, router, sessions, upstream clients, telemetry, control
+tailer, gRPC server (with health and reflection) and /metrics, and owns their lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import secrets
+import signal
+import socket
+from types import TracebackType
+
+import aiohttp
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
+from sidecar._clock import Clock, SystemClock
+from sidecar._config import SidecarConfig
+from sidecar._control import ControlTailer
+from sidecar._metrics import MetricsServer, SidecarMetrics
+from sidecar._provider import ProviderClient
+from sidecar._router import Router
+from sidecar._server import SidecarService
+from sidecar._session import SessionCodec
+from sidecar._telemetry import TelemetryProducer
+from sidecar._tools import ToolClient
+from sidecar._versions import build_versions
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
+# room for the request's framing beyond its content, so content just over max_request_bytes
+# gets our INVALID_ARGUMENT rather than gRPC's RESOURCE_EXHAUSTED
+RECEIVE_SLACK_BYTES = 64 * 1024
+HTTP_POOL_LIMIT = 512
+TELEMETRY_FLUSH_TIMEOUT_S = 5.0
+METRICS_HOST = "127.0.0.1"
+
+
+class SidecarError(RuntimeError):
+    """The sidecar could not start."""
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    STARTED = "started"
+    STOPPED = "stopped"
+
+
+def _default_sidecar_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Sidecar:
+    """One sidecar: `async with Sidecar(config) as s: ...` or `await start()` / `await stop()`."""
+
+    def __init__(
+        self, config: SidecarConfig, *, clock: Clock | None = None, sidecar_id: str | None = None
+    ) -> None:
+        self.config = config
+        self.sidecar_id = sidecar_id or _default_sidecar_id()
+        self._clock = clock if clock is not None else SystemClock()
+        self.metrics = SidecarMetrics()
+        self.versions = build_versions(config)
+        self.router = Router(config.agent, config.stable_version_id, self.versions.keys())
+        self.codec = SessionCodec(config.session_key(), self._clock, config.session_ttl)
+        client_id = f"outrider-sidecar-{self.sidecar_id}"
+        self.telemetry = TelemetryProducer(
+            config.kafka.bootstrap_servers, config.telemetry_queue_size, self.metrics, client_id=client_id
+        )
+        self.control = ControlTailer(
+            config.kafka.bootstrap_servers, self.router, self.metrics, client_id=client_id
+        )
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._metrics_server: MetricsServer | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._server: grpc.aio.Server | None = None
+        self._state = _State.NEW
+        self._lock = asyncio.Lock()
+        self.address = ""
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_server.port if self._metrics_server is not None else None
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self._state is not _State.NEW:
+                return
+            try:
+                await self._start()
+            except BaseException:
+                self._state = _State.STOPPED
+                await self._stop(0)
+                raise
+            self._state = _State.STARTED
+
+    async def _start(self) -> None:
+        config = self.config
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=HTTP_POOL_LIMIT, ttl_dns_cache=300),
+            trust_env=False,
+        )
+        service = SidecarService(
+            agent=config.agent,
+            versions=self.versions,
+            router=self.router,
+            codec=self.codec,
+            provider=ProviderClient(self._http),
+            tools=ToolClient(self._http),
+            telemetry=self.telemetry,
+            clock=self._clock,
+            sidecar_id=self.sidecar_id,
+            max_request_bytes=config.max_request_bytes,
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_request_bytes + RECEIVE_SLACK_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        sidecar_pb2_grpc.add_SidecarServicer_to_server(service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self._server = server
+        listen = config.listen
+        try:
+            port = server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise SidecarError(f"listen: cannot bind {listen}: {exc}") from None
+        if listen.startswith("unix:"):
+            self.address = listen
+        else:
+            if port == 0:
+                raise SidecarError(f"listen: cannot bind {listen}")
+            self.address = f"{listen.rpartition(':')[0]}:{port}"
+        await server.start()
+        await self.telemetry.start()
+        await self.control.start()
+        if config.metrics_port is not None:
+            self._metrics_server = MetricsServer(self.metrics, METRICS_HOST, config.metrics_port)
+            await self._metrics_server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop serving: NOT_SERVING, finish in-flight calls within `grace` s, flush telemetry, close."""
+        async with self._lock:
+            if self._state is _State.STOPPED:
+                return
+            self._state = _State.STOPPED
+            await self._stop(self.config.shutdown_grace if grace is None else grace)
+
+    async def _stop(self, grace: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.control.stop()
+        await self.telemetry.stop(TELEMETRY_FLUSH_TIMEOUT_S)
+        if self._http is not None:
+            await self._http.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+
+    async def __aenter__(self) -> Sidecar:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def run(config: SidecarConfig) -> int:
+    """Serve until SIGTERM or SIGINT, then stop within the configured grace; return the exit code."""
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    ids = ", ".join(f"{label}={vid}" for label, vid in config.version_ids().items())
+    log.info(
+        "sidecar %s for agent %s listening on %s (versions: %s; stable %s)%s",
+        sidecar.sidecar_id,
+        config.agent,
+        sidecar.address,
+        ids,
+        config.stable,
+        f"; metrics on :{sidecar.metrics_port}/metrics" if sidecar.metrics_port else "",
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+        log.info("sidecar: stopping (grace %.1fs)", config.shutdown_grace)
+    finally:
+        for sig in signals:
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        await sidecar.stop(config.shutdown_grace)
+    return 0

@@ -1,0 +1,326 @@
+"""The sidecar's YAML configuration: one agent, its versions, where to listen and report.
+
+Everything is validated at load into frozen pydantic models. Errors name the file and the
+field path (``sidecar.yaml: versions.v2.tools[0].timeout: ...``). Secrets (provider API
+keys, the session key) are read once at load from the environment or a file, kept in
+private attributes, and never appear in repr, str, errors or version ids.
+
+A version's id is the first 12 hex chars of sha256 over its canonical JSON (sorted keys,
+validated values). The label (``v1``) is not part of it, the *name* of the key's env var or
+file is, the key itself is not: the same content always has the same id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
+DEFAULT_TELEMETRY_QUEUE_SIZE = 10_000
+DEFAULT_SESSION_TTL_S = 3600.0
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+DEFAULT_SHUTDOWN_GRACE_S = 10.0
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+DEFAULT_TOOL_TIMEOUT_S = 10.0
+#: The environment variable holding the HMAC key for session tokens (shared by replicas).
+DEFAULT_SESSION_KEY_ENV = "OUTRIDER_SESSION_KEY"
+VERSION_ID_LENGTH = 12
+
+# request fields the sidecar sets itself; a version's `parameters` may not override them
+_RESERVED_PARAMETERS = frozenset({"model", "messages", "stream", "stream_options", "tools"})
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and field."""
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as "500ms", "30s", "5m", "1h"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 30s, 5m, 1h or a number of seconds")  # noqa: TRY004
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(
+            f"expected a duration such as 500ms, 30s, 5m, 1h or a number of seconds, got {value!r}"
+        )
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _check_http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def check_listen(value: str) -> str:
+    """`host:port` (port 0 = any free port) or `unix:///absolute/path`."""
+    if value.startswith("unix://"):
+        if not value.startswith("unix:///") or len(value) <= len("unix:///"):
+            raise ValueError(f"expected unix:///absolute/path, got {value!r}")
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port or unix:///path, got {value!r}")
+    return value
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ProviderConfig(_Frozen):
+    name: str = Field(default="openai", min_length=1)
+    base_url: Annotated[str, BeforeValidator(lambda v: v if not isinstance(v, str) else _check_http_url(v))]
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ProviderConfig:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("api_key_env and api_key_file: set at most one")
+        return self
+
+
+class ToolConfig(_Frozen):
+    name: str
+    description: str = ""
+    endpoint: Annotated[str, BeforeValidator(lambda v: v if not isinstance(v, str) else _check_http_url(v))]
+    timeout: Duration = DEFAULT_TOOL_TIMEOUT_S
+    side_effects: Literal["read", "write"] = "read"
+    idempotent: bool = False
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _TOOL_NAME_RE.match(value):
+            raise ValueError(f"expected 1-64 letters, digits, '_' or '-', got {value!r}")
+        return value
+
+
+class VersionConfig(_Frozen):
+    provider: ProviderConfig
+    model: str = Field(min_length=1)
+    system_prompt: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    request_timeout: Duration = DEFAULT_REQUEST_TIMEOUT_S
+    tools: tuple[ToolConfig, ...] = ()
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(_RESERVED_PARAMETERS.intersection(value))
+        if reserved:
+            raise ValueError(f".{reserved[0]}: set by the sidecar, not by a version")
+        json.dumps(value)  # must be JSON: it is merged into the provider request
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, value: tuple[ToolConfig, ...]) -> tuple[ToolConfig, ...]:
+        seen: set[str] = set()
+        for index, tool in enumerate(value):
+            if tool.name in seen:
+                raise ValueError(f"[{index}].name: duplicate tool name {tool.name!r}")
+            seen.add(tool.name)
+        return value
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def version_id(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:VERSION_ID_LENGTH]
+
+
+class KafkaConfig(_Frozen):
+    bootstrap_servers: str = Field(default=DEFAULT_KAFKA_BOOTSTRAP, min_length=1)
+
+
+class SidecarConfig(_Frozen):
+    """A validated sidecar configuration. Build with `load_config` (which also reads secrets)."""
+
+    agent: str = Field(min_length=1)
+    stable: str = Field(min_length=1)
+    listen: Annotated[str, BeforeValidator(lambda v: v if not isinstance(v, str) else check_listen(v))] = (
+        DEFAULT_LISTEN
+    )
+    metrics_port: int | None = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    telemetry_queue_size: int = Field(default=DEFAULT_TELEMETRY_QUEUE_SIZE, ge=1)
+    session_ttl: Duration = DEFAULT_SESSION_TTL_S
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1024)
+    shutdown_grace: Duration = DEFAULT_SHUTDOWN_GRACE_S
+    session_key_env: str | None = DEFAULT_SESSION_KEY_ENV
+    versions: dict[str, VersionConfig] = Field(min_length=1)
+
+    _version_ids: dict[str, str] = PrivateAttr(default_factory=dict)
+    _api_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
+    _session_key: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SidecarConfig:
+        if self.stable not in self.versions:
+            raise ValueError(
+                f"stable: {self.stable!r} is not one of the versions ({', '.join(self.versions)})"
+            )
+        self._version_ids = {label: version.version_id() for label, version in self.versions.items()}
+        return self
+
+    def version_ids(self) -> dict[str, str]:
+        """Version label -> content id."""
+        return dict(self._version_ids)
+
+    @property
+    def stable_version_id(self) -> str:
+        return self._version_ids[self.stable]
+
+    def api_key(self, label: str) -> SecretStr | None:
+        """The provider API key of version `label`, if it has one (read by `load_secrets`)."""
+        return self._api_keys.get(label)
+
+    def session_key(self) -> bytes:
+        """The HMAC key for session tokens; random per process when none is configured."""
+        if self._session_key is None:
+            self._session_key = SecretStr(secrets.token_hex(32))
+        return self._session_key.get_secret_value().encode()
+
+    def load_secrets(self, env: Mapping[str, str] | None = None, *, source: str = "config") -> SidecarConfig:
+        """Read every version's API key and the session key; missing -> ConfigError naming the field."""
+        env = os.environ if env is None else env
+        keys: dict[str, SecretStr] = {}
+        for label, version in self.versions.items():
+            provider = version.provider
+            if provider.api_key_env:
+                value = env.get(provider.api_key_env, "")
+                if not value:
+                    raise ConfigError(
+                        f"{source}: versions.{label}.provider.api_key_env: "
+                        f"environment variable {provider.api_key_env} is not set or empty"
+                    )
+                keys[label] = SecretStr(value.strip())
+            elif provider.api_key_file:
+                try:
+                    value = Path(provider.api_key_file).read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"{source}: versions.{label}.provider.api_key_file: cannot read "
+                        f"{provider.api_key_file}: {exc.strerror}"
+                    ) from None
+                if not value:
+                    raise ConfigError(
+                        f"{source}: versions.{label}.provider.api_key_file: {provider.api_key_file} is empty"
+                    )
+                keys[label] = SecretStr(value)
+        self._api_keys = keys
+        if self.session_key_env and env.get(self.session_key_env):
+            self._session_key = SecretStr(env[self.session_key_env])
+        return self
+
+    def with_overrides(
+        self,
+        *,
+        listen: str | None = None,
+        kafka_bootstrap: str | None = None,
+        metrics_port: int | None = None,
+        disable_metrics: bool = False,
+    ) -> SidecarConfig:
+        """A copy with command-line overrides applied (None keeps the file's value; secrets carried over)."""
+        update: dict[str, Any] = {}
+        if listen is not None:
+            try:
+                update["listen"] = check_listen(listen)
+            except ValueError as exc:
+                raise ConfigError(f"listen: {exc}") from None
+        if disable_metrics:
+            update["metrics_port"] = None
+        elif metrics_port is not None:
+            if not 0 <= metrics_port <= 65535:
+                raise ConfigError(f"metrics_port: expected a port in 0..65535, got {metrics_port}")
+            update["metrics_port"] = metrics_port
+        if kafka_bootstrap is not None:
+            update["kafka"] = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+        return self.model_copy(update=update)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        path = _field_path(tuple(error["loc"]))
+        if message.startswith(("[", ".")) and path:  # a container validator pointing into its items
+            path, message = path + message.split(":", 1)[0], message.split(":", 1)[1].strip()
+        lines.append(f"{source}: {path}: {message}" if path else f"{source}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, *, source: str = "config") -> SidecarConfig:
+    """Validate an already-parsed mapping (no secrets read)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return SidecarConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+
+
+def load_config(
+    path: Path | str, env: Mapping[str, str] | None = None, *, resolve_secrets: bool = True
+) -> SidecarConfig:
+    """Read, validate and (unless told not to) resolve the secrets of a sidecar YAML file.
+
+    Raises ConfigError naming the file and field. `resolve_secrets=False` is for tools that
+    only need the version ids and must work without the API keys at hand.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: invalid YAML{where}") from None
+    config = parse_config(data, source=source)
+    return config.load_secrets(env, source=source) if resolve_secrets else config

@@ -1,0 +1,132 @@
+"""Which version a new session gets, from the newest rollout state seen for this agent.
+
+Pure and synchronous: the control tailer feeds `apply`, OpenSession calls `assign`.
+
+- no state                  -> the config's stable version, role STABLE
+- RUNNING                   -> sticky hash of (rollout id, key) in [0, 1): below the
+                               candidate weight -> candidate (CANARY), else stable (STABLE)
+- PROMOTED                  -> candidate, role STABLE
+- ROLLED_BACK / ABORTED     -> the state's stable version, role STABLE
+- a version this config lacks -> the config's stable version (warned once, counted)
+
+The sticky key is the session nonce, the user id or the tenant id per `sticky_by`, falling
+back to the session nonce when that id is empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from outrider.v1 import common_pb2, control_pb2
+
+log = logging.getLogger(__name__)
+
+ROLE_STABLE = common_pb2.ROLE_STABLE
+ROLE_CANARY = common_pb2.ROLE_CANARY
+_RUNNING = control_pb2.ROLLOUT_PHASE_RUNNING
+_PROMOTED = control_pb2.ROLLOUT_PHASE_PROMOTED
+_BACK_TO_STABLE = (control_pb2.ROLLOUT_PHASE_ROLLED_BACK, control_pb2.ROLLOUT_PHASE_ABORTED)
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    version_id: str
+    role: int  # outrider.v1.Role
+    rollout_id: str = ""
+
+
+def sticky_fraction(rollout_id: str, key: str) -> float:
+    """A uniform, deterministic number in [0, 1) for (rollout, key)."""
+    digest = hashlib.sha256(f"{rollout_id}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def sticky_key(sticky_by: int, nonce: str, user_id: str, tenant_id: str) -> str:
+    if sticky_by == common_pb2.STICKY_BY_USER and user_id:
+        return "u:" + user_id
+    if sticky_by == common_pb2.STICKY_BY_TENANT and tenant_id:
+        return "t:" + tenant_id
+    return "s:" + nonce
+
+
+class Router:
+    """Holds the newest rollout state of one agent and assigns versions to new sessions."""
+
+    def __init__(self, agent: str, stable_version_id: str, known_version_ids: Collection[str]) -> None:
+        if stable_version_id not in known_version_ids:
+            raise ValueError("the stable version must be one of the known versions")
+        self.agent = agent
+        self._config_stable = Assignment(stable_version_id, ROLE_STABLE)
+        self._known = frozenset(known_version_ids)
+        self._state: control_pb2.RolloutState | None = None
+        self._fixed: Assignment | None = self._config_stable  # set when the answer needs no hash
+        self.unknown_version_states = 0  # states applied that named a version we don't have
+        self.ignored_states = 0  # other agents' or not newer
+
+    @property
+    def generation(self) -> int:
+        return self._state.generation if self._state is not None else 0
+
+    @property
+    def state(self) -> control_pb2.RolloutState | None:
+        return self._state
+
+    def apply(self, state: control_pb2.RolloutState) -> bool:
+        """Take `state` if it is for this agent and strictly newer; return whether it was taken."""
+        if state.agent != self.agent or state.generation <= self.generation:
+            self.ignored_states += 1
+            return False
+        self._state = state
+        self._fixed = self._resolve_fixed(state)
+        return True
+
+    def _resolve_fixed(self, state: control_pb2.RolloutState) -> Assignment | None:
+        needed: tuple[str, ...]
+        if state.phase == _RUNNING:
+            needed = (state.stable_version_id, state.candidate_version_id)
+        elif state.phase == _PROMOTED:
+            needed = (state.candidate_version_id,)
+        elif state.phase in _BACK_TO_STABLE:
+            needed = (state.stable_version_id,)
+        else:
+            log.warning(
+                "rollout state for %s gen %d has no phase; serving the configured stable",
+                self.agent,
+                state.generation,
+            )
+            return self._config_stable
+        missing = [v for v in needed if v not in self._known]
+        if missing:
+            self.unknown_version_states += 1
+            log.warning(
+                "rollout %s gen %d for %s names version(s) %s this sidecar does not have; "
+                "serving the configured stable %s",
+                state.rollout_id,
+                state.generation,
+                self.agent,
+                ", ".join(missing),
+                self._config_stable.version_id,
+            )
+            return self._config_stable
+        if state.phase == _PROMOTED:
+            return Assignment(state.candidate_version_id, ROLE_STABLE, state.rollout_id)
+        if state.phase in _BACK_TO_STABLE:
+            return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id)
+        return None  # RUNNING: depends on the session
+
+    def assign(self, nonce: str, user_id: str = "", tenant_id: str = "") -> Assignment:
+        """The version and role for a new session."""
+        if self._fixed is not None:
+            return self._fixed
+        state = self._state
+        assert state is not None
+        weight = state.candidate_weight
+        weight = 0.0 if math.isnan(weight) else min(max(weight, 0.0), 1.0)
+        key = sticky_key(state.sticky_by, nonce, user_id, tenant_id)
+        if sticky_fraction(state.rollout_id, key) < weight:
+            return Assignment(state.candidate_version_id, ROLE_CANARY, state.rollout_id)
+        return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id)

@@ -1,0 +1,135 @@
+"""Self-contained session tokens: the pin travels in the session id.
+
+A token is ``base64url(compact JSON) + "." + base64url(truncated HMAC-SHA256)`` over the
+payload with the session key. Any replica that shares the key can verify it and honour the
+pin without shared state. The JSON holds the session nonce (what events call the session),
+the pinned version id, the role, the rollout id, the expiry and the user and tenant.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+
+from sidecar._clock import Clock
+
+MAC_BYTES = 16
+NONCE_BYTES = 12
+
+
+class SessionError(Exception):
+    """A session id that cannot be used."""
+
+
+class UnknownSession(SessionError):
+    """Malformed, forged or signed with another key."""
+
+
+class SessionExpired(SessionError):
+    """Genuine but past its expiry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    nonce: str
+    version_id: str
+    role: int  # outrider.v1.Role
+    rollout_id: str
+    expires_at: float  # Unix seconds
+    user_id: str = ""
+    tenant_id: str = ""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(NONCE_BYTES)
+
+
+class SessionCodec:
+    """Issues and verifies session tokens with one HMAC key and a clock."""
+
+    def __init__(self, key: bytes, clock: Clock, ttl_s: float) -> None:
+        if not key:
+            raise ValueError("session key must not be empty")
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        self._key = key
+        self._clock = clock
+        self.ttl_s = ttl_s
+
+    def __repr__(self) -> str:
+        return f"SessionCodec(ttl_s={self.ttl_s})"  # never the key
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, payload, hashlib.sha256).digest()[:MAC_BYTES]
+
+    def issue(
+        self,
+        *,
+        nonce: str,
+        version_id: str,
+        role: int,
+        rollout_id: str,
+        user_id: str = "",
+        tenant_id: str = "",
+    ) -> tuple[str, Session]:
+        """A new token and the session it encodes, expiring ttl_s from now."""
+        expires_ms = int((self._clock.now() + self.ttl_s) * 1000)
+        session = Session(nonce, version_id, role, rollout_id, expires_ms / 1000, user_id, tenant_id)
+        return self.encode(session), session
+
+    def encode(self, session: Session) -> str:
+        payload = json.dumps(
+            {
+                "n": session.nonce,
+                "v": session.version_id,
+                "r": session.role,
+                "o": session.rollout_id,
+                "e": round(session.expires_at * 1000),
+                "u": session.user_id,
+                "t": session.tenant_id,
+            },
+            separators=(",", ":"),
+        ).encode()
+        return f"{_b64(payload)}.{_b64(self._mac(payload))}"
+
+    def decode(self, token: str, *, allow_expired: bool = False) -> Session:
+        """The session of a token; UnknownSession if not ours, SessionExpired if too old."""
+        body, sep, mac = token.partition(".")
+        if not sep or not body or not mac:
+            raise UnknownSession("unknown session")
+        try:
+            payload = _unb64(body)
+            given = _unb64(mac)
+        except (binascii.Error, ValueError):
+            raise UnknownSession("unknown session") from None
+        if not hmac.compare_digest(given, self._mac(payload)):
+            raise UnknownSession("unknown session")
+        try:
+            data = json.loads(payload)
+            session = Session(
+                nonce=str(data["n"]),
+                version_id=str(data["v"]),
+                role=int(data["r"]),
+                rollout_id=str(data["o"]),
+                expires_at=int(data["e"]) / 1000,
+                user_id=str(data.get("u", "")),
+                tenant_id=str(data.get("t", "")),
+            )
+        except (ValueError, KeyError, TypeError):
+            raise UnknownSession("unknown session") from None
+        if not allow_expired and self._clock.now() >= session.expires_at:
+            raise SessionExpired("session expired; open a new one")
+        return session

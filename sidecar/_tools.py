@@ -1,0 +1,62 @@
+"""The tool client: `POST` the call's JSON arguments to the tool's HTTP endpoint.
+
+A 2xx answer's body (which must be JSON) is the result, returned as text; anything else is
+mapped into the `sidecar._exceptions` tree with kind "tool".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import aiohttp
+
+from sidecar._config import ToolConfig
+from sidecar._exceptions import UpstreamError, UpstreamInvalidResponse, UpstreamStatusError
+from sidecar._provider import map_client_error
+
+_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    result_json: str
+    status: int
+
+
+class ToolClient:
+    def __init__(self, http: aiohttp.ClientSession) -> None:
+        self._http = http
+
+    async def call(self, tool: ToolConfig, arguments_json: str, time_limit_s: float) -> ToolResult:
+        """Run `tool` with already-validated JSON arguments within `time_limit_s` seconds."""
+        name = tool.name
+        try:
+            async with self._http.post(
+                tool.endpoint,
+                data=arguments_json.encode(),
+                headers=_HEADERS,
+                timeout=aiohttp.ClientTimeout(total=time_limit_s),
+            ) as resp:
+                if not 200 <= resp.status < 300:
+                    resp.release()
+                    raise UpstreamStatusError(
+                        f"tool {name} returned HTTP {resp.status}",
+                        upstream=name,
+                        kind="tool",
+                        status=resp.status,
+                    )
+                body = await resp.read()
+                status = resp.status
+        except UpstreamError:
+            raise
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise map_client_error(exc, name, "tool", time_limit_s) from exc
+        try:
+            text = body.decode("utf-8") if body else "null"
+            json.loads(text)
+        except ValueError:
+            raise UpstreamInvalidResponse(
+                f"tool {name} answered with a body that is not JSON", upstream=name, kind="tool"
+            ) from None
+        return ToolResult(text, status)

@@ -1,0 +1,22 @@
+"""Run a benchmark: `scripts/bench NAME [options]` (`scripts/bench --list` names them)."""
+
+from __future__ import annotations
+
+import sys
+
+from tests.bench import sidecar_latency
+
+BENCHMARKS = {
+    "sidecar-latency": sidecar_latency.main,
+}
+
+
+def _main() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] in ("--list", "-h", "--help") or args[0] not in BENCHMARKS:
+        print("usage: scripts/bench NAME [options]\n\nbenchmarks:\n  " + "\n  ".join(BENCHMARKS))
+        sys.exit(0 if args and args[0] in ("--list", "-h", "--help") else 2)
+    BENCHMARKS[args[0]](args[1:])
+
+
+_main()
