@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -222,7 +222,11 @@ def rollout_abort(agent: str, reason: str, admin: str, as_json: bool) -> None:
 
 
 def _who() -> str:
-    return f"cli:{os.environ.get('USER', 'unknown')}"
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no USER variable and no passwd entry (some containers)
+        name = "unknown"
+    return f"cli:{name}"
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
