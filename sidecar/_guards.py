@@ -1,0 +1,84 @@
+"""Guardrails: prompt-injection patterns on input, PII and secrets on output, per version.
+
+The implementation is split by concern; this module is the one to import from:
+
+- `_guards_base`: the `Guard` seam (`Match`, `GuardScan`, `Action`, `Category`) and the
+  regex machinery (`RegexGuard`, `Pattern`);
+- `_guards_builtin`: `InjectionGuard`, `EmailGuard`, `PhoneGuard`, `CardGuard`,
+  `NationalIdGuard`, `SecretGuard`;
+- `_guards_policy`: `GuardRule`, `GuardPolicy` (`scan_input`, `scan_output`),
+  `GuardOutcome`, `Hit`, `build_policy`;
+- `_guards_stream`: `StreamRedactor` for streamed replies.
+
+Nothing here does I/O; a hit never carries the text it matched.
+"""
+
+from __future__ import annotations
+
+from sidecar._guards_base import (
+    DEFAULT_MAX_MATCH_LEN,
+    Action,
+    Category,
+    Direction,
+    Guard,
+    GuardScan,
+    Match,
+    Pattern,
+    RegexGuard,
+)
+from sidecar._guards_builtin import (
+    BUILTIN_GUARDS,
+    CardGuard,
+    EmailGuard,
+    InjectionGuard,
+    NationalIdGuard,
+    PhoneGuard,
+    SecretGuard,
+    luhn_valid,
+)
+from sidecar._guards_policy import (
+    PII_GROUP,
+    GuardConfigError,
+    GuardFactory,
+    GuardOutcome,
+    GuardPolicy,
+    GuardRule,
+    Hit,
+    build_policy,
+    parse_action,
+    redaction_marker,
+)
+from sidecar._guards_stream import DEFAULT_MAX_PENDING, StreamOutput, StreamRedactor
+
+__all__ = [
+    "BUILTIN_GUARDS",
+    "DEFAULT_MAX_MATCH_LEN",
+    "DEFAULT_MAX_PENDING",
+    "PII_GROUP",
+    "Action",
+    "CardGuard",
+    "Category",
+    "Direction",
+    "EmailGuard",
+    "Guard",
+    "GuardConfigError",
+    "GuardFactory",
+    "GuardOutcome",
+    "GuardPolicy",
+    "GuardRule",
+    "GuardScan",
+    "Hit",
+    "InjectionGuard",
+    "Match",
+    "NationalIdGuard",
+    "Pattern",
+    "PhoneGuard",
+    "RegexGuard",
+    "SecretGuard",
+    "StreamOutput",
+    "StreamRedactor",
+    "build_policy",
+    "luhn_valid",
+    "parse_action",
+    "redaction_marker",
+]
