@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from multidict import CIMultiDictProxy
 
 from ._sim_behavior import ModelBehavior, ToolBehavior, behavior_to_dict, default_models, default_tools
+from ._sim_faults import BREAKING, Fault, FaultQueue, fault_to_dict
 from ._sim_openai import RequestError
 
 RECEIVED_MAX = 100  # how many recent requests `received` keeps
@@ -34,7 +35,13 @@ class ReceivedRequest:
 @dataclass
 class Counts:
     requests: int = 0
-    errors: int = 0
+    errors: int = 0  # injected by error_rate, plus scripted faults that break the answer
+    faults: collections.Counter[str] = field(default_factory=collections.Counter)  # by fault kind
+
+    def count_fault(self, fault: Fault) -> None:
+        self.faults[fault.kind] += 1
+        if fault.kind in BREAKING:
+            self.errors += 1
 
 
 @dataclass
@@ -48,6 +55,8 @@ class SimState:
         self.rng = random.Random(self.seed)
         self.model_counts: collections.defaultdict[str, Counts] = collections.defaultdict(Counts)
         self.tool_counts: collections.defaultdict[str, Counts] = collections.defaultdict(Counts)
+        self.model_faults: collections.defaultdict[str, FaultQueue] = collections.defaultdict(FaultQueue)
+        self.tool_faults: collections.defaultdict[str, FaultQueue] = collections.defaultdict(FaultQueue)
         self.received: collections.deque[ReceivedRequest] = collections.deque(maxlen=RECEIVED_MAX)
         self._ids = itertools.count(1)
         self._id_prefix = f"{self.rng.getrandbits(32):08x}"  # drawn once, so ids never shift later draws
@@ -74,24 +83,35 @@ class SimState:
         tag = f"{self._id_prefix}{next(self._ids):016x}"
         return f"chatcmpl-sim{tag}", f"call_sim{tag}"
 
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-ready: per model and per tool, requests, injected errors and the current behavior."""
+    def take_fault(self, queues: Mapping[str, FaultQueue], name: str, stream: bool) -> Fault | None:
+        """The scripted fault this request suffers, if any (a use of it is spent)."""
+        queue = queues.get(name)  # get, not [], so unscripted names add no empty queues
+        return queue.take(stream) if queue is not None else None
 
-        def section(behaviors: Mapping[str, B], counts: Mapping[str, Counts]) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready: per model and per tool, requests, errors (injected and scripted), scripted
+        faults applied by kind, the faults still pending (times = uses left) and the behavior."""
+
+        def section(
+            behaviors: Mapping[str, B], counts: Mapping[str, Counts], queues: Mapping[str, FaultQueue]
+        ) -> dict[str, Any]:
             out: dict[str, Any] = {}
             for name in sorted(set(behaviors) | set(counts)):
                 c = counts.get(name, Counts())
                 b = behaviors.get(name)
+                q = queues.get(name)
                 out[name] = {
                     "requests": c.requests,
                     "errors": c.errors,
+                    "faults": dict(sorted(c.faults.items())),
+                    "pending_faults": [fault_to_dict(f) for f in q.pending()] if q is not None else [],
                     "behavior": behavior_to_dict(b) if b is not None else None,
                 }
             return out
 
         return {
-            "models": section(self.models, self.model_counts),
-            "tools": section(self.tools, self.tool_counts),
+            "models": section(self.models, self.model_counts, self.model_faults),
+            "tools": section(self.tools, self.tool_counts, self.tool_faults),
         }
 
     def reset(self) -> None:

@@ -8,6 +8,16 @@ from one `random.Random(seed)`, so a test run is reproducible.
 Endpoints: ``POST /v1/chat/completions`` (unary and SSE), ``GET /v1/models[/{model}]``,
 ``POST /tools/{name}``, ``PUT|PATCH /_sim/models/{model}``, ``PUT|PATCH /_sim/tools/{name}``
 (PUT replaces the behavior, PATCH changes only the fields given), ``GET /_sim/stats``.
+
+Fault endpoints: ``GET|DELETE /_sim/faults`` (list / clear all), ``POST|DELETE
+/_sim/faults/models/{model}`` and ``/_sim/faults/tools/{name}`` (queue a JSON list of faults /
+clear them).
+
+Scripted faults (`Fault`, `script`, `script_tool`, ``/_sim/faults/...``) make the next requests
+to a model or tool fail the way real providers fail: error statuses with retry headers, hangs,
+slow first bytes, cut or stalled streams, malformed JSON or SSE. They are deterministic: each
+applies, in the order scripted, to its next `times` matching requests. A refused connection is
+not a server fault: `refused_base_url()` gives a URL where nothing listens.
 """
 
 from __future__ import annotations
@@ -36,6 +46,18 @@ from ._sim_behavior import (
     default_tools,
     load_sim_config,
 )
+from ._sim_faults import (
+    DEFAULT_BAD_SSE_LINE,
+    FAULT_KINDS,
+    STREAM_ONLY,
+    Fault,
+    FaultError,
+    FaultKind,
+    FaultQueue,
+    fault_to_dict,
+    faults_from_json,
+    refused_base_url,
+)
 from ._sim_openai import (
     ChatRequest,
     RequestError,
@@ -54,13 +76,19 @@ from ._sim_tools import run_tool
 __all__ = [
     "API_KEY_ENV",
     "RECEIVED_MAX",
+    "FAULT_KINDS",
     "BehaviorError",
+    "Fault",
+    "FaultError",
+    "FaultKind",
     "ModelBehavior",
     "ReceivedRequest",
     "SimConfigError",
     "SimProvider",
     "ToolBehavior",
     "load_sim_config",
+    "refused_base_url",
+    "refused_tool_url",
     "serve",
 ]
 
@@ -70,11 +98,38 @@ API_KEY_ENV = "OUTRIDER_SIM_API_KEY"  # read by serve() when no api_key is passe
 SHUTDOWN_TIMEOUT_S = 1.0
 _INVALID = object()  # stands for a body that is not valid JSON
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+PAUSE_POLL_S = 0.02  # how often a scripted pause checks whether the client left or the server stops
 
 
 def _json_error(exc: RequestError) -> web.Response:
     headers = {"Retry-After": "1"} if exc.status == 429 else None
     return web.json_response(exc.body(), status=exc.status, headers=headers)
+
+
+def _fault_error(fault: Fault, what: str) -> web.Response:
+    """A scripted error status: an OpenAI-style body, retry headers only as scripted."""
+    assert fault.status is not None  # Fault checks it for kind "status"
+    exc = injected_error(fault.status, what)
+    if fault.status == 429:
+        wait = fault.retry_after_s
+        if wait is None and fault.retry_after_ms is not None:
+            wait = fault.retry_after_ms / 1000.0
+        exc.message = f"Simulated rate limit reached for {what}." + (
+            f" Please retry after {wait:g}s." if wait is not None else ""
+        )
+    return web.json_response(exc.body(), status=exc.status, headers=fault.retry_headers())
+
+
+def _cut(request: web.Request) -> None:
+    """Close the connection after what was written is flushed: the client sees the body end early."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+def refused_tool_url(name: str, host: str = "127.0.0.1") -> str:
+    """A tool URL where nothing listens (see refused_base_url)."""
+    return refused_base_url(host).removesuffix("/v1") + f"/tools/{name}"
 
 
 class SimProvider:
@@ -103,12 +158,14 @@ class SimProvider:
         self._requested_port = port
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        self._stopping = asyncio.Event()  # ends scripted pauses at once, so stop() never waits them out
 
     # lifecycle
 
     async def start(self) -> None:
         if self._runner is not None:
             return
+        self._stopping.clear()
         app = web.Application()
         app.add_routes(
             [
@@ -121,6 +178,12 @@ class SimProvider:
                 web.put("/_sim/tools/{name}", self._put_tool),
                 web.patch("/_sim/tools/{name}", self._put_tool),
                 web.get("/_sim/stats", self._get_stats),
+                web.get("/_sim/faults", self._get_faults),
+                web.delete("/_sim/faults", self._delete_faults),
+                web.post("/_sim/faults/models/{name}", self._post_model_faults),
+                web.delete("/_sim/faults/models/{name}", self._delete_model_faults),
+                web.post("/_sim/faults/tools/{name}", self._post_tool_faults),
+                web.delete("/_sim/faults/tools/{name}", self._delete_tool_faults),
             ]
         )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
@@ -137,6 +200,7 @@ class SimProvider:
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
         if runner is not None:
+            self._stopping.set()
             await runner.cleanup()
 
     async def __aenter__(self) -> SimProvider:
@@ -167,6 +231,11 @@ class SimProvider:
 
     def tool_url(self, name: str) -> str:
         return f"{self._origin}/tools/{name}"
+
+    @staticmethod
+    def refused_url(host: str = "127.0.0.1") -> str:
+        """A base URL where connecting is really refused (nothing listens); see refused_base_url."""
+        return refused_base_url(host)
 
     # behavior and stats
 
@@ -204,12 +273,76 @@ class SimProvider:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """What ``GET /_sim/stats`` returns: {"models"|"tools": {name: {requests, errors, behavior}}}."""
+        """What ``GET /_sim/stats`` returns: {"models"|"tools": {name: {requests, errors, faults,
+        pending_faults, behavior}}}; `faults` counts applied scripted faults by kind."""
         return self._state.snapshot()
 
     def reset_stats(self) -> None:
-        """Zero the counters and forget the received requests."""
+        """Zero the counters and forget the received requests (scripted faults stay queued)."""
         self._state.reset()
+
+    # scripted faults
+
+    def script(self, model: str, *faults: Fault) -> None:
+        """Queue faults for chat requests naming `model`, after any already queued. Each applies
+        to the next `fault.times` matching requests (None: until cleared), then the next one.
+
+        Stream-only kinds (cut_stream, stall, malformed_sse) wait at the head of the queue while
+        unary requests pass untouched; cut_body likewise waits for a unary request. A request
+        suffering a fault skips the behavior's random error draw, not its latency.
+        Raises FaultError (a ValueError) naming `model` if the model is unknown, `times` if a
+        fault would follow one that never expires.
+        """
+        if model not in self._state.models:
+            known = ", ".join(sorted(self._state.models))
+            raise FaultError("model", f"unknown model {model!r} (known: {known})")
+        self._state.model_faults[model].push(faults)
+        logger.info("scripted faults for model %r: %s", model, ", ".join(f.kind for f in faults))
+
+    def script_tool(self, name: str, *faults: Fault) -> None:
+        """Queue faults for `POST /tools/{name}`, as `script` does for models. Stream-only kinds
+        make no sense for a tool (FaultError naming `kind`)."""
+        if name not in self._state.tools:
+            known = ", ".join(sorted(self._state.tools))
+            raise FaultError("tool", f"unknown tool {name!r} (known: {known})")
+        for fault in faults:
+            if isinstance(fault, Fault) and fault.kind in STREAM_ONLY:
+                raise FaultError("kind", f"{fault.kind!r} is for streamed chat only, not for tools")
+        self._state.tool_faults[name].push(faults)
+        logger.info("scripted faults for tool %r: %s", name, ", ".join(f.kind for f in faults))
+
+    def clear_faults(self, model: str | None = None) -> None:
+        """Drop the faults still queued for `model`; without a model, for every model and tool."""
+        if model is None:
+            self._state.model_faults.clear()
+            self._state.tool_faults.clear()
+        else:
+            self._state.model_faults.pop(model, None)
+
+    def clear_tool_faults(self, name: str | None = None) -> None:
+        """Drop the faults still queued for tool `name`; without a name, for every tool."""
+        if name is None:
+            self._state.tool_faults.clear()
+        else:
+            self._state.tool_faults.pop(name, None)
+
+    def pending_faults(self, model: str) -> list[Fault]:
+        """The faults still queued for `model`, head first, `times` set to the uses left."""
+        queue = self._state.model_faults.get(model)
+        return queue.pending() if queue is not None else []
+
+    def pending_tool_faults(self, name: str) -> list[Fault]:
+        queue = self._state.tool_faults.get(name)
+        return queue.pending() if queue is not None else []
+
+    def fault_counts(self, model: str) -> dict[str, int]:
+        """Scripted faults applied to this model's requests so far, by kind."""
+        counts = self._state.model_counts.get(model)
+        return dict(counts.faults) if counts else {}
+
+    def tool_fault_counts(self, name: str) -> dict[str, int]:
+        counts = self._state.tool_counts.get(name)
+        return dict(counts.faults) if counts else {}
 
     @property
     def received(self) -> list[ReceivedRequest]:
@@ -246,6 +379,77 @@ class SimProvider:
             )
         return req, behavior
 
+    async def _pause(self, request: web.Request, seconds: float) -> bool:
+        """Sleep for a scripted fault; False (early) if the client left or the server is stopping,
+        so a hang never outlives its client nor delays stop()."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            transport = request.transport
+            if self._stopping.is_set() or transport is None or transport.is_closing():
+                return False
+            await asyncio.sleep(min(left, PAUSE_POLL_S))
+        return True
+
+    async def _unary(self, request: web.Request, payload: Any, fault: Fault | None) -> web.StreamResponse:
+        """A 200 JSON answer, as the fault (if any) bends it."""
+        if fault is None:
+            return web.json_response(payload)
+        if fault.kind == "slow_first_byte" and not await self._pause(request, fault.delay_s):
+            _cut(request)
+            return web.Response()
+        text = json.dumps(payload)
+        if fault.kind == "malformed_json":
+            bad = fault.body if fault.body is not None else text[: len(text) // 2]
+            return web.Response(text=bad, content_type="application/json")
+        if fault.kind == "cut_body":
+            data = text.encode()
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.content_length = len(data)
+            try:
+                await response.prepare(request)
+                await response.write(data[: len(data) // 2])
+            except ConnectionResetError:
+                pass
+            _cut(request)
+            return response
+        return web.json_response(payload)
+
+    async def _stream(
+        self, request: web.Request, chunks: list[dict[str, Any]], chunk_delay_ms: float, fault: Fault | None
+    ) -> web.StreamResponse:
+        """The SSE answer: the chunks then [DONE], as the fault (if any) bends it. A stream fault
+        strikes after min(after_chunks, len(chunks)) chunks, i.e. at the latest just before [DONE]."""
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        strike = min(fault.after_chunks, len(chunks)) if fault is not None else -1
+        try:
+            await response.prepare(request)  # a StreamResponse sends its headers here
+            slow = fault is not None and fault.kind == "slow_first_byte"
+            if slow and fault is not None and not await self._pause(request, fault.delay_s):
+                _cut(request)
+                return response
+            for i in range(len(chunks) + 1):
+                if i == strike and fault is not None:
+                    if fault.kind == "cut_stream":
+                        _cut(request)
+                        return response
+                    if fault.kind == "stall" and not await self._pause(request, fault.delay_s):
+                        _cut(request)
+                        return response
+                    if fault.kind == "malformed_sse":
+                        line = fault.body if fault.body is not None else DEFAULT_BAD_SSE_LINE
+                        await response.write(f"{line}\n\n".encode())
+                if i == len(chunks):
+                    break
+                if i and chunk_delay_ms > 0:
+                    await asyncio.sleep(chunk_delay_ms / 1000.0)
+                await response.write(sse_event(chunks[i]))
+            await response.write(sse_event("[DONE]"))
+            await response.write_eof()
+        except ConnectionResetError:
+            logger.debug("client went away mid-stream")
+        return response
+
     # handlers
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -256,28 +460,28 @@ class SimProvider:
             return _json_error(exc)
         counts = self._state.model_counts[req.model]
         counts.requests += 1
+        fault = self._state.take_fault(self._state.model_faults, req.model, req.stream)
+        if fault is not None:
+            counts.count_fault(fault)
         await asyncio.sleep(self._state.delay_s(behavior.latency_ms, behavior.latency_jitter_ms))
-        if self._state.fails(behavior.error_rate):
+        what = f"model '{req.model}'"
+        if fault is None and self._state.fails(behavior.error_rate):
             counts.errors += 1
-            return _json_error(injected_error(behavior.error_status, f"model '{req.model}'"))
+            return _json_error(injected_error(behavior.error_status, what))
+        if fault is not None and fault.kind == "status":
+            return _fault_error(fault, what)
+        if fault is not None and fault.kind == "hang" and not await self._pause(request, fault.delay_s):
+            _cut(request)
+            return web.Response()
         completion_id, call_id = self._state.next_ids()
         reply = plan_reply(req, call_id)
         created = int(time.time())
-        if not req.stream:
-            return web.json_response(completion_body(completion_id, created, req.model, reply))
+        # malformed_json answers a JSON body whatever `stream` asked for
+        if not req.stream or (fault is not None and fault.kind == "malformed_json"):
+            payload = completion_body(completion_id, created, req.model, reply)
+            return await self._unary(request, payload, fault)
         chunks = stream_chunks(completion_id, created, req.model, reply, req.include_usage)
-        response = web.StreamResponse(headers=_SSE_HEADERS)
-        try:
-            await response.prepare(request)
-            for i, chunk in enumerate(chunks):
-                if i and behavior.chunk_delay_ms > 0:
-                    await asyncio.sleep(behavior.chunk_delay_ms / 1000.0)
-                await response.write(sse_event(chunk))
-            await response.write(sse_event("[DONE]"))
-            await response.write_eof()
-        except ConnectionResetError:
-            logger.debug("client went away mid-stream (%s)", completion_id)
-        return response
+        return await self._stream(request, chunks, behavior.chunk_delay_ms, fault)
 
     async def _list_models(self, request: web.Request) -> web.Response:
         try:
@@ -297,7 +501,7 @@ class SimProvider:
             return _json_error(RequestError(404, message, param="model", code="model_not_found"))
         return web.json_response(model_object(name))
 
-    async def _tool(self, request: web.Request) -> web.Response:
+    async def _tool(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         body = await self._receive(request)
         behavior = self._state.tools.get(name)
@@ -305,16 +509,25 @@ class SimProvider:
             return _json_error(RequestError(404, f"Unknown tool '{name}'.", type_="not_found", param="name"))
         counts = self._state.tool_counts[name]
         counts.requests += 1
+        fault = self._state.take_fault(self._state.tool_faults, name, stream=False)
+        if fault is not None:
+            counts.count_fault(fault)
         await asyncio.sleep(self._state.delay_s(behavior.latency_ms))
-        if self._state.fails(behavior.error_rate):
+        if fault is None and self._state.fails(behavior.error_rate):
             counts.errors += 1
             return _json_error(injected_error(behavior.error_status, f"tool '{name}'"))
+        if fault is not None and fault.kind == "status":
+            return _fault_error(fault, f"tool '{name}'")
+        if fault is not None and fault.kind == "hang" and not await self._pause(request, fault.delay_s):
+            _cut(request)
+            return web.Response()
         if body is _INVALID:
             return _json_error(RequestError(400, "The request body is not valid JSON.", param="body"))
         try:
-            return web.json_response(run_tool(name, body))
+            result = run_tool(name, body)
         except RequestError as exc:
             return _json_error(exc)
+        return await self._unary(request, result, fault)
 
     async def _put_behavior(self, request: web.Request, cls: type[B], table: dict[str, B]) -> web.Response:
         name = request.match_info["name"]
@@ -339,6 +552,50 @@ class SimProvider:
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats)
+
+    def _faults_view(self) -> dict[str, Any]:
+        def view(queues: Mapping[str, FaultQueue]) -> dict[str, Any]:
+            return {n: [fault_to_dict(f) for f in q.pending()] for n, q in sorted(queues.items()) if len(q)}
+
+        return {"models": view(self._state.model_faults), "tools": view(self._state.tool_faults)}
+
+    async def _get_faults(self, request: web.Request) -> web.Response:
+        return web.json_response(self._faults_view())
+
+    async def _delete_faults(self, request: web.Request) -> web.Response:
+        self.clear_faults()
+        return web.json_response(self._faults_view())
+
+    async def _post_faults(self, request: web.Request, script: Callable[..., None], key: str) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            data = await request.json()
+        except ValueError:
+            return _json_error(RequestError(400, "The request body is not valid JSON.", param="body"))
+        try:
+            faults = faults_from_json(data)
+            script(name, *faults)
+        except FaultError as exc:
+            status = 404 if exc.field in ("model", "tool") else 400
+            return _json_error(RequestError(status, str(exc), param=exc.field))
+        pending = self.pending_faults(name) if key == "model" else self.pending_tool_faults(name)
+        return web.json_response({key: name, "pending_faults": [fault_to_dict(f) for f in pending]})
+
+    async def _post_model_faults(self, request: web.Request) -> web.Response:
+        return await self._post_faults(request, self.script, "model")
+
+    async def _post_tool_faults(self, request: web.Request) -> web.Response:
+        return await self._post_faults(request, self.script_tool, "tool")
+
+    async def _delete_model_faults(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.clear_faults(name)
+        return web.json_response({"model": name, "pending_faults": []})
+
+    async def _delete_tool_faults(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.clear_tool_faults(name)
+        return web.json_response({"tool": name, "pending_faults": []})
 
 
 async def serve(

@@ -404,6 +404,8 @@ async def test_runtime_behavior_change_via_put_and_patch(
     assert stats["tools"]["echo"] == {
         "requests": 1,
         "errors": 1,
+        "faults": {},
+        "pending_faults": [],
         "behavior": {"latency_ms": 0.0, "error_rate": 1, "error_status": 504},
     }
     assert sim.stats == stats
