@@ -1,4 +1,5 @@
-"""The `outrider.events` consumer: a consumer-group member that feeds the rolling windows.
+"""The `outrider.events` consumer: a consumer-group member that feeds the rolling windows
+and, with usage reports (which are not requests), the quota leases.
 
 Offsets are committed by hand after each processed batch, on partition revoke and on stop,
 so a record counts at least once; the windows drop duplicates by event id.
@@ -15,6 +16,7 @@ from aiokafka.errors import KafkaError
 
 import outrider
 from collector._clock import Clock
+from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
 from collector._windows import Ingest, RollingWindows
 
@@ -46,8 +48,10 @@ class EventConsumer:
         metrics: CollectorMetrics,
         clock: Clock,
         max_records: int,
+        quotas: QuotaGranter | None = None,
     ) -> None:
         self._windows, self._metrics, self._clock = windows, metrics, clock
+        self._quotas = quotas
         self._max_records = max_records
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -99,6 +103,12 @@ class EventConsumer:
                     getattr(record, "offset", "?"),
                     exc,
                 )
+                continue
+            if event.WhichOneof("body") == "usage":
+                if self._quotas is not None:
+                    self._quotas.observe(event)
+                else:
+                    self._metrics.quota_reports.labels("unknown_resource").inc()
                 continue
             result = self._windows.add_event(event, now)
             if result is Ingest.DUPLICATE:

@@ -1,4 +1,5 @@
-"""The Kafka side of rollout state: create topics, read `outrider.control` back, publish to it.
+"""The Kafka side of control state: create topics, read `outrider.control` back (rollout
+states and the last quota generation per resource), publish rollout states and quota grants.
 
 Nothing here relies on `end_offsets` (the embedded test broker answers it wrongly): the
 control topic is read from the beginning until it has been quiet for a moment.
@@ -9,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 import outrider
+from collector._quota_book import quota_key
 from outrider.v1 import control_pb2
 
 log = logging.getLogger(__name__)
@@ -41,11 +44,18 @@ async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 10.0
         await admin.close()
 
 
-async def read_control_states(
-    bootstrap: str, idle_s: float, timeout_s: float
-) -> dict[str, list[control_pb2.RolloutState]]:
-    """Every rollout state on `outrider.control`, by agent, read from the beginning until
-    nothing arrived for `idle_s` (counted from the moment partitions are assigned)."""
+@dataclass
+class ControlHistory:
+    """What `outrider.control` holds, as a restarting collector needs it."""
+
+    rollouts: dict[str, list[control_pb2.RolloutState]] = field(default_factory=dict)  # by agent
+    quota_generations: dict[str, int] = field(default_factory=dict)  # highest, by resource
+
+
+async def read_control_history(bootstrap: str, idle_s: float, timeout_s: float) -> ControlHistory:
+    """Every rollout state and the highest quota generation on `outrider.control`, read from
+    the beginning until nothing arrived for `idle_s` (counted from the moment partitions are
+    assigned)."""
     consumer = AIOKafkaConsumer(
         outrider.CONTROL_TOPIC,
         bootstrap_servers=bootstrap,
@@ -54,12 +64,13 @@ async def read_control_states(
         enable_auto_commit=False,
     )
     states: dict[str, list[control_pb2.RolloutState]] = defaultdict(list)
+    generations: dict[str, int] = {}
     loop = asyncio.get_running_loop()
     try:
         await consumer.start()
         deadline = loop.time() + timeout_s
         quiet_since: float | None = None
-        count = skipped = 0
+        count = grants = skipped = 0
         while loop.time() < deadline:
             batch = await consumer.getmany(timeout_ms=_POLL_MS, max_records=1000)
             if batch or (consumer.assignment() and quiet_since is None):
@@ -74,9 +85,13 @@ async def read_control_states(
                             "skipping undecodable control record at offset %d: %s", record.offset, exc
                         )
                         continue
-                    if message.WhichOneof("body") == "rollout" and message.rollout.agent:
+                    body = message.WhichOneof("body")
+                    if body == "rollout" and message.rollout.agent:
                         states[message.rollout.agent].append(message.rollout)
                         count += 1
+                    elif body == "quota" and (resource := message.quota.resource):
+                        generations[resource] = max(generations.get(resource, 0), message.quota.generation)
+                        grants += 1
             if quiet_since is not None and loop.time() - quiet_since >= idle_s:
                 break
         else:
@@ -86,19 +101,22 @@ async def read_control_states(
                 timeout_s,
             )
         log.info(
-            "read %d rollout states for %d agents from %s (%d skipped)",
+            "read %d rollout states for %d agents and %d quota grants for %d resources from %s (%d skipped)",
             count,
             len(states),
+            grants,
+            len(generations),
             outrider.CONTROL_TOPIC,
             skipped,
         )
     finally:
         await consumer.stop()
-    return dict(states)
+    return ControlHistory(dict(states), generations)
 
 
 class ControlPublisher:
-    """Writes rollout states to `outrider.control`, keyed by agent, waiting for the broker's ack."""
+    """Writes to `outrider.control`, waiting for the broker's ack: rollout states keyed by
+    agent, quota grants keyed `quota/<resource>`."""
 
     def __init__(self, bootstrap: str, timeout_s: float) -> None:
         self._bootstrap, self._timeout_s = bootstrap, timeout_s
@@ -123,13 +141,18 @@ class ControlPublisher:
 
     async def publish(self, state: control_pb2.RolloutState) -> None:
         """Write one state; raises KafkaError or TimeoutError when the write is not acknowledged."""
+        await self._send(control_pb2.ControlMessage(rollout=state), outrider.agent_key(state.agent))
+
+    async def publish_quota(self, grant: control_pb2.QuotaGrant) -> None:
+        """Write one grant; raises KafkaError or TimeoutError when the write is not acknowledged."""
+        await self._send(control_pb2.ControlMessage(quota=grant), quota_key(grant.resource))
+
+    async def _send(self, message: control_pb2.ControlMessage, key: bytes) -> None:
         if self._producer is None:
             raise KafkaError("the control producer is not started")
-        value, headers = outrider.encode_control(control_pb2.ControlMessage(rollout=state))
+        value, headers = outrider.encode_control(message)
         await asyncio.wait_for(
-            self._producer.send_and_wait(
-                outrider.CONTROL_TOPIC, value, key=outrider.agent_key(state.agent), headers=headers
-            ),
+            self._producer.send_and_wait(outrider.CONTROL_TOPIC, value, key=key, headers=headers),
             self._timeout_s,
         )
 

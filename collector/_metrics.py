@@ -95,6 +95,55 @@ class CollectorMetrics:
             "Failed writes of rollout states to outrider.control",
             registry=self.registry,
         )
+        self.quota_limit = Gauge(
+            "outrider_quota_limit_tokens_per_minute",
+            "Configured global tokens-per-minute limit",
+            ("resource",),
+            registry=self.registry,
+        )
+        self.quota_granted = Gauge(
+            "outrider_quota_granted_tokens_per_minute",
+            "Share of the global limit granted to each sidecar in the last published grant",
+            ("resource", "sidecar"),
+            registry=self.registry,
+        )
+        self.quota_used = Gauge(
+            "outrider_quota_used_tokens_per_minute",
+            "Tokens per minute used, summed over the sidecars holding live leases",
+            ("resource",),
+            registry=self.registry,
+        )
+        self.quota_demand = Gauge(
+            "outrider_quota_demand_tokens_per_minute",
+            "Tokens per minute demanded, summed over the sidecars holding live leases",
+            ("resource",),
+            registry=self.registry,
+        )
+        self.quota_sidecars = Gauge(
+            "outrider_quota_sidecars",
+            "Sidecars holding a live lease",
+            ("resource",),
+            registry=self.registry,
+        )
+        self.quota_reports = Counter(
+            "outrider_quota_usage_reports_total",
+            "Usage reports read from outrider.events, by what was done with them",
+            ("result",),
+            registry=self.registry,
+        )
+        self.quota_grants = Counter(
+            "outrider_quota_grants_published_total",
+            "Quota grants written to outrider.control",
+            ("resource",),
+            registry=self.registry,
+        )
+        self.quota_publish_failures = Counter(
+            "outrider_quota_grant_publish_failures_total",
+            "Failed writes of quota grants to outrider.control (retried next interval)",
+            ("resource",),
+            registry=self.registry,
+        )
+        self._granted_sidecars: dict[str, set[str]] = {}
 
     def observe_event(self, event: events_pb2.Event) -> None:
         body = event.WhichOneof("body")
@@ -106,6 +155,16 @@ class CollectorMetrics:
         if record.outcome == events_pb2.OUTCOME_ERROR:
             self.errors.labels(*labels).inc()
         self.duration.labels(*labels).observe(max(record.latency_ms, 0.0) / 1000)
+
+    def observe_grant(self, grant: control_pb2.QuotaGrant) -> None:
+        """Show a published grant; sidecars that lost their share lose their series."""
+        current = set(grant.grants_tpm)
+        for sidecar in self._granted_sidecars.get(grant.resource, set()) - current:
+            self.quota_granted.remove(grant.resource, sidecar)
+        for sidecar, tpm in grant.grants_tpm.items():
+            self.quota_granted.labels(grant.resource, sidecar).set(tpm)
+        self._granted_sidecars[grant.resource] = current
+        self.quota_grants.labels(grant.resource).inc()
 
     def observe_state(self, state: control_pb2.RolloutState) -> None:
         for phase, name in _PHASE_NAMES.items():

@@ -1,9 +1,10 @@
 """The collector process: wires the consumer, windows, controllers, admin API and metrics.
 
-Start: create topics, read `outrider.control` back (generations continue from it), start
-the control producer, join the events consumer group, start the tick loop, serve metrics
-and the admin API. Stop (idempotent) runs the reverse: admin server, tick loop, consume
-loop, offset commit and consumer, producer flush, metrics server.
+Start: create topics, read `outrider.control` back (rollout and quota generations continue
+from it), start the control producer, join the events consumer group, start the tick loop
+and (with quotas configured) the grant loop, serve metrics and the admin API. Stop
+(idempotent) runs the reverse: admin server, grant and tick loops, consume loop, offset
+commit and consumer, producer flush, metrics server.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 from collector._admin import AdminServer
 from collector._clock import Clock, SystemClock
 from collector._consumer import EventConsumer
-from collector._control import ControlPublisher, ensure_topics, read_control_states
+from collector._control import ControlHistory, ControlPublisher, ensure_topics, read_control_history
+from collector._granter import QuotaGranter
 from collector._manager import RolloutManager
 from collector._metrics import CollectorMetrics, MetricsServer
+from collector._quota_book import QuotaBook
 from collector._settings import CollectorSettings
 from collector._windows import RollingWindows
-from outrider.v1 import control_pb2
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class Collector:
         self.windows = RollingWindows(settings.bucket_s, settings.retention_s, settings.dedupe_cache_size)
         self._publisher = ControlPublisher(settings.kafka_bootstrap, settings.publish_timeout_s)
         self.rollouts = RolloutManager(self._publisher, self.windows, self.metrics, self.clock)
+        book = QuotaBook(settings.quotas, settings.lease_ttl_s, settings.grant_ttl_s, self.clock)
+        self.quotas = QuotaGranter(book, self._publisher, self.metrics)
         self._admin = AdminServer(self.rollouts, settings.admin_listen)
         self._metrics_server = (
             MetricsServer(self.metrics.registry, settings.metrics_host, settings.metrics_port)
@@ -71,13 +75,22 @@ class Collector:
         try:
             await ensure_topics(s.kafka_bootstrap, s.topic_partitions)
             self._consumer = EventConsumer(
-                s.kafka_bootstrap, s.group_id, self.windows, self.metrics, self.clock, s.max_batch_records
+                s.kafka_bootstrap,
+                s.group_id,
+                self.windows,
+                self.metrics,
+                self.clock,
+                s.max_batch_records,
+                self.quotas,
             )
-            states = await self._recover_while_joining(self._consumer)
-            self.rollouts.restore(states)
+            history = await self._recover_while_joining(self._consumer)
+            self.rollouts.restore(history.rollouts)
+            self.quotas.book.restore(history.quota_generations)
             await self._publisher.start()
             self._spawn(self._consumer.run(), "consume")
             self._spawn(self._tick_loop(), "tick")
+            if self.quotas.book.resources:
+                self._spawn(self._grant_loop(), "grant")
             if self._metrics_server is not None:
                 await self._metrics_server.start()
             await self._admin.start()
@@ -91,14 +104,12 @@ class Collector:
             self.admin_address,
         )
 
-    async def _recover_while_joining(
-        self, consumer: EventConsumer
-    ) -> dict[str, list[control_pb2.RolloutState]]:
+    async def _recover_while_joining(self, consumer: EventConsumer) -> ControlHistory:
         """Read the control topic back while the consumer joins its group (that takes seconds)."""
         s = self.settings
         joining = asyncio.create_task(consumer.start())
         try:
-            return await read_control_states(s.kafka_bootstrap, s.recovery_idle_s, s.recovery_timeout_s)
+            return await read_control_history(s.kafka_bootstrap, s.recovery_idle_s, s.recovery_timeout_s)
         finally:
             await asyncio.wait([joining])  # settled either way before stop() may run
             if not joining.cancelled() and (error := joining.exception()) is not None:
@@ -121,6 +132,22 @@ class Collector:
                 log.exception("rollout tick failed; trying again next tick")
             await asyncio.sleep(self.settings.tick_interval_s)
 
+    async def _grant_loop(self) -> None:
+        """Publish grants every grant interval, at a fixed rate. The first waits one interval,
+        so the sidecars' reports (which come more often) have renewed their leases by then."""
+        loop = asyncio.get_running_loop()
+        interval = self.settings.grant_interval_s
+        due = loop.time() + interval
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            try:
+                await self.quotas.tick()
+            except Exception:
+                log.exception("quota grant tick failed; trying again next interval")
+            due += interval
+            if due < loop.time():  # a tick overran: skip the missed beats rather than bunch up
+                due = loop.time() + interval
+
     async def _cancel(self, name: str) -> None:
         for task in [t for t in self._tasks if t.get_name() == f"collector-{name}"]:
             task.cancel()
@@ -134,6 +161,7 @@ class Collector:
             return
         self._stopped = True
         await self._admin.stop()
+        await self._cancel("grant")
         await self._cancel("tick")
         await self._cancel("consume")
         if self._consumer is not None:

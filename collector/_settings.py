@@ -2,17 +2,50 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from collector._config_errors import SpecError, parse_yaml_model
-from collector._duration import Duration
+from collector._duration import Duration, parse_duration
 
 DEFAULT_KAFKA = "127.0.0.1:9092"
 DEFAULT_GROUP_ID = "outrider-collector"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:50061"
+DEFAULT_GRANT_INTERVAL_S = 5.0
+# leases and grants outlive a few grant periods, so one lost report or grant changes nothing
+TTL_GRANT_INTERVALS = 3.0
+
+
+class QuotaSettings(BaseModel):
+    """One global tokens-per-minute quota, shared by every sidecar that calls the resource."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit_tpm: float
+    min_share_tpm: float = 0.0  # granted to every live sidecar first (when the limit allows)
+
+    @field_validator("limit_tpm")
+    @classmethod
+    def _limit_positive(cls, value: float) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError("must be > 0")
+        return value
+
+    @field_validator("min_share_tpm")
+    @classmethod
+    def _share_not_negative(cls, value: float) -> float:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError("must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _share_within_limit(self) -> QuotaSettings:
+        if self.min_share_tpm > self.limit_tpm:
+            raise ValueError("min_share_tpm: must be at most limit_tpm")
+        return self
 
 
 class CollectorSettings(BaseModel):
@@ -34,6 +67,36 @@ class CollectorSettings(BaseModel):
     recovery_timeout_s: Duration = 30.0
     publish_timeout_s: Duration = 10.0
     topic_partitions: int = Field(default=1, ge=1)
+    # global tokens-per-minute quotas by resource ("<provider>/<model>"); none: no grant loop
+    quotas: dict[str, QuotaSettings] = Field(default_factory=dict)
+    grant_interval_s: Duration = DEFAULT_GRANT_INTERVAL_S  # how often grants are published
+    lease_ttl_s: Duration = TTL_GRANT_INTERVALS * DEFAULT_GRANT_INTERVAL_S  # a usage report's life
+    grant_ttl_s: Duration = TTL_GRANT_INTERVALS * DEFAULT_GRANT_INTERVAL_S  # how long a grant holds
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ttls_follow_the_interval(cls, data: Any) -> Any:
+        """Unset lease and grant TTLs are three grant intervals."""
+        if not isinstance(data, dict) or "grant_interval_s" not in data:
+            return data
+        try:
+            interval = parse_duration(data["grant_interval_s"])
+        except ValueError:
+            return data  # the field validator reports it
+        data = dict(data)
+        for key in ("lease_ttl_s", "grant_ttl_s"):
+            if data.get(key) is None:
+                data[key] = TTL_GRANT_INTERVALS * interval
+        return data
+
+    @field_validator("quotas")
+    @classmethod
+    def _resource_names(cls, value: dict[str, QuotaSettings]) -> dict[str, QuotaSettings]:
+        for resource in value:
+            provider, sep, model = resource.partition("/")
+            if not sep or not provider.strip() or not model.strip():
+                raise ValueError(f"{resource!r} is not named <provider>/<model>")
+        return value
 
     @field_validator("admin_listen")
     @classmethod
@@ -43,7 +106,16 @@ class CollectorSettings(BaseModel):
             raise ValueError(f"{value!r}: expected host:port")
         return value
 
-    @field_validator("tick_interval_s", "bucket_s", "retention_s", "recovery_idle_s", "publish_timeout_s")
+    @field_validator(
+        "tick_interval_s",
+        "bucket_s",
+        "retention_s",
+        "recovery_idle_s",
+        "publish_timeout_s",
+        "grant_interval_s",
+        "lease_ttl_s",
+        "grant_ttl_s",
+    )
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:
@@ -56,6 +128,8 @@ class CollectorSettings(BaseModel):
             raise ValueError("retention_s: must be at least bucket_s")
         if self.recovery_timeout_s < self.recovery_idle_s:
             raise ValueError("recovery_timeout_s: must be at least recovery_idle_s")
+        if self.grant_ttl_s <= self.grant_interval_s:
+            raise ValueError("grant_ttl_s: must be greater than grant_interval_s (grants would lapse)")
         return self
 
 

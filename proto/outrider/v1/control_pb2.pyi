@@ -175,19 +175,83 @@ class ControlMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROLLOUT_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rollout(self) -> Global___RolloutState: ...
+    @_builtins.property
+    def quota(self) -> Global___QuotaGrant: ...
     def __init__(
         self,
         *,
         rollout: Global___RolloutState | None = ...,
+        quota: Global___QuotaGrant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "rollout", b"rollout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "quota", b"quota", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "rollout", b"rollout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "quota", b"quota", "rollout", b"rollout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["rollout"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["rollout", "quota"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ControlMessage: _TypeAlias = ControlMessage  # noqa: Y015
+
+@_typing.final
+class QuotaGrant(_message.Message):
+    """The split of one global tokens-per-minute quota among sidecars, keyed `quota/<resource>`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class GrantsTpmEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    LIMIT_TPM_FIELD_NUMBER: _builtins.int
+    GRANTS_TPM_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    resource: _builtins.str
+    generation: _builtins.int
+    limit_tpm: _builtins.float
+    issued_at_unix_nano: _builtins.int
+    ttl_s: _builtins.float
+    """a sidecar falls back to its safe share when no grant is this fresh"""
+    @_builtins.property
+    def grants_tpm(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """sidecar id -> its share"""
+
+    def __init__(
+        self,
+        *,
+        resource: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        limit_tpm: _builtins.float = ...,
+        grants_tpm: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        issued_at_unix_nano: _builtins.int = ...,
+        ttl_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "grants_tpm", b"grants_tpm", "issued_at_unix_nano", b"issued_at_unix_nano", "limit_tpm", b"limit_tpm", "resource", b"resource", "ttl_s", b"ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuotaGrant: _TypeAlias = QuotaGrant  # noqa: Y015

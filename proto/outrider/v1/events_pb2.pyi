@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from outrider.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -54,6 +56,9 @@ class Event(_message.Message):
     CALL_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
     FEEDBACK_FIELD_NUMBER: _builtins.int
+    BREAKER_FIELD_NUMBER: _builtins.int
+    SAFETY_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     time_unix_nano: _builtins.int
     agent: _builtins.str
@@ -68,6 +73,12 @@ class Event(_message.Message):
     def tool(self) -> Global___ToolRecord: ...
     @_builtins.property
     def feedback(self) -> Global___FeedbackRecord: ...
+    @_builtins.property
+    def breaker(self) -> Global___BreakerRecord: ...
+    @_builtins.property
+    def safety(self) -> Global___SafetyRecord: ...
+    @_builtins.property
+    def usage(self) -> Global___UsageReport: ...
     def __init__(
         self,
         *,
@@ -82,12 +93,15 @@ class Event(_message.Message):
         call: Global___CallRecord | None = ...,
         tool: Global___ToolRecord | None = ...,
         feedback: Global___FeedbackRecord | None = ...,
+        breaker: Global___BreakerRecord | None = ...,
+        safety: Global___SafetyRecord | None = ...,
+        usage: Global___UsageReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "call", b"call", "feedback", b"feedback", "tool", b"tool"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "feedback", b"feedback", "safety", b"safety", "tool", b"tool", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "call", b"call", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "usage", b"usage", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -111,6 +125,12 @@ class CallRecord(_message.Message):
     COST_USD_FIELD_NUMBER: _builtins.int
     SERVED_BY_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    FALLBACK_TIER_FIELD_NUMBER: _builtins.int
+    QUOTA_WAIT_MS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    GUARD_HITS_FIELD_NUMBER: _builtins.int
     operation: _builtins.str
     """"chat" or "chat_stream" """
     provider: _builtins.str
@@ -125,6 +145,17 @@ class CallRecord(_message.Message):
     cost_usd: _builtins.float
     served_by: _builtins.str
     degraded: _builtins.bool
+    attempts: _builtins.int
+    """upstream attempts across every tier, retries included"""
+    fallback_tier: _builtins.int
+    """0 = primary"""
+    quota_wait_ms: _builtins.float
+    priority: _builtins.bool
+    cached_input_tokens: _builtins.int
+    @_builtins.property
+    def guard_hits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"category:action", never the matched text"""
+
     def __init__(
         self,
         *,
@@ -140,10 +171,16 @@ class CallRecord(_message.Message):
         cost_usd: _builtins.float = ...,
         served_by: _builtins.str = ...,
         degraded: _builtins.bool = ...,
+        attempts: _builtins.int = ...,
+        fallback_tier: _builtins.int = ...,
+        quota_wait_ms: _builtins.float = ...,
+        priority: _builtins.bool = ...,
+        cached_input_tokens: _builtins.int = ...,
+        guard_hits: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "degraded", b"degraded", "error_class", b"error_class", "input_tokens", b"input_tokens", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "outcome", b"outcome", "output_tokens", b"output_tokens", "provider", b"provider", "served_by", b"served_by", "time_to_first_token_ms", b"time_to_first_token_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cached_input_tokens", b"cached_input_tokens", "cost_usd", b"cost_usd", "degraded", b"degraded", "error_class", b"error_class", "fallback_tier", b"fallback_tier", "guard_hits", b"guard_hits", "input_tokens", b"input_tokens", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "outcome", b"outcome", "output_tokens", b"output_tokens", "priority", b"priority", "provider", b"provider", "quota_wait_ms", b"quota_wait_ms", "served_by", b"served_by", "time_to_first_token_ms", b"time_to_first_token_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,12 +196,14 @@ class ToolRecord(_message.Message):
     ERROR_CLASS_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
     INTERCEPTED_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     tool_name: _builtins.str
     latency_ms: _builtins.float
     outcome: Global___Outcome.ValueType
     error_class: _builtins.str
     status_code: _builtins.int
     intercepted: _builtins.bool
+    attempts: _builtins.int
     def __init__(
         self,
         *,
@@ -174,10 +213,11 @@ class ToolRecord(_message.Message):
         error_class: _builtins.str = ...,
         status_code: _builtins.int = ...,
         intercepted: _builtins.bool = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_class", b"error_class", "intercepted", b"intercepted", "latency_ms", b"latency_ms", "outcome", b"outcome", "status_code", b"status_code", "tool_name", b"tool_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error_class", b"error_class", "intercepted", b"intercepted", "latency_ms", b"latency_ms", "outcome", b"outcome", "status_code", b"status_code", "tool_name", b"tool_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,3 +245,111 @@ class FeedbackRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FeedbackRecord: _TypeAlias = FeedbackRecord  # noqa: Y015
+
+@_typing.final
+class BreakerRecord(_message.Message):
+    """A circuit breaker changed state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPSTREAM_FIELD_NUMBER: _builtins.int
+    OLD_STATE_FIELD_NUMBER: _builtins.int
+    NEW_STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    COOLDOWN_S_FIELD_NUMBER: _builtins.int
+    upstream: _builtins.str
+    """e.g. "provider:openai/gpt-4o" or "tool:lookup_order" """
+    old_state: _builtins.str
+    """"closed", "open", "half_open" """
+    new_state: _builtins.str
+    reason: _builtins.str
+    cooldown_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        upstream: _builtins.str = ...,
+        old_state: _builtins.str = ...,
+        new_state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        cooldown_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cooldown_s", b"cooldown_s", "new_state", b"new_state", "old_state", b"old_state", "reason", b"reason", "upstream", b"upstream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BreakerRecord: _TypeAlias = BreakerRecord  # noqa: Y015
+
+@_typing.final
+class SafetyRecord(_message.Message):
+    """A guardrail hit. Carries what was found and what was done, never the matched text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    GUARD_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    """e.g. "prompt_injection", "pii.email", "secret" """
+    action: _builtins.str
+    """"flag", "redact", "block" """
+    guard: _builtins.str
+    count: _builtins.int
+    direction: _builtins.str
+    """"input" or "output" """
+    operation: _builtins.str
+    """"chat", "chat_stream" """
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        action: _builtins.str = ...,
+        guard: _builtins.str = ...,
+        count: _builtins.int = ...,
+        direction: _builtins.str = ...,
+        operation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "category", b"category", "count", b"count", "direction", b"direction", "guard", b"guard", "operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SafetyRecord: _TypeAlias = SafetyRecord  # noqa: Y015
+
+@_typing.final
+class UsageReport(_message.Message):
+    """A sidecar's use of and demand for one global quota resource over the last minute,
+    which the collector turns into lease grants (Doorman style).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    USED_TPM_FIELD_NUMBER: _builtins.int
+    DEMAND_TPM_FIELD_NUMBER: _builtins.int
+    GRANTED_TPM_FIELD_NUMBER: _builtins.int
+    resource: _builtins.str
+    """"<provider>/<model>" """
+    used_tpm: _builtins.float
+    demand_tpm: _builtins.float
+    granted_tpm: _builtins.float
+    def __init__(
+        self,
+        *,
+        resource: _builtins.str = ...,
+        used_tpm: _builtins.float = ...,
+        demand_tpm: _builtins.float = ...,
+        granted_tpm: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["demand_tpm", b"demand_tpm", "granted_tpm", b"granted_tpm", "resource", b"resource", "used_tpm", b"used_tpm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageReport: _TypeAlias = UsageReport  # noqa: Y015

@@ -106,7 +106,10 @@ class ChatRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    priority: _builtins.bool
+    """passes the global quota's 80% threshold while quota remains"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]: ...
     def __init__(
@@ -114,10 +117,11 @@ class ChatRequest(_message.Message):
         *,
         session_id: _builtins.str = ...,
         messages: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
+        priority: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "priority", b"priority", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -137,6 +141,9 @@ class ChatResponse(_message.Message):
     DEGRADED_FIELD_NUMBER: _builtins.int
     RESPONSE_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    FALLBACK_TIER_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    SESSION_COST_USD_FIELD_NUMBER: _builtins.int
     finish_reason: _builtins.str
     cost_usd: _builtins.float
     version_id: _builtins.str
@@ -146,6 +153,10 @@ class ChatResponse(_message.Message):
     degraded: _builtins.bool
     response_id: _builtins.str
     model: _builtins.str
+    fallback_tier: _builtins.int
+    """0 = primary"""
+    attempts: _builtins.int
+    session_cost_usd: _builtins.float
     @_builtins.property
     def message(self) -> _common_pb2.ChatMessage: ...
     @_builtins.property
@@ -163,10 +174,13 @@ class ChatResponse(_message.Message):
         degraded: _builtins.bool = ...,
         response_id: _builtins.str = ...,
         model: _builtins.str = ...,
+        fallback_tier: _builtins.int = ...,
+        attempts: _builtins.int = ...,
+        session_cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "degraded", b"degraded", "finish_reason", b"finish_reason", "message", b"message", "model", b"model", "response_id", b"response_id", "role", b"role", "served_by", b"served_by", "usage", b"usage", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cost_usd", b"cost_usd", "degraded", b"degraded", "fallback_tier", b"fallback_tier", "finish_reason", b"finish_reason", "message", b"message", "model", b"model", "response_id", b"response_id", "role", b"role", "served_by", b"served_by", "session_cost_usd", b"session_cost_usd", "usage", b"usage", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -238,12 +252,14 @@ class CallToolResponse(_message.Message):
     VERSION_ID_FIELD_NUMBER: _builtins.int
     INTERCEPTED_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     result_json: _builtins.str
     status_code: _builtins.int
     version_id: _builtins.str
     intercepted: _builtins.bool
     """a write tool not run (shadow)"""
     latency_ms: _builtins.float
+    attempts: _builtins.int
     def __init__(
         self,
         *,
@@ -252,10 +268,11 @@ class CallToolResponse(_message.Message):
         version_id: _builtins.str = ...,
         intercepted: _builtins.bool = ...,
         latency_ms: _builtins.float = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["intercepted", b"intercepted", "latency_ms", b"latency_ms", "result_json", b"result_json", "status_code", b"status_code", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "intercepted", b"intercepted", "latency_ms", b"latency_ms", "result_json", b"result_json", "status_code", b"status_code", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
