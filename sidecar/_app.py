@@ -22,13 +22,17 @@ from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._clock import Clock, SystemClock
 from sidecar._config import SidecarConfig
 from sidecar._control import ControlTailer
+from sidecar._global_quota import GlobalQuotas
 from sidecar._metrics import MetricsServer, SidecarMetrics
+from sidecar._policies import Safety, UserQuotas
 from sidecar._provider import ProviderClient
+from sidecar._resilience import Executor
 from sidecar._router import Router
 from sidecar._server import SidecarService
 from sidecar._session import SessionCodec
 from sidecar._telemetry import TelemetryProducer
 from sidecar._tools import ToolClient
+from sidecar._upstreams import Upstreams
 from sidecar._versions import build_versions
 
 log = logging.getLogger(__name__)
@@ -73,8 +77,21 @@ class Sidecar:
         self.telemetry = TelemetryProducer(
             config.kafka.bootstrap_servers, config.telemetry_queue_size, self.metrics, client_id=client_id
         )
+        self.global_quotas = GlobalQuotas(
+            config.global_quotas,
+            sidecar_id=self.sidecar_id,
+            agent=config.agent,
+            clock=self._clock,
+            metrics=self.metrics,
+            telemetry=self.telemetry,
+            report_interval_s=config.usage_report_interval,
+        )
         self.control = ControlTailer(
-            config.kafka.bootstrap_servers, self.router, self.metrics, client_id=client_id
+            config.kafka.bootstrap_servers,
+            self.router,
+            self.metrics,
+            client_id=client_id,
+            quotas=self.global_quotas,
         )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._metrics_server: MetricsServer | None = None
@@ -106,13 +123,31 @@ class Sidecar:
             connector=aiohttp.TCPConnector(limit=HTTP_POOL_LIMIT, ttl_dns_cache=300),
             trust_env=False,
         )
+        self.upstreams = Upstreams(
+            agent=config.agent,
+            sidecar_id=self.sidecar_id,
+            clock=self._clock,
+            metrics=self.metrics,
+            telemetry=self.telemetry,
+        )
+        self.executor = Executor(
+            ProviderClient(self._http), ToolClient(self._http), self.upstreams, self.global_quotas
+        )
         service = SidecarService(
             agent=config.agent,
             versions=self.versions,
             router=self.router,
             codec=self.codec,
-            provider=ProviderClient(self._http),
-            tools=ToolClient(self._http),
+            executor=self.executor,
+            user_quotas=UserQuotas(config.user_quotas, config.tenant_quotas, self._clock),
+            safety=Safety(
+                agent=config.agent,
+                sidecar_id=self.sidecar_id,
+                clock=self._clock,
+                metrics=self.metrics,
+                telemetry=self.telemetry,
+            ),
+            metrics=self.metrics,
             telemetry=self.telemetry,
             clock=self._clock,
             sidecar_id=self.sidecar_id,
@@ -149,6 +184,7 @@ class Sidecar:
         await server.start()
         await self.telemetry.start()
         await self.control.start()
+        await self.global_quotas.start()
         if config.metrics_port is not None:
             self._metrics_server = MetricsServer(self.metrics, METRICS_HOST, config.metrics_port)
             await self._metrics_server.start()
@@ -168,6 +204,7 @@ class Sidecar:
         if self._server is not None:
             await self._server.stop(grace)
         await self.control.stop()
+        await self.global_quotas.stop()
         await self.telemetry.stop(TELEMETRY_FLUSH_TIMEOUT_S)
         if self._http is not None:
             await self._http.close()

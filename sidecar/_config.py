@@ -43,6 +43,9 @@ DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 DEFAULT_TOOL_TIMEOUT_S = 10.0
+DEFAULT_DEADLINE_S = 30.0
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 10.0
+DEFAULT_USAGE_REPORT_INTERVAL_S = 5.0
 #: The environment variable holding the HMAC key for session tokens (shared by replicas).
 DEFAULT_SESSION_KEY_ENV = "OUTRIDER_SESSION_KEY"
 VERSION_ID_LENGTH = 12
@@ -113,6 +116,99 @@ class ProviderConfig(_Frozen):
         return self
 
 
+class BreakerSettings(_Frozen):
+    """A circuit breaker per upstream (see `_breaker`)."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    failure_rate: float = Field(default=0.5, gt=0.0, le=1.0)
+    window: Duration = 30.0
+    min_requests: int = Field(default=20, ge=1)
+    cooldown: Duration = 5.0
+    cooldown_max: Duration = 120.0
+    half_open_probes: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _cooldowns(self) -> BreakerSettings:
+        if self.cooldown_max < self.cooldown:
+            raise ValueError(".cooldown_max: must be >= cooldown")
+        return self
+
+
+class RetrySettings(_Frozen):
+    """Jittered retries of one call (see `_retry`); attempts include the first."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    base: Duration = 0.1
+    cap: Duration = 2.0
+    retry_after_cap: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _cap(self) -> RetrySettings:
+        if self.cap < self.base:
+            raise ValueError(".cap: must be >= base")
+        return self
+
+
+class RetryBudgetSettings(_Frozen):
+    ratio: float = Field(default=0.2, ge=0.0, le=1.0)
+    min_retries: int = Field(default=3, ge=0)
+
+
+class ResilienceConfig(_Frozen):
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    retry_budget: RetryBudgetSettings = Field(default_factory=RetryBudgetSettings)
+    deadline: Duration = DEFAULT_DEADLINE_S  # the whole call, when the gRPC call sets none
+    stream_idle_timeout: Duration = DEFAULT_STREAM_IDLE_TIMEOUT_S  # between two stream chunks
+
+
+class PriceSpec(_Frozen):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(ge=0.0, allow_inf_nan=False)
+    output_per_mtok: float = Field(ge=0.0, allow_inf_nan=False)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+
+
+class FallbackTier(_Frozen):
+    """One tier after the primary: another model (same prompt and tools), or a fixed answer."""
+
+    provider: ProviderConfig | None = None
+    model: str | None = Field(default=None, min_length=1)
+    parameters: dict[str, Any] | None = None
+    static_response: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> FallbackTier:
+        if self.static_response is not None:
+            if self.provider is not None or self.model is not None or self.parameters is not None:
+                raise ValueError("static_response: a static tier takes no provider, model or parameters")
+        elif self.provider is None or self.model is None:
+            raise ValueError("set provider and model, or static_response")
+        if self.parameters:
+            reserved = sorted(_RESERVED_PARAMETERS.intersection(self.parameters))
+            if reserved:
+                raise ValueError(f".parameters.{reserved[0]}: set by the sidecar, not by a version")
+        return self
+
+
+class QuotaLimits(_Frozen):
+    """Per-user or per-tenant limits; None = no limit on that dimension."""
+
+    tokens_per_minute: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    requests_per_minute: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+
+
+class GlobalQuotaConfig(_Frozen):
+    """This sidecar's side of a global tokens-per-minute quota on one `provider/model`."""
+
+    safe_share_tpm: float = Field(ge=0.0, allow_inf_nan=False)
+    grant_ttl: Duration = 30.0
+    priority_threshold: float = Field(default=0.8, gt=0.0, le=1.0)
+    queue_max: int = Field(default=100, ge=1)
+    queue_timeout: Duration = 2.0
+
+
 class ToolConfig(_Frozen):
     name: str
     description: str = ""
@@ -120,6 +216,7 @@ class ToolConfig(_Frozen):
     timeout: Duration = DEFAULT_TOOL_TIMEOUT_S
     side_effects: Literal["read", "write"] = "read"
     idempotent: bool = False
+    retry: RetrySettings | None = None  # overrides the version's resilience.retry for this tool
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
     @field_validator("name")
@@ -137,6 +234,22 @@ class VersionConfig(_Frozen):
     parameters: dict[str, Any] = Field(default_factory=dict)
     request_timeout: Duration = DEFAULT_REQUEST_TIMEOUT_S
     tools: tuple[ToolConfig, ...] = ()
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    fallback: tuple[FallbackTier, ...] = ()
+    prices: dict[str, PriceSpec] = Field(default_factory=dict)  # per model, over the top-level table
+    guards: list[dict[str, Any]] | dict[str, Any] | None = None
+
+    @field_validator("guards")
+    @classmethod
+    def _guards(cls, value: list[dict[str, Any]] | dict[str, Any] | None) -> Any:
+        from sidecar._guards import GuardConfigError, build_policy
+
+        try:
+            build_policy(value, field="")
+        except GuardConfigError as exc:
+            message = str(exc)
+            raise ValueError(message if message.startswith(("[", ".")) else f": {message}") from None
+        return value
 
     @field_validator("parameters")
     @classmethod
@@ -158,10 +271,26 @@ class VersionConfig(_Frozen):
         return value
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        # fields added after the skeleton count only when set, so existing version ids stay put
+        for key, default in _OPTIONAL_VERSION_FIELDS.items():
+            if data.get(key) == default:
+                del data[key]
+        for tool in data.get("tools", ()):
+            if tool.get("retry") is None:
+                tool.pop("retry", None)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def version_id(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:VERSION_ID_LENGTH]
+
+
+_OPTIONAL_VERSION_FIELDS: dict[str, Any] = {
+    "resilience": ResilienceConfig().model_dump(mode="json"),
+    "fallback": [],
+    "prices": {},
+    "guards": None,
+}
 
 
 class KafkaConfig(_Frozen):
@@ -184,6 +313,11 @@ class SidecarConfig(_Frozen):
     shutdown_grace: Duration = DEFAULT_SHUTDOWN_GRACE_S
     session_key_env: str | None = DEFAULT_SESSION_KEY_ENV
     versions: dict[str, VersionConfig] = Field(min_length=1)
+    prices: dict[str, PriceSpec] = Field(default_factory=dict)
+    user_quotas: QuotaLimits | None = None
+    tenant_quotas: QuotaLimits | None = None
+    global_quotas: dict[str, GlobalQuotaConfig] = Field(default_factory=dict)
+    usage_report_interval: Duration = DEFAULT_USAGE_REPORT_INTERVAL_S
 
     _version_ids: dict[str, str] = PrivateAttr(default_factory=dict)
     _api_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
@@ -220,13 +354,18 @@ class SidecarConfig(_Frozen):
         """Read every version's API key and the session key; missing -> ConfigError naming the field."""
         env = os.environ if env is None else env
         keys: dict[str, SecretStr] = {}
+        providers = [(label, f"versions.{label}.provider", v.provider) for label, v in self.versions.items()]
         for label, version in self.versions.items():
-            provider = version.provider
+            for index, tier in enumerate(version.fallback):
+                if tier.provider is not None:
+                    where = f"versions.{label}.fallback[{index}].provider"
+                    providers.append((fallback_key(label, index + 1), where, tier.provider))
+        for label, where, provider in providers:
             if provider.api_key_env:
                 value = env.get(provider.api_key_env, "")
                 if not value:
                     raise ConfigError(
-                        f"{source}: versions.{label}.provider.api_key_env: "
+                        f"{source}: {where}.api_key_env: "
                         f"environment variable {provider.api_key_env} is not set or empty"
                     )
                 keys[label] = SecretStr(value.strip())
@@ -235,13 +374,10 @@ class SidecarConfig(_Frozen):
                     value = Path(provider.api_key_file).read_text(encoding="utf-8").strip()
                 except OSError as exc:
                     raise ConfigError(
-                        f"{source}: versions.{label}.provider.api_key_file: cannot read "
-                        f"{provider.api_key_file}: {exc.strerror}"
+                        f"{source}: {where}.api_key_file: cannot read {provider.api_key_file}: {exc.strerror}"
                     ) from None
                 if not value:
-                    raise ConfigError(
-                        f"{source}: versions.{label}.provider.api_key_file: {provider.api_key_file} is empty"
-                    )
+                    raise ConfigError(f"{source}: {where}.api_key_file: {provider.api_key_file} is empty")
                 keys[label] = SecretStr(value)
         self._api_keys = keys
         if self.session_key_env and env.get(self.session_key_env):
@@ -272,6 +408,11 @@ class SidecarConfig(_Frozen):
         if kafka_bootstrap is not None:
             update["kafka"] = KafkaConfig(bootstrap_servers=kafka_bootstrap)
         return self.model_copy(update=update)
+
+
+def fallback_key(label: str, tier: int) -> str:
+    """The `api_key` name of a version's fallback tier (1-based, as in "fallback-1")."""
+    return f"{label}#fallback-{tier}"
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

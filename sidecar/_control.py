@@ -1,4 +1,5 @@
-"""Tails `outrider.control` from the beginning and feeds this agent's rollout states to the Router.
+"""Tails `outrider.control` from the beginning and feeds this agent's rollout states to the Router
+and global-quota grants (`quota/<resource>`) to `GlobalQuotas`.
 
 No consumer group (every sidecar reads everything; the newest generation wins), so a new
 replica catches up by replaying the topic. Other agents' records are ignored, undecodable
@@ -18,6 +19,7 @@ from aiokafka.errors import KafkaError
 
 import outrider
 from outrider.v1 import control_pb2
+from sidecar._global_quota import GlobalQuotas
 from sidecar._metrics import SidecarMetrics
 from sidecar._router import Router
 
@@ -38,7 +40,9 @@ class ControlTailer:
         metrics: SidecarMetrics,
         *,
         client_id: str = "outrider-sidecar",
+        quotas: GlobalQuotas | None = None,
     ) -> None:
+        self._quotas = quotas
         self._bootstrap = bootstrap_servers
         self._router = router
         self._metrics = metrics
@@ -69,7 +73,10 @@ class ControlTailer:
             self._metrics.control_undecodable.inc()
             log.warning("control: skipping undecodable record: %s", exc)
             return False
-        if message.WhichOneof("body") != "rollout":
+        body = message.WhichOneof("body")
+        if body == "quota":
+            return self._quotas is not None and self._quotas.apply(message.quota)
+        if body != "rollout":
             return False
         return self.apply(message.rollout)
 

@@ -15,6 +15,9 @@ Messages never contain credentials: only the upstream's name, status and a short
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 _RETRIABLE_STATUSES = frozenset({408, 409, 425, 429})
 
 
@@ -50,6 +53,12 @@ class UpstreamTimeout(UpstreamError):
     default_retriable = True
 
 
+class UpstreamStreamStall(UpstreamTimeout):
+    """A stream sent nothing for longer than the inter-chunk (idle) timeout."""
+
+    error_kind = "stream_stall"
+
+
 class UpstreamConnectError(UpstreamError):
     error_kind = "connect"
     default_retriable = True
@@ -60,9 +69,20 @@ class UpstreamInvalidResponse(UpstreamError):
 
 
 class UpstreamStatusError(UpstreamError):
-    def __init__(self, message: str, *, upstream: str, kind: str = "provider", status: int) -> None:
+    """``headers``: the response's headers (Retry-After and friends), never shown in messages."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream: str,
+        kind: str = "provider",
+        status: int,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         retriable = status >= 500 or status in _RETRIABLE_STATUSES
         super().__init__(message, upstream=upstream, kind=kind, retriable=retriable, status=status)
+        self.headers: Mapping[str, str] = MappingProxyType(dict(headers or {}))
 
     @property
     def error_class(self) -> str:

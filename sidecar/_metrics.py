@@ -61,6 +61,49 @@ class SidecarMetrics:
             registry=r,
         )
 
+        self.breaker_state = Gauge(
+            "outrider_sidecar_breaker_state",
+            "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_attempts = Counter(
+            "outrider_sidecar_upstream_attempts",
+            "Calls made to an upstream (retries included), by outcome",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "outrider_sidecar_retries", "Retries started, by upstream", ["upstream"], registry=r
+        )
+        self.retry_budget_refused = Counter(
+            "outrider_sidecar_retry_budget_refused",
+            "Retries the retry budget refused",
+            ["upstream"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "outrider_sidecar_fallbacks", "Calls served by a fallback tier, by tier", ["tier"], registry=r
+        )
+        self.quota_refused = Counter(
+            "outrider_sidecar_quota_refused",
+            "Calls refused by a quota, by scope (user, tenant, global)",
+            ["scope"],
+            registry=r,
+        )
+        self.global_quota_tpm = Gauge(
+            "outrider_sidecar_global_quota_tpm", "The global-quota share in force", ["resource"], registry=r
+        )
+        self.guard_hits = Counter(
+            "outrider_sidecar_guard_hits",
+            "Guardrail hits by category and action",
+            ["category", "action"],
+            registry=r,
+        )
+        self.cost_usd = Counter(
+            "outrider_sidecar_cost_usd", "USD spent on model calls", ["model"], registry=r
+        )
+
     def set_rollout(self, state: control_pb2.RolloutState) -> None:
         agent = state.agent
         self.rollout_generation.labels(agent).set(state.generation)

@@ -11,8 +11,9 @@ Every aiohttp, timeout and JSON failure is mapped here into the `sidecar._except
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +25,14 @@ from sidecar._exceptions import (
     UpstreamError,
     UpstreamInvalidResponse,
     UpstreamStatusError,
+    UpstreamStreamStall,
     UpstreamTimeout,
 )
 from sidecar._sse import SSEDecoder, SSEError
 from sidecar._versions import Version
 
 DONE = "[DONE]"
+RETRY_HEADERS = frozenset({"retry-after", "retry-after-ms"})
 
 
 @dataclass(slots=True)
@@ -218,7 +221,11 @@ async def _raise_for_status(resp: aiohttp.ClientResponse, upstream: str, kind: s
         resp.release()
         # the body may echo request details (even part of a key): keep it out of the message
         raise UpstreamStatusError(
-            f"{kind} {upstream} returned HTTP {resp.status}", upstream=upstream, kind=kind, status=resp.status
+            f"{kind} {upstream} returned HTTP {resp.status}",
+            upstream=upstream,
+            kind=kind,
+            status=resp.status,
+            headers={k: v for k, v in resp.headers.items() if k.lower() in RETRY_HEADERS},
         )
 
 
@@ -252,9 +259,17 @@ class ProviderClient:
         return parse_completion(body, upstream)
 
     async def chat_stream(
-        self, version: Version, messages: Sequence[common_pb2.ChatMessage], time_limit_s: float
-    ) -> AsyncIterator[str | ChatResult]:
-        """Content deltas (str) as they arrive, then exactly one ChatResult."""
+        self,
+        version: Version,
+        messages: Sequence[common_pb2.ChatMessage],
+        time_limit_s: float,
+        *,
+        idle_timeout_s: float | None = None,
+    ) -> AsyncGenerator[str | ChatResult, None]:
+        """Content deltas (str) as they arrive, then exactly one ChatResult.
+
+        ``idle_timeout_s`` bounds the wait for each body chunk: a longer gap is a
+        `UpstreamStreamStall` (a timeout), whatever time the call has left."""
         upstream = version.provider
         payload = {
             **version.base_payload,
@@ -272,7 +287,17 @@ class ProviderClient:
                 timeout=aiohttp.ClientTimeout(total=time_limit_s),
             ) as resp:
                 await _raise_for_status(resp, upstream, "provider")
-                async for chunk in resp.content.iter_any():
+                while True:
+                    try:
+                        async with asyncio.timeout(idle_timeout_s):
+                            chunk = await resp.content.readany()
+                    except TimeoutError:
+                        raise UpstreamStreamStall(
+                            f"provider {upstream} stream stalled for more than {idle_timeout_s:.3g}s",
+                            upstream=upstream,
+                        ) from None
+                    if not chunk:
+                        break
                     for data in decoder.feed(chunk):
                         delta = assembler.feed(data)
                         if delta:

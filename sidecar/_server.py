@@ -19,19 +19,23 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
 
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar._clock import Clock
-from sidecar._exceptions import UpstreamError, UpstreamTimeout
-from sidecar._provider import ChatResult, ProviderClient
+from sidecar._exceptions import UpstreamError
+from sidecar._guards import Hit, StreamRedactor
+from sidecar._metrics import SidecarMetrics
+from sidecar._policies import Refusal, Safety, UserQuotas, UserTicket
+from sidecar._provider import ChatResult
+from sidecar._resilience import ChatFailed, Executor, Served, estimate_tokens, upstream_status
 from sidecar._router import Router
 from sidecar._session import Session, SessionCodec, SessionExpired, UnknownSession, new_nonce
 from sidecar._telemetry import TelemetryProducer
-from sidecar._tools import ToolClient
 from sidecar._versions import SERVED_BY_PRIMARY, Version
 
 _ROLES = frozenset({"user", "assistant", "tool", "system"})
@@ -53,14 +57,47 @@ def _fail(code: grpc.StatusCode, message: str) -> NoReturn:
     raise _Aborted(code, message)
 
 
-def upstream_status(exc: UpstreamError) -> grpc.StatusCode:
-    if isinstance(exc, UpstreamTimeout):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.UNAVAILABLE if exc.retriable else grpc.StatusCode.INTERNAL
-
-
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
+
+
+@dataclass(slots=True)
+class _Call:
+    """What a Chat or ChatStream gathered for its event and response."""
+
+    operation: str
+    priority: bool = False
+    start: float = field(default_factory=time.perf_counter)
+    served: Served | None = None
+    result: ChatResult | None = None
+    user_ticket: UserTicket | None = None
+    guard_hits: list[str] = field(default_factory=list)
+    error_class: str = ""
+    ttft_ms: float = 0.0
+    attempts: int = 0
+    cost_usd: float = 0.0
+    session_cost_usd: float = 0.0
+
+
+class _GuardBlocked(Exception):
+    def __init__(self, hits: Sequence[Hit]) -> None:
+        blocking = [h.category for h in hits if h.action.value == "block"]
+        self.category = blocking[0] if blocking else "output"
+        super().__init__(self.category)
+
+
+async def _chain(
+    first: str | ChatResult, rest: AsyncGenerator[str | ChatResult, None] | None
+) -> AsyncIterator[str | ChatResult]:
+    yield first
+    if rest is not None:
+        async for item in rest:
+            yield item
+
+
+def _redacted_total(redactor: StreamRedactor, content: str, version: Version) -> str:
+    """The final message carries the same redactions the deltas had."""
+    return version.guards.scan_output(content).text if redactor.hits else content
 
 
 class SidecarService(sidecar_pb2_grpc.SidecarServicer):
@@ -71,8 +108,10 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         versions: Mapping[str, Version],
         router: Router,
         codec: SessionCodec,
-        provider: ProviderClient,
-        tools: ToolClient,
+        executor: Executor,
+        user_quotas: UserQuotas,
+        safety: Safety,
+        metrics: SidecarMetrics,
         telemetry: TelemetryProducer,
         clock: Clock,
         sidecar_id: str,
@@ -82,8 +121,10 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         self._versions = versions
         self._router = router
         self._codec = codec
-        self._provider = provider
-        self._tools = tools
+        self._executor = executor
+        self._user_quotas = user_quotas
+        self._safety = safety
+        self._metrics = metrics
         self._telemetry = telemetry
         self._clock = clock
         self._sidecar_id = sidecar_id
@@ -110,14 +151,6 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 "open a new session",
             )
         return session, version
-
-    def _timeout(self, context: grpc.aio.ServicerContext[Any, Any], configured: float) -> float:
-        remaining: float | None = context.time_remaining()
-        if remaining is None:
-            return configured
-        if remaining <= 0:
-            _fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
-        return min(configured, remaining)
 
     def _check_chat(self, request: sidecar_pb2.ChatRequest) -> None:
         if not request.messages:
@@ -148,38 +181,57 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             rollout_id=session.rollout_id,
         )
 
-    def _call_event(
-        self,
-        session: Session,
-        version: Version,
-        operation: str,
-        latency_ms: float,
-        *,
-        result: ChatResult | None = None,
-        error_class: str = "",
-        ttft_ms: float = 0.0,
-    ) -> None:
+    def _deadline(self, context: grpc.aio.ServicerContext[Any, Any], version: Version) -> float:
+        """The call's single deadline, as time.monotonic(): the gRPC one, else resilience.deadline."""
+        remaining: float | None = context.time_remaining()
+        if remaining is None:
+            remaining = version.config.resilience.deadline
+        elif remaining <= 0:
+            _fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
+        return time.monotonic() + remaining
+
+    def _call_event(self, session: Session, version: Version, call: _Call) -> None:
         event = self._event(session)
         record = event.call
-        record.operation = operation
+        record.operation = call.operation
         record.provider = version.provider
         record.model = version.model
-        record.latency_ms = latency_ms
-        record.time_to_first_token_ms = ttft_ms
-        record.served_by = SERVED_BY_PRIMARY
-        if result is not None:
+        record.latency_ms = _ms(call.start)
+        record.time_to_first_token_ms = call.ttft_ms
+        record.priority = call.priority
+        record.guard_hits.extend(call.guard_hits)
+        record.attempts = call.attempts
+        served = call.served
+        if served is not None:
+            target = served.tier.target
+            if target is not None:
+                record.provider, record.model = target.provider, target.model
+            record.served_by = served.tier.name
+            record.degraded = served.degraded
+            record.fallback_tier = served.tier.index
+            record.quota_wait_ms = served.quota_wait_ms
+            record.attempts = served.attempts
+        else:
+            record.served_by = SERVED_BY_PRIMARY
+        result = call.result
+        if result is not None and not call.error_class:
             record.outcome = _OK
             record.input_tokens = result.input_tokens
             record.output_tokens = result.output_tokens
+            record.cached_input_tokens = result.cached_input_tokens
+            record.cost_usd = call.cost_usd
         else:
             record.outcome = _ERROR
-            record.error_class = error_class
+            record.error_class = call.error_class or "cancelled"
         self._telemetry.emit(event)
 
-    def _response(self, session: Session, version: Version, result: ChatResult) -> sidecar_pb2.ChatResponse:
+    def _response(self, session: Session, version: Version, call: _Call) -> sidecar_pb2.ChatResponse:
+        result, served = call.result, call.served
+        assert result is not None and served is not None
         message = common_pb2.ChatMessage(role="assistant", content=result.content)
-        for call in result.tool_calls:
-            message.tool_calls.add(id=call.id, name=call.name, arguments_json=call.arguments)
+        for tool_call in result.tool_calls:
+            message.tool_calls.add(id=tool_call.id, name=tool_call.name, arguments_json=tool_call.arguments)
+        target = served.tier.target
         return sidecar_pb2.ChatResponse(
             message=message,
             finish_reason=result.finish_reason,
@@ -190,11 +242,88 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             ),
             version_id=version.version_id,
             role=session.role,  # type: ignore[arg-type]
-            served_by=SERVED_BY_PRIMARY,
-            degraded=False,
+            served_by=served.tier.name,
+            degraded=served.degraded,
             response_id=result.response_id,
-            model=result.model or version.model,
+            model=result.model or (target.model if target is not None else "static"),
+            cost_usd=call.cost_usd,
+            fallback_tier=served.tier.index,
+            attempts=served.attempts,
+            session_cost_usd=call.session_cost_usd,
         )
+
+    async def _admit(
+        self,
+        request: sidecar_pb2.ChatRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        operation: str,
+    ) -> tuple[Session, Version, float, _Call, Sequence[common_pb2.ChatMessage]]:
+        """Validate, scan input, check the user/tenant quotas: everything before the executor."""
+        try:
+            session, version = self._resolve(request.session_id)
+            self._check_chat(request)
+            deadline = self._deadline(context, version)
+        except _Aborted as exc:
+            await _abort(context, exc)
+        call = _Call(operation, priority=request.priority)
+        messages, call.guard_hits, blocked = self._safety.scan_input(
+            version.guards, session, request.messages, operation
+        )
+        if blocked is not None:
+            call.error_class = "guard_blocked"
+            self._call_event(session, version, call)
+            await context.abort(blocked.code, blocked.message)
+        ticket = self._user_quotas.admit(session, estimate_tokens(version, messages))
+        if isinstance(ticket, Refusal):
+            self._metrics.quota_refused.labels(ticket.message.split(" ", 1)[0]).inc()
+            call.error_class = "quota"
+            self._call_event(session, version, call)
+            await context.abort_with_status(  # type: ignore[attr-defined]
+                ticket.status()
+            )
+            raise AssertionError("unreachable")  # noqa: TRY004
+        call.user_ticket = ticket
+        return session, version, deadline, call, messages
+
+    async def _failed(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        session: Session,
+        version: Version,
+        call: _Call,
+        exc: ChatFailed,
+    ) -> NoReturn:
+        if call.user_ticket is not None:
+            self._user_quotas.reconcile(call.user_ticket, 0.0)
+        call.error_class, call.attempts = exc.error_class, exc.attempts
+        self._call_event(session, version, call)
+        if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            await context.abort_with_status(  # type: ignore[attr-defined]
+                Refusal(exc.code, exc.message, exc.retry_after_s).status()
+            )
+        await context.abort(exc.code, exc.message)
+        raise AssertionError("unreachable")
+
+    def _finish(self, session: Session, version: Version, call: _Call) -> None:
+        """Settle quotas with the actual usage and price the call."""
+        result, served = call.result, call.served
+        assert result is not None and served is not None
+        used = result.input_tokens + result.output_tokens
+        if call.user_ticket is not None:
+            self._user_quotas.reconcile(call.user_ticket, used)
+            call.user_ticket = None
+        target = served.tier.target
+        if target is not None:
+            model = target.model
+            call.cost_usd = version.prices.cost(
+                model,
+                result.input_tokens,
+                result.output_tokens,
+                min(result.cached_input_tokens, result.input_tokens),
+            )
+            call.session_cost_usd = self._safety.add_cost(session, model, call.cost_usd)
+        else:
+            call.session_cost_usd = self._safety.costs.total(session.nonce)
 
     # RPCs
 
@@ -227,64 +356,121 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
     async def Chat(
         self, request: sidecar_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> sidecar_pb2.ChatResponse:
+        session, version, deadline, call, messages = await self._admit(request, context, "chat")
         try:
-            session, version = self._resolve(request.session_id)
-            self._check_chat(request)
-            timeout = self._timeout(context, version.config.request_timeout)
-        except _Aborted as exc:
-            await context.abort(exc.code, exc.message)
-        start = time.perf_counter()
-        try:
-            result = await self._provider.chat(version, request.messages, timeout)
-        except UpstreamError as exc:
-            self._call_event(session, version, "chat", _ms(start), error_class=exc.error_class)
-            await context.abort(upstream_status(exc), str(exc))
+            call.served = await self._executor.chat(version, messages, deadline, request.priority)
+        except ChatFailed as exc:
+            await self._failed(context, session, version, call, exc)
         except asyncio.CancelledError:
-            self._call_event(session, version, "chat", _ms(start), error_class="cancelled")
+            if call.user_ticket is not None:
+                self._user_quotas.reconcile(call.user_ticket, 0.0)
+            self._call_event(session, version, call)
             raise
-        self._call_event(session, version, "chat", _ms(start), result=result)
-        return self._response(session, version, result)
+        self._executor.settle(call.served)
+        result = call.result = call.served.result
+        self._finish(session, version, call)
+        if version.guards.rules_for("output") and result.content:
+            outcome = version.guards.scan_output(result.content)
+            call.guard_hits += self._safety.report(session, outcome.hits, "output", "chat")
+            if outcome.blocked:
+                call.error_class = "guard_blocked"
+                self._call_event(session, version, call)
+                category = next(h.category for h in outcome.hits if h.action.value == "block")
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"reply blocked by guardrail {category}"
+                )
+            result.content = outcome.text
+        self._call_event(session, version, call)
+        return self._response(session, version, call)
 
     async def ChatStream(
         self, request: sidecar_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[sidecar_pb2.ChatChunk]:
+        session, version, deadline, call, messages = await self._admit(request, context, "chat_stream")
         try:
-            session, version = self._resolve(request.session_id)
-            self._check_chat(request)
-            timeout = self._timeout(context, version.config.request_timeout)
-        except _Aborted as exc:
-            await context.abort(exc.code, exc.message)
-        start = time.perf_counter()
-        ttft = 0.0
-        result: ChatResult | None = None
-        error_class = "cancelled"
-        try:
-            async for item in self._provider.chat_stream(version, request.messages, timeout):
-                if isinstance(item, str):
-                    if not ttft:
-                        ttft = _ms(start)
-                    yield sidecar_pb2.ChatChunk(content_delta=item)
-                else:
-                    result = item
-        except UpstreamError as exc:
-            error_class = exc.error_class
-            self._call_event(
-                session, version, "chat_stream", _ms(start), error_class=error_class, ttft_ms=ttft
+            served, stream, first = await self._executor.chat_stream(
+                version, messages, deadline, request.priority
             )
-            await context.abort(upstream_status(exc), str(exc))
+        except ChatFailed as exc:
+            await self._failed(context, session, version, call, exc)
+        except asyncio.CancelledError:
+            if call.user_ticket is not None:
+                self._user_quotas.reconcile(call.user_ticket, 0.0)
+            self._call_event(session, version, call)
+            raise
+        call.served = served
+        redactor = StreamRedactor(version.guards) if version.guards.rules_for("output") else None
+        settled = False
+        try:
+            items = _chain(first, stream)
+            async for item in items:
+                if isinstance(item, ChatResult):
+                    call.result = item
+                    continue
+                text = item
+                if redactor is not None:
+                    out = redactor.feed(item)
+                    call.guard_hits += self._safety.report(session, out.hits, "output", "chat_stream")
+                    text = out.text_to_emit
+                    if out.blocked:
+                        if text:
+                            yield sidecar_pb2.ChatChunk(content_delta=text)
+                        raise _GuardBlocked(out.hits)  # noqa: TRY301
+                if text:
+                    if not call.ttft_ms:
+                        call.ttft_ms = _ms(call.start)
+                    yield sidecar_pb2.ChatChunk(content_delta=text)
+            if stream is None:  # a static tier: its one item was the whole answer
+                call.result = served.result
+            if redactor is not None:
+                out = redactor.finish()
+                call.guard_hits += self._safety.report(session, out.hits, "output", "chat_stream")
+                if out.text_to_emit:
+                    yield sidecar_pb2.ChatChunk(content_delta=out.text_to_emit)
+                if out.blocked:
+                    raise _GuardBlocked(out.hits)  # noqa: TRY301
+                if call.result is not None:
+                    call.result.content = _redacted_total(redactor, call.result.content, version)
+        except UpstreamError as exc:
+            self._executor.stream_done(version, served, exc)
+            settled = True
+            call.error_class = exc.error_class
+            self._finish_stream_error(session, version, call)
+            await context.abort(
+                upstream_status(exc), f"stream from {served.tier.name} failed after the first delta: {exc}"
+            )
+        except _GuardBlocked as blocked:
+            self._executor.stream_done(version, served, None)
+            settled = True
+            call.error_class = "guard_blocked"
+            self._finish_stream_error(session, version, call)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"reply blocked by guardrail {blocked.category}"
+            )
         finally:
-            if result is None and error_class == "cancelled":
-                self._call_event(
-                    session, version, "chat_stream", _ms(start), error_class=error_class, ttft_ms=ttft
-                )
-        assert result is not None
-        if not ttft:
-            ttft = _ms(start)
-        self._call_event(session, version, "chat_stream", _ms(start), result=result, ttft_ms=ttft)
-        response = self._response(session, version, result)
-        if result.tool_calls:
+            if stream is not None:
+                await stream.aclose()
+            if not settled and call.result is None:  # cancelled by the agent
+                self._executor.stream_cancelled(version, served)
+                self._finish_stream_error(session, version, call)
+        assert call.result is not None
+        self._executor.stream_done(version, served, None)
+        served.result = call.result
+        self._finish(session, version, call)
+        if not call.ttft_ms:
+            call.ttft_ms = _ms(call.start)
+        self._call_event(session, version, call)
+        response = self._response(session, version, call)
+        if call.result.tool_calls:
             yield sidecar_pb2.ChatChunk(tool_calls=response.message.tool_calls)
         yield sidecar_pb2.ChatChunk(final=response)
+
+    def _finish_stream_error(self, session: Session, version: Version, call: _Call) -> None:
+        if call.user_ticket is not None:
+            self._user_quotas.reconcile(call.user_ticket, 0.0)
+            call.user_ticket = None
+        call.result = None
+        self._call_event(session, version, call)
 
     async def CallTool(
         self, request: sidecar_pb2.CallToolRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -314,7 +500,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 ) from None
             if not isinstance(parsed, dict):
                 _fail(grpc.StatusCode.INVALID_ARGUMENT, "arguments_json: must be a JSON object")
-            timeout = self._timeout(context, tool.timeout)
+            deadline = self._deadline(context, version)
         except _Aborted as exc:
             await context.abort(exc.code, exc.message)
         start = time.perf_counter()
@@ -322,12 +508,19 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         record = event.tool
         record.tool_name = tool.name
         try:
-            result = await self._tools.call(tool, arguments, timeout)
+            result, attempts = await self._executor.call_tool(version, tool, arguments, deadline)
+        except ChatFailed as exc:
+            record.latency_ms = _ms(start)
+            record.outcome = _ERROR
+            record.error_class = exc.error_class
+            self._telemetry.emit(event)
+            await context.abort(exc.code, exc.message)
         except UpstreamError as exc:
             record.latency_ms = _ms(start)
             record.outcome = _ERROR
             record.error_class = exc.error_class
             record.status_code = exc.status or 0
+            record.attempts = getattr(exc, "attempts", 1)
             self._telemetry.emit(event)
             await context.abort(upstream_status(exc), str(exc))
         except asyncio.CancelledError:
@@ -340,12 +533,14 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         record.latency_ms = latency
         record.outcome = _OK
         record.status_code = result.status
+        record.attempts = attempts
         self._telemetry.emit(event)
         return sidecar_pb2.CallToolResponse(
             result_json=result.result_json,
             status_code=result.status,
             version_id=version.version_id,
             latency_ms=latency,
+            attempts=attempts,
         )
 
     async def Feedback(

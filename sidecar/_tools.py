@@ -13,7 +13,7 @@ import aiohttp
 
 from sidecar._config import ToolConfig
 from sidecar._exceptions import UpstreamError, UpstreamInvalidResponse, UpstreamStatusError
-from sidecar._provider import map_client_error
+from sidecar._provider import RETRY_HEADERS, map_client_error
 
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
@@ -45,6 +45,7 @@ class ToolClient:
                         upstream=name,
                         kind="tool",
                         status=resp.status,
+                        headers={k: v for k, v in resp.headers.items() if k.lower() in RETRY_HEADERS},
                     )
                 body = await resp.read()
                 status = resp.status

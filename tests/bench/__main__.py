@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from tests.bench import sidecar_latency
+from tests.bench import resilience, sidecar_latency
 
 BENCHMARKS = {
     "sidecar-latency": sidecar_latency.main,
+    "resilience": resilience.main,
 }
 
 

@@ -448,9 +448,17 @@ async def test_oversized_requests(stub: sidecar_pb2_grpc.SidecarStub, sidecar: S
     )
 
 
-async def test_upstream_failures_map_to_statuses(
-    stub: sidecar_pb2_grpc.SidecarStub, sim: SimProvider
-) -> None:
+async def test_upstream_failures_map_to_statuses(sim: SimProvider) -> None:
+    # without retries or a breaker in the way: each failure maps straight to its status
+    data = sidecar_config(sim).model_dump(mode="json")
+    for version in data["versions"].values():
+        version["resilience"] = {"retry": {"max_attempts": 1}, "breaker": {"consecutive_failures": 1000}}
+    config = parse_config(data, source="t.yaml").load_secrets({"TEST_SIM_KEY": API_KEY})
+    async with Sidecar(config) as sidecar, grpc.aio.insecure_channel(sidecar.address) as channel:
+        await _upstream_failures(sidecar_pb2_grpc.SidecarStub(channel), sim)
+
+
+async def _upstream_failures(stub: sidecar_pb2_grpc.SidecarStub, sim: SimProvider) -> None:
     sid = (await open_session(stub)).session_id
     request = sidecar_pb2.ChatRequest(session_id=sid, messages=USER)
     sim.set_model("sim-good", ModelBehavior(error_rate=1.0, error_status=503))
