@@ -30,7 +30,9 @@ from sidecar._config import parse_config
 USER = [common_pb2.ChatMessage(role="user", content="Where is my order?")]
 
 
-def _config(sim: SimProvider, *, protected: bool, primary: str = "primary") -> Any:
+def _config(
+    sim: SimProvider, *, protected: bool, primary: str = "primary", breaker: dict[str, Any] | None = None
+) -> Any:
     version: dict[str, Any] = {
         "provider": {"name": "openai", "base_url": sim.base_url},
         "model": primary,
@@ -39,6 +41,8 @@ def _config(sim: SimProvider, *, protected: bool, primary: str = "primary") -> A
     top: dict[str, Any] = {}
     if protected:
         version["resilience"] = {"retry": {"max_attempts": 3, "base": "5ms", "cap": "50ms"}}
+        if breaker is not None:
+            version["resilience"]["breaker"] = breaker
         version["fallback"] = [
             {"provider": {"name": "openai", "base_url": sim.base_url}, "model": "light"},
             {"static_response": "Sorry, try again later."},
@@ -68,10 +72,14 @@ async def _session(stub: sidecar_pb2_grpc.SidecarStub) -> str:
     return str((await stub.OpenSession(sidecar_pb2.OpenSessionRequest(user_id="u"))).session_id)
 
 
-async def success_and_amplification(calls: int) -> dict[str, float]:
+# A breaker that tolerates the 50 % failure rate, so retries (not the fallback) do the work.
+TOLERANT_BREAKER = {"consecutive_failures": 50, "failure_rate": 0.95, "min_requests": 20}
+
+
+async def success_and_amplification(calls: int, breaker: dict[str, Any] | None = None) -> dict[str, float]:
     models = {"primary": ModelBehavior(error_rate=0.5, error_status=503), "light": ModelBehavior()}
     async with SimProvider(models, seed=7) as sim:
-        cfg = _config(sim, protected=True)
+        cfg = _config(sim, protected=True, breaker=breaker)
         async with Sidecar(cfg) as sidecar, grpc.aio.insecure_channel(sidecar.address) as ch:
             stub = sidecar_pb2_grpc.SidecarStub(ch)
             sid = await _session(stub)
@@ -85,6 +93,7 @@ async def success_and_amplification(calls: int) -> dict[str, float]:
                 degraded += reply.degraded
         attempts = sim.requests("primary") + sim.requests("light")
     return {
+        "primary_attempts": sim.requests("primary"),
         "agent_calls": calls,
         "success_rate": ok / calls,
         "degraded_rate": degraded / calls,
@@ -158,7 +167,8 @@ async def added_latency(calls: int, block: int) -> dict[str, float]:
 
 async def run(calls: int, block: int) -> dict[str, object]:
     return {
-        "fifty_percent_5xx": await success_and_amplification(calls),
+        "fifty_percent_5xx_default_breaker": await success_and_amplification(calls),
+        "fifty_percent_5xx_tolerant_breaker": await success_and_amplification(calls, TOLERANT_BREAKER),
         "outage_to_breaker_open": await outage_to_open(),
         "added_latency_per_chat": await added_latency(calls, block),
     }
