@@ -207,6 +207,9 @@ class GlobalQuotaConfig(_Frozen):
     priority_threshold: float = Field(default=0.8, gt=0.0, le=1.0)
     queue_max: int = Field(default=100, ge=1)
     queue_timeout: Duration = 2.0
+    # how far back use and unmet demand are reported (and the 80% rule looks): short enough
+    # that a share follows demand within a few grant periods, long enough to smooth bursts
+    usage_window: Duration = Field(default=10.0, gt=0.0)
 
 
 class ToolConfig(_Frozen):

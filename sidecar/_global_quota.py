@@ -69,6 +69,7 @@ class GlobalQuotas:
         self._interval = report_interval_s
         self.quotas: dict[str, GlobalQuota] = {}
         self._queues: dict[str, BoundedWaitQueue[object]] = {}
+        self._windows = {resource: cfg.usage_window for resource, cfg in configs.items()}
         for resource, cfg in configs.items():
             self.quotas[resource] = GlobalQuota(
                 resource,
@@ -76,10 +77,12 @@ class GlobalQuotas:
                 cfg.grant_ttl,
                 clock,
                 priority_threshold=cfg.priority_threshold,
+                window_s=cfg.usage_window,
             )
             self._queues[resource] = BoundedWaitQueue(cfg.queue_max, cfg.queue_timeout)
             metrics.global_quota_tpm.labels(resource).set(cfg.safe_share_tpm)
         self._task: asyncio.Task[None] | None = None
+        self._since = clock.now()  # the usage windows start empty here
 
     def __contains__(self, resource: object) -> bool:
         return resource in self.quotas
@@ -136,8 +139,13 @@ class GlobalQuotas:
     def report(self) -> list[events_pb2.Event]:
         """One usage event per resource (also what the background task emits)."""
         events = []
+        # The quota's usage_report divides by its full window; until the window has been
+        # observed for that long it would under-report the rate (a sidecar 6 s old reports
+        # a tenth of what it uses) and the collector would shrink the grant to match.
+        observed = max(self._clock.now() - self._since, self._interval, 1e-3)
         for resource, quota in self.quotas.items():
-            used, demand = quota.usage_report()
+            scale = max(1.0, self._windows[resource] / observed)
+            used, demand = (x * scale for x in quota.usage_report())
             event = events_pb2.Event(
                 event_id=uuid.uuid4().hex,
                 time_unix_nano=int(self._clock.now() * 1e9),

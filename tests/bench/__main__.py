@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from tests.bench import resilience, sidecar_latency
+from tests.bench import global_quota, resilience, sidecar_latency
 
 BENCHMARKS = {
     "sidecar-latency": sidecar_latency.main,
     "resilience": resilience.main,
+    "global-quota": global_quota.main,
 }
 
 

@@ -53,7 +53,7 @@ async def test_global_quota_priority_threshold_queue_then_refuse(sim: Any) -> No
     """Non-priority calls may fill 80 % of the share over the window; then they wait in the
     queue and are refused with a retry-after, while priority calls still pass."""
     clock = ManualClock(time.time())
-    quota = {RESOURCE: {"safe_share_tpm": 1000, "queue_timeout": "200ms"}}
+    quota = {RESOURCE: {"safe_share_tpm": 1000, "queue_timeout": "200ms", "usage_window": "60s"}}
     big = [common_pb2.ChatMessage(role="user", content="word " * 150)]
     async with Sidecar(config(sim, global_quotas=quota), sidecar_id="sc-1", clock=clock) as sidecar:
         async with grpc.aio.insecure_channel(sidecar.address) as channel:
