@@ -26,15 +26,22 @@ _TOPIC_ALREADY_EXISTS = 36
 _POLL_MS = 200
 
 
-async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 10.0) -> None:
-    """Create the events and control topics if missing; a failure is logged, not raised
-    (brokers with auto-creation still work)."""
+async def ensure_topics(
+    bootstrap: str, partitions: int, timeout_s: float = 10.0, *, spans: bool = False
+) -> None:
+    """Create the events, control and dead-letter topics (and, when relaying, the spans
+    topic) if missing; a failure is logged, not raised (brokers with auto-creation still work)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
     try:
         await admin.start()
-        response = await admin.create_topics(
-            [NewTopic(outrider.EVENTS_TOPIC, partitions, 1), NewTopic(outrider.CONTROL_TOPIC, 1, 1)]
-        )
+        topics = [
+            NewTopic(outrider.EVENTS_TOPIC, partitions, 1),
+            NewTopic(outrider.CONTROL_TOPIC, 1, 1),
+            NewTopic(outrider.DEADLETTER_TOPIC, 1, 1),
+        ]
+        if spans:
+            topics.append(NewTopic(outrider.SPANS_TOPIC, partitions, 1))
+        response = await admin.create_topics(topics)
         for topic, code, *rest in response.topic_errors:
             if code not in (0, _TOPIC_ALREADY_EXISTS):
                 log.warning("could not create topic %s: error %d %s", topic, code, rest[0] if rest else "")

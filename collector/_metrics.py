@@ -6,6 +6,8 @@ Each Collector has its own CollectorRegistry, so several can live in one process
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import (
@@ -16,12 +18,16 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from outrider.v1 import common_pb2, control_pb2, events_pb2
+from collector._totals import LATENCY_BUCKETS_S, AgentTotals, AgentTotalsCollector, role_label
+from outrider.v1 import control_pb2, events_pb2
+
+__all__ = ["LATENCY_BUCKETS_S", "CollectorMetrics", "MetricsServer", "role_label"]
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _PHASE_NAMES = {
     p: control_pb2.RolloutPhase.Name(p).removeprefix("ROLLOUT_PHASE_").lower()
     for p in control_pb2.RolloutPhase.values()
@@ -29,35 +35,14 @@ _PHASE_NAMES = {
 }
 
 
-def role_label(role: int) -> str:
-    try:
-        return common_pb2.Role.Name(role).removeprefix("ROLE_").lower()  # type: ignore[arg-type]
-    except ValueError:
-        return "unknown"
-
-
 class CollectorMetrics:
     """The collector's instruments, in their own registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = ("agent", "version", "role")
-        self.requests = Counter(
-            "outrider_requests_total",
-            "Agent requests (LLM and tool calls) seen in events",
-            labels,
-            registry=self.registry,
-        )
-        self.errors = Counter(
-            "outrider_errors_total", "Agent requests that ended in an error", labels, registry=self.registry
-        )
-        self.duration = Histogram(
-            "outrider_request_duration_seconds",
-            "Agent request latency",
-            labels,
-            buckets=LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
+        # agent traffic: cumulative, exactly once, checkpointed (collector._totals)
+        self.totals = AgentTotals()
+        self.registry.register(AgentTotalsCollector(self.totals))
         self.phase = Gauge(
             "outrider_rollout_phase",
             "1 for the rollout's current phase, 0 for the others",
@@ -88,6 +73,34 @@ class CollectorMetrics:
         self.stale = Counter(
             "outrider_collector_events_stale_total",
             "Events older than the rolling-window retention",
+            registry=self.registry,
+        )
+        self.deadletter = Counter(
+            "outrider_collector_deadletter_total",
+            "Records written to outrider.deadletter, by reason",
+            ("reason",),
+            registry=self.registry,
+        )
+        self.deadletter_failures = Counter(
+            "outrider_collector_deadletter_failures_total",
+            "Dead-letter writes that failed (the record is skipped and logged)",
+            registry=self.registry,
+        )
+        self.checkpoints = Counter(
+            "outrider_collector_checkpoints_total",
+            "Window-state checkpoints written, by result",
+            ("result",),
+            registry=self.registry,
+        )
+        self.checkpoint_duration = Histogram(
+            "outrider_collector_checkpoint_duration_seconds",
+            "Time to serialize and write one checkpoint",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=self.registry,
+        )
+        self.checkpoint_bytes = Gauge(
+            "outrider_collector_checkpoint_bytes",
+            "Size of the last checkpoint written",
             registry=self.registry,
         )
         self.publish_failures = Counter(
@@ -146,15 +159,12 @@ class CollectorMetrics:
         self._granted_sidecars: dict[str, set[str]] = {}
 
     def observe_event(self, event: events_pb2.Event) -> None:
-        body = event.WhichOneof("body")
-        if body not in ("call", "tool"):
-            return
-        record = event.call if body == "call" else event.tool
-        labels = (event.agent, event.version_id, role_label(event.role))
-        self.requests.labels(*labels).inc()
-        if record.outcome == events_pb2.OUTCOME_ERROR:
-            self.errors.labels(*labels).inc()
-        self.duration.labels(*labels).observe(max(record.latency_ms, 0.0) / 1000)
+        """Count an event the windows counted (so exactly once)."""
+        self.totals.add_event(event)
+
+    def watch_relay(self, relay: SpanRelayStats) -> None:
+        """Show the span relay's counters on /metrics."""
+        self.registry.register(_RelayCollector(relay))
 
     def observe_grant(self, grant: control_pb2.QuotaGrant) -> None:
         """Show a published grant; sidecars that lost their share lose their series."""
@@ -170,6 +180,55 @@ class CollectorMetrics:
         for phase, name in _PHASE_NAMES.items():
             self.phase.labels(state.agent, name).set(1 if phase == state.phase else 0)
         self.weight.labels(state.agent).set(state.candidate_weight)
+
+
+class SpanRelayStats(Protocol):
+    exported_spans: int
+    exported_batches: int
+    failed_batches: int
+    rejected_batches: int
+    rejected_spans: int
+    undecodable: int
+    retries: int
+
+
+class _RelayCollector(Collector):
+    def __init__(self, relay: SpanRelayStats) -> None:
+        self._relay = relay
+
+    def collect(self) -> Iterator[Metric]:
+        r = self._relay
+        spans = CounterMetricFamily(
+            "outrider_collector_relayed_spans",
+            "Spans relayed to the OTLP endpoint, by result",
+            labels=["result"],
+        )
+        spans.add_metric(["exported"], r.exported_spans)
+        spans.add_metric(["rejected"], r.rejected_spans)
+        yield spans
+        batches = CounterMetricFamily(
+            "outrider_collector_relay_batches",
+            "Span batches sent to the OTLP endpoint, by result",
+            labels=["result"],
+        )
+        for result, value in (
+            ("exported", r.exported_batches),
+            ("failed", r.failed_batches),
+            ("rejected", r.rejected_batches),
+        ):
+            batches.add_metric([result], value)
+        yield batches
+        yield CounterMetricFamily(
+            "outrider_collector_relay_retries", "OTLP export attempts retried", value=r.retries
+        )
+        yield CounterMetricFamily(
+            "outrider_collector_spans_undecodable",
+            "Records on outrider.spans that were not OTLP trace requests",
+            value=r.undecodable,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class MetricsServer:

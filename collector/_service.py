@@ -1,10 +1,11 @@
 """The collector process: wires the consumer, windows, controllers, admin API and metrics.
 
-Start: create topics, read `outrider.control` back (rollout and quota generations continue
-from it), start the control producer, join the events consumer group, start the tick loop
-and (with quotas configured) the grant loop, serve metrics and the admin API. Stop
-(idempotent) runs the reverse: admin server, grant and tick loops, consume loop, offset
-commit and consumer, producer flush, metrics server.
+Start: create topics, load the checkpoint (windows, totals, offsets), read
+`outrider.control` back (rollout and quota generations continue from it) while joining the
+events consumer group, start the control and dead-letter producers, the consume loop, the
+tick loop and (with quotas configured) the grant loop, serve metrics and the admin API.
+Stop (idempotent) runs the reverse: admin server, grant and tick loops, consume loop (it
+finishes its batch), checkpoint and offset commit, consumer, producers, metrics server.
 """
 
 from __future__ import annotations
@@ -18,17 +19,23 @@ from types import TracebackType
 from typing import Any
 
 from collector._admin import AdminServer
+from collector._checkpoint import CheckpointStore
 from collector._clock import Clock, SystemClock
 from collector._consumer import EventConsumer
 from collector._control import ControlHistory, ControlPublisher, ensure_topics, read_control_history
+from collector._deadletter import DeadLetter, DeadLetterWriter
 from collector._granter import QuotaGranter
+from collector._ingest import Ingestor
 from collector._manager import RolloutManager
 from collector._metrics import CollectorMetrics, MetricsServer
 from collector._quota_book import QuotaBook
-from collector._settings import CollectorSettings
+from collector._relay import SpanRelay
+from collector._settings import CollectorSettings, otlp_endpoint
 from collector._windows import RollingWindows
 
 log = logging.getLogger(__name__)
+
+_CONSUME_STOP_S = 5.0  # the consume loop's last poll and batch (dead letters included)
 
 
 class Collector:
@@ -49,7 +56,27 @@ class Collector:
             if settings.metrics_port is not None
             else None
         )
+        self._ingestor = Ingestor(self.windows, self.metrics, self.quotas)
+        self._deadletter = DeadLetterWriter(
+            settings.kafka_bootstrap, settings.publish_timeout_s, self.metrics
+        )
+        self.checkpoints = (
+            CheckpointStore(settings.state_dir, settings.group_id) if settings.state_dir is not None else None
+        )
         self._consumer: EventConsumer | None = None
+        endpoint = otlp_endpoint(settings)
+        self.relay = (
+            SpanRelay(
+                settings.kafka_bootstrap,
+                endpoint,
+                group_id=f"{settings.group_id}-spans",
+                on_undecodable=self._dead_letter_span,
+            )
+            if endpoint is not None
+            else None
+        )
+        if self.relay is not None:
+            self.metrics.watch_relay(self.relay)
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopped = False
@@ -73,20 +100,27 @@ class Collector:
         self._started = True
         s = self.settings
         try:
-            await ensure_topics(s.kafka_bootstrap, s.topic_partitions)
+            await ensure_topics(s.kafka_bootstrap, s.topic_partitions, spans=self.relay is not None)
             self._consumer = EventConsumer(
                 s.kafka_bootstrap,
                 s.group_id,
-                self.windows,
-                self.metrics,
+                self._ingestor,
                 self.clock,
                 s.max_batch_records,
-                self.quotas,
+                deadletter=self._deadletter,
+                store=self.checkpoints,
+                checkpoint_interval_s=s.checkpoint_interval_s,
+                session_timeout_ms=s.session_timeout_ms,
+                heartbeat_interval_ms=s.heartbeat_interval_ms,
             )
+            self._consumer.restore()  # before joining: assignment seeks to the checkpoint
             history = await self._recover_while_joining(self._consumer)
             self.rollouts.restore(history.rollouts)
             self.quotas.book.restore(history.quota_generations)
             await self._publisher.start()
+            await self._deadletter.start()
+            if self.relay is not None:
+                await self.relay.start()
             self._spawn(self._consumer.run(), "consume")
             self._spawn(self._tick_loop(), "tick")
             if self.quotas.book.resources:
@@ -114,6 +148,19 @@ class Collector:
             await asyncio.wait([joining])  # settled either way before stop() may run
             if not joining.cancelled() and (error := joining.exception()) is not None:
                 raise error
+
+    async def _dead_letter_span(self, record: Any, reason: str) -> None:
+        """The span relay's hook: an undecodable `outrider.spans` record goes to the dead letters."""
+        letter = DeadLetter(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value,
+            list(record.headers or ()),
+            reason,
+        )
+        await self._deadletter.write([letter])
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=f"collector-{name}")
@@ -148,6 +195,13 @@ class Collector:
             if due < loop.time():  # a tick overran: skip the missed beats rather than bunch up
                 due = loop.time() + interval
 
+    async def _settle(self, name: str, timeout_s: float) -> None:
+        """Give a task that was asked to stop `timeout_s` to return; cancel it after that."""
+        tasks = [t for t in self._tasks if t.get_name() == f"collector-{name}"]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        await self._cancel(name)
+
     async def _cancel(self, name: str) -> None:
         for task in [t for t in self._tasks if t.get_name() == f"collector-{name}"]:
             task.cancel()
@@ -163,9 +217,14 @@ class Collector:
         await self._admin.stop()
         await self._cancel("grant")
         await self._cancel("tick")
-        await self._cancel("consume")
         if self._consumer is not None:
-            await self._consumer.stop()  # commits what was processed
+            self._consumer.request_stop()
+            await self._settle("consume", _CONSUME_STOP_S)
+            await self._consumer.stop()  # checkpoints and commits what was processed
+        await self._cancel("consume")
+        if self.relay is not None:
+            await self.relay.stop()  # before the dead-letter writer its hook uses
+        await self._deadletter.stop()
         await self._publisher.stop()
         if self._metrics_server is not None:
             await self._metrics_server.stop()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,13 @@ DEFAULT_KAFKA = "127.0.0.1:9092"
 DEFAULT_GROUP_ID = "outrider-collector"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:50061"
 DEFAULT_GRANT_INTERVAL_S = 5.0
+DEFAULT_STATE_DIR = Path(".outrider/collector-state")
+DEFAULT_CHECKPOINT_INTERVAL_S = 5.0
+DEFAULT_SESSION_TIMEOUT_MS = 10_000
+DEFAULT_HEARTBEAT_INTERVAL_MS = 3_000
+# the standard OpenTelemetry variables, read when `otlp_endpoint` is not set
+ENV_OTLP_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 # leases and grants outlive a few grant periods, so one lost report or grant changes nothing
 TTL_GRANT_INTERVALS = 3.0
 
@@ -67,6 +76,16 @@ class CollectorSettings(BaseModel):
     recovery_timeout_s: Duration = 30.0
     publish_timeout_s: Duration = 10.0
     topic_partitions: int = Field(default=1, ge=1)
+    # checkpoints of the window state with the consumed offsets (None: off, offsets are
+    # committed after every batch and a restart starts with empty windows)
+    state_dir: Path | None = DEFAULT_STATE_DIR
+    checkpoint_interval_s: Duration = DEFAULT_CHECKPOINT_INTERVAL_S
+    # consumer-group liveness: a killed member is replaced after session_timeout_ms
+    session_timeout_ms: int = Field(default=DEFAULT_SESSION_TIMEOUT_MS, ge=1000, le=300_000)
+    heartbeat_interval_ms: int = Field(default=DEFAULT_HEARTBEAT_INTERVAL_MS, ge=100)
+    # relay `outrider.spans` to this OTLP gRPC endpoint ("host:port" or "http://host:port");
+    # None: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or $OTEL_EXPORTER_OTLP_ENDPOINT, else off
+    otlp_endpoint: str | None = None
     # global tokens-per-minute quotas by resource ("<provider>/<model>"); none: no grant loop
     quotas: dict[str, QuotaSettings] = Field(default_factory=dict)
     grant_interval_s: Duration = DEFAULT_GRANT_INTERVAL_S  # how often grants are published
@@ -115,6 +134,7 @@ class CollectorSettings(BaseModel):
         "grant_interval_s",
         "lease_ttl_s",
         "grant_ttl_s",
+        "checkpoint_interval_s",
     )
     @classmethod
     def _positive(cls, value: float) -> float:
@@ -128,9 +148,20 @@ class CollectorSettings(BaseModel):
             raise ValueError("retention_s: must be at least bucket_s")
         if self.recovery_timeout_s < self.recovery_idle_s:
             raise ValueError("recovery_timeout_s: must be at least recovery_idle_s")
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms: must be at most a third of session_timeout_ms")
         if self.grant_ttl_s <= self.grant_interval_s:
             raise ValueError("grant_ttl_s: must be greater than grant_interval_s (grants would lapse)")
         return self
+
+
+def otlp_endpoint(settings: CollectorSettings, environ: Mapping[str, str] | None = None) -> str | None:
+    """Where spans are relayed: the setting, else the standard OpenTelemetry variables, else None."""
+    env = os.environ if environ is None else environ
+    for value in (settings.otlp_endpoint, env.get(ENV_OTLP_TRACES_ENDPOINT), env.get(ENV_OTLP_ENDPOINT)):
+        if value and value.strip():
+            return value.strip()
+    return None
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> CollectorSettings:

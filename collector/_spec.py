@@ -21,9 +21,34 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from collector._config_errors import SpecError, parse_yaml_model
 from collector._duration import Duration
 
-Metric = Literal["error_rate", "latency_p95_ms"]
-# which limit key each metric takes
-LIMIT_KEY: dict[str, str] = {"error_rate": "max_increase", "latency_p95_ms": "max_ratio"}
+Metric = Literal[
+    "error_rate",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "ttft_p95_ms",
+    "cost_per_call",
+    "cost_per_session",
+    "tool_failure_rate",
+    "thumbs_down_rate",
+    "task_failure_rate",
+    "safety_event_rate",
+    "fallback_rate",
+]
+# which limit key each metric takes: rates move by an absolute increase over the baseline,
+# magnitudes by a ratio to it
+LIMIT_KEY: dict[str, str] = {
+    "error_rate": "max_increase",
+    "latency_p95_ms": "max_ratio",
+    "latency_p99_ms": "max_ratio",
+    "ttft_p95_ms": "max_ratio",
+    "cost_per_call": "max_ratio",
+    "cost_per_session": "max_ratio",
+    "tool_failure_rate": "max_increase",
+    "thumbs_down_rate": "max_increase",
+    "task_failure_rate": "max_increase",
+    "safety_event_rate": "max_increase",
+    "fallback_rate": "max_increase",
+}
 _VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
@@ -77,7 +102,7 @@ class Gate(_Model):
 
     @property
     def limit(self) -> float:
-        value = self.max_increase if self.metric == "error_rate" else self.max_ratio
+        value = self.max_increase if LIMIT_KEY[self.metric] == "max_increase" else self.max_ratio
         assert value is not None  # checked at validation
         return value
 

@@ -36,6 +36,7 @@ def settings_for(broker: EmbeddedBroker, group_id: str) -> CollectorSettings:
             "grant_interval_s": 0.3,
             "lease_ttl_s": 1.0,
             "quotas": {RESOURCE: {"limit_tpm": LIMIT}},
+            "state_dir": None,
         }
     )
 

@@ -40,6 +40,7 @@ def settings_for(broker: EmbeddedBroker, **overrides: object) -> CollectorSettin
         "bucket_s": 0.5,
         "retention_s": 120,
         "recovery_idle_s": 0.5,
+        "state_dir": None,  # tests that checkpoint pass a tmp_path
     }
     values.update(overrides)
     return CollectorSettings.model_validate(values)

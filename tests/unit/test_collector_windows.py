@@ -46,20 +46,24 @@ def test_counts_requests_errors_by_series() -> None:
     assert w.snapshot("other", "v1", None, 60, T0 + 10) == WindowStats()
 
 
-def test_tool_errors_count_and_feedback_is_ignored() -> None:
+def test_tool_errors_count_and_usage_reports_are_ignored() -> None:
     w = RollingWindows()
     tool = events_pb2.Event(
         event_id="t", time_unix_nano=int(T0 * 1e9), agent="bot", version_id="v1", role=STABLE
     )
     tool.tool.outcome = events_pb2.OUTCOME_ERROR
     tool.tool.latency_ms = 3
-    feedback = events_pb2.Event(event_id="f", time_unix_nano=int(T0 * 1e9), agent="bot", version_id="v1")
-    feedback.feedback.score = 1
+    tool.tool.error_class = "tool_5xx"
+    usage = events_pb2.Event(event_id="u", time_unix_nano=int(T0 * 1e9), agent="bot", sidecar_id="s")
+    usage.usage.resource = "openai/gpt-4o"
     assert w.add_event(tool, T0) is Ingest.COUNTED
-    assert w.add_event(feedback, T0) is Ingest.IGNORED
-    assert w.snapshot("bot", "v1", None, 60, T0) == WindowStats(
-        1, 1, 1.0, pytest.approx(3, rel=0.02), pytest.approx(3, rel=0.02)
-    )
+    assert w.add_event(usage, T0) is Ingest.IGNORED
+    stats = w.snapshot("bot", "v1", None, 60, T0)
+    assert (stats.requests, stats.errors, stats.error_rate) == (1, 1, 1.0)
+    assert stats.latency_p95_ms == pytest.approx(3, rel=0.02)
+    assert stats.latency_p50_ms == pytest.approx(3, rel=0.02)
+    assert (stats.tool_calls, stats.tool_failures, stats.tool_failure_rate) == (1, 1, 1.0)
+    assert stats.errors_by_class == {"tool": 1} and stats.calls == 0
 
 
 def test_window_covers_only_recent_buckets() -> None:

@@ -51,6 +51,27 @@ METRICS = {
     "outrider_collector_events_duplicate_total",
     "outrider_collector_records_undecodable_total",
     "outrider_collector_control_publish_failures_total",
+    # the full gate metric set (collector._totals) and the collector pipeline
+    "outrider_llm_calls_total",
+    "outrider_llm_time_to_first_token_seconds_bucket",
+    "outrider_llm_tokens_sum",
+    "outrider_llm_cost_usd_sum",
+    "outrider_llm_cost_usd_count",
+    "outrider_llm_fallbacks_total",
+    "outrider_llm_degraded_total",
+    "outrider_llm_quota_total",
+    "outrider_tool_calls_total",
+    "outrider_tool_failures_total",
+    "outrider_safety_events_total",
+    "outrider_feedback_total",
+    "outrider_feedback_score_sum",
+    "outrider_feedback_score_count",
+    "outrider_breaker_transitions_total",
+    "outrider_collector_deadletter_total",
+    "outrider_collector_deadletter_failures_total",
+    "outrider_collector_checkpoints_total",
+    "outrider_collector_checkpoint_bytes",
+    "outrider_collector_relayed_spans_total",
 }
 
 
@@ -106,6 +127,7 @@ def test_deploy_tree_has_what_we_ship() -> None:
         "docker-compose.yaml",
         "prometheus/rules.yaml",
         "grafana/dashboards/outrider-rollouts.json",
+        "grafana/dashboards/outrider-signals.json",
         "k8s/base/kustomization.yaml",
         "k8s/injection/kustomization.yaml",
     ]:
@@ -385,6 +407,27 @@ def test_grafana_dashboard_and_provisioning() -> None:
     compose = load_docs(DEPLOY / "docker-compose.yaml")[0]
     mounts = compose["services"]["grafana"]["volumes"]
     assert any(m.endswith(providers["providers"][0]["options"]["path"] + ":ro") for m in mounts)
+
+
+def test_signals_dashboard_uses_the_collectors_metric_set() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "outrider-signals.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    assert dashboard["uid"] != "outrider-rollouts"
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    used = set().union(*(_metric_names(e) for e in exprs))
+    assert used <= METRICS, used - METRICS
+    for family in ("feedback", "cost", "safety", "errors", "tool_failures", "deadletter"):
+        assert any(family in name for name in used), family
+    # per-version panels group by the series labels, never by session or trace ids
+    assert not any(re.search(r"session|trace_id", e) for e in exprs)
+    # every name the collector exposes that a dashboard or rule may use is one it really serves
+    from collector._totals import FAMILY_NAMES
+
+    served = set(FAMILY_NAMES) | {f"{n}_bucket" for n in FAMILY_NAMES}
+    served |= {f"{n}_{s}" for n in FAMILY_NAMES for s in ("sum", "count")}
+    served |= {n for n in METRICS if n.startswith(("outrider_collector_", "outrider_rollout_"))}
+    assert served >= METRICS, METRICS - served
 
 
 # --- the probe script, against a real gRPC health server -------------------------------------------

@@ -1,0 +1,158 @@
+"""The dead-letter topic: records the collector cannot decode, kept with why.
+
+Each goes to `outrider.deadletter` with its original key, value and headers, plus
+
+    outrider-dlq-reason            the decoder's message
+    outrider-dlq-reason-class      the short reason (also the metric label)
+    outrider-dlq-source-topic      where it was read
+    outrider-dlq-source-partition
+    outrider-dlq-source-offset
+
+and is counted in `outrider_collector_deadletter_total{reason}`. A write is retried a few
+times; one that still fails is counted and logged, and the collector moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+import outrider
+from collector._metrics import CollectorMetrics
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "outrider-dlq-reason"
+REASON_CLASS_HEADER = "outrider-dlq-reason-class"
+SOURCE_TOPIC_HEADER = "outrider-dlq-source-topic"
+SOURCE_PARTITION_HEADER = "outrider-dlq-source-partition"
+SOURCE_OFFSET_HEADER = "outrider-dlq-source-offset"
+ATTEMPTS = 3
+_BACKOFF_S = 0.5
+
+# reason classes, by what the decoder said (outrider._envelope's messages)
+NEWER_SCHEMA = "newer_schema"
+BAD_SCHEMA_HEADER = "bad_schema_header"
+UNKNOWN_TYPE = "unknown_type"
+EMPTY = "empty"
+MISSING_FIELDS = "missing_fields"
+NOT_PROTOBUF = "not_protobuf"
+UNDECODABLE = "undecodable"
+_REASONS = (
+    ("newer than", NEWER_SCHEMA),
+    ("bad schema header", BAD_SCHEMA_HEADER),
+    ("unexpected content type", UNKNOWN_TYPE),
+    ("empty record", EMPTY),
+    ("lacks", MISSING_FIELDS),
+    ("not an outrider", NOT_PROTOBUF),
+)
+
+
+def reason_class(message: str) -> str:
+    """A bounded label for a DecodeError message."""
+    lowered = message.lower()
+    return next((label for needle, label in _REASONS if needle in lowered), UNDECODABLE)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+    reason: str
+
+    def record_headers(self) -> list[tuple[str, bytes]]:
+        return [
+            *self.headers,
+            (REASON_HEADER, self.reason.encode("utf-8", "replace")[:1024]),
+            (REASON_CLASS_HEADER, reason_class(self.reason).encode()),
+            (SOURCE_TOPIC_HEADER, self.topic.encode()),
+            (SOURCE_PARTITION_HEADER, str(self.partition).encode()),
+            (SOURCE_OFFSET_HEADER, str(self.offset).encode()),
+        ]
+
+
+class DeadLetterWriter:
+    """Produces dead letters and waits for the broker's ack; start/stop idempotent."""
+
+    def __init__(self, bootstrap: str, timeout_s: float, metrics: CollectorMetrics) -> None:
+        self._bootstrap, self._timeout_s, self._metrics = bootstrap, timeout_s, metrics
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            acks="all",
+            enable_idempotence=False,  # the embedded broker lacks InitProducerId
+            request_timeout_ms=max(1000, int(self._timeout_s * 1000)),
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+
+    async def write(self, letters: Sequence[DeadLetter]) -> int:
+        """Write `letters` in order; the number written (the rest are counted as failures)."""
+        written = 0
+        for letter in letters:
+            if await self._write_one(letter):
+                written += 1
+                self._metrics.deadletter.labels(reason_class(letter.reason)).inc()
+            else:
+                self._metrics.deadletter_failures.inc()
+        return written
+
+    async def _write_one(self, letter: DeadLetter) -> bool:
+        for attempt in range(1, ATTEMPTS + 1):
+            producer = self._producer
+            if producer is None:
+                log.error("dead-letter producer not started; dropping %s@%d", letter.topic, letter.offset)
+                return False
+            try:
+                await asyncio.wait_for(
+                    producer.send_and_wait(
+                        outrider.DEADLETTER_TOPIC,
+                        letter.value,
+                        key=letter.key,
+                        headers=letter.record_headers(),
+                    ),
+                    self._timeout_s,
+                )
+                log.info(
+                    "dead-lettered %s[%d]@%d: %s",
+                    letter.topic,
+                    letter.partition,
+                    letter.offset,
+                    letter.reason,
+                )
+                return True
+            except (KafkaError, TimeoutError) as exc:
+                if attempt == ATTEMPTS:
+                    log.error(  # noqa: TRY400 - the reason is in the message
+                        "could not dead-letter %s[%d]@%d (%s): %s",
+                        letter.topic,
+                        letter.partition,
+                        letter.offset,
+                        letter.reason,
+                        exc or type(exc).__name__,
+                    )
+                    return False
+                await asyncio.sleep(_BACKOFF_S * attempt)
+        return False
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()

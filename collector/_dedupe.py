@@ -1,0 +1,56 @@
+"""A bounded, time-expiring set of event ids: how the collector drops redeliveries.
+
+Pure and clock-driven (`now` is passed in). An id is remembered for `ttl_s` or until
+`maxsize` newer ids push it out, whichever comes first. Serializable, so a checkpoint can
+carry it across a restart.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+
+class SeenIds:
+    def __init__(self, maxsize: int, ttl_s: float) -> None:
+        if maxsize < 1:
+            raise ValueError("dedupe_size must be at least 1")
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be > 0")
+        self.maxsize, self.ttl_s = maxsize, ttl_s
+        self._ids: OrderedDict[str, float] = OrderedDict()  # id -> when first seen, oldest first
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def add(self, event_id: str, now: float) -> bool:
+        """Remember `event_id`; False if it was already remembered (a duplicate)."""
+        if event_id in self._ids:
+            return False
+        self._ids[event_id] = now
+        while len(self._ids) > self.maxsize:
+            self._ids.popitem(last=False)
+        return True
+
+    def expire(self, now: float) -> int:
+        """Forget ids older than the TTL; the number forgotten."""
+        horizon = now - self.ttl_s
+        dropped = 0
+        while self._ids:
+            first = next(iter(self._ids.items()))
+            if first[1] > horizon:
+                break
+            self._ids.popitem(last=False)
+            dropped += 1
+        return dropped
+
+    def to_state(self) -> list[Any]:
+        return [[k, v] for k, v in self._ids.items()]
+
+    def load_state(self, state: list[Any]) -> None:
+        self._ids = OrderedDict((str(k), float(v)) for k, v in state)
+        while len(self._ids) > self.maxsize:
+            self._ids.popitem(last=False)

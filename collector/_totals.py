@@ -1,0 +1,273 @@
+"""Cumulative per-series counters and histograms: what /metrics shows about agent traffic.
+
+Kept here rather than in prometheus_client instruments so they are pure, exactly-once
+(each counted event adds once, the same events the windows count) and checkpointed with
+the windows: a collector restarted after SIGKILL serves the same totals it had, not zero.
+`AgentTotalsCollector` exposes them in the Prometheus format; every family carries the
+labels agent, version, role (never session or trace ids), some a bounded extra label.
+
+    outrider_requests_total                      counter    LLM calls and tool calls
+    outrider_errors_total{class}                 counter    by error class (collector._errclass)
+    outrider_request_duration_seconds            histogram  LLM and tool call latency
+    outrider_llm_calls_total                     counter
+    outrider_llm_time_to_first_token_seconds     histogram  streamed calls
+    outrider_llm_tokens{type=input|output}       histogram  tokens per call
+    outrider_llm_cost_usd                        histogram  cost per call (its _sum: total cost)
+    outrider_llm_fallbacks_total                 counter    calls served by a fallback tier
+    outrider_llm_degraded_total                  counter    calls answered degraded
+    outrider_llm_quota_total{outcome=waited|refused}  counter
+    outrider_llm_quota_wait_seconds              histogram  the waits
+    outrider_tool_calls_total                    counter
+    outrider_tool_failures_total                 counter
+    outrider_safety_events_total{category,action}  counter
+    outrider_feedback_total{kind}                counter    thumbs_up, thumbs_down, task_success, ...
+    outrider_feedback_score                      histogram  scores given
+    outrider_breaker_transitions_total{upstream,new_state}  counter
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from collector._errclass import QUOTA, classify
+from outrider.v1 import common_pb2, events_pb2, sidecar_pb2
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+COST_BUCKETS_USD = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+SCORE_BUCKETS = (0.2, 0.4, 0.6, 0.8, 1.0)
+MAX_SERIES = 50_000  # label sets per family; beyond this new ones are dropped and counted
+STATE_FORMAT = 1
+SERIES_LABELS = ("agent", "version", "role")
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str
+    help: str
+    extra: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None  # None: a counter
+
+
+_FAMILIES = {
+    f.name: f
+    for f in (
+        _Family("outrider_requests_total", "Agent requests (LLM and tool calls) seen in events"),
+        _Family("outrider_errors_total", "Agent requests that ended in an error, by class", ("class",)),
+        _Family("outrider_request_duration_seconds", "Agent request latency", buckets=LATENCY_BUCKETS_S),
+        _Family("outrider_llm_calls_total", "LLM calls (Chat and ChatStream)"),
+        _Family(
+            "outrider_llm_time_to_first_token_seconds",
+            "Time to the first streamed token",
+            buckets=LATENCY_BUCKETS_S,
+        ),
+        _Family("outrider_llm_tokens", "Tokens per LLM call", ("type",), TOKEN_BUCKETS),
+        _Family("outrider_llm_cost_usd", "Cost per LLM call in US dollars", buckets=COST_BUCKETS_USD),
+        _Family("outrider_llm_fallbacks_total", "LLM calls served by a fallback tier"),
+        _Family("outrider_llm_degraded_total", "LLM calls answered in degraded mode"),
+        _Family("outrider_llm_quota_total", "LLM calls that waited for or were refused quota", ("outcome",)),
+        _Family(
+            "outrider_llm_quota_wait_seconds", "Time LLM calls waited for quota", buckets=LATENCY_BUCKETS_S
+        ),
+        _Family("outrider_tool_calls_total", "Tool calls"),
+        _Family("outrider_tool_failures_total", "Tool calls that failed"),
+        _Family("outrider_safety_events_total", "Guardrail hits", ("category", "action")),
+        _Family("outrider_feedback_total", "User feedback signals", ("kind",)),
+        _Family("outrider_feedback_score", "User feedback scores", buckets=SCORE_BUCKETS),
+        _Family(
+            "outrider_breaker_transitions_total",
+            "Circuit breaker state changes",
+            ("upstream", "new_state"),
+        ),
+    )
+}
+FAMILY_NAMES = tuple(_FAMILIES)
+_BUCKETS = {name: f.buckets for name, f in _FAMILIES.items() if f.buckets is not None}
+_FEEDBACK_KINDS = {
+    sidecar_pb2.FEEDBACK_KIND_THUMBS_UP: "thumbs_up",
+    sidecar_pb2.FEEDBACK_KIND_THUMBS_DOWN: "thumbs_down",
+    sidecar_pb2.FEEDBACK_KIND_TASK_SUCCESS: "task_success",
+    sidecar_pb2.FEEDBACK_KIND_TASK_FAILURE: "task_failure",
+    sidecar_pb2.FEEDBACK_KIND_SCORE: "score",
+}
+
+Labels = tuple[str, ...]
+
+
+def role_label(role: int) -> str:
+    try:
+        return common_pb2.Role.Name(role).removeprefix("ROLE_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return "unknown"
+
+
+class _Hist:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * (size + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+
+class AgentTotals:
+    """Cumulative counts per family and label set. Pure; `observe` the events the windows counted."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, dict[Labels, float]] = {
+            n: {} for n, f in _FAMILIES.items() if f.buckets is None
+        }
+        self._hists: dict[str, dict[Labels, _Hist]] = {n: {} for n, f in _FAMILIES.items() if f.buckets}
+        self.dropped_series = 0
+
+    def _room(self, table: Mapping[Labels, object], labels: Labels) -> bool:
+        if labels in table or len(table) < MAX_SERIES:
+            return True
+        self.dropped_series += 1
+        return False
+
+    def inc(self, family: str, labels: Labels, amount: float = 1.0) -> None:
+        table = self._counters[family]
+        if labels in table:
+            table[labels] += amount
+        elif self._room(table, labels):
+            table[labels] = amount
+
+    def observe(self, family: str, labels: Labels, value: float) -> None:
+        if not math.isfinite(value):
+            return
+        table = self._hists[family]
+        buckets = _BUCKETS[family]
+        hist = table.get(labels)
+        if hist is None:
+            if not self._room(table, labels):
+                return
+            hist = table[labels] = _Hist(len(buckets))
+        hist.counts[bisect.bisect_left(buckets, value)] += 1
+        hist.sum += value
+
+    def value(self, family: str, labels: Labels) -> float:
+        """A counter's value, or a histogram's count (0 when never seen)."""
+        if family in self._counters:
+            return self._counters[family].get(labels, 0.0)
+        hist = self._hists[family].get(labels)
+        return float(sum(hist.counts)) if hist is not None else 0.0
+
+    def add_event(self, event: events_pb2.Event) -> None:
+        """Count one event (call this only for events the windows counted: exactly once)."""
+        body = event.WhichOneof("body")
+        series: Labels = (event.agent, event.version_id, role_label(event.role))
+        if body == "call":
+            call = event.call
+            self.inc("outrider_requests_total", series)
+            self.inc("outrider_llm_calls_total", series)
+            if call.outcome == events_pb2.OUTCOME_ERROR:
+                error_class = classify(call.error_class)
+                self.inc("outrider_errors_total", (*series, error_class))
+                if error_class == QUOTA:
+                    self.inc("outrider_llm_quota_total", (*series, "refused"))
+            self.observe("outrider_request_duration_seconds", series, max(call.latency_ms, 0.0) / 1000)
+            if call.time_to_first_token_ms > 0:
+                self.observe(
+                    "outrider_llm_time_to_first_token_seconds", series, call.time_to_first_token_ms / 1000
+                )
+            self.observe("outrider_llm_tokens", (*series, "input"), max(call.input_tokens, 0))
+            self.observe("outrider_llm_tokens", (*series, "output"), max(call.output_tokens, 0))
+            self.observe("outrider_llm_cost_usd", series, max(call.cost_usd, 0.0))
+            if call.fallback_tier > 0:
+                self.inc("outrider_llm_fallbacks_total", series)
+            if call.degraded:
+                self.inc("outrider_llm_degraded_total", series)
+            if call.quota_wait_ms > 0:
+                self.inc("outrider_llm_quota_total", (*series, "waited"))
+                self.observe("outrider_llm_quota_wait_seconds", series, call.quota_wait_ms / 1000)
+        elif body == "tool":
+            tool = event.tool
+            self.inc("outrider_requests_total", series)
+            self.inc("outrider_tool_calls_total", series)
+            if tool.outcome == events_pb2.OUTCOME_ERROR:
+                self.inc("outrider_errors_total", (*series, classify(tool.error_class, tool=True)))
+                self.inc("outrider_tool_failures_total", series)
+            self.observe("outrider_request_duration_seconds", series, max(tool.latency_ms, 0.0) / 1000)
+        elif body == "feedback":
+            kind = _FEEDBACK_KINDS.get(event.feedback.kind, "unspecified")  # type: ignore[call-overload]
+            self.inc("outrider_feedback_total", (*series, kind))
+            if event.feedback.kind == sidecar_pb2.FEEDBACK_KIND_SCORE or event.feedback.score:
+                self.observe("outrider_feedback_score", series, event.feedback.score)
+        elif body == "safety":
+            safety = event.safety
+            labels = (*series, safety.category or "unknown", safety.action or "unknown")
+            self.inc("outrider_safety_events_total", labels, max(safety.count, 1))
+        elif body == "breaker":
+            breaker = event.breaker
+            labels = (*series, breaker.upstream or "unknown", breaker.new_state or "unknown")
+            self.inc("outrider_breaker_transitions_total", labels)
+
+    def families(self) -> Iterator[Metric]:
+        """The Prometheus metric families, cumulative."""
+        for name, family in _FAMILIES.items():
+            labels = [*SERIES_LABELS, *family.extra]
+            if family.buckets is None:
+                counter = CounterMetricFamily(name.removesuffix("_total"), family.help, labels=labels)
+                for values, amount in self._counters[name].items():
+                    counter.add_metric(list(values), amount)
+                yield counter
+                continue
+            hist_family = HistogramMetricFamily(name, family.help, labels=labels)
+            for values, hist in self._hists[name].items():
+                cumulative, buckets = 0, []
+                for bound, count in zip((*family.buckets, math.inf), hist.counts, strict=True):
+                    cumulative += count
+                    buckets.append(("+Inf" if bound == math.inf else _bound(bound), cumulative))
+                hist_family.add_metric(list(values), buckets, hist.sum)
+            yield hist_family
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "counters": {n: [[list(k), v] for k, v in t.items()] for n, t in self._counters.items()},
+            "histograms": {
+                n: [[list(k), h.counts, h.sum] for k, h in t.items()] for n, t in self._hists.items()
+            },
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Replace the totals with a `to_state` result; families no longer known are skipped."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"totals state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        counters = {
+            name: {tuple(k): float(v) for k, v in state["counters"].get(name, [])} for name in self._counters
+        }
+        hists: dict[str, dict[Labels, _Hist]] = {}
+        for name in self._hists:
+            buckets = _BUCKETS[name]
+            table = hists[name] = {}
+            for key, counts, total in state["histograms"].get(name, []):
+                if len(counts) != len(buckets) + 1:
+                    continue  # the buckets changed: start that series again
+                hist = table[tuple(key)] = _Hist(len(buckets))
+                hist.counts, hist.sum = [int(c) for c in counts], float(total)
+        self._counters, self._hists = counters, hists  # all parsed: only now replace anything
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+class AgentTotalsCollector(Collector):
+    """Registers `AgentTotals` with a prometheus_client registry."""
+
+    def __init__(self, totals: AgentTotals) -> None:
+        self._totals = totals
+
+    def collect(self) -> Iterator[Metric]:
+        return self._totals.families()
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

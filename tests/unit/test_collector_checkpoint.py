@@ -1,0 +1,59 @@
+"""Checkpoint files: atomic replace, round trip, other bootstraps ignored, corrupt files refused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from collector._checkpoint import Checkpoint, CheckpointError, CheckpointStore, decode, encode
+
+
+def sample(offset: int = 42) -> Checkpoint:
+    return Checkpoint(
+        offsets={("outrider.events", 0): offset, ("outrider.events", 3): 7},
+        windows={"format": 1, "series": []},
+        totals={"format": 1},
+        bootstrap="127.0.0.1:9092",
+        written_at=1.5,
+    )
+
+
+def test_round_trip_and_replace(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "state", "outrider collector/1")
+    assert store.load("127.0.0.1:9092") is None
+    store.write(encode(sample(42)))
+    store.write(encode(sample(43)))
+    assert store.path.name == "outrider_collector_1.ckpt"
+    loaded = store.load("127.0.0.1:9092")
+    assert loaded is not None and loaded.offsets == {("outrider.events", 0): 43, ("outrider.events", 3): 7}
+    assert loaded.windows == {"format": 1, "series": []} and loaded.written_at == 1.5
+    assert sorted(os.listdir(store.state_dir)) == [store.path.name]  # no temporary files left
+
+
+def test_other_bootstrap_is_ignored_and_corrupt_refused(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "g")
+    store.write(encode(sample()))
+    assert store.load("10.0.0.1:9092") is None
+    store.path.write_bytes(encode(sample())[:-5])
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        store.load("127.0.0.1:9092")
+    with pytest.raises(CheckpointError, match="format"):
+        decode(__import__("zlib").compress(b'{"format": 99}'))
+
+
+def test_a_failed_write_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path, "g")
+    store.write(encode(sample(1)))
+
+    def broken_replace(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        store.write(encode(sample(2)))
+    monkeypatch.undo()
+    loaded = store.load("127.0.0.1:9092")
+    assert loaded is not None and loaded.offsets[("outrider.events", 0)] == 1
+    assert sorted(os.listdir(tmp_path)) == [store.path.name]
