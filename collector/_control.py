@@ -26,11 +26,11 @@ _TOPIC_ALREADY_EXISTS = 36
 _POLL_MS = 200
 
 
-async def ensure_topics(
-    bootstrap: str, partitions: int, timeout_s: float = 10.0, *, spans: bool = False
-) -> None:
-    """Create the events, control and dead-letter topics (and, when relaying, the spans
-    topic) if missing; a failure is logged, not raised (brokers with auto-creation still work)."""
+async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 10.0) -> None:
+    """Create the events, spans, control and dead-letter topics if missing; a failure is
+    logged, not raised (brokers with auto-creation still work). The spans topic is made even
+    when this collector does not relay it: sidecars write to it, and a topic auto-created
+    under a first burst of writes stalled their producers for seconds on the embedded broker."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
     try:
         await admin.start()
@@ -38,9 +38,8 @@ async def ensure_topics(
             NewTopic(outrider.EVENTS_TOPIC, partitions, 1),
             NewTopic(outrider.CONTROL_TOPIC, 1, 1),
             NewTopic(outrider.DEADLETTER_TOPIC, 1, 1),
+            NewTopic(outrider.SPANS_TOPIC, partitions, 1),
         ]
-        if spans:
-            topics.append(NewTopic(outrider.SPANS_TOPIC, partitions, 1))
         response = await admin.create_topics(topics)
         for topic, code, *rest in response.topic_errors:
             if code not in (0, _TOPIC_ALREADY_EXISTS):

@@ -100,7 +100,7 @@ class Collector:
         self._started = True
         s = self.settings
         try:
-            await ensure_topics(s.kafka_bootstrap, s.topic_partitions, spans=self.relay is not None)
+            await ensure_topics(s.kafka_bootstrap, s.topic_partitions)
             self._consumer = EventConsumer(
                 s.kafka_bootstrap,
                 s.group_id,

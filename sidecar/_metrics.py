@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from outrider.v1 import control_pb2
+
+
+class SpanCounts(NamedTuple):
+    """Cumulative span counts from the span exporter (kept on its own thread)."""
+
+    exported: int
+    dropped: dict[str, int]  # reason -> spans
+
+
+class _SpanCollector(Collector):
+    """`outrider_sidecar_spans_exported_total` and `..._spans_dropped_total{reason}`, read from
+    the exporter's own counters at scrape time."""
+
+    def __init__(self, metrics: SidecarMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        source = self._metrics._span_counts
+        counts = source() if source is not None else SpanCounts(0, {})
+        exported = CounterMetricFamily(
+            "outrider_sidecar_spans_exported", "Spans encoded and handed to the telemetry path"
+        )
+        exported.add_metric([], counts.exported)
+        yield exported
+        dropped = CounterMetricFamily(
+            "outrider_sidecar_spans_dropped",
+            "Spans lost before Kafka or the spill, by reason (queue_full, oversize, encode_failed)",
+            labels=["reason"],
+        )
+        for reason, value in sorted(counts.dropped.items()):
+            dropped.add_metric([reason], value)
+        yield dropped
 
 
 class SidecarMetrics:
@@ -20,17 +57,39 @@ class SidecarMetrics:
             registry=r,
         )
         self.telemetry_sent = Counter(
-            "outrider_sidecar_telemetry_sent", "Events acknowledged by Kafka", registry=r
+            "outrider_sidecar_telemetry_sent",
+            "Records (events, spans) acknowledged by Kafka",
+            registry=r,
         )
         self.telemetry_dropped = Counter(
             "outrider_sidecar_telemetry_dropped",
-            "Events lost: queue full, send failed, or unsent at shutdown",
+            "Records lost, by reason: queue_full, send_failed, no_topic, spill_full, spill_error, shutdown",
             ["reason"],
             registry=r,
         )
         self.telemetry_queue_depth = Gauge(
-            "outrider_sidecar_telemetry_queue_depth", "Events waiting to be sent to Kafka", registry=r
+            "outrider_sidecar_telemetry_queue_depth",
+            "Records waiting in memory for Kafka or the spill",
+            registry=r,
         )
+        self.telemetry_spilled = Counter(
+            "outrider_sidecar_telemetry_spilled",
+            "Records written to the on-disk spill because Kafka was unreachable or behind",
+            registry=r,
+        )
+        self.telemetry_spill_bytes = Gauge(
+            "outrider_sidecar_telemetry_spill_bytes", "Bytes waiting in the on-disk spill", registry=r
+        )
+        self.telemetry_spill_records = Gauge(
+            "outrider_sidecar_telemetry_spill_records", "Records waiting in the on-disk spill", registry=r
+        )
+        self.telemetry_kafka_up = Gauge(
+            "outrider_sidecar_telemetry_kafka_up",
+            "1 when the last send to Kafka worked, 0 while telemetry spills or waits",
+            registry=r,
+        )
+        self._span_counts: Callable[[], SpanCounts] | None = None
+        r.register(_SpanCollector(self))
         self.rollout_generation = Gauge(
             "outrider_sidecar_rollout_generation",
             "Generation of the rollout state applied",
@@ -103,6 +162,10 @@ class SidecarMetrics:
         self.cost_usd = Counter(
             "outrider_sidecar_cost_usd", "USD spent on model calls", ["model"], registry=r
         )
+
+    def watch_spans(self, source: Callable[[], SpanCounts] | None) -> None:
+        """Read span counts from `source` at each scrape (None: report zeros)."""
+        self._span_counts = source
 
     def set_rollout(self, state: control_pb2.RolloutState) -> None:
         agent = state.agent

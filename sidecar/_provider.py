@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,8 +236,14 @@ class ProviderClient:
         self._http = http
 
     async def chat(
-        self, version: Version, messages: Sequence[common_pb2.ChatMessage], time_limit_s: float
+        self,
+        version: Version,
+        messages: Sequence[common_pb2.ChatMessage],
+        time_limit_s: float,
+        *,
+        trace_headers: Mapping[str, str] | None = None,
     ) -> ChatResult:
+        """One completion; `trace_headers` (traceparent) go along with the version's headers."""
         upstream = version.provider
         payload = {
             **version.base_payload,
@@ -247,7 +253,7 @@ class ProviderClient:
             async with self._http.post(
                 version.chat_url,
                 json=payload,
-                headers=version.headers,
+                headers={**version.headers, **trace_headers} if trace_headers else version.headers,
                 timeout=aiohttp.ClientTimeout(total=time_limit_s),
             ) as resp:
                 await _raise_for_status(resp, upstream, "provider")
@@ -265,6 +271,7 @@ class ProviderClient:
         time_limit_s: float,
         *,
         idle_timeout_s: float | None = None,
+        trace_headers: Mapping[str, str] | None = None,
     ) -> AsyncGenerator[str | ChatResult, None]:
         """Content deltas (str) as they arrive, then exactly one ChatResult.
 
@@ -283,7 +290,7 @@ class ProviderClient:
             async with self._http.post(
                 version.chat_url,
                 json=payload,
-                headers={**version.headers, "Accept": "text/event-stream"},
+                headers={**version.headers, "Accept": "text/event-stream", **(trace_headers or {})},
                 timeout=aiohttp.ClientTimeout(total=time_limit_s),
             ) as resp:
                 await _raise_for_status(resp, upstream, "provider")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -42,6 +42,7 @@ from sidecar._retry import (
     parse_retry_after,
 )
 from sidecar._tools import ToolClient, ToolResult
+from sidecar._tracing import ChatSpan, ToolSpan
 from sidecar._upstreams import Upstreams
 from sidecar._versions import Tier, Version
 
@@ -130,6 +131,24 @@ def estimate_tokens(version: Version, messages: Sequence[common_pb2.ChatMessage]
     params = version.config.parameters
     max_tokens = params.get("max_tokens") or params.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
     return chars // CHARS_PER_TOKEN + int(max_tokens)
+
+
+async def _traced(
+    span: ChatSpan | ToolSpan | None,
+    number: int,
+    tier: int | None,
+    model: str | None,
+    call: Callable[[Mapping[str, str] | None], Awaitable[T]],
+) -> T:
+    """One upstream attempt as an `attempt` child span; `call` gets its traceparent headers."""
+    if span is None:
+        return await call(None)
+    with span.attempt(number, tier=tier, model=model) as attempt:
+        try:
+            return await call(attempt.headers())
+        except UpstreamError as exc:
+            attempt.set_error(exc.error_class)
+            raise
 
 
 def static_result(tier: Tier) -> ChatResult:
@@ -257,6 +276,7 @@ class Executor:
         deadline: float,
         priority: bool,
         run: Callable[[Tier, list[int]], Awaitable[Any]],
+        span: ChatSpan | None = None,
     ) -> tuple[Tier, Any, list[int], float, QuotaTicket | None]:
         reasons: list[str] = []
         counter = [0]
@@ -267,6 +287,14 @@ class Executor:
         last_class = "unavailable"
         last_code = grpc.StatusCode.UNAVAILABLE
         for tier in version.tiers:
+            if span is not None and tier.index > 0:
+                target = tier.target
+                span.record_fallback(
+                    tier.index,
+                    model=target.model if target is not None else None,
+                    provider=target.provider if target is not None else None,
+                    reason=last_class if reasons else None,
+                )
             if tier.target is None:
                 return tier, static_result(tier), counter, waited, None
             admission = await self._admit(tier, tokens, priority, deadline)
@@ -310,7 +338,12 @@ class Executor:
         raise ChatFailed(code, f"every tier failed: {message}", error_class=last_class, attempts=counter[0])
 
     async def chat(
-        self, version: Version, messages: Sequence[common_pb2.ChatMessage], deadline: float, priority: bool
+        self,
+        version: Version,
+        messages: Sequence[common_pb2.ChatMessage],
+        deadline: float,
+        priority: bool,
+        span: ChatSpan | None = None,
     ) -> Served:
         resilience = version.config.resilience
 
@@ -323,16 +356,29 @@ class Executor:
                 resilience.retry,
                 deadline,
                 target.config.request_timeout,
-                lambda limit: self._provider.chat(target, messages, limit),
+                lambda limit: _traced(
+                    span,
+                    counter[0],
+                    tier.index,
+                    target.model,
+                    lambda h: self._provider.chat(target, messages, limit, trace_headers=h),
+                ),
                 counter=counter,
             )
 
-        tier, result, counter, waited, ticket = await self._walk(version, messages, deadline, priority, run)
+        tier, result, counter, waited, ticket = await self._walk(
+            version, messages, deadline, priority, run, span
+        )
         self.upstreams.served(tier)
         return Served(result, tier, counter[0], waited * 1000.0, ticket)
 
     async def chat_stream(
-        self, version: Version, messages: Sequence[common_pb2.ChatMessage], deadline: float, priority: bool
+        self,
+        version: Version,
+        messages: Sequence[common_pb2.ChatMessage],
+        deadline: float,
+        priority: bool,
+        span: ChatSpan | None = None,
     ) -> tuple[Served, AsyncGenerator[str | ChatResult, None] | None, str | ChatResult]:
         """Open a stream on the first tier that yields its first item.
 
@@ -344,9 +390,11 @@ class Executor:
         idle = resilience.stream_idle_timeout
 
         async def open_stream(
-            target: Version, limit: float
+            target: Version, limit: float, headers: Mapping[str, str] | None
         ) -> tuple[AsyncGenerator[str | ChatResult, None], Any]:
-            stream = self._provider.chat_stream(target, messages, limit, idle_timeout_s=idle)
+            stream = self._provider.chat_stream(
+                target, messages, limit, idle_timeout_s=idle, trace_headers=headers
+            )
             try:
                 first = await anext(stream)
             except BaseException:
@@ -363,12 +411,16 @@ class Executor:
                 resilience.retry,
                 deadline,
                 target.config.request_timeout,
-                lambda limit: open_stream(target, limit),
+                lambda limit: _traced(
+                    span, counter[0], tier.index, target.model, lambda h: open_stream(target, limit, h)
+                ),
                 settle=False,
                 counter=counter,
             )
 
-        tier, value, counter, waited, ticket = await self._walk(version, messages, deadline, priority, run)
+        tier, value, counter, waited, ticket = await self._walk(
+            version, messages, deadline, priority, run, span
+        )
         self.upstreams.served(tier)
         if tier.target is None:
             return Served(value, tier, counter[0], waited * 1000.0), None, value.content
@@ -397,7 +449,12 @@ class Executor:
         self.settle(served)
 
     async def call_tool(
-        self, version: Version, tool: ToolConfig, arguments: str, deadline: float
+        self,
+        version: Version,
+        tool: ToolConfig,
+        arguments: str,
+        deadline: float,
+        span: ToolSpan | None = None,
     ) -> tuple[ToolResult, int]:
         resilience = version.config.resilience
         counter = [0]
@@ -408,7 +465,13 @@ class Executor:
                 tool.retry or resilience.retry,
                 deadline,
                 tool.timeout,
-                lambda limit: self._tools.call(tool, arguments, limit),
+                lambda limit: _traced(
+                    span,
+                    counter[0],
+                    None,
+                    None,
+                    lambda h: self._tools.call(tool, arguments, limit, trace_headers=h),
+                ),
                 idempotent=tool.idempotent,
                 counter=counter,
             )

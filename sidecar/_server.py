@@ -20,8 +20,11 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -36,6 +39,7 @@ from sidecar._resilience import ChatFailed, Executor, Served, estimate_tokens, u
 from sidecar._router import Router
 from sidecar._session import Session, SessionCodec, SessionExpired, UnknownSession, new_nonce
 from sidecar._telemetry import TelemetryProducer
+from sidecar._tracing import ChatSpan, Tracing
 from sidecar._versions import SERVED_BY_PRIMARY, Version
 
 _ROLES = frozenset({"user", "assistant", "tool", "system"})
@@ -61,6 +65,23 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
+@cache
+def _server_of(url: str) -> tuple[str | None, int | None]:
+    """server.address / server.port of an upstream URL (for span attributes)."""
+    parts = urlsplit(url)
+    try:
+        return parts.hostname, parts.port
+    except ValueError:
+        return parts.hostname, None
+
+
+_ROLE_NAMES = {int(v): k.removeprefix("ROLE_").lower() for k, v in common_pb2.Role.items()}
+
+
+def _role_name(role: int) -> str:
+    return _ROLE_NAMES.get(role, "unspecified")
+
+
 @dataclass(slots=True)
 class _Call:
     """What a Chat or ChatStream gathered for its event and response."""
@@ -77,6 +98,8 @@ class _Call:
     attempts: int = 0
     cost_usd: float = 0.0
     session_cost_usd: float = 0.0
+    span: ChatSpan | None = None
+    span_scope: AbstractContextManager[ChatSpan] | None = None
 
 
 class _GuardBlocked(Exception):
@@ -116,8 +139,10 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         clock: Clock,
         sidecar_id: str,
         max_request_bytes: int,
+        tracing: Tracing | None = None,
     ) -> None:
         self._agent = agent
+        self._tracing = tracing if tracing is not None else Tracing(None)
         self._versions = versions
         self._router = router
         self._codec = codec
@@ -224,6 +249,60 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             record.outcome = _ERROR
             record.error_class = call.error_class or "cancelled"
         self._telemetry.emit(event)
+        self._end_span(call, record)
+
+    def _start_span(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        session: Session,
+        version: Version,
+        call: _Call,
+    ) -> None:
+        address, port = _server_of(version.chat_url)
+        scope = self._tracing.chat_span(
+            self._tracing.extract_parent(context.invocation_metadata()),
+            model=version.model,
+            provider=version.provider,
+            server_address=address,
+            server_port=port,
+            conversation_id=session.nonce,
+            version_id=version.version_id,
+            role=_role_name(session.role),
+            request_params=version.config.parameters,
+            stream=call.operation == "chat_stream",
+        )
+        call.span = scope.__enter__()
+        call.span_scope = scope
+
+    @staticmethod
+    def _end_span(call: _Call, record: events_pb2.CallRecord) -> None:
+        span, scope = call.span, call.span_scope
+        if span is None or scope is None:
+            return
+        call.span = call.span_scope = None
+        result = call.result
+        span.set_response(
+            model=(result.model or record.model) if result is not None else None,
+            response_id=result.response_id if result is not None else None,
+            finish_reasons=[result.finish_reason] if result is not None and result.finish_reason else (),
+            input_tokens=record.input_tokens if record.outcome == _OK else None,
+            output_tokens=record.output_tokens if record.outcome == _OK else None,
+            cost_usd=record.cost_usd if record.outcome == _OK else None,
+            tier=record.fallback_tier if call.served is not None else None,
+            degraded=record.degraded if call.served is not None else None,
+        )
+        if record.quota_wait_ms:
+            span.set_quota_wait(record.quota_wait_ms)
+        if call.guard_hits:
+            span.set_guard_hits(call.guard_hits)
+        if record.outcome != _OK:
+            span.set_error(record.error_class)
+        elif result is not None:
+            span.set_output_messages(
+                [common_pb2.ChatMessage(role="assistant", content=result.content)],
+                finish_reason=result.finish_reason or "stop",
+            )
+        scope.__exit__(None, None, None)
 
     def _response(self, session: Session, version: Version, call: _Call) -> sidecar_pb2.ChatResponse:
         result, served = call.result, call.served
@@ -266,9 +345,12 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         except _Aborted as exc:
             await _abort(context, exc)
         call = _Call(operation, priority=request.priority)
+        self._start_span(context, session, version, call)
         messages, call.guard_hits, blocked = self._safety.scan_input(
             version.guards, session, request.messages, operation
         )
+        if call.span is not None:
+            call.span.set_input_messages(messages)
         if blocked is not None:
             call.error_class = "guard_blocked"
             self._call_event(session, version, call)
@@ -358,7 +440,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
     ) -> sidecar_pb2.ChatResponse:
         session, version, deadline, call, messages = await self._admit(request, context, "chat")
         try:
-            call.served = await self._executor.chat(version, messages, deadline, request.priority)
+            call.served = await self._executor.chat(version, messages, deadline, request.priority, call.span)
         except ChatFailed as exc:
             await self._failed(context, session, version, call, exc)
         except asyncio.CancelledError:
@@ -389,7 +471,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         session, version, deadline, call, messages = await self._admit(request, context, "chat_stream")
         try:
             served, stream, first = await self._executor.chat_stream(
-                version, messages, deadline, request.priority
+                version, messages, deadline, request.priority, call.span
             )
         except ChatFailed as exc:
             await self._failed(context, session, version, call, exc)
@@ -507,28 +589,43 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         event = self._event(session)
         record = event.tool
         record.tool_name = tool.name
-        try:
-            result, attempts = await self._executor.call_tool(version, tool, arguments, deadline)
-        except ChatFailed as exc:
-            record.latency_ms = _ms(start)
-            record.outcome = _ERROR
-            record.error_class = exc.error_class
-            self._telemetry.emit(event)
-            await context.abort(exc.code, exc.message)
-        except UpstreamError as exc:
-            record.latency_ms = _ms(start)
-            record.outcome = _ERROR
-            record.error_class = exc.error_class
-            record.status_code = exc.status or 0
-            record.attempts = getattr(exc, "attempts", 1)
-            self._telemetry.emit(event)
-            await context.abort(upstream_status(exc), str(exc))
-        except asyncio.CancelledError:
-            record.latency_ms = _ms(start)
-            record.outcome = _ERROR
-            record.error_class = "cancelled"
-            self._telemetry.emit(event)
-            raise
+        address, port = _server_of(tool.endpoint)
+        with self._tracing.tool_span(
+            self._tracing.extract_parent(context.invocation_metadata()),
+            tool=tool.name,
+            server_address=address,
+            server_port=port,
+            conversation_id=session.nonce,
+            version_id=version.version_id,
+            role=_role_name(session.role),
+        ) as span:
+            span.set_arguments(arguments)
+            try:
+                result, attempts = await self._executor.call_tool(version, tool, arguments, deadline, span)
+            except ChatFailed as exc:
+                record.latency_ms = _ms(start)
+                record.outcome = _ERROR
+                record.error_class = exc.error_class
+                self._telemetry.emit(event)
+                span.set_error(exc.error_class)
+                await context.abort(exc.code, exc.message)
+            except UpstreamError as exc:
+                record.latency_ms = _ms(start)
+                record.outcome = _ERROR
+                record.error_class = exc.error_class
+                record.status_code = exc.status or 0
+                record.attempts = getattr(exc, "attempts", 1)
+                self._telemetry.emit(event)
+                span.set_error(exc.error_class)
+                await context.abort(upstream_status(exc), str(exc))
+            except asyncio.CancelledError:
+                record.latency_ms = _ms(start)
+                record.outcome = _ERROR
+                record.error_class = "cancelled"
+                self._telemetry.emit(event)
+                span.set_error("cancelled")
+                raise
+            span.set_result(result.result_json)
         latency = _ms(start)
         record.latency_ms = latency
         record.outcome = _OK

@@ -1,11 +1,30 @@
-"""Events to Kafka without ever making a request wait for Kafka.
+"""Events and spans to Kafka without ever making a request wait for Kafka, and without losing
+them while Kafka is away.
 
-`emit` puts the event on a bounded asyncio.Queue with `put_nowait`; when the queue is full
-the event is dropped and counted (`outrider_sidecar_telemetry_dropped_total{reason}`), with
-a rate-limited log line. One owned background task starts an AIOKafkaProducer, retrying
-with capped exponential backoff while Kafka is unreachable (the sidecar serves meanwhile),
-and sends what is queued in batches. `stop(timeout)` flushes what it can within the
-timeout and counts the rest as dropped.
+`emit` (events), `emit_span` (finished spans, see `_span_queue`) and `emit_records`
+(ready-made Kafka records, e.g. from a `KafkaSpanExporter` sink) put items on one bounded
+asyncio.Queue with `put_nowait`; when the queue is full the item is dropped and counted
+(`outrider_sidecar_telemetry_dropped_total{reason="queue_full"}`), with a rate-limited log
+line. Everything else happens in one owned background task, which encodes (events to
+`outrider.events` keyed by agent; spans to `outrider.spans` as OTLP protobuf, one record per
+trace, keyed by trace id) in small slices between requests and then:
+
+- Healthy (producer connected, spill empty): queued records are sent straight to Kafka in
+  batches.
+- A send fails or times out (a few seconds, `PRODUCER_REQUEST_TIMEOUT_MS`), or Kafka cannot be
+  reached at all: the records go to the on-disk `SpillBuffer` instead, and so does every new
+  record while the spill holds anything, so per-partition order is kept. The task probes
+  Kafka by sending the spill's oldest batch, with capped backoff; once that works it drains
+  the spill in order, batch by batch, while new records keep being appended behind.
+- The spill is bounded (`telemetry.spill_max_bytes`): when full the oldest records go first
+  and are counted (`reason="spill_full"`).
+- `stop(timeout)`: what is queued in memory is sent if Kafka is healthy, else persisted to
+  the spill; whatever is left when the timeout runs out is persisted too. A sidecar started
+  on the same spill directory sends what was persisted.
+
+Spill I/O runs in `asyncio.to_thread`, from the background task only. Without a spill
+directory (`telemetry.spill_dir: null`) records wait in memory until Kafka answers and those
+that fail to send are dropped (`reason="send_failed"`).
 """
 
 from __future__ import annotations
@@ -16,29 +35,80 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    KafkaError,
+    LeaderNotAvailableError,
+    NotLeaderForPartitionError,
+    UnknownTopicOrPartitionError,
+)
+from opentelemetry.sdk.trace import ReadableSpan
 
 import outrider
 from outrider.v1 import events_pb2
-from sidecar._metrics import SidecarMetrics
+from sidecar._metrics import SidecarMetrics, SpanCounts
+from sidecar._span_export import encode_span_records
+from sidecar._spill import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_SEGMENT_BYTES,
+    SpillBatch,
+    SpillBuffer,
+    SpillError,
+    SpillLockedError,
+    SpillRecord,
+)
 
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 500
+# the background task yields to the loop this often while encoding or sending a batch, so a
+# burst (a span batch, a spill drain) never holds requests up for long
+YIELD_EVERY = 25
+SPAN_CHUNK = 16  # spans encoded between two yields to the loop
 BACKOFF_INITIAL_S = 0.1
-BACKOFF_MAX_S = 5.0
+BACKOFF_MAX_S = 2.0
 DROP_LOG_INTERVAL_S = 10.0
-PRODUCER_REQUEST_TIMEOUT_MS = 10_000
+# short, so an outage is noticed in a few seconds and records move to the spill
+PRODUCER_REQUEST_TIMEOUT_MS = 3_000
+PRODUCER_RETRY_BACKOFF_MS = 200
+# a whole batch (metadata wait + delivery) gets this long before it counts as failed
+SEND_TIMEOUT_S = 2 * PRODUCER_REQUEST_TIMEOUT_MS / 1000 + 1
+# a send refused with a retriable error (not a timeout) is retried this often before spilling
+SEND_RETRIES = 3
+SEND_RETRY_DELAY_S = 0.2
+# when the configured directory is held by another live sidecar, try <dir>.1 .. <dir>.N
+SPILL_DIR_ALTERNATES = 8
+
+RawRecord = tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes]]]  # topic, key, value, headers
+QueueItem = events_pb2.Event | RawRecord | ReadableSpan
 
 
 def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+_TRANSIENT = (NotLeaderForPartitionError, LeaderNotAvailableError, UnknownTopicOrPartitionError)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A partition between leaders or a topic being created: worth a quick retry. Anything
+    else (unreachable node, timeout) is an outage and goes to the spill at once."""
+    return isinstance(exc, _TRANSIENT)
+
+
+def _to_record(item: events_pb2.Event | RawRecord) -> SpillRecord:
+    if isinstance(item, events_pb2.Event):
+        value, headers = outrider.encode_event(item)
+        return SpillRecord(outrider.EVENTS_TOPIC, outrider.agent_key(item.agent), value, tuple(headers))
+    topic, key, raw_value, raw_headers = item
+    return SpillRecord(topic, key, raw_value, tuple(raw_headers))
+
+
 class TelemetryProducer:
-    """Bounded queue in front of one Kafka producer, owned by a background task."""
+    """Bounded queue in front of one Kafka producer and an on-disk spill, owned by a task."""
 
     def __init__(
         self,
@@ -47,36 +117,101 @@ class TelemetryProducer:
         metrics: SidecarMetrics,
         *,
         client_id: str = "outrider-sidecar",
+        spill_dir: Path | str | None = None,
+        spill_max_bytes: int = DEFAULT_MAX_BYTES,
+        spill_fsync: bool = False,
+        enabled: bool = True,
     ) -> None:
         self._bootstrap = bootstrap_servers
         self._client_id = client_id
-        self._queue: asyncio.Queue[events_pb2.Event] = asyncio.Queue(maxsize=queue_size)
+        self._enabled = enabled
+        self._queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=queue_size)
         self._metrics = metrics
         self._dropped = metrics.telemetry_dropped.labels("queue_full")
         self._sent = metrics.telemetry_sent
         metrics.telemetry_queue_depth.set_function(self._queue.qsize)
+        metrics.telemetry_spill_bytes.set_function(lambda: self._spill_pending_bytes)
+        metrics.telemetry_spill_records.set_function(lambda: self._spill_pending_records)
+        metrics.telemetry_kafka_up.set_function(lambda: 1 if self.healthy else 0)
+        self._spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self._spill_max_bytes = spill_max_bytes
+        self._spill_fsync = spill_fsync
+        self._spill: SpillBuffer | None = None
+        self._spill_pending_bytes = 0
+        self._spill_pending_records = 0
+        self._spill_dropped_seen = 0
         self._task: asyncio.Task[None] | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._inflight: list[SpillRecord] = []  # taken off the queue, not yet sent or spilled
+        self._missing_topics: set[str] = set()  # topics Kafka has no partitions for
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._unlogged_drops = 0
         self._last_drop_log = 0.0
-        self.connected = False
+        self._next_probe = 0.0
+        self._backoff = BACKOFF_INITIAL_S
+        self.healthy = False  # the last send (or connect) worked
+        # figures for operators and tests
+        self.spilled_records = 0
+        self.spill_high_water_bytes = 0
+        self.last_outage_end: float | None = None  # monotonic time the spill last became empty
+        self.spans_exported = 0
+        self.spans_dropped: dict[str, int] = {"queue_full": 0, "oversize": 0, "encode_failed": 0}
 
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None
+
+    @property
+    def spill_directory(self) -> Path | None:
+        """The directory in use (None until started, or when spilling is off or failed)."""
+        return self._spill.directory if self._spill is not None else None
+
+    @property
+    def spill_pending_records(self) -> int:
+        return self._spill_pending_records
+
+    @property
+    def spill_pending_bytes(self) -> int:
+        return self._spill_pending_bytes
+
     def emit(self, event: events_pb2.Event) -> bool:
         """Queue `event` for Kafka; never blocks. False (and counted) if it had to be dropped."""
+        return self._put(event)
+
+    def emit_records(self, records: Iterable[RawRecord]) -> int:
+        """Queue ready-made (topic, key, value, headers) records; never blocks. Returns how many
+        were queued (the rest were dropped and counted). Call on the event loop's thread."""
+        return sum(1 for record in records if self._put(record))
+
+    def emit_span(self, span: ReadableSpan) -> bool:
+        """Queue a finished span for `outrider.spans`; never blocks (see `SpanQueueProcessor`).
+        Spans are encoded (OTLP protobuf, one record per trace) by the background task."""
+        if self._put(span):
+            return True
+        if self._enabled:
+            self.spans_dropped["queue_full"] += 1
+        return False
+
+    def span_counts(self) -> SpanCounts:
+        return SpanCounts(self.spans_exported, dict(self.spans_dropped))
+
+    def _put(self, item: QueueItem) -> bool:
+        if not self._enabled:
+            return False
         try:
-            self._queue.put_nowait(event)
+            self._queue.put_nowait(item)
         except asyncio.QueueFull:
             self._dropped.inc()
             self._unlogged_drops += 1
             now = time.monotonic()
             if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
                 log.warning(
-                    "telemetry queue full (%d): dropped %d event(s)",
+                    "telemetry queue full (%d): dropped %d record(s)",
                     self._queue.maxsize,
                     self._unlogged_drops,
                 )
@@ -87,11 +222,12 @@ class TelemetryProducer:
         return True
 
     async def start(self) -> None:
-        if self._task is None:
+        if self._task is None and self._enabled:
             self._task = asyncio.create_task(self._run(), name="outrider-telemetry")
 
     async def stop(self, flush_s: float = 5.0) -> None:
-        """Flush what is queued within `flush_s` seconds; what is left is counted as dropped."""
+        """Send what is queued within `flush_s` seconds (or persist it to the spill when Kafka
+        is away); what is left then is persisted too, or counted as dropped without a spill."""
         task = self._task
         if task is None or self._closing.is_set():
             return
@@ -105,91 +241,332 @@ class TelemetryProducer:
                 await task
         except Exception:
             log.exception("telemetry task failed")
-        left = 0
+        left = list(self._inflight)
+        self._inflight = []
+        spans: list[ReadableSpan] = []
         while not self._queue.empty():
-            self._queue.get_nowait()
-            left += 1
-        if left:
-            self._metrics.telemetry_dropped.labels("shutdown").inc(left)
-            log.warning("telemetry: %d event(s) not sent before shutdown", left)
-
-    async def _sleep_unless_closing(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), seconds)
-
-    async def _connect(self) -> AIOKafkaProducer | None:
-        """A started producer, retrying with backoff; None if closing before Kafka answered."""
-        backoff = BACKOFF_INITIAL_S
-        attempt = 0
-        while not self._closing.is_set():
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self._bootstrap,
-                client_id=self._client_id,
-                enable_idempotence=False,
-                acks="all",
-                linger_ms=5,
-                request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
-            )
+            item = self._queue.get_nowait()
+            if isinstance(item, ReadableSpan):
+                spans.append(item)
+            else:
+                left.append(_to_record(item))
+        left.extend(self._encode_spans(spans))
+        if left and self._spill is not None:
             try:
-                await producer.start()
-            except KafkaError as exc:
-                await producer.stop()
-                attempt += 1
-                level = logging.WARNING if attempt in (1, 10) or attempt % 100 == 0 else logging.DEBUG
-                log.log(
-                    level,
-                    "telemetry: Kafka at %s unreachable (%s), attempt %d; retrying",
-                    self._bootstrap,
-                    type(exc).__name__,
-                    attempt,
-                )
-                await self._sleep_unless_closing(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-                continue
-            log.info("telemetry: producing to %s at %s", outrider.EVENTS_TOPIC, self._bootstrap)
-            self.connected = True
-            return producer
-        return None
+                await self._spill_append(left)
+                log.info("telemetry: persisted %d record(s) to %s", len(left), self._spill.directory)
+                left = []
+            except SpillError as exc:
+                log.warning("telemetry: cannot persist to the spill: %s", exc)
+        if left:
+            self._metrics.telemetry_dropped.labels("shutdown").inc(len(left))
+            log.warning("telemetry: %d record(s) not sent before shutdown", len(left))
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), SEND_TIMEOUT_S)
+        spill, self._spill = self._spill, None
+        if spill is not None:
+            try:
+                await asyncio.to_thread(spill.close)
+            except SpillError as exc:
+                log.warning("telemetry: closing the spill: %s", exc)
+
+    # ---- the background task ---------------------------------------------------------------
 
     async def _run(self) -> None:
-        producer = await self._connect()
-        if producer is None:
-            return
-        try:
-            while True:
-                if self._queue.empty():
-                    if self._closing.is_set():
-                        break
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                await self._send_batch(producer)
-        finally:
-            self.connected = False
-            await producer.stop()  # flushes anything still in its buffers
+        await self._open_spill()
+        while True:
+            closing = self._closing.is_set()
+            if self._producer is None and time.monotonic() >= self._next_probe and not closing:
+                await self._connect_once()
+                continue
+            if not self._queue.empty() and (self._producer is not None or self._spill is not None):
+                await self._intake()
+                continue
+            if closing:
+                return
+            if (
+                self._spill is not None
+                and self._spill_pending_records
+                and self._producer is not None
+                and time.monotonic() >= self._next_probe
+            ):
+                await self._drain_one()
+                continue
+            await self._idle()
 
-    async def _send_batch(self, producer: AIOKafkaProducer) -> None:
-        batch: list[events_pb2.Event] = []
-        while len(batch) < BATCH_MAX and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        futures = []
-        for event in batch:
-            value, headers = outrider.encode_event(event)
+    async def _idle(self) -> None:
+        """Sleep until something is queued, we are closing, or the next probe is due."""
+        self._wake.clear()
+        can_intake = self._producer is not None or self._spill is not None
+        if (can_intake and not self._queue.empty()) or self._closing.is_set():
+            return
+        waiting_for_probe = self._producer is None or self._spill_pending_records > 0
+        delay = max(0.0, self._next_probe - time.monotonic()) if waiting_for_probe else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _take_batch(self) -> list[SpillRecord]:
+        batch: list[SpillRecord] = []
+        self._inflight = batch  # filled in place: stop() persists it if cancelled meanwhile
+        spans: list[ReadableSpan] = []
+        taken = 0
+        while taken < BATCH_MAX and not self._queue.empty():
+            item = self._queue.get_nowait()
+            taken += 1
+            if isinstance(item, ReadableSpan):
+                spans.append(item)
+            else:
+                batch.append(_to_record(item))
+            if taken % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # encoding is CPU work on the loop: let requests in
+        # spans in small chunks, yielding in between: the OTLP encoder is pure Python
+        for start in range(0, len(spans), SPAN_CHUNK):
+            batch.extend(self._encode_spans(spans[start : start + SPAN_CHUNK]))
+            await asyncio.sleep(0)
+        return batch
+
+    def _encode_spans(self, spans: Sequence[ReadableSpan]) -> list[SpillRecord]:
+        if not spans:
+            return []
+        try:
+            records, oversize = encode_span_records(spans)
+        except Exception:
+            log.exception("telemetry: encoding %d span(s) failed", len(spans))
+            self.spans_dropped["encode_failed"] += len(spans)
+            return []
+        self.spans_exported += len(spans) - oversize
+        self.spans_dropped["oversize"] += oversize
+        return [SpillRecord(r.topic, r.key, r.value, tuple(r.headers)) for r in records]
+
+    async def _intake(self) -> None:
+        """Move one batch off the queue: straight to Kafka when healthy and nothing is spilled
+        (order), else onto the spill."""
+        self._inflight = batch = await self._take_batch()
+        direct = self._producer is not None and (
+            self._spill is None or (self.healthy and self._spill_pending_records == 0)
+        )
+        if direct:
+            sent = await self._send(batch)
+            if sent == len(batch):
+                self._inflight = []
+                return
+            rest = batch[sent:]
+            if self._spill is None:
+                self._inflight = []
+                self._metrics.telemetry_dropped.labels("send_failed").inc(len(rest))
+                log.warning("telemetry: %d record(s) failed to send", len(rest))
+                return
+            self._inflight = rest
+            batch = rest
+        try:
+            await self._spill_append(batch)
+        except SpillError as exc:
+            self._metrics.telemetry_dropped.labels("spill_error").inc(len(batch))
+            log.warning("telemetry: spill write failed, %d record(s) lost: %s", len(batch), exc)
+        self._inflight = []
+
+    async def _drain_one(self) -> None:
+        """Send the spill's oldest batch; ack it when all of it was delivered."""
+        spill = self._spill
+        assert spill is not None
+        try:
+            batch: SpillBatch = await asyncio.to_thread(spill.peek, BATCH_MAX)
+        except SpillError as exc:
+            log.warning("telemetry: spill read failed: %s", exc)
+            self._schedule_probe()
+            return
+        if not batch.records:
+            await self._refresh_spill_stats()
+            return
+        sent = await self._send(list(batch.records))
+        if sent < len(batch):
+            return  # resent from the start of the batch next time (consumers dedupe)
+        try:
+            await asyncio.to_thread(spill.ack, batch)
+        except SpillError as exc:
+            log.warning("telemetry: spill ack failed: %s", exc)
+        await self._refresh_spill_stats()
+        if not self._spill_pending_records:
+            self.last_outage_end = time.monotonic()
+            log.info("telemetry: spill drained")
+
+    async def _send(self, records: Sequence[SpillRecord]) -> int:
+        """Send in order; return how many leading records Kafka acknowledged."""
+        missing = self._missing_topics
+        if not missing:
+            return await self._deliver(records)
+        kept = [r for r in records if r.topic not in missing]
+        self._metrics.telemetry_dropped.labels("no_topic").inc(len(records) - len(kept))
+        delivered = await self._deliver(kept)
+        # the leading records now handled: the dropped ones, and the kept ones Kafka acked
+        done = taken = 0
+        for r in records:
+            if r.topic not in missing:
+                if taken == delivered:
+                    break
+                taken += 1
+            done += 1
+        return done
+
+    async def _deliver(self, records: Sequence[SpillRecord]) -> int:
+        producer = self._producer
+        if producer is None or not records:
+            return 0
+        ok = 0
+        failure: BaseException | None = None
+        for attempt in range(1 + SEND_RETRIES):
+            rest = records[ok:]
             try:
-                futures.append(
-                    await producer.send(
-                        outrider.EVENTS_TOPIC,
-                        value=value,
-                        key=outrider.agent_key(event.agent),
-                        headers=headers,
-                    )
+                results = await asyncio.wait_for(self._send_all(producer, rest), SEND_TIMEOUT_S)
+            except (TimeoutError, KafkaError) as exc:
+                results = [exc]
+            failure = None
+            for result in results:
+                if isinstance(result, BaseException):
+                    failure = result
+                    break
+                ok += 1
+            if failure is None or not _transient(failure) or attempt == SEND_RETRIES:
+                break
+            # e.g. NotLeaderForPartition while a topic is being created: not an outage
+            await asyncio.sleep(SEND_RETRY_DELAY_S)
+        self._sent.inc(ok)
+        if failure is not None:
+            if self.healthy:
+                log.warning(
+                    "telemetry: Kafka at %s failed (%s); %s",
+                    self._bootstrap,
+                    type(failure).__name__,
+                    "spilling to disk" if self._spill is not None else "records are dropped",
                 )
-            except KafkaError as exc:
-                self._metrics.telemetry_dropped.labels("send_failed").inc()
-                log.warning("telemetry: send failed: %s", type(exc).__name__)
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        failed = sum(1 for r in results if isinstance(r, BaseException))
-        if failed:
-            self._metrics.telemetry_dropped.labels("send_failed").inc(failed)
-            log.warning("telemetry: %d event(s) failed to send", failed)
-        self._sent.inc(len(results) - failed)
+            self.healthy = False
+            self._schedule_probe()
+        else:
+            if not self.healthy:
+                log.info("telemetry: Kafka at %s is back", self._bootstrap)
+            self.healthy = True
+            self._backoff = BACKOFF_INITIAL_S
+            self._next_probe = 0.0
+        return ok
+
+    @staticmethod
+    async def _send_all(producer: AIOKafkaProducer, records: Sequence[SpillRecord]) -> list[object]:
+        futures = []
+        for i, r in enumerate(records, 1):
+            futures.append(await producer.send(r.topic, value=r.value, key=r.key, headers=list(r.headers)))
+            if i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # send() rarely suspends: let requests in
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    def _schedule_probe(self) -> None:
+        self._next_probe = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+
+    async def _connect_once(self) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            client_id=self._client_id,
+            enable_idempotence=False,  # the embedded broker has no idempotent producer
+            acks="all",
+            linger_ms=5,
+            request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
+            retry_backoff_ms=PRODUCER_RETRY_BACKOFF_MS,
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            log.log(
+                logging.WARNING if self._backoff == BACKOFF_INITIAL_S else logging.DEBUG,
+                "telemetry: Kafka at %s unreachable (%s); retrying",
+                self._bootstrap,
+                type(exc).__name__,
+            )
+            self._schedule_probe()
+            return
+        if not await self._check_topics(producer):
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            self._schedule_probe()
+            return
+        log.info("telemetry: producing to Kafka at %s", self._bootstrap)
+        self._producer = producer
+        self.healthy = True
+        self._backoff = BACKOFF_INITIAL_S
+        self._next_probe = 0.0
+
+    async def _check_topics(self, producer: AIOKafkaProducer) -> bool:
+        """Learn both topics' partitions now (creating them where the broker auto-creates), so
+        a first send does not stall on it. Without the events topic nothing can be sent (False:
+        retry later); without the spans topic span records are dropped and counted, so they
+        cannot hold events up (checked again on the next connect)."""
+        for topic in (outrider.EVENTS_TOPIC, outrider.SPANS_TOPIC):
+            try:
+                await asyncio.wait_for(producer.partitions_for(topic), SEND_TIMEOUT_S)
+            except (TimeoutError, KafkaError) as exc:
+                if topic == outrider.EVENTS_TOPIC:
+                    log.warning("telemetry: topic %s unavailable (%s); retrying", topic, type(exc).__name__)
+                    return False
+                if topic not in self._missing_topics:
+                    log.error(  # noqa: TRY400 - the cause is named; a traceback adds nothing
+                        "telemetry: topic %s unavailable (%s): spans are dropped until it exists",
+                        topic,
+                        type(exc).__name__,
+                    )
+                self._missing_topics.add(topic)
+            else:
+                self._missing_topics.discard(topic)
+        return True
+
+    # ---- the spill ---------------------------------------------------------------------------
+
+    async def _open_spill(self) -> None:
+        if self._spill_dir is None:
+            return
+        segment = min(DEFAULT_SEGMENT_BYTES, max(self._spill_max_bytes // 8, 4096))
+        for n in range(SPILL_DIR_ALTERNATES + 1):
+            base = self._spill_dir
+            directory = base if n == 0 else base.with_name(f"{base.name}.{n}")
+            spill = SpillBuffer(directory, self._spill_max_bytes, segment, fsync=self._spill_fsync)
+            try:
+                await asyncio.to_thread(spill.open)
+            except SpillLockedError:
+                continue
+            except SpillError as exc:
+                log.warning("telemetry: no spill (%s): records wait in memory only", exc)
+                return
+            self._spill = spill
+            await self._refresh_spill_stats()
+            if self._spill_pending_records:
+                log.info(
+                    "telemetry: %d record(s) persisted in %s will be sent",
+                    self._spill_pending_records,
+                    directory,
+                )
+            return
+        log.warning("telemetry: every spill directory near %s is in use: no spill", self._spill_dir)
+
+    async def _spill_append(self, records: Sequence[SpillRecord]) -> None:
+        spill = self._spill
+        assert spill is not None
+        await asyncio.to_thread(spill.append, records)
+        await self._refresh_spill_stats(added=len(records))
+
+    async def _refresh_spill_stats(self, *, added: int = 0) -> None:
+        """Read the spill's counters; every figure changes at once (no await in between)."""
+        spill = self._spill
+        if spill is None:
+            return
+        stats = await asyncio.to_thread(spill.stats)
+        self.spilled_records += added
+        self._metrics.telemetry_spilled.inc(added)
+        self._spill_pending_bytes = stats.pending_bytes
+        self._spill_pending_records = stats.pending_records
+        self.spill_high_water_bytes = max(self.spill_high_water_bytes, stats.pending_bytes)
+        dropped = stats.dropped_records - self._spill_dropped_seen
+        if dropped > 0:
+            self._spill_dropped_seen = stats.dropped_records
+            self._metrics.telemetry_dropped.labels("spill_full").inc(dropped)
+            log.warning("telemetry: spill full, dropped the %d oldest record(s)", dropped)

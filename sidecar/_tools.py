@@ -7,6 +7,7 @@ mapped into the `sidecar._exceptions` tree with kind "tool".
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -28,14 +29,21 @@ class ToolClient:
     def __init__(self, http: aiohttp.ClientSession) -> None:
         self._http = http
 
-    async def call(self, tool: ToolConfig, arguments_json: str, time_limit_s: float) -> ToolResult:
+    async def call(
+        self,
+        tool: ToolConfig,
+        arguments_json: str,
+        time_limit_s: float,
+        *,
+        trace_headers: Mapping[str, str] | None = None,
+    ) -> ToolResult:
         """Run `tool` with already-validated JSON arguments within `time_limit_s` seconds."""
         name = tool.name
         try:
             async with self._http.post(
                 tool.endpoint,
                 data=arguments_json.encode(),
-                headers=_HEADERS,
+                headers={**_HEADERS, **trace_headers} if trace_headers else _HEADERS,
                 timeout=aiohttp.ClientTimeout(total=time_limit_s),
             ) as resp:
                 if not 200 <= resp.status < 300:

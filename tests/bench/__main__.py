@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from tests.bench import collector_ingest, global_quota, resilience, sidecar_latency
+from tests.bench import collector_ingest, global_quota, resilience, sidecar_latency, sidecar_telemetry
 
 BENCHMARKS = {
     "sidecar-latency": sidecar_latency.main,
+    "sidecar-telemetry": sidecar_telemetry.main,
     "collector-ingest": collector_ingest.main,
     "resilience": resilience.main,
     "global-quota": global_quota.main,

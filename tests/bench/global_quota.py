@@ -159,6 +159,7 @@ def sidecar_config(sim: SimProvider, bootstrap: str) -> Any:
         "listen": "127.0.0.1:0",
         "metrics_port": None,
         "kafka": {"bootstrap_servers": bootstrap},
+        "telemetry": {"spill_dir": None},  # nothing to persist here: Kafka stays up
         "usage_report_interval": GRANT_INTERVAL_S / 2,
         "global_quotas": {
             RESOURCE: {

@@ -5,7 +5,10 @@ serve anyway (telemetry through a real broker is in test_sidecar_kafka.py)."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import outrider
 from devstack.broker import free_port
 from devstack.simprovider import ModelBehavior, SimProvider, ToolBehavior
 from outrider.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
@@ -26,6 +30,14 @@ from sidecar._config import parse_config
 API_KEY = "sk-sim-secret-0123456789"
 SYSTEM_PROMPT = "You are a helpful support agent."
 USER = [common_pb2.ChatMessage(role="user", content="Where is my order?")]
+# every test sidecar spills into its own directory, never the default one under the cwd
+_SPILL_ROOT = Path(tempfile.mkdtemp(prefix="outrider-test-spill-"))
+atexit.register(shutil.rmtree, _SPILL_ROOT, True)
+
+
+def fresh_spill_dir() -> str:
+    """An empty directory for one sidecar's telemetry spill (removed when the test run ends)."""
+    return tempfile.mkdtemp(dir=_SPILL_ROOT)
 
 
 def sidecar_config(
@@ -74,6 +86,7 @@ def sidecar_config(
         "metrics_port": 0,
         "kafka": {"bootstrap_servers": kafka or f"127.0.0.1:{free_port()}"},
         "shutdown_grace": "5s",
+        "telemetry": {"spill_dir": fresh_spill_dir()},
         "versions": {"v1": version(good, SYSTEM_PROMPT), "v2": version(bad, "You are terse.")},
     }
     data.update(overrides)
@@ -624,6 +637,17 @@ async def test_broken_provider_responses_are_errors(sim: SimProvider, mode: str)
             assert info.value.code() == grpc.StatusCode.INTERNAL
             assert "stream" in (info.value.details() or "")
             assert deltas == ["partial "]  # what arrived was passed on, then the error, never a clean end
-            assert sidecar.telemetry.queue_depth == 2
+            telemetry = sidecar.telemetry
+            for _ in range(200):  # Kafka is unreachable: events and spans move on to the spill
+                if telemetry.queue_depth == 0 and telemetry.spill_pending_records >= 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert telemetry.queue_depth == 0
+            spill = telemetry._spill  # what waits there, by topic
+            assert spill is not None
+            pending = (await asyncio.to_thread(spill.peek, 100)).records
+            topics = [r.topic for r in pending]
+            assert topics.count(outrider.EVENTS_TOPIC) == 2  # one event per failed call
+            assert topics.count(outrider.SPANS_TOPIC) >= 1  # and their spans
     finally:
         await runner.cleanup()

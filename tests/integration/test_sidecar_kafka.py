@@ -226,7 +226,8 @@ async def test_control_records_steer_new_sessions_only(broker: EmbeddedBroker, s
 
 
 async def test_serves_with_kafka_unreachable_and_counts_drops(sim: SimProvider) -> None:
-    config = sidecar_config(sim, telemetry_queue_size=5, metrics_port=None)  # Kafka: a port nobody listens on
+    # Kafka: a port nobody listens on; no spill, so records wait in memory and then drop
+    config = sidecar_config(sim, telemetry_queue_size=5, metrics_port=None, telemetry={"spill_dir": None})
     async with Sidecar(config) as sidecar, grpc.aio.insecure_channel(sidecar.address) as ch:
         stub = sidecar_pb2_grpc.SidecarStub(ch)
         sid = (await open_session(stub)).session_id
@@ -234,10 +235,13 @@ async def test_serves_with_kafka_unreachable_and_counts_drops(sim: SimProvider) 
             reply = await stub.Chat(sidecar_pb2.ChatRequest(session_id=sid, messages=USER))
             assert reply.message.content
         assert sidecar.telemetry.queue_depth == 5
-        assert sample(sidecar, "outrider_sidecar_telemetry_dropped_total", reason="queue_full") == 3
+        # each call queues its event and two spans (chat, attempt): 24 items for 5 places
+        assert sample(sidecar, "outrider_sidecar_telemetry_dropped_total", reason="queue_full") == 8 * 3 - 5
         assert sample(sidecar, "outrider_sidecar_telemetry_queue_depth") == 5
         assert sidecar.router.generation == 0
-    assert sample(sidecar, "outrider_sidecar_telemetry_dropped_total", reason="shutdown") == 5
+    # the 5 queued items, as Kafka records (spans of one trace share a record)
+    assert 3 <= sample(sidecar, "outrider_sidecar_telemetry_dropped_total", reason="shutdown") <= 5
+    assert sidecar.telemetry.queue_depth == 0
     assert sample(sidecar, "outrider_sidecar_telemetry_sent_total") == 0
 
 
@@ -259,3 +263,25 @@ async def test_control_topic_created_after_the_sidecar_started(
             await producer.stop()
         await eventually(lambda: sidecar.router.generation == 1, what="generation 1")
         assert sidecar.router.assign("n").version_id == v2
+
+
+async def test_a_missing_spans_topic_never_holds_events_up(broker: EmbeddedBroker, sim: SimProvider) -> None:
+    # The embedded broker creates topics on first use, so "missing" is what the sidecar
+    # concluded at connect time: set it, as a broker without auto-creation would make it.
+    config = sidecar_config(sim, kafka=broker.bootstrap_servers, metrics_port=None)
+    async with Sidecar(config) as sidecar, grpc.aio.insecure_channel(sidecar.address) as ch:
+        telemetry = sidecar.telemetry
+        await eventually(lambda: telemetry.connected, what="a Kafka connection")
+        telemetry._missing_topics.add(outrider.SPANS_TOPIC)
+        stub = sidecar_pb2_grpc.SidecarStub(ch)
+        sid = (await open_session(stub)).session_id
+        for _ in range(5):
+            await stub.Chat(sidecar_pb2.ChatRequest(session_id=sid, messages=USER))
+        events = await read_events(broker.bootstrap_servers, 5)
+        assert len(events) == 5
+        await eventually(
+            lambda: sample(sidecar, "outrider_sidecar_telemetry_dropped_total", reason="no_topic") >= 5,
+            what="span records counted as dropped",
+        )
+        assert telemetry.healthy and telemetry.spill_pending_records == 0
+        assert sample(sidecar, "outrider_sidecar_telemetry_sent_total") == 5

@@ -17,6 +17,7 @@ from devstack.simprovider import Fault, ModelBehavior, SimProvider, refused_base
 from outrider.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import Sidecar
 from sidecar._config import parse_config
+from tests.integration.test_sidecar_api import fresh_spill_dir
 
 USER = [common_pb2.ChatMessage(role="user", content="Where is my order?")]
 FAST_RETRY = {"max_attempts": 3, "base": "10ms", "cap": "50ms", "retry_after_cap": "2s"}
@@ -52,6 +53,7 @@ def config(
         "listen": "127.0.0.1:0",
         "metrics_port": None,
         "kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}"},
+        "telemetry": {"spill_dir": fresh_spill_dir()},
         "versions": {"v1": version},
         **top,
     }

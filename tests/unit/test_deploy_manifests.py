@@ -263,6 +263,16 @@ def test_injected_sidecar_is_locked_down() -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert side[probe]["exec"]["command"] == ["outrider-health", "127.0.0.1:50051"]
     assert any(m["mountPath"] == "/etc/outrider" for m in side["volumeMounts"])
+    # the root filesystem is read-only: the telemetry spill needs its own writable volume
+    config = sidecar.load_config(
+        K8S / "examples" / "agent" / "sidecar.yaml",
+        env={"OUTRIDER_PROVIDER_API_KEY": "k", "OUTRIDER_SESSION_KEY": "s"},
+    )
+    spill = config.telemetry.spill_path(config.agent)
+    assert spill is not None
+    (mount,) = [m for m in side["volumeMounts"] if spill.is_relative_to(m["mountPath"])]
+    assert not mount.get("readOnly") and mount["mountPath"] != "/"
+    assert any(v["name"] == mount["name"] and "emptyDir" in v for v in pod["volumes"])
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")

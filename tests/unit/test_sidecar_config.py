@@ -271,3 +271,36 @@ def test_load_without_secrets_for_version_ids(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, base()), env={}, resolve_secrets=False)
     assert config.api_key("v1") is None
     assert config.version_ids() == parse_config(base()).version_ids()
+
+
+def test_telemetry_section_defaults_and_overrides(tmp_path: Path) -> None:
+    config = parse_config(base())
+    telemetry = config.telemetry
+    assert telemetry.enabled and telemetry.spill_max_bytes == 256 * 1024 * 1024 and not telemetry.spill_fsync
+    assert telemetry.spill_path("support-bot") == Path(".outrider/spill/support-bot")
+    assert telemetry.spill_path("../evil/bot") == Path(".outrider/spill/_evil_bot")  # never outside
+    data = base()
+    data["telemetry"] = {"enabled": False, "spill_dir": None, "spill_max_bytes": 1 << 20}
+    off = parse_config(data).telemetry
+    assert not off.enabled and off.spill_path("support-bot") is None and off.spill_max_bytes == 1 << 20
+    # the telemetry section is process wiring, never part of a version id
+    assert parse_config(data).version_ids() == config.version_ids()
+
+
+@pytest.mark.parametrize(
+    ("telemetry", "fragments"),
+    [
+        ({"spill_max_bytes": 10}, ["telemetry.spill_max_bytes", "65536"]),
+        ({"spill_dir": ""}, ["telemetry.spill_dir"]),
+        ({"enabled": "perhaps"}, ["telemetry.enabled"]),
+        ({"spill": "x"}, ["telemetry.spill", "Extra inputs"]),
+    ],
+)
+def test_telemetry_errors_name_the_field(
+    tmp_path: Path, telemetry: dict[str, Any], fragments: list[str]
+) -> None:
+    data = base()
+    data["telemetry"] = telemetry
+    message = load_error(tmp_path, data)
+    for fragment in fragments:
+        assert fragment in message, message
