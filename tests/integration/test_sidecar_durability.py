@@ -219,7 +219,7 @@ async def test_outage_under_steady_load_loses_nothing(
         figures = {
             "outage_s": OUTAGE_S,
             "calls": calls,
-            "calls_during_outage": outage_calls,
+            "calls_before_restore": outage_calls,
             "outage_detected_after_s": round(detected_s, 3),
             "records_spilled": telemetry.spilled_records,
             "max_spill_bytes": telemetry.spill_high_water_bytes,
