@@ -50,7 +50,6 @@ RECEIVE_SLACK_BYTES = 64 * 1024
 HTTP_POOL_LIMIT = 512
 TELEMETRY_FLUSH_TIMEOUT_S = 5.0
 TRACER_SHUTDOWN_TIMEOUT_S = 5.0
-METRICS_HOST = "127.0.0.1"
 
 
 class SidecarError(RuntimeError):
@@ -210,7 +209,7 @@ class Sidecar:
         await self.control.start()
         await self.global_quotas.start()
         if config.metrics_port is not None:
-            self._metrics_server = MetricsServer(self.metrics, METRICS_HOST, config.metrics_port)
+            self._metrics_server = MetricsServer(self.metrics, str(config.metrics_host), config.metrics_port)
             await self._metrics_server.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyAddress,
     PrivateAttr,
     SecretStr,
     ValidationError,
@@ -36,6 +38,8 @@ from pydantic import (
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9464
+#: /metrics binds loopback by default; a pod or compose service scraped from outside sets 0.0.0.0
+DEFAULT_METRICS_HOST = "127.0.0.1"
 DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_TELEMETRY_QUEUE_SIZE = 10_000
 #: Where telemetry waits on disk while Kafka is unreachable; `{agent}` is the agent's name.
@@ -330,6 +334,7 @@ class SidecarConfig(_Frozen):
         DEFAULT_LISTEN
     )
     metrics_port: int | None = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
+    metrics_host: IPvAnyAddress = IPv4Address(DEFAULT_METRICS_HOST)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     telemetry_queue_size: int = Field(default=DEFAULT_TELEMETRY_QUEUE_SIZE, ge=1)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

@@ -263,6 +263,7 @@ def test_injected_sidecar_is_locked_down() -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert side[probe]["exec"]["command"] == ["outrider-health", "127.0.0.1:50051"]
     assert any(m["mountPath"] == "/etc/outrider" for m in side["volumeMounts"])
+    assert {"name": "outrider-metrics", "containerPort": 9464} in side["ports"]
     # the root filesystem is read-only: the telemetry spill needs its own writable volume
     config = sidecar.load_config(
         K8S / "examples" / "agent" / "sidecar.yaml",
@@ -310,6 +311,8 @@ def test_kustomize_renders_with_references_resolved(overlay: str) -> None:
 def test_sidecar_configs_validate(path: Path) -> None:
     config = sidecar.load_config(path, env={"OUTRIDER_PROVIDER_API_KEY": "k", "OUTRIDER_SESSION_KEY": "s"})
     assert config.agent == "support-bot"
+    # Prometheus scrapes these from outside the container: loopback-only /metrics would be unreachable
+    assert str(config.metrics_host) == "0.0.0.0" and config.metrics_port == 9464
     assert set(config.version_ids()) == {"v1", "v2"}
 
 

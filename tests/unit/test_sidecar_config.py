@@ -73,6 +73,7 @@ def test_example_config_loads() -> None:
 def test_defaults_and_durations(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, base()), env={"OPENAI_API_KEY": SECRET})
     assert config.metrics_port == 9464 and config.telemetry_queue_size == 10_000
+    assert str(config.metrics_host) == "127.0.0.1"  # loopback unless a deploy opens it
     assert config.versions["v2"].request_timeout == 30
     assert [parse_duration(v) for v in ("500ms", "30s", "5m", "1h", 2, 0.25, "1.5s")] == [
         0.5,
@@ -100,6 +101,7 @@ def test_defaults_and_durations(tmp_path: Path) -> None:
             ["versions.v1.tools[0].side_effects"],
         ),
         (lambda d: d.update(stable="v9"), ["stable", "v9"]),
+        (lambda d: d.update(metrics_host="all"), ["metrics_host", "IPv4 or IPv6"]),
         (lambda d: d.pop("agent"), ["agent", "Field required"]),
         (lambda d: d.update(listen="nowhere"), ["listen", "host:port"]),
         (lambda d: d.update(bogus=1), ["bogus", "Extra inputs"]),
