@@ -1,7 +1,6 @@
 """The Outrider control plane: consumes events, keeps rolling windows per version, runs
 rollouts through their gates and publishes each decision to `outrider.control`."""
 
-from collector._clock import Clock, ManualClock, SystemClock
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutError, RolloutFinished
 from collector._gates import StatsProvider
@@ -11,6 +10,7 @@ from collector._service import Collector, run
 from collector._settings import CollectorSettings, load_settings
 from collector._spec import Gate, RolloutSpec, Step, load_spec_file, load_spec_text
 from collector._windows import Ingest, RollingWindows, WindowStats
+from outrider.clock import Clock, ManualClock, SystemClock
 
 __all__ = [
     "Clock",

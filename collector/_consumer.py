@@ -25,10 +25,10 @@ from aiokafka.structs import OffsetAndMetadata
 
 import outrider
 from collector._checkpoint import Checkpoint, CheckpointError, CheckpointStore, encode
-from collector._clock import Clock
 from collector._deadletter import DeadLetterWriter
 from collector._ingest import Ingestor
 from collector._totals import AgentTotals
+from outrider.clock import Clock
 
 log = logging.getLogger(__name__)
 

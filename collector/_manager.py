@@ -14,12 +14,12 @@ from typing import Protocol
 
 from aiokafka.errors import KafkaError
 
-from collector._clock import Clock
 from collector._errors import NoRollout
 from collector._metrics import CollectorMetrics
 from collector._rollout import RolloutController
 from collector._spec import RolloutSpec
 from collector._windows import RollingWindows
+from outrider.clock import Clock
 from outrider.v1 import admin_pb2, common_pb2, control_pb2
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from ._clock import Clock, SystemClock
+from outrider.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 

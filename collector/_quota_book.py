@@ -19,9 +19,9 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from collector._clock import Clock, SystemClock
 from collector._quota import LeaseAllocator
 from collector._settings import QuotaSettings
+from outrider.clock import Clock, SystemClock
 from outrider.v1 import control_pb2, events_pb2
 
 log = logging.getLogger(__name__)

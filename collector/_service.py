@@ -20,7 +20,6 @@ from typing import Any
 
 from collector._admin import AdminServer
 from collector._checkpoint import CheckpointStore
-from collector._clock import Clock, SystemClock
 from collector._consumer import EventConsumer
 from collector._control import ControlHistory, ControlPublisher, ensure_topics, read_control_history
 from collector._deadletter import DeadLetter, DeadLetterWriter
@@ -32,6 +31,7 @@ from collector._quota_book import QuotaBook
 from collector._relay import SpanRelay
 from collector._settings import CollectorSettings, otlp_endpoint
 from collector._windows import RollingWindows
+from outrider.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The Outrider sidecar (data plane): the agent-facing gRPC API, session pinning, routing,
 upstream clients and the telemetry producer. `outrider sidecar --config FILE` runs `run`."""
 
+from outrider.clock import Clock, ManualClock, SystemClock
 from sidecar._app import Sidecar, SidecarError, run
-from sidecar._clock import Clock, ManualClock, SystemClock
 from sidecar._config import ConfigError, SidecarConfig, ToolConfig, VersionConfig, load_config, parse_duration
 from sidecar._exceptions import (
     UpstreamConnectError,

@@ -20,8 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
+from outrider.clock import Clock, SystemClock
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
-from sidecar._clock import Clock, SystemClock
 from sidecar._config import SidecarConfig
 from sidecar._control import ControlTailer
 from sidecar._global_quota import GlobalQuotas

@@ -28,7 +28,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-from ._clock import Clock, SystemClock
+from outrider.clock import Clock, SystemClock
 
 DEFAULT_CONSECUTIVE_FAILURES = 5
 DEFAULT_FAILURE_RATE = 0.5

@@ -25,7 +25,7 @@ from typing import Literal
 
 from cachetools import TTLCache
 
-from ._clock import Clock, SystemClock
+from outrider.clock import Clock, SystemClock
 
 DEFAULT_MAX_KEYS = 100_000
 DEFAULT_IDLE_TTL_S = 600.0

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from sidecar._clock import Clock, SystemClock
+from outrider.clock import Clock, SystemClock
 
 TOKENS_PER_PRICE_UNIT = 1_000_000
 DEFAULT_MAX_SESSIONS = 100_000

@@ -20,8 +20,8 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from outrider.clock import Clock
 from outrider.v1 import control_pb2, events_pb2
-from sidecar._clock import Clock
 from sidecar._config import GlobalQuotaConfig
 from sidecar._metrics import SidecarMetrics
 from sidecar._quota import BoundedWaitQueue, GlobalQuota, Verdict

@@ -20,9 +20,9 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
+from outrider.clock import Clock
 from outrider.v1 import common_pb2, events_pb2
 from sidecar._buckets import KeyedLimiter
-from sidecar._clock import Clock
 from sidecar._config import QuotaLimits
 from sidecar._cost import SessionCostTracker
 from sidecar._guards import GuardPolicy, Hit

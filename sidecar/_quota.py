@@ -33,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from outrider.clock import Clock, SystemClock
+
 from ._buckets import TokenBucket
-from ._clock import Clock, SystemClock
 
 DEFAULT_PRIORITY_THRESHOLD = 0.8
 DEFAULT_WINDOW_S = 60.0

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from outrider.clock import Clock
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2, sidecar_pb2_grpc
-from sidecar._clock import Clock
 from sidecar._exceptions import UpstreamError
 from sidecar._guards import Hit, StreamRedactor
 from sidecar._metrics import SidecarMetrics

@@ -16,7 +16,7 @@ import json
 import secrets
 from dataclasses import dataclass
 
-from sidecar._clock import Clock
+from outrider.clock import Clock
 
 MAC_BYTES = 16
 NONCE_BYTES = 12

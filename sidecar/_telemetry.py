@@ -79,6 +79,8 @@ SEND_TIMEOUT_S = 2 * PRODUCER_REQUEST_TIMEOUT_MS / 1000 + 1
 # a send refused with a retriable error (not a timeout) is retried this often before spilling
 SEND_RETRIES = 3
 SEND_RETRY_DELAY_S = 0.2
+# how often a topic found missing is looked up again
+TOPIC_RECHECK_S = 60.0
 # when the configured directory is held by another live sidecar, try <dir>.1 .. <dir>.N
 SPILL_DIR_ALTERNATES = 8
 
@@ -144,6 +146,7 @@ class TelemetryProducer:
         self._producer: AIOKafkaProducer | None = None
         self._inflight: list[SpillRecord] = []  # taken off the queue, not yet sent or spilled
         self._missing_topics: set[str] = set()  # topics Kafka has no partitions for
+        self._topics_checked_at = 0.0  # monotonic
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._unlogged_drops = 0
@@ -394,6 +397,10 @@ class TelemetryProducer:
 
     async def _send(self, records: Sequence[SpillRecord]) -> int:
         """Send in order; return how many leading records Kafka acknowledged."""
+        producer = self._producer
+        recheck_due = time.monotonic() - self._topics_checked_at >= TOPIC_RECHECK_S
+        if self._missing_topics and producer is not None and recheck_due:
+            await self._check_topics(producer)  # the topic may have been created since
         missing = self._missing_topics
         if not missing:
             return await self._deliver(records)
@@ -501,7 +508,8 @@ class TelemetryProducer:
         """Learn both topics' partitions now (creating them where the broker auto-creates), so
         a first send does not stall on it. Without the events topic nothing can be sent (False:
         retry later); without the spans topic span records are dropped and counted, so they
-        cannot hold events up (checked again on the next connect)."""
+        cannot hold events up (checked again every TOPIC_RECHECK_S while missing)."""
+        self._topics_checked_at = time.monotonic()
         for topic in (outrider.EVENTS_TOPIC, outrider.SPANS_TOPIC):
             try:
                 await asyncio.wait_for(producer.partitions_for(topic), SEND_TIMEOUT_S)

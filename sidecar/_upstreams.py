@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import uuid
 
+from outrider.clock import Clock
 from outrider.v1 import events_pb2
 from sidecar._breaker import BreakerConfig, BreakerState, CircuitBreaker
-from sidecar._clock import Clock
 from sidecar._config import BreakerSettings, RetryBudgetSettings
 from sidecar._metrics import SidecarMetrics
 from sidecar._retry import RetryBudget

@@ -1,6 +1,6 @@
 """The Outrider wire contract: generated protobuf code (`outrider.v1`) plus the small
 helpers both the sidecar and the collector need (topic names, record keys and headers,
-the envelope codec)."""
+the envelope codec; `outrider.clock` for injectable time)."""
 
 from outrider._envelope import (
     CONTENT_TYPE_HEADER,

@@ -62,6 +62,8 @@ def _config(
         "listen": "127.0.0.1:0",
         "metrics_port": None,
         "kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}"},
+        # Kafka is unreachable on purpose: no spill, so nothing lands in the working directory
+        "telemetry": {"spill_dir": None},
         "versions": {"v1": version},
         **top,
     }

@@ -65,6 +65,7 @@ def _write_configs(tmp_path: Path, provider: SimProvider, kafka: str) -> tuple[P
                 "metrics_port": free_port(),
                 "kafka": {"bootstrap_servers": kafka},
                 "shutdown_grace": "5s",
+                "telemetry": {"spill_dir": str(tmp_path / "spill")},  # never the cwd's
                 "versions": {"v1": version("sim-good"), "v2": version("sim-bad")},
             }
         )
@@ -78,6 +79,7 @@ def _write_configs(tmp_path: Path, provider: SimProvider, kafka: str) -> tuple[P
                 "metrics_port": free_port(),
                 "tick_interval_s": 0.2,
                 "bucket_s": 1.0,
+                "state_dir": str(tmp_path / "collector-state"),
             }
         )
     )

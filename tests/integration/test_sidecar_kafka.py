@@ -285,3 +285,11 @@ async def test_a_missing_spans_topic_never_holds_events_up(broker: EmbeddedBroke
         )
         assert telemetry.healthy and telemetry.spill_pending_records == 0
         assert sample(sidecar, "outrider_sidecar_telemetry_sent_total") == 5
+        # once the recheck interval is up, the topic is looked up again and spans flow
+        telemetry._topics_checked_at = 0.0
+        await stub.Chat(sidecar_pb2.ChatRequest(session_id=sid, messages=USER))
+        await eventually(lambda: not telemetry._missing_topics, what="the spans topic found again")
+        await eventually(
+            lambda: sample(sidecar, "outrider_sidecar_telemetry_sent_total") >= 7,
+            what="the next event and its span record sent",
+        )

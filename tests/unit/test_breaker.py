@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from outrider.clock import ManualClock
 from sidecar._breaker import (
     MAX_PENDING_TRANSITIONS,
     BreakerConfig,
     BreakerState,
     CircuitBreaker,
 )
-from sidecar._clock import ManualClock
 
 OPEN, CLOSED, HALF = BreakerState.OPEN, BreakerState.CLOSED, BreakerState.HALF_OPEN
 

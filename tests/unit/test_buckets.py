@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from outrider.clock import ManualClock
 from sidecar._buckets import Admission, KeyedLimiter, TokenBucket
-from sidecar._clock import ManualClock
 
 EPS = 1e-6
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar._clock import ManualClock
+from outrider.clock import ManualClock
 from sidecar._cost import (
     Price,
     PriceConfigError,

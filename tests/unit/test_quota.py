@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector._clock import ManualClock as CollectorClock
 from collector._quota import LeaseAllocator, water_fill
-from sidecar._clock import ManualClock
+from outrider.clock import ManualClock
+from outrider.clock import ManualClock as CollectorClock
 from sidecar._quota import BoundedWaitQueue, GlobalQuota, Verdict
 
 EPS = 1e-6

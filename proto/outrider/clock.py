@@ -1,4 +1,5 @@
-"""Time as an injected dependency: state objects ask a Clock, tests move a ManualClock."""
+"""Time as an injected dependency: state objects ask a Clock, tests move a ManualClock.
+Shared by the sidecar and the collector, which never import each other."""
 
 from __future__ import annotations
 
