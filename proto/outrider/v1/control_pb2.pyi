@@ -35,6 +35,10 @@ class _RolloutPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutP
     """a gate failed: all new sessions to stable"""
     ROLLOUT_PHASE_ABORTED: _RolloutPhase.ValueType  # 4
     """an operator stopped it: all new sessions to stable"""
+    ROLLOUT_PHASE_HOLD: _RolloutPhase.ValueType  # 5
+    """frozen at `candidate_weight` until an operator resumes or aborts"""
+    ROLLOUT_PHASE_NO_DATA: _RolloutPhase.ValueType  # 6
+    """a stage passed its max_duration without its evidence: held, alerting"""
 
 class RolloutPhase(_RolloutPhase, metaclass=_RolloutPhaseEnumTypeWrapper): ...
 
@@ -47,6 +51,10 @@ ROLLOUT_PHASE_ROLLED_BACK: RolloutPhase.ValueType  # 3
 """a gate failed: all new sessions to stable"""
 ROLLOUT_PHASE_ABORTED: RolloutPhase.ValueType  # 4
 """an operator stopped it: all new sessions to stable"""
+ROLLOUT_PHASE_HOLD: RolloutPhase.ValueType  # 5
+"""frozen at `candidate_weight` until an operator resumes or aborts"""
+ROLLOUT_PHASE_NO_DATA: RolloutPhase.ValueType  # 6
+"""a stage passed its max_duration without its evidence: held, alerting"""
 Global___RolloutPhase: _TypeAlias = RolloutPhase  # noqa: Y015
 
 @_typing.final
@@ -63,6 +71,17 @@ class GateResult(_message.Message):
     CANDIDATE_SAMPLES_FIELD_NUMBER: _builtins.int
     BASELINE_SAMPLES_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    ESTIMATE_FIELD_NUMBER: _builtins.int
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    MARGIN_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    E_VALUE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     metric: _builtins.str
     passed: _builtins.bool
@@ -74,6 +93,27 @@ class GateResult(_message.Message):
     candidate_samples: _builtins.int
     baseline_samples: _builtins.int
     detail: _builtins.str
+    estimate: _builtins.float
+    """The anytime-valid evaluation (collector.stats): the estimated harm (candidate worse than
+    stable, in `unit`), its confidence-sequence bounds, the margin promotion must rule out.
+    """
+    lower: _builtins.float
+    upper: _builtins.float
+    margin: _builtins.float
+    verdict: _builtins.str
+    """"harm", "no_harm", "undecided", "waiting" """
+    unit: _builtins.str
+    """"pts" (proportions), "ratio", "score", "events" """
+    alpha: _builtins.float
+    """this test's share of the spec's family-wise alpha"""
+    e_value: _builtins.float
+    """count tests (safety): the e-process value; harm at >= 1/alpha"""
+    kind: _builtins.str
+    """"gate" or "trigger" """
+    waiting_for: _builtins.str
+    """what the test still needs before it can decide"""
+    action: _builtins.str
+    """on harm: "rollback" or "hold" """
     def __init__(
         self,
         *,
@@ -87,10 +127,21 @@ class GateResult(_message.Message):
         candidate_samples: _builtins.int = ...,
         baseline_samples: _builtins.int = ...,
         detail: _builtins.str = ...,
+        estimate: _builtins.float = ...,
+        lower: _builtins.float = ...,
+        upper: _builtins.float = ...,
+        margin: _builtins.float = ...,
+        verdict: _builtins.str = ...,
+        unit: _builtins.str = ...,
+        alpha: _builtins.float = ...,
+        e_value: _builtins.float = ...,
+        kind: _builtins.str = ...,
+        waiting_for: _builtins.str = ...,
+        action: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_samples", b"baseline_samples", "baseline_value", b"baseline_value", "candidate_samples", b"candidate_samples", "candidate_value", b"candidate_value", "detail", b"detail", "limit", b"limit", "metric", b"metric", "name", b"name", "passed", b"passed", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "alpha", b"alpha", "baseline_samples", b"baseline_samples", "baseline_value", b"baseline_value", "candidate_samples", b"candidate_samples", "candidate_value", b"candidate_value", "detail", b"detail", "e_value", b"e_value", "estimate", b"estimate", "kind", b"kind", "limit", b"limit", "lower", b"lower", "margin", b"margin", "metric", b"metric", "name", b"name", "passed", b"passed", "ready", b"ready", "unit", b"unit", "upper", b"upper", "verdict", b"verdict", "waiting_for", b"waiting_for"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -119,6 +170,8 @@ class RolloutState(_message.Message):
     GATE_RESULTS_FIELD_NUMBER: _builtins.int
     SPEC_YAML_FIELD_NUMBER: _builtins.int
     STARTED_AT_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     generation: _builtins.int
     rollout_id: _builtins.str
@@ -137,6 +190,10 @@ class RolloutState(_message.Message):
     spec_yaml: _builtins.str
     """the rollout spec, so a restarted collector can resume it"""
     started_at_unix_nano: _builtins.int
+    release: _builtins.str
+    """HOLD / NO_DATA: what releases it"""
+    alpha: _builtins.float
+    """the spec's family-wise false-rollback bound"""
     @_builtins.property
     def gate_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateResult]: ...
     def __init__(
@@ -159,10 +216,12 @@ class RolloutState(_message.Message):
         gate_results: _abc.Iterable[Global___GateResult] | None = ...,
         spec_yaml: _builtins.str = ...,
         started_at_unix_nano: _builtins.int = ...,
+        release: _builtins.str = ...,
+        alpha: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "decided_at_unix_nano", b"decided_at_unix_nano", "decided_by", b"decided_by", "gate_results", b"gate_results", "generation", b"generation", "phase", b"phase", "reason", b"reason", "rollout_id", b"rollout_id", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "started_at_unix_nano", b"started_at_unix_nano", "step_count", b"step_count", "step_index", b"step_index", "step_started_at_unix_nano", b"step_started_at_unix_nano", "sticky_by", b"sticky_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "alpha", b"alpha", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "decided_at_unix_nano", b"decided_at_unix_nano", "decided_by", b"decided_by", "gate_results", b"gate_results", "generation", b"generation", "phase", b"phase", "reason", b"reason", "release", b"release", "rollout_id", b"rollout_id", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "started_at_unix_nano", b"started_at_unix_nano", "step_count", b"step_count", "step_index", b"step_index", "step_started_at_unix_nano", b"step_started_at_unix_nano", "sticky_by", b"sticky_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -53,6 +53,7 @@ class Event(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SIDECAR_ID_FIELD_NUMBER: _builtins.int
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    UNIT_ID_FIELD_NUMBER: _builtins.int
     CALL_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
     FEEDBACK_FIELD_NUMBER: _builtins.int
@@ -67,6 +68,10 @@ class Event(_message.Message):
     session_id: _builtins.str
     sidecar_id: _builtins.str
     rollout_id: _builtins.str
+    unit_id: _builtins.str
+    """The rollout's randomization unit (session, user or tenant per sticky_by), hashed: the
+    collector clusters its statistics by it. Empty means the session.
+    """
     @_builtins.property
     def call(self) -> Global___CallRecord: ...
     @_builtins.property
@@ -90,6 +95,7 @@ class Event(_message.Message):
         session_id: _builtins.str = ...,
         sidecar_id: _builtins.str = ...,
         rollout_id: _builtins.str = ...,
+        unit_id: _builtins.str = ...,
         call: Global___CallRecord | None = ...,
         tool: Global___ToolRecord | None = ...,
         feedback: Global___FeedbackRecord | None = ...,
@@ -99,7 +105,7 @@ class Event(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "feedback", b"feedback", "safety", b"safety", "tool", b"tool", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "usage", b"usage", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
