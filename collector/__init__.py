@@ -1,14 +1,16 @@
-"""The Outrider control plane: consumes events, keeps rolling windows per version, runs
-rollouts through their gates and publishes each decision to `outrider.control`."""
+"""The Outrider control plane: consumes events, keeps rolling windows per version and the
+evidence of every rollout, decides each rollout with anytime-valid tests and publishes each
+decision to `outrider.control`."""
 
+from collector._book import EvidenceBook
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutError, RolloutFinished
-from collector._gates import StatsProvider
+from collector._evidence import RolloutEvidence, Rows
 from collector._manager import PublishError
 from collector._rollout import RolloutController
 from collector._service import Collector, run
 from collector._settings import CollectorSettings, load_settings
-from collector._spec import Gate, RolloutSpec, Step, load_spec_file, load_spec_text
+from collector._spec import Gate, RolloutSpec, Step, Trigger, load_spec_file, load_spec_text
 from collector._windows import Ingest, RollingWindows, WindowStats
 from outrider.clock import Clock, ManualClock, SystemClock
 
@@ -16,6 +18,7 @@ __all__ = [
     "Clock",
     "Collector",
     "CollectorSettings",
+    "EvidenceBook",
     "Gate",
     "Ingest",
     "ManualClock",
@@ -24,13 +27,15 @@ __all__ = [
     "RollingWindows",
     "RolloutConflict",
     "RolloutController",
+    "RolloutEvidence",
     "RolloutError",
     "RolloutFinished",
     "RolloutSpec",
+    "Rows",
     "SpecError",
-    "StatsProvider",
     "Step",
     "SystemClock",
+    "Trigger",
     "WindowStats",
     "load_settings",
     "load_spec_file",

@@ -60,6 +60,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         try:
             spec = load_spec_text(request.spec_yaml, source)
+            self._manager.check_windows(spec, source)
             await self._manager.start(spec, request.spec_yaml, request.requested_by)
             log.info(
                 "rollout of %s started by %s from %s", spec.agent, request.requested_by or "admin", source

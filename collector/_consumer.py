@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 import outrider
+from collector._book import EvidenceBook
 from collector._checkpoint import Checkpoint, CheckpointError, CheckpointStore, encode
 from collector._deadletter import DeadLetterWriter
 from collector._ingest import Ingestor
@@ -105,10 +106,15 @@ class EventConsumer:
         if checkpoint is None:
             log.info("no checkpoint at %s; starting from the group's committed offsets", self._store.path)
             return None
-        try:  # each load replaces all or nothing; the totals are tried first, so both or neither
+        try:  # each load replaces all or nothing; the totals and evidence are tried first
             AgentTotals().load_state(checkpoint.totals)
+            evidence = checkpoint.extra.get("evidence")
+            if evidence is not None:
+                EvidenceBook().load_state(evidence)
             self._ingestor.windows.load_state(checkpoint.windows)
             self._metrics.totals.load_state(checkpoint.totals)
+            if evidence is not None:
+                self._ingestor.evidence.load_state(evidence)
         except (ValueError, KeyError, TypeError) as exc:
             log.error("checkpoint %s does not fit these settings (%s); ignoring it", self._store.path, exc)  # noqa: TRY400
             return None
@@ -198,6 +204,7 @@ class EventConsumer:
                     totals=self._metrics.totals.to_state(),
                     bootstrap=self._bootstrap,
                     written_at=time.time(),
+                    extra={"evidence": self._ingestor.evidence.to_state()},
                 )
                 data = encode(snapshot)  # here, under the lock: the state cannot move meanwhile
                 try:

@@ -1,4 +1,4 @@
-"""Durations in config files: "500ms", "30s", "5m", "1h", or a number of seconds."""
+"""Durations in config files: "500ms", "30s", "5m", "1h", "7d", or a number of seconds."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 
 
 def parse_duration(value: Any) -> float:
@@ -20,7 +20,7 @@ def parse_duration(value: Any) -> float:
     elif isinstance(value, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", value):
         seconds = float(value)
     else:
-        raise ValueError(f"{value!r} is not a duration (use 500ms, 30s, 5m, 1h or a number of seconds)")
+        raise ValueError(f"{value!r} is not a duration (use 500ms, 30s, 5m, 1h, 7d or a number of seconds)")
     if seconds < 0 or seconds != seconds or seconds == float("inf"):
         raise ValueError(f"{value!r}: a duration must be a finite number >= 0")
     return seconds

@@ -11,11 +11,14 @@ PROVIDER = "provider"
 TOOL = "tool"
 TIMEOUT = "timeout"
 QUOTA = "quota"
-GUARD_BLOCK = "guard_block"
+GUARD_BLOCK = "guard_block"  # the user's input was blocked: not the version's doing
+GUARD_OUTPUT = "guard_output"  # the version's output was blocked
 CANCELLED = "cancelled"
 OTHER = "other"
 
-ERROR_CLASSES = (PROVIDER, TOOL, TIMEOUT, QUOTA, GUARD_BLOCK, CANCELLED, OTHER)
+ERROR_CLASSES = (PROVIDER, TOOL, TIMEOUT, QUOTA, GUARD_BLOCK, GUARD_OUTPUT, CANCELLED, OTHER)
+# what a version does not cause: the reliability gate counts these apart, in neither side
+NOT_CAUSED = frozenset({QUOTA, GUARD_BLOCK, CANCELLED})
 
 _EXACT = {
     "timeout": TIMEOUT,
@@ -26,6 +29,8 @@ _EXACT = {
     "quota_refused": QUOTA,
     "rate_limited": QUOTA,
     "guard_blocked": GUARD_BLOCK,
+    "guard_blocked_input": GUARD_BLOCK,
+    "guard_blocked_output": GUARD_OUTPUT,
     "guard_block": GUARD_BLOCK,
     "blocked": GUARD_BLOCK,
     "cancelled": CANCELLED,

@@ -1,5 +1,8 @@
 """The collector's ingest step for `outrider.events` records: decode, dedupe, aggregate.
 
+Each event counted once goes to the rolling windows, the totals and, when it belongs to a
+current rollout, that rollout's evidence (added once per batch, in order).
+
 Synchronous and free of I/O, so a batch is applied in one go (nothing can checkpoint
 halfway through it). Each record moves its partition's position on, decoded or not: what
 cannot be decoded comes back as a `DeadLetter` for the async layer to write.
@@ -12,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import outrider
+from collector._book import EvidenceBook
 from collector._checkpoint import Offsets
 from collector._deadletter import DeadLetter
 from collector._granter import QuotaGranter
@@ -23,9 +27,14 @@ log = logging.getLogger(__name__)
 
 class Ingestor:
     def __init__(
-        self, windows: RollingWindows, metrics: CollectorMetrics, quotas: QuotaGranter | None = None
+        self,
+        windows: RollingWindows,
+        metrics: CollectorMetrics,
+        quotas: QuotaGranter | None = None,
+        evidence: EvidenceBook | None = None,
     ) -> None:
         self.windows, self.metrics, self.quotas = windows, metrics, quotas
+        self.evidence = evidence if evidence is not None else EvidenceBook()
         # (topic, partition) -> next offset: the state holds exactly the records before it
         self.positions: Offsets = {}
         self.applied = 0  # records handled since start, decoded or not
@@ -35,6 +44,7 @@ class Ingestor:
         dead: list[DeadLetter] = []
         metrics, windows = self.metrics, self.windows
         applied = 0
+        counted: list[Any] = []
         for record in records:
             applied += 1
             self.positions[(record.topic, record.partition)] = record.offset + 1
@@ -63,12 +73,16 @@ class Ingestor:
             result = windows.add_event(event, now)
             if result is Ingest.COUNTED:
                 metrics.observe_event(event)
+                counted.append(event)
             elif result is Ingest.DUPLICATE:
                 metrics.duplicates.inc()
             elif result is Ingest.STALE:
-                # too old for any window, but it happened: the cumulative totals take it
+                # too old for any window, but it happened: the totals and the evidence take it
                 metrics.stale.inc()
                 metrics.observe_event(event)
+                counted.append(event)
+        if counted:
+            self.evidence.add_events(counted, now)
         self.applied += applied
         metrics.consumed.inc(applied)
         return dead

@@ -14,6 +14,8 @@ from typing import Protocol
 
 from aiokafka.errors import KafkaError
 
+from collector._book import EvidenceBook
+from collector._config_errors import SpecError
 from collector._errors import NoRollout
 from collector._metrics import CollectorMetrics
 from collector._rollout import RolloutController
@@ -37,9 +39,17 @@ class StatePublisher(Protocol):
 
 class RolloutManager:
     def __init__(
-        self, publisher: StatePublisher, windows: RollingWindows, metrics: CollectorMetrics, clock: Clock
+        self,
+        publisher: StatePublisher,
+        windows: RollingWindows,
+        metrics: CollectorMetrics,
+        clock: Clock,
+        evidence: EvidenceBook | None = None,
+        retention_s: float | None = None,
     ) -> None:
         self._publisher, self._windows, self._metrics, self._clock = publisher, windows, metrics, clock
+        self.evidence = evidence if evidence is not None else EvidenceBook()
+        self._retention_s = retention_s if retention_s is not None else windows.retention_s
         self._controllers: dict[str, RolloutController] = {}
         self._lock = asyncio.Lock()
 
@@ -51,6 +61,7 @@ class RolloutManager:
             ctl = RolloutController.restore(agent_states)
             self._controllers[agent] = ctl
             assert ctl.state is not None
+            self.evidence.sync(ctl.state, ctl.spec)
             self._metrics.observe_state(ctl.state)
             phase = control_pb2.RolloutPhase.Name(ctl.state.phase)
             if ctl.running and ctl.spec is None:
@@ -96,12 +107,30 @@ class RolloutManager:
             state.decided_by,
         )
 
+    def check_windows(self, spec: RolloutSpec, source: str) -> None:
+        """A gate or trigger window longer than the collector keeps cannot be served: refuse it."""
+        problems = [
+            f"gates[{i}].window: {g.window:g}s exceeds what this collector keeps "
+            f"(retention_s {self._retention_s:g}s)"
+            for i, g in enumerate(spec.gates)
+            if g.window > self._retention_s
+        ]
+        problems += [
+            f"triggers.{name}.window: {t.window:g}s exceeds what this collector keeps "
+            f"(the larger of retention_s {self._retention_s:g}s and an hour)"
+            for name, t in spec.triggers.active()
+            if t.window > max(self._retention_s, 3600.0)
+        ]
+        if problems:
+            raise SpecError(source, problems)
+
     async def start(self, spec: RolloutSpec, spec_yaml: str, decided_by: str) -> RolloutController:
         async with self._lock:
             ctl = self._controllers.setdefault(spec.agent, RolloutController(spec.agent))
             state = ctl.propose_start(spec, spec_yaml, self._clock.now(), decided_by or "admin")
             await self._publish(ctl, state)
             ctl.apply(state, spec)
+            self.evidence.sync(state, spec)
             return ctl
 
     async def abort(self, agent: str, reason: str, decided_by: str) -> RolloutController:
@@ -120,18 +149,21 @@ class RolloutManager:
         async with self._lock:
             now = self._clock.now()
             self._windows.evict(now)
-            for ctl in list(self._controllers.values()):
-                if not ctl.running:
+            for agent, ctl in list(self._controllers.items()):
+                evidence = self.evidence.get(agent)
+                if not ctl.running or evidence is None:
                     continue
-                state = ctl.decide(self._windows, now)
+                state = ctl.decide(evidence, now)
                 if state is None:
                     continue
                 try:
                     await self._publish(ctl, state)
                 except PublishError as exc:
+                    ctl.look_again()
                     log.warning("%s; retrying next tick", exc)
                     continue
                 ctl.apply(state)
+                self.evidence.sync(state, ctl.spec)
                 published.append(state)
         return published
 
@@ -160,6 +192,11 @@ class RolloutManager:
                     latency_p95_ms=stats.latency_p95_ms,
                 )
             )
-        return admin_pb2.RolloutStatus(
+        live = admin_pb2.RolloutStatus(
             state=state, timeline=ctl.timeline, metrics=metrics, spec_yaml=state.spec_yaml
         )
+        if ctl.running and ctl.evaluation:
+            # the controller's current evaluation, not only the last published one
+            del live.state.gate_results[:]
+            live.state.gate_results.extend(ctl.evaluation)
+        return live

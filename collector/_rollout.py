@@ -1,5 +1,17 @@
 """The rollout controller of one agent: pure, synchronous, clock passed in.
 
+States: RUNNING, HOLD (frozen at its weight: a gate or trigger with `hold` found harm; an
+operator releases it), NO_DATA (a stage passed its `max_duration` without its evidence; it
+keeps evaluating and never promotes without evidence), PROMOTED, ROLLED_BACK, ABORTED.
+Rollback tests run in RUNNING, HOLD and NO_DATA alike. Each look (every `look_interval`):
+
+1. any gate or trigger with evidence of harm and `rollback` -> ROLLED_BACK;
+   with `hold` -> HOLD;
+2. a stage advances once its `min_duration` and `min_samples` (candidate requests in the
+   stage) are met with no evidence of harm;
+3. the last stage promotes only when every gate with a margin shows no harm beyond it;
+4. a stage past its `max_duration` without that -> NO_DATA (held, alerting).
+
 Every decision is a new `RolloutState` with the next generation. The `propose_*` and
 `decide` methods only compute it; `apply` makes it current. The service publishes a
 proposal to `outrider.control` first and applies it only once the write succeeded, so
@@ -14,8 +26,10 @@ from collections.abc import Iterable
 
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutFinished
-from collector._gates import StatsProvider, candidate_stats, check_gate
+from collector._evidence import RolloutEvidence
+from collector._gates import HARM, blocks_promotion, evaluate_gate
 from collector._spec import RolloutSpec, load_spec_text
+from collector._triggers import evaluate_triggers
 from outrider.v1 import admin_pb2, common_pb2, control_pb2
 
 CONTROLLER = "controller"
@@ -23,7 +37,11 @@ RUNNING = control_pb2.ROLLOUT_PHASE_RUNNING
 PROMOTED = control_pb2.ROLLOUT_PHASE_PROMOTED
 ROLLED_BACK = control_pb2.ROLLOUT_PHASE_ROLLED_BACK
 ABORTED = control_pb2.ROLLOUT_PHASE_ABORTED
+HOLD = control_pb2.ROLLOUT_PHASE_HOLD
+NO_DATA = control_pb2.ROLLOUT_PHASE_NO_DATA
 TERMINAL = frozenset({PROMOTED, ROLLED_BACK, ABORTED})
+ACTIVE = frozenset({RUNNING, HOLD, NO_DATA})
+RELEASE_HOLD = "an operator's resume (or abort)"
 MAX_TIMELINE = 1000
 _STICKY = {
     "session": common_pb2.STICKY_BY_SESSION,
@@ -58,6 +76,9 @@ class RolloutController:
         self._spec: RolloutSpec | None = None
         self._timeline: list[admin_pb2.StageRecord] = []
         self._reserved = 0
+        self._last_look = -float("inf")
+        # the latest evaluation of every gate and trigger, published or not (for status)
+        self.evaluation: list[control_pb2.GateResult] = []
 
     @classmethod
     def restore(
@@ -107,7 +128,8 @@ class RolloutController:
 
     @property
     def running(self) -> bool:
-        return self._state is not None and self._state.phase == RUNNING
+        """Still deciding: RUNNING, HOLD or NO_DATA."""
+        return self._state is not None and self._state.phase in ACTIVE
 
     # -- proposals: pure -------------------------------------------------------------------
 
@@ -132,14 +154,16 @@ class RolloutController:
             :12
         ]
         first = spec.steps[0]
+        gate_alpha, _ = spec.test_alphas()
         return control_pb2.RolloutState(
             agent=self.agent,
             generation=generation,
             rollout_id=rollout_id,
             stable_version_id=spec.stable,
             candidate_version_id=spec.candidate,
-            candidate_weight=first.weight / 100,
+            candidate_weight=spec.effective_weight(0),
             phase=RUNNING,
+            alpha=spec.alpha,
             step_index=0,
             step_count=len(spec.steps),
             sticky_by=_STICKY[spec.sticky_by],
@@ -151,7 +175,15 @@ class RolloutController:
             started_at_unix_nano=_ns(now),
             gate_results=[
                 control_pb2.GateResult(
-                    name=g.name, metric=g.metric, limit=g.limit, detail="not evaluated yet"
+                    name=g.name,
+                    metric=g.metric,
+                    limit=g.limit,
+                    margin=g.limit,
+                    alpha=gate_alpha,
+                    kind="gate",
+                    action=g.on_failure,
+                    verdict="waiting",
+                    detail="not evaluated yet",
                 )
                 for g in spec.gates
             ],
@@ -171,19 +203,32 @@ class RolloutController:
             phase=ABORTED,
             weight=0.0,
             reason=f"aborted: {reason or 'no reason given'}",
+            release="",
         )
 
-    def decide(self, stats: StatsProvider, now: float) -> control_pb2.RolloutState | None:
-        """The next state if the gates or the step timing call for one; None otherwise."""
+    def look_again(self) -> None:
+        """The last look's proposal was not published: the next tick looks again at once."""
+        self._last_look = -float("inf")
+
+    def decide(self, evidence: RolloutEvidence, now: float) -> control_pb2.RolloutState | None:
+        """The next state if the tests or the stage timing call for one; None otherwise.
+
+        Looks are spaced by the spec's `look_interval`; between them this returns None.
+        """
         state, spec = self._state, self._spec
-        if state is None or spec is None or state.phase != RUNNING:
+        if state is None or spec is None or state.phase not in ACTIVE:
             return None
+        if now - self._last_look < spec.look_interval:
+            return None
+        self._last_look = now
+        gate_alpha, trigger_alpha = spec.test_alphas()
+        gates = [evaluate_gate(g, evidence, gate_alpha) for g in spec.gates]
+        results = gates + evaluate_triggers(spec, evidence, now, trigger_alpha)
+        self.evaluation = results
         step_no = state.step_index + 1
-        age = max(0.0, now - state.started_at_unix_nano / 1e9)
-        results = [check_gate(g, spec, stats, now, age) for g in spec.gates]
-        failed = [(g, r) for g, r in zip(spec.gates, results, strict=True) if r.ready and not r.passed]
-        for gate, result in failed:
-            if gate.on_failure == "rollback":
+        harmed = [r for r in results if r.verdict == HARM]
+        for result in harmed:
+            if result.action == "rollback":
                 return self._next(
                     state,
                     now,
@@ -191,22 +236,47 @@ class RolloutController:
                     results,
                     phase=ROLLED_BACK,
                     weight=0.0,
-                    reason=f"gate {gate.name} failed at step {step_no}: {result.detail}",
+                    reason=f"{_label(result)} found harm at step {step_no}: {result.detail}",
+                    release="",
                 )
-        if failed:
-            reason = f"held at step {step_no}: gate {', '.join(g.name for g, _ in failed)} failing"
-            return (
-                self._next(state, now, CONTROLLER, results, reason=reason) if state.reason != reason else None
+        if harmed:
+            if state.phase == HOLD:
+                return None
+            names = ", ".join(_label(r) for r in harmed)
+            return self._next(
+                state,
+                now,
+                CONTROLLER,
+                results,
+                phase=HOLD,
+                reason=f"held at step {step_no}: {names} found harm ({harmed[0].detail})",
+                release=RELEASE_HOLD,
             )
+        if state.phase == HOLD:
+            return None
         step = spec.steps[state.step_index]
         elapsed = now - state.step_started_at_unix_nano / 1e9
-        if elapsed < step.min_duration or not all(r.ready and r.passed for r in results):
-            return None
-        samples = candidate_stats(stats, spec, elapsed, now).requests if elapsed > 0 else 0
-        if samples < step.min_samples:
-            return None
-        done = f"step {step_no} passed ({samples} candidate samples in {elapsed:.1f}s)"
-        if step_no == len(spec.steps):
+        samples = evidence.candidate_requests(state.step_index)
+        floor_met = elapsed >= step.min_duration and samples >= step.min_samples
+        last = step_no == len(spec.steps)
+        if floor_met and not last:
+            following = spec.effective_weight(step_no)
+            return self._next(
+                state,
+                now,
+                CONTROLLER,
+                results,
+                phase=RUNNING,
+                step_index=step_no,
+                weight=following,
+                reason=(
+                    f"step {step_no} passed ({samples} candidate requests in {elapsed:.0f}s, no evidence "
+                    f"of harm); advancing to step {step_no + 1} at {following * 100:g}%"
+                ),
+                release="",
+            )
+        blocking = [g.name for g, r in zip(spec.gates, gates, strict=True) if blocks_promotion(g, r)]
+        if floor_met and last and not blocking:
             return self._next(
                 state,
                 now,
@@ -214,18 +284,28 @@ class RolloutController:
                 results,
                 phase=PROMOTED,
                 weight=1.0,
-                reason=f"{done}; all {len(spec.steps)} steps passed: promoted",
+                reason=(
+                    f"promoted: every gate shows no harm beyond its margin after {samples} candidate "
+                    f"requests in the last step ({len(spec.steps)} steps)"
+                ),
+                release="",
             )
-        following = spec.steps[step_no]
-        return self._next(
-            state,
-            now,
-            CONTROLLER,
-            results,
-            step_index=step_no,
-            weight=following.weight / 100,
-            reason=f"{done}; advancing to step {step_no + 1} at {following.weight:g}%",
-        )
+        if state.phase != NO_DATA and step.max_duration is not None and elapsed > step.max_duration:
+            if not floor_met:
+                missing = f"{step.min_samples} candidate requests (has {samples})"
+            else:
+                missing = "a decision from gate(s) " + ", ".join(blocking)
+            return self._next(
+                state,
+                now,
+                CONTROLLER,
+                results,
+                phase=NO_DATA,
+                reason=f"no data: step {step_no} passed its max_duration of {step.max_duration:g}s without "
+                f"{missing}",
+                release=f"the evidence: {missing}; or an operator's promote or abort",
+            )
+        return None
 
     # -- making a proposal current ---------------------------------------------------------
 
@@ -257,8 +337,8 @@ class RolloutController:
         self.apply(state, spec)
         return state
 
-    def evaluate(self, stats: StatsProvider, now: float) -> control_pb2.RolloutState | None:
-        state = self.decide(stats, now)
+    def evaluate(self, evidence: RolloutEvidence, now: float) -> control_pb2.RolloutState | None:
+        state = self.decide(evidence, now)
         if state is not None:
             self.apply(state)
         return state
@@ -286,6 +366,7 @@ class RolloutController:
         weight: float | None = None,
         step_index: int | None = None,
         reason: str,
+        release: str | None = None,
     ) -> control_pb2.RolloutState:
         new = control_pb2.RolloutState()
         new.CopyFrom(state)
@@ -297,6 +378,8 @@ class RolloutController:
             new.phase = phase
         if weight is not None:
             new.candidate_weight = weight
+        if release is not None:
+            new.release = release
         if step_index is not None:
             new.step_index = step_index
             new.step_started_at_unix_nano = _ns(now)
@@ -304,3 +387,7 @@ class RolloutController:
             del new.gate_results[:]
             new.gate_results.extend(results)
         return new
+
+
+def _label(result: control_pb2.GateResult) -> str:
+    return result.name if result.kind == "trigger" else f"gate {result.name}"

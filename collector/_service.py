@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from collector._admin import AdminServer
+from collector._book import EvidenceBook
 from collector._checkpoint import CheckpointStore
 from collector._consumer import EventConsumer
 from collector._control import ControlHistory, ControlPublisher, ensure_topics, read_control_history
@@ -47,7 +48,10 @@ class Collector:
         self.metrics = CollectorMetrics()
         self.windows = RollingWindows(settings.bucket_s, settings.retention_s, settings.dedupe_cache_size)
         self._publisher = ControlPublisher(settings.kafka_bootstrap, settings.publish_timeout_s)
-        self.rollouts = RolloutManager(self._publisher, self.windows, self.metrics, self.clock)
+        self.evidence = EvidenceBook()
+        self.rollouts = RolloutManager(
+            self._publisher, self.windows, self.metrics, self.clock, self.evidence, settings.retention_s
+        )
         book = QuotaBook(settings.quotas, settings.lease_ttl_s, settings.grant_ttl_s, self.clock)
         self.quotas = QuotaGranter(book, self._publisher, self.metrics)
         self._admin = AdminServer(self.rollouts, settings.admin_listen)
@@ -56,7 +60,7 @@ class Collector:
             if settings.metrics_port is not None
             else None
         )
-        self._ingestor = Ingestor(self.windows, self.metrics, self.quotas)
+        self._ingestor = Ingestor(self.windows, self.metrics, self.quotas, self.evidence)
         self._deadletter = DeadLetterWriter(
             settings.kafka_bootstrap, settings.publish_timeout_s, self.metrics
         )

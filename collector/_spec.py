@@ -4,17 +4,22 @@ agent: support-bot
 stable: 1a2b3c4d5e6f
 candidate: 9f8e7d6c5b4a
 sticky_by: session
+alpha: 0.02                 # family-wise false-rollback bound over every gate, trigger and look
 steps:
-  - {weight: 5, min_duration: 30s, min_samples: 50}
+  - {weight: 5, min_duration: 2m, min_samples: 200}
+  - {weight: 50, min_duration: 10m, max_duration: 12h}     # the last step confirms (non-inferiority)
 gates:
-  - {name: errors, metric: error_rate, max_increase: 0.05, window: 1m, min_samples: 20,
-     on_failure: rollback}
+  - {name: errors, metric: error_rate, max_increase: 0.01, window: 5m, on_failure: rollback}
+
+Each gate is a test on the evidence accumulated since the rollout started (collector._evidence);
+its `window` serves its dashboards and absolute trigger only. A step of weight 100 runs at
+100 - `holdback` % so the last stage keeps a concurrent stable baseline.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -33,6 +38,7 @@ Metric = Literal[
     "task_failure_rate",
     "safety_event_rate",
     "fallback_rate",
+    "judge_score",
 ]
 # which limit key each metric takes: rates move by an absolute increase over the baseline,
 # magnitudes by a ratio to it
@@ -48,7 +54,17 @@ LIMIT_KEY: dict[str, str] = {
     "task_failure_rate": "max_increase",
     "safety_event_rate": "max_increase",
     "fallback_rate": "max_increase",
+    "judge_score": "max_decrease",
 }
+LIMIT_KEYS = ("max_increase", "max_ratio", "max_decrease")
+# safety takes no margin: any supported increase rolls back, and it never blocks a promotion
+NO_MARGIN = frozenset({"safety_event_rate"})
+DEFAULT_ALPHA = 0.02
+DEFAULT_HOLDBACK = 5.0
+DEFAULT_LOOK_INTERVAL_S = 10.0
+DEFAULT_MIN_SAMPLES = 30
+DEFAULT_CRITICAL = ("secret", "pii")
+DEFAULT_CRITICAL_MIN_CALLS = 1000
 _VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
@@ -61,7 +77,8 @@ class Step(_Model):
 
     weight: float
     min_duration: Duration = 0.0
-    min_samples: int = Field(default=0, ge=0)
+    min_samples: int = Field(default=0, ge=0)  # candidate requests in this stage, a floor
+    max_duration: Duration | None = None  # past it without its evidence: NO_DATA
 
     @field_validator("weight")
     @classmethod
@@ -70,17 +87,33 @@ class Step(_Model):
             raise ValueError("must be in (0, 100]")
         return value
 
+    @model_validator(mode="after")
+    def _max_after_min(self) -> Step:
+        if self.max_duration is not None and self.max_duration < self.min_duration:
+            raise ValueError("max_duration: must be at least min_duration")
+        return self
+
 
 class Gate(_Model):
-    """A check of the candidate against the stable baseline over a rolling window."""
+    """A test of the candidate against the stable baseline on the rollout's evidence.
+
+    Rollback needs evidence of harm; the last stage promotes on evidence that any harm is
+    below the margin (`max_increase` in points of a rate, `max_ratio` of a magnitude,
+    `max_decrease` of a score). `min_samples` is the randomization units (sessions, users or
+    tenants, per `sticky_by`) with data per arm before the first look: variances come from them.
+    """
 
     name: str = Field(min_length=1)
     metric: Metric
-    max_increase: float | None = Field(default=None, ge=0, le=1)
-    max_ratio: float | None = Field(default=None, gt=0)
-    window: Duration = 60.0
-    min_samples: int = Field(default=20, ge=1)
+    max_increase: float | None = Field(default=None, gt=0, le=1)
+    max_ratio: float | None = Field(default=None, gt=1)
+    max_decrease: float | None = Field(default=None, gt=0, le=1)
+    window: Duration = 300.0
+    min_samples: int = Field(default=DEFAULT_MIN_SAMPLES, ge=1)
     on_failure: Literal["rollback", "hold"] = "rollback"
+    # safety only: categories whose first candidate event rolls back when stable had none
+    critical: tuple[str, ...] = DEFAULT_CRITICAL
+    critical_min_calls: int = Field(default=DEFAULT_CRITICAL_MIN_CALLS, ge=1)
 
     @field_validator("window")
     @classmethod
@@ -92,7 +125,11 @@ class Gate(_Model):
     @model_validator(mode="after")
     def _limit_matches_metric(self) -> Gate:
         wanted = LIMIT_KEY[self.metric]
-        given = {k for k in LIMIT_KEY.values() if getattr(self, k) is not None}
+        given = {k for k in LIMIT_KEYS if getattr(self, k) is not None}
+        if self.metric in NO_MARGIN:
+            if given - {wanted}:
+                raise ValueError(f"{(given - {wanted}).pop()}: not allowed for metric {self.metric}")
+            return self
         if wanted not in given:
             raise ValueError(f"{wanted}: required for metric {self.metric}")
         if given - {wanted}:
@@ -102,9 +139,47 @@ class Gate(_Model):
 
     @property
     def limit(self) -> float:
-        value = self.max_increase if LIMIT_KEY[self.metric] == "max_increase" else self.max_ratio
-        assert value is not None  # checked at validation
-        return value
+        """The margin as written (0 for a gate without one)."""
+        value = getattr(self, LIMIT_KEY[self.metric])
+        return float(value) if value is not None else 0.0
+
+
+class Trigger(_Model):
+    """An absolute trigger: fires only when an anytime-valid bound on the candidate's figure
+    lies beyond `limit` after `min_samples`, and never while stable is beyond it too."""
+
+    enabled: bool = True
+    limit: float = Field(gt=0)
+    window: Duration = 300.0
+    min_samples: int = Field(default=100, ge=1)
+    consecutive: int = Field(default=1, ge=1)  # consecutive minutes (p99)
+    action: Literal["rollback", "hold"] = "rollback"
+
+
+class Triggers(_Model):
+    """The defaults of the design; a spec overrides any field of any of them, and the fields it
+    does not name keep their defaults (`{latency_p99_ms: {limit: 5000}}` keeps 3 minutes)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_defaults(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = dict(value)
+        for name, given in value.items():
+            field = cls.model_fields.get(name)
+            if field is not None and isinstance(given, dict) and isinstance(field.default, Trigger):
+                merged[name] = {**field.default.model_dump(), **given}
+        return merged
+
+    error_rate: Trigger = Trigger(limit=0.02, window=300.0)
+    latency_p99_ms: Trigger = Trigger(limit=10_000.0, window=180.0, consecutive=3, min_samples=100)
+    cost_ratio: Trigger = Trigger(limit=3.0, window=3600.0, action="hold")
+    judge_drop: Trigger = Trigger(limit=0.10, window=3600.0, min_samples=30)
+
+    def active(self) -> list[tuple[str, Trigger]]:
+        named = [(name, getattr(self, name)) for name in type(self).model_fields]
+        return [(name, trigger) for name, trigger in named if trigger.enabled]
 
 
 class RolloutSpec(_Model):
@@ -114,8 +189,25 @@ class RolloutSpec(_Model):
     stable: str = Field(pattern=_VERSION_PATTERN)
     candidate: str = Field(pattern=_VERSION_PATTERN)
     sticky_by: Literal["session", "user", "tenant"] = "session"
+    alpha: float = Field(default=DEFAULT_ALPHA, gt=0, lt=0.5)
+    trigger_alpha_share: float = Field(default=0.1, ge=0, lt=1)  # of alpha, for the triggers
+    holdback: float = Field(default=DEFAULT_HOLDBACK, gt=0, lt=50)  # % stable kept at weight 100
+    look_interval: Duration = DEFAULT_LOOK_INTERVAL_S
     steps: list[Step] = Field(min_length=1, max_length=100)
     gates: list[Gate] = Field(default_factory=list, max_length=50)
+    triggers: Triggers = Triggers()
+
+    def effective_weight(self, index: int) -> float:
+        """The candidate's share of new sessions at step `index`, in [0, 1]."""
+        weight = self.steps[index].weight
+        return (100.0 - self.holdback) / 100 if weight >= 100 else weight / 100
+
+    def test_alphas(self) -> tuple[float, float]:
+        """(alpha per gate, alpha per trigger): Bonferroni over the family."""
+        triggers = len(self.triggers.active())
+        share = self.trigger_alpha_share if triggers else 0.0
+        gate_alpha = self.alpha * (1 - share) / max(1, len(self.gates))
+        return gate_alpha, (self.alpha * share / triggers if triggers else 0.0)
 
     @model_validator(mode="after")
     def _cross_field(self) -> RolloutSpec:

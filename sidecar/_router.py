@@ -3,7 +3,7 @@
 Pure and synchronous: the control tailer feeds `apply`, OpenSession calls `assign`.
 
 - no state                  -> the config's stable version, role STABLE
-- RUNNING                   -> sticky hash of (rollout id, key) in [0, 1): below the
+- RUNNING, HOLD, NO_DATA    -> sticky hash of (rollout id, key) in [0, 1): below the
                                candidate weight -> candidate (CANARY), else stable (STABLE)
 - PROMOTED                  -> candidate, role STABLE
 - ROLLED_BACK / ABORTED     -> the state's stable version, role STABLE
@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 
 ROLE_STABLE = common_pb2.ROLE_STABLE
 ROLE_CANARY = common_pb2.ROLE_CANARY
-_RUNNING = control_pb2.ROLLOUT_PHASE_RUNNING
+# HOLD and NO_DATA freeze the split where it is: sessions keep being split as in RUNNING
+_SPLIT = (
+    control_pb2.ROLLOUT_PHASE_RUNNING,
+    control_pb2.ROLLOUT_PHASE_HOLD,
+    control_pb2.ROLLOUT_PHASE_NO_DATA,
+)
 _PROMOTED = control_pb2.ROLLOUT_PHASE_PROMOTED
 _BACK_TO_STABLE = (control_pb2.ROLLOUT_PHASE_ROLLED_BACK, control_pb2.ROLLOUT_PHASE_ABORTED)
 
@@ -43,6 +48,11 @@ def sticky_fraction(rollout_id: str, key: str) -> float:
     """A uniform, deterministic number in [0, 1) for (rollout, key)."""
     digest = hashlib.sha256(f"{rollout_id}\x00{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def unit_id(rollout_id: str, key: str) -> str:
+    """The randomization unit as events carry it: a hash, so no user or tenant id leaves."""
+    return hashlib.sha256(f"unit\x00{rollout_id}\x00{key}".encode()).hexdigest()[:16]
 
 
 def sticky_key(sticky_by: int, nonce: str, user_id: str, tenant_id: str) -> str:
@@ -86,7 +96,7 @@ class Router:
 
     def _resolve_fixed(self, state: control_pb2.RolloutState) -> Assignment | None:
         needed: tuple[str, ...]
-        if state.phase == _RUNNING:
+        if state.phase in _SPLIT:
             needed = (state.stable_version_id, state.candidate_version_id)
         elif state.phase == _PROMOTED:
             needed = (state.candidate_version_id,)
@@ -116,7 +126,13 @@ class Router:
             return Assignment(state.candidate_version_id, ROLE_STABLE, state.rollout_id)
         if state.phase in _BACK_TO_STABLE:
             return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id)
-        return None  # RUNNING: depends on the session
+        return None  # RUNNING, HOLD, NO_DATA: depends on the session
+
+    def unit_of(self, nonce: str, user_id: str = "", tenant_id: str = "", rollout_id: str = "") -> str:
+        """The hashed randomization unit of a session in the rollout that assigned it."""
+        state = self._state
+        sticky_by = state.sticky_by if state is not None else common_pb2.STICKY_BY_SESSION
+        return unit_id(rollout_id, sticky_key(sticky_by, nonce, user_id, tenant_id))
 
     def assign(self, nonce: str, user_id: str = "", tenant_id: str = "") -> Assignment:
         """The version and role for a new session."""

@@ -204,6 +204,11 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             session_id=session.nonce,
             sidecar_id=self._sidecar_id,
             rollout_id=session.rollout_id,
+            unit_id=self._router.unit_of(
+                session.nonce, session.user_id, session.tenant_id, session.rollout_id
+            )
+            if session.rollout_id
+            else "",
         )
 
     def _deadline(self, context: grpc.aio.ServicerContext[Any, Any], version: Version) -> float:
@@ -352,7 +357,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         if call.span is not None:
             call.span.set_input_messages(messages)
         if blocked is not None:
-            call.error_class = "guard_blocked"
+            call.error_class = "guard_blocked_input"
             self._call_event(session, version, call)
             await context.abort(blocked.code, blocked.message)
         ticket = self._user_quotas.admit(session, estimate_tokens(version, messages))
@@ -455,7 +460,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             outcome = version.guards.scan_output(result.content)
             call.guard_hits += self._safety.report(session, outcome.hits, "output", "chat")
             if outcome.blocked:
-                call.error_class = "guard_blocked"
+                call.error_class = "guard_blocked_output"
                 self._call_event(session, version, call)
                 category = next(h.category for h in outcome.hits if h.action.value == "block")
                 await context.abort(
@@ -524,7 +529,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         except _GuardBlocked as blocked:
             self._executor.stream_done(version, served, None)
             settled = True
-            call.error_class = "guard_blocked"
+            call.error_class = "guard_blocked_output"
             self._finish_stream_error(session, version, call)
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"reply blocked by guardrail {blocked.category}"

@@ -93,6 +93,7 @@ def _spec(stable: str, candidate: str) -> str:
             "stable": stable,
             "candidate": candidate,
             "sticky_by": "session",
+            "look_interval": "1s",
             # one long first step: only a gate can end this rollout within the test
             "steps": [
                 {"weight": 50, "min_duration": "10m", "min_samples": 100000},

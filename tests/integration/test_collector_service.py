@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -52,6 +53,7 @@ def spec_yaml(min_duration: str = "0.3s", min_samples: int = 5, gate_samples: in
             "agent": AGENT,
             "stable": STABLE_V,
             "candidate": CANDIDATE_V,
+            "look_interval": "100ms",
             "steps": [
                 {"weight": w, "min_duration": min_duration, "min_samples": min_samples} for w in (10, 50, 100)
             ],
@@ -77,16 +79,21 @@ def spec_yaml(min_duration: str = "0.3s", min_samples: int = 5, gate_samples: in
     )
 
 
-def make_event(canary: bool, error: bool, latency_ms: float = 50.0) -> events_pb2.Event:
+def make_event(
+    canary: bool, error: bool, latency_ms: float | None = None, rollout_id: str = ""
+) -> events_pb2.Event:
+    """One call of a session of its own; latency jitters around 50 ms unless given."""
+    n = next(_ids)
     event = events_pb2.Event(
-        event_id=f"evt-{next(_ids)}",
+        event_id=f"evt-{n}",
         time_unix_nano=time.time_ns(),
         agent=AGENT,
         version_id=CANDIDATE_V if canary else STABLE_V,
         role=common_pb2.ROLE_CANARY if canary else common_pb2.ROLE_STABLE,
-        session_id="s",
+        session_id=f"s{n}",
+        rollout_id=rollout_id,
     )
-    event.call.latency_ms = latency_ms
+    event.call.latency_ms = latency_ms if latency_ms is not None else 50.0 * random.lognormvariate(0, 0.2)
     event.call.outcome = events_pb2.OUTCOME_ERROR if error else events_pb2.OUTCOME_OK
     if error:
         event.call.error_class = "provider"
@@ -108,13 +115,14 @@ async def send(p: AIOKafkaProducer, event: events_pb2.Event) -> None:
     await p.send_and_wait(outrider.EVENTS_TOPIC, value, key=outrider.agent_key(AGENT), headers=headers)
 
 
-async def produce_mix(p: AIOKafkaProducer, n: int, candidate_error_every: int = 0) -> None:
+async def produce_mix(
+    p: AIOKafkaProducer, n: int, candidate_error_every: int = 0, rollout_id: str = ""
+) -> None:
     """`n` stable requests without errors and `n` candidate requests, every k-th failing."""
     for i in range(n):
-        await send(p, make_event(canary=False, error=False))
-        await send(
-            p, make_event(canary=True, error=candidate_error_every > 0 and i % candidate_error_every == 0)
-        )
+        await send(p, make_event(canary=False, error=False, rollout_id=rollout_id))
+        failing = candidate_error_every > 0 and i % candidate_error_every == 0
+        await send(p, make_event(canary=True, error=failing, rollout_id=rollout_id))
 
 
 async def control_states(
@@ -140,6 +148,14 @@ async def control_states(
     finally:
         await consumer.stop()
     return states
+
+
+def published_part(state: control_pb2.RolloutState) -> control_pb2.RolloutState:
+    """The state without its gate results: status shows the controller's live evaluation there."""
+    copy = control_pb2.RolloutState()
+    copy.CopyFrom(state)
+    del copy.gate_results[:]
+    return copy
 
 
 def ended_with(phase: int) -> Callable[[list[control_pb2.RolloutState]], bool]:
@@ -169,38 +185,43 @@ async def wait_serving(port: int, runner: asyncio.Task[int], within: float = 20.
 
 
 async def test_failing_candidate_is_rolled_back(broker: EmbeddedBroker) -> None:
-    async with producer(broker) as p:
-        await produce_mix(p, 60, candidate_error_every=3)  # 0% vs ~33% errors
-        async with Collector(settings_for(broker)) as collector, admin_client(collector) as admin:
-            started = await admin.StartRollout(
-                admin_pb2.StartRolloutRequest(
-                    spec_yaml=spec_yaml(min_duration="10m"), source_name="rollout.yaml", requested_by="test"
-                )
+    async with (
+        producer(broker) as p,
+        Collector(settings_for(broker)) as collector,
+        admin_client(collector) as admin,
+    ):
+        started = await admin.StartRollout(
+            admin_pb2.StartRolloutRequest(
+                spec_yaml=spec_yaml(min_duration="10m"), source_name="rollout.yaml", requested_by="test"
             )
-            assert started.state.phase == RUNNING and started.state.generation == 1
-            assert started.state.decided_by == "test"
-            states = await control_states(broker, ended_with(control_pb2.ROLLOUT_PHASE_ROLLED_BACK))
-            assert [s.generation for s in states] == [1, 2]
-            rolled_back = states[-1]
-            assert rolled_back.candidate_weight == 0 and rolled_back.decided_by == "controller"
-            assert "gate errors failed" in rolled_back.reason
-            errors = rolled_back.gate_results[0]
-            assert errors.ready and not errors.passed and errors.candidate_value == pytest.approx(20 / 60)
+        )
+        assert started.state.phase == RUNNING and started.state.generation == 1
+        assert started.state.decided_by == "test"
+        # 0% vs 33% errors: evidence of harm well before the stage's 10 minutes
+        await produce_mix(p, 150, candidate_error_every=3, rollout_id=started.state.rollout_id)
+        states = await control_states(broker, ended_with(control_pb2.ROLLOUT_PHASE_ROLLED_BACK))
+        assert [s.generation for s in states] == [1, 2]
+        rolled_back = states[-1]
+        assert rolled_back.candidate_weight == 0 and rolled_back.decided_by == "controller"
+        assert "gate errors found harm" in rolled_back.reason
+        errors = rolled_back.gate_results[0]
+        assert errors.verdict == "harm" and errors.lower > 0 and not errors.passed
+        assert 0.25 < errors.candidate_value < 0.4  # about every third candidate call failed
 
-            status = await admin.GetRollout(admin_pb2.GetRolloutRequest(agent=AGENT))
-            assert status.state == rolled_back
-            assert [s.generation for s in status.timeline] == [1, 2]
-            by_role = {m.role: m for m in status.metrics}
-            assert by_role[common_pb2.ROLE_STABLE].requests == 60
-            assert by_role[common_pb2.ROLE_CANARY].errors == 20
+        status = await admin.GetRollout(admin_pb2.GetRolloutRequest(agent=AGENT))
+        assert status.state == rolled_back
+        assert [s.generation for s in status.timeline] == [1, 2]
+        by_role = {m.role: m for m in status.metrics}
+        assert 0 < by_role[common_pb2.ROLE_STABLE].requests <= 150
+        assert 0 < by_role[common_pb2.ROLE_CANARY].errors <= 50
 
 
 async def test_healthy_candidate_is_promoted(broker: EmbeddedBroker) -> None:
     stop = asyncio.Event()
 
-    async def keep_producing(p: AIOKafkaProducer) -> None:
+    async def keep_producing(p: AIOKafkaProducer, rollout_id: str) -> None:
         while not stop.is_set():
-            await produce_mix(p, 5)
+            await produce_mix(p, 5, rollout_id=rollout_id)
             await asyncio.sleep(0.05)
 
     async with (
@@ -208,17 +229,18 @@ async def test_healthy_candidate_is_promoted(broker: EmbeddedBroker) -> None:
         Collector(settings_for(broker)) as collector,
         admin_client(collector) as admin,
     ):
-        traffic = asyncio.create_task(keep_producing(p))
+        started = await admin.StartRollout(
+            admin_pb2.StartRolloutRequest(spec_yaml=spec_yaml(), requested_by="test")
+        )
+        traffic = asyncio.create_task(keep_producing(p, started.state.rollout_id))
         try:
-            await admin.StartRollout(
-                admin_pb2.StartRolloutRequest(spec_yaml=spec_yaml(), requested_by="test")
-            )
             states = await control_states(broker, ended_with(control_pb2.ROLLOUT_PHASE_PROMOTED), within=30)
         finally:
             stop.set()
             await traffic
     assert [s.generation for s in states] == [1, 2, 3, 4]
-    assert [s.candidate_weight for s in states] == [pytest.approx(0.1), pytest.approx(0.5), 1.0, 1.0]
+    # the 100 % step keeps a 5 % stable holdback until its tests decide
+    assert [s.candidate_weight for s in states] == [pytest.approx(0.1), pytest.approx(0.5), 0.95, 1.0]
     assert [s.step_index for s in states] == [0, 1, 2, 2]
     assert len({s.rollout_id for s in states}) == 1
 
@@ -293,7 +315,8 @@ async def test_admin_errors_restart_recovery_and_metrics(broker: EmbeddedBroker,
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             admin = admin_pb2_grpc.AdminStub(channel)
             status = await admin.GetRollout(admin_pb2.GetRolloutRequest(agent=AGENT))
-            assert status.state == started.state and status.spec_yaml == slow
+            assert published_part(status.state) == published_part(started.state) and status.spec_yaml == slow
+            assert {r.kind for r in status.state.gate_results} == {"gate", "trigger"}  # the live evaluation
             assert [s.generation for s in status.timeline] == [1]
             aborted = await admin.AbortRollout(
                 admin_pb2.AbortRolloutRequest(agent=AGENT, reason="testing", requested_by="ops")

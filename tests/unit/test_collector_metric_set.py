@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from collector import Ingest, RollingWindows, WindowStats
 from collector._errclass import ERROR_CLASSES, classify
 from collector._totals import AgentTotals
-from outrider.v1 import common_pb2, events_pb2, sidecar_pb2
+from outrider.v1 import common_pb2, control_pb2, events_pb2, sidecar_pb2
 
 T0 = 1_700_000_000.0
 STABLE = common_pb2.ROLE_STABLE
@@ -189,6 +189,10 @@ def test_state_round_trips_through_json() -> None:
         ("stream_stall", False, "timeout"),
         ("quota", False, "quota"),
         ("guard_blocked", False, "guard_block"),
+        ("guard_blocked_input", False, "guard_block"),
+        ("guard_blocked_output", False, "guard_output"),
+        ("quota_refused", False, "quota"),
+        ("canceled", False, "cancelled"),
         ("cancelled", False, "cancelled"),
         ("", False, "provider"),
         ("something_new", False, "other"),
@@ -254,11 +258,10 @@ def test_windows_and_totals_agree_and_stay_consistent(
 
 
 def test_new_gate_metrics_compare_candidate_to_baseline() -> None:
-    from collector import load_spec_text
-    from collector._gates import check_gate
+    from collector import EvidenceBook, load_spec_text
+    from collector._gates import evaluate_gate
 
-    spec = load_spec_text(
-        """
+    spec_yaml = """
 agent: bot
 stable: aaaaaaaaaaaa
 candidate: bbbbbbbbbbbb
@@ -267,27 +270,40 @@ gates:
   - {name: unhappy, metric: thumbs_down_rate, max_increase: 0.1, window: 1m, min_samples: 3}
   - {name: spend, metric: cost_per_call, max_ratio: 1.5, window: 1m, min_samples: 2}
   - {name: tail, metric: latency_p99_ms, max_ratio: 2, window: 1m, min_samples: 2}
-""",
-        "g.yaml",
+"""
+    spec = load_spec_text(spec_yaml, "g.yaml")
+    book = EvidenceBook()
+    state = control_pb2.RolloutState(
+        agent="bot",
+        rollout_id="r1",
+        stable_version_id="aaaaaaaaaaaa",
+        candidate_version_id="bbbbbbbbbbbb",
+        started_at_unix_nano=int(T0 * 1e9),
+        step_started_at_unix_nano=int(T0 * 1e9),
     )
-    w = RollingWindows(bucket_s=5, retention_s=300)
-
-    def add(version: str, role: int, e: events_pb2.Event) -> None:
-        e.version_id, e.role, e.agent = version, role, "bot"
-        w.add_event(e, T0)
-
-    for version, role, down, cost in (
-        ("aaaaaaaaaaaa", STABLE, 0, 0.01),
-        ("bbbbbbbbbbbb", common_pb2.ROLE_CANARY, 2, 0.01),
+    evidence = book.sync(state, spec)
+    assert evidence is not None
+    events = []
+    for version, role, down_every in (
+        ("aaaaaaaaaaaa", STABLE, 0),
+        ("bbbbbbbbbbbb", common_pb2.ROLE_CANARY, 2),  # half thumbs down against none
     ):
-        for i in range(4):
-            add(version, role, feedback(sidecar_pb2.FEEDBACK_KIND_THUMBS_DOWN if i < down else 1))
-            add(version, role, call(cost=cost, latency=100))
-    unhappy, spend, tail = (check_gate(g, spec, w, T0, 0) for g in spec.gates)
-    assert unhappy.ready and not unhappy.passed and unhappy.candidate_value == 0.5
-    assert unhappy.baseline_value == 0.0 and unhappy.candidate_samples == 4
-    assert spend.ready and spend.passed and spend.limit == pytest.approx(0.015)
-    assert tail.ready and tail.passed
+        for i in range(200):
+            kind = sidecar_pb2.FEEDBACK_KIND_THUMBS_DOWN if down_every and i % down_every == 0 else 1
+            for e in (feedback(kind), call(cost=0.01 * (1 + i % 5), latency=100.0 * (1 + i % 7))):
+                e.version_id, e.role, e.rollout_id, e.session_id = version, role, "r1", f"{version}{i}"
+                events.append(e)
+    assert book.add_events(events, T0) == len(events)
+    unhappy, spend, tail = (evaluate_gate(g, evidence, 0.01) for g in spec.gates)
+    assert unhappy.ready and not unhappy.passed and unhappy.verdict == "harm"
+    assert unhappy.candidate_value == 0.5 and unhappy.baseline_value == 0.0
+    assert (unhappy.candidate_samples, unhappy.baseline_samples) == (200, 200)
+    assert unhappy.estimate == pytest.approx(0.5) and unhappy.lower > 0 and unhappy.unit == "pts"
+    # the same spend and latency on both sides: no harm beyond the ratios
+    assert spend.ready and spend.passed and spend.verdict == "no_harm" and spend.limit == pytest.approx(1.5)
+    assert spend.estimate == pytest.approx(1.0) and spend.lower < 1 < spend.upper < 1.5
+    assert spend.candidate_value == pytest.approx(spend.baseline_value)
+    assert tail.ready and tail.passed and tail.verdict == "no_harm" and tail.unit == "ratio"
     with pytest.raises(Exception, match="max_increase: required for metric thumbs_down_rate"):
         load_spec_text(
             "agent: b\nstable: a1\ncandidate: b1\nsteps: [{weight: 5}]\n"

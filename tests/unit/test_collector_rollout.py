@@ -1,4 +1,4 @@
-"""The rollout controller, driven by a ManualClock and real rolling windows."""
+"""The rollout controller on a ManualClock, deciding on evidence built from real events."""
 
 from __future__ import annotations
 
@@ -6,28 +6,24 @@ import itertools
 
 import pytest
 
-from collector import (
-    ManualClock,
-    NoRollout,
-    RollingWindows,
-    RolloutConflict,
-    RolloutController,
-    RolloutFinished,
-    RolloutSpec,
-    load_spec_text,
+from collector import NoRollout, RolloutConflict, RolloutController, RolloutFinished
+from outrider.v1 import common_pb2
+from tests.unit.rollout_support import (
+    ABORTED,
+    CANDIDATE_V,
+    HOLD,
+    PROMOTED,
+    ROLLED_BACK,
+    RUNNING,
+    STABLE_V,
+    Harness,
 )
-from outrider.v1 import common_pb2, control_pb2
-
-STABLE_V, CANDIDATE_V = "1a2b3c4d5e6f", "9f8e7d6c5b4a"
-RUNNING = control_pb2.ROLLOUT_PHASE_RUNNING
-PROMOTED = control_pb2.ROLLOUT_PHASE_PROMOTED
-ROLLED_BACK = control_pb2.ROLLOUT_PHASE_ROLLED_BACK
-ABORTED = control_pb2.ROLLOUT_PHASE_ABORTED
 
 SPEC_YAML = f"""
 agent: bot
 stable: {STABLE_V}
 candidate: {CANDIDATE_V}
+look_interval: 1s
 steps:
   - {{weight: 10, min_duration: 30s, min_samples: 20}}
   - {{weight: 50, min_duration: 30s, min_samples: 20}}
@@ -36,44 +32,15 @@ gates:
   - {{name: errors, metric: error_rate, max_increase: 0.05, window: 1m, min_samples: 20}}
   - {{name: latency, metric: latency_p95_ms, max_ratio: 1.5, window: 1m, min_samples: 20}}
 """
-_ids = itertools.count()
 
 
-class Harness:
-    def __init__(self, spec_yaml: str = SPEC_YAML) -> None:
-        self.clock = ManualClock()
-        self.windows = RollingWindows(bucket_s=1, retention_s=600)
-        self.spec: RolloutSpec = load_spec_text(spec_yaml, "test.yaml")
-        self.yaml = spec_yaml
-        self.ctl = RolloutController("bot")
-
-    def feed(self, n: int, *, canary: bool, error_every: int = 0, latency_ms: float = 100.0) -> None:
-        role = common_pb2.ROLE_CANARY if canary else common_pb2.ROLE_STABLE
-        version = CANDIDATE_V if canary else STABLE_V
-        now = self.clock.now()
-        for i in range(n):
-            error = error_every > 0 and i % error_every == 0
-            self.windows.record("bot", version, role, now, latency_ms, error, now)
-
-    def tick(self, seconds: float = 1.0) -> control_pb2.RolloutState | None:
-        self.clock.advance(seconds)
-        return self.ctl.evaluate(self.windows, self.clock.now())
-
-    def healthy_traffic_for(
-        self, seconds: int, *, latency_ms: float = 100.0
-    ) -> list[control_pb2.RolloutState]:
-        changes = []
-        for _ in range(seconds):
-            self.feed(5, canary=False)
-            self.feed(2, canary=True, latency_ms=latency_ms)
-            if (state := self.tick()) is not None:
-                changes.append(state)
-        return changes
+def gates_of(state: object) -> list[object]:
+    return [g for g in state.gate_results if g.kind == "gate"]  # type: ignore[attr-defined]
 
 
 def test_start_sets_first_step() -> None:
-    h = Harness()
-    state = h.ctl.start(h.spec, h.yaml, h.clock.now(), "cli:alice", generation_base=41)
+    h = Harness(SPEC_YAML)
+    state = h.start("cli:alice", generation_base=41)
     assert state.phase == RUNNING and state.generation == 42
     assert state.candidate_weight == pytest.approx(0.10)
     assert (state.step_index, state.step_count) == (0, 3)
@@ -81,20 +48,28 @@ def test_start_sets_first_step() -> None:
     assert state.stable_version_id == STABLE_V and state.candidate_version_id == CANDIDATE_V
     assert state.sticky_by == common_pb2.STICKY_BY_SESSION
     assert [g.name for g in state.gate_results] == ["errors", "latency"]
+    assert all(g.verdict == "waiting" for g in state.gate_results)
+    assert state.alpha == pytest.approx(0.02)
     assert len(state.rollout_id) == 12
     assert [s.generation for s in h.ctl.timeline] == [42]
+    # the evidence of the new rollout starts empty, at stage 0
+    assert h.evidence.rollout_id == state.rollout_id and h.evidence.stage == 0
+    assert h.evidence.candidate_requests(0) == 0
 
 
 def test_healthy_candidate_advances_through_steps_to_promoted() -> None:
-    h = Harness()
-    h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
+    h = Harness(SPEC_YAML)
+    h.start()
     changes = h.healthy_traffic_for(200)
     assert [c.phase for c in changes] == [RUNNING, RUNNING, PROMOTED]
-    assert [c.candidate_weight for c in changes] == [pytest.approx(0.5), 1.0, 1.0]
+    # a 100 % step keeps a 5 % stable holdback until the tests decide
+    assert [c.candidate_weight for c in changes] == [pytest.approx(0.5), pytest.approx(0.95), 1.0]
     assert [c.step_index for c in changes] == [1, 2, 2]
     assert [c.generation for c in changes] == [2, 3, 4]
     assert all(c.decided_by == "controller" for c in changes)
-    assert all(g.ready and g.passed for c in changes for g in c.gate_results)
+    assert all(g.verdict != "harm" for c in changes for g in c.gate_results)
+    # promotion needs every gate to rule out harm beyond its margin
+    assert all(g.ready and g.passed and g.verdict == "no_harm" for g in gates_of(changes[-1]))
     started = changes[0].started_at_unix_nano
     assert all(c.started_at_unix_nano == started and c.spec_yaml == h.yaml for c in changes)
     # each step is held at least its min_duration
@@ -102,61 +77,86 @@ def test_healthy_candidate_advances_through_steps_to_promoted() -> None:
     assert all(b - a >= 30e9 for a, b in itertools.pairwise(times))
     assert "promoted" in changes[-1].reason
     assert [s.phase for s in h.ctl.timeline] == [RUNNING, RUNNING, RUNNING, PROMOTED]
-    assert h.tick() is None and h.ctl.state is not None and h.ctl.state.phase == PROMOTED
+    # the evidence followed the stages: one stratum per step
+    assert h.evidence.stage == 2 and all(h.evidence.candidate_requests(i) > 0 for i in range(3))
+    assert h.tick() is None and h.state.phase == PROMOTED
 
 
 def test_error_gate_rolls_back() -> None:
-    h = Harness()
-    h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
-    h.feed(40, canary=False)
-    h.feed(30, canary=True, error_every=3)  # 34% errors vs 0%
+    h = Harness(SPEC_YAML)
+    h.start()
+    h.feed(200, canary=False)
+    h.feed(99, canary=True, error_every=3)  # 33 % errors against none
     state = h.tick()
     assert state is not None and state.phase == ROLLED_BACK
     assert state.candidate_weight == 0 and state.generation == 2
-    assert "gate errors failed at step 1" in state.reason and "0.3333" in state.reason
+    assert state.reason.startswith("gate errors found harm at step 1: harm: candidate worse than stable")
     errors = state.gate_results[0]
-    assert errors.ready and not errors.passed
-    assert errors.candidate_value == pytest.approx(10 / 30) and errors.baseline_value == 0
-    assert errors.limit == pytest.approx(0.05)
-    assert (errors.candidate_samples, errors.baseline_samples) == (30, 40)
+    assert errors.name == "errors" and errors.verdict == "harm" and errors.ready and not errors.passed
+    assert errors.candidate_value == pytest.approx(33 / 99) and errors.baseline_value == 0
+    assert errors.lower > 0 and errors.estimate == pytest.approx(33 / 99)
+    assert errors.limit == pytest.approx(0.05) and errors.unit == "pts"
+    assert (errors.candidate_samples, errors.baseline_samples) == (99, 200)
+
+
+def test_error_gate_needs_evidence_not_a_point_estimate() -> None:
+    """30 % errors on 30 calls is far above the margin, but not yet evidence of harm."""
+    h = Harness(SPEC_YAML)
+    h.start()
+    h.feed(40, canary=False)
+    h.feed(30, canary=True, error_every=3)
+    assert h.tick() is None
+    errors = h.ctl.evaluation[0]
+    assert errors.verdict == "undecided" and errors.lower < 0 < errors.estimate
 
 
 def test_latency_gate_rolls_back() -> None:
-    h = Harness()
-    h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
+    h = Harness(SPEC_YAML)
+    h.start()
     h.feed(40, canary=False, latency_ms=100)
     h.feed(40, canary=True, latency_ms=200)
     state = h.tick()
     assert state is not None and state.phase == ROLLED_BACK
-    assert "gate latency failed" in state.reason
+    assert "gate latency found harm" in state.reason
     latency = state.gate_results[1]
-    assert latency.candidate_value == pytest.approx(200, rel=0.02)
-    assert latency.limit == pytest.approx(150, rel=0.02)
+    assert latency.verdict == "harm" and latency.unit == "ratio" and latency.lower > 1
+    assert latency.estimate == pytest.approx(2.0, rel=0.2)
+    assert latency.candidate_value == pytest.approx(200, rel=0.2)
+    assert latency.baseline_value == pytest.approx(100, rel=0.2)
+    assert latency.limit == pytest.approx(1.5)
 
 
 def test_gates_wait_for_min_samples() -> None:
-    h = Harness()
-    h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
-    h.feed(40, canary=False)
-    h.feed(19, canary=True, error_every=1)  # all errors, but one sample short
-    assert h.tick(60) is None
-    assert h.ctl.state is not None and h.ctl.state.phase == RUNNING and h.ctl.state.step_index == 0
-    decided = h.ctl.decide(h.windows, h.clock.now())
-    assert decided is None
+    h = Harness(
+        SPEC_YAML.replace(
+            "max_increase: 0.05, window: 1m, min_samples: 20",
+            "max_increase: 0.05, window: 1m, min_samples: 100",
+        )
+    )
+    h.start()
+    h.feed(200, canary=False)
+    h.feed(99, canary=True, error_every=1)  # all errors, but one sample short
+    assert h.tick(10) is None
+    assert h.state.phase == RUNNING and h.state.step_index == 0
+    errors = h.ctl.evaluation[0]
+    assert errors.verdict == "waiting" and not errors.ready
+    assert "100 " in errors.waiting_for and "candidate 99" in errors.waiting_for
     h.feed(1, canary=True, error_every=1)
-    state = h.tick(0)
-    assert state is not None and state.phase == ROLLED_BACK
+    state = h.tick()
+    assert state is not None and state.phase == ROLLED_BACK and "gate errors" in state.reason
 
 
 def test_step_waits_for_min_samples_even_after_min_duration() -> None:
     h = Harness(SPEC_YAML.replace("window: 1m, min_samples: 20}", "window: 1m, min_samples: 5}"))
-    h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
+    h.start()
     h.feed(10, canary=False)
-    h.feed(10, canary=True)  # gates ready and passing, step needs 20
+    h.feed(10, canary=True)  # gates ready and harmless, the step needs 20 candidate requests
     assert h.tick(45) is None
+    assert h.state.step_index == 0
     h.feed(10, canary=True)
     state = h.tick()
-    assert state is not None and state.step_index == 1
+    assert state is not None and state.step_index == 1 and state.phase == RUNNING
+    assert "20 candidate requests" in state.reason
 
 
 def test_hold_stays_at_step_and_records_once() -> None:
@@ -166,20 +166,28 @@ def test_hold_stays_at_step_and_records_once() -> None:
             "max_ratio: 1.5, window: 1m, min_samples: 20, on_failure: hold}",
         )
     )
-    h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
+    h.start()
     changes = h.healthy_traffic_for(60, latency_ms=400)
     assert len(changes) == 1
     held = changes[0]
-    assert held.phase == RUNNING and held.step_index == 0 and "held at step 1: gate latency" in held.reason
-    assert held.gate_results[1].ready and not held.gate_results[1].passed
-    # once the candidate is fast again (and the slow samples leave the window) it advances
-    changes = h.healthy_traffic_for(120)
-    assert changes and changes[0].step_index == 1
+    assert held.phase == HOLD and held.step_index == 0
+    assert held.candidate_weight == pytest.approx(0.10)
+    assert held.reason.startswith("held at step 1: gate latency found harm")
+    assert held.release  # what would release it
+    latency = held.gate_results[1]
+    assert latency.ready and not latency.passed and latency.verdict == "harm" and latency.action == "hold"
+    # a fast candidate again does not release it: only an operator does
+    assert h.healthy_traffic_for(120) == []
+    assert h.state == held
+    # the rollback tests keep running in HOLD
+    h.feed(300, canary=True, error_every=2)
+    state = h.tick()
+    assert state is not None and state.phase == ROLLED_BACK and "gate errors" in state.reason
 
 
 def test_abort_and_terminal_states_stay_terminal() -> None:
-    h = Harness()
-    h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
+    h = Harness(SPEC_YAML)
+    h.start()
     state = h.ctl.abort("bad vibes", h.clock.now(), "cli:bob")
     assert state.phase == ABORTED and state.candidate_weight == 0 and state.generation == 2
     assert state.reason == "aborted: bad vibes" and state.decided_by == "cli:bob"
@@ -187,24 +195,25 @@ def test_abort_and_terminal_states_stay_terminal() -> None:
     with pytest.raises(RolloutFinished):
         h.ctl.abort("again", h.clock.now(), "x")
     # a new rollout may start after a terminal one; generations continue
-    again = h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
+    again = h.start()
     assert again.generation == 3 and again.rollout_id != state.rollout_id
     assert [s.generation for s in h.ctl.timeline] == [3]
+    assert h.evidence.rollout_id == again.rollout_id  # and its evidence starts afresh
 
 
 def test_start_while_running_conflicts_and_abort_without_rollout() -> None:
-    h = Harness()
+    h = Harness(SPEC_YAML)
     with pytest.raises(NoRollout):
         h.ctl.abort("x", h.clock.now(), "x")
-    h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
+    h.start()
     with pytest.raises(RolloutConflict):
-        h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
+        h.start()
     with pytest.raises(ValueError, match="agent"):
         RolloutController("other").start(h.spec, h.yaml, h.clock.now())
 
 
 def test_proposals_do_not_change_state_until_applied() -> None:
-    h = Harness()
+    h = Harness(SPEC_YAML)
     proposal = h.ctl.propose_start(h.spec, h.yaml, h.clock.now(), "test")
     assert h.ctl.state is None
     h.ctl.apply(proposal, h.spec)
@@ -216,23 +225,36 @@ def test_proposals_do_not_change_state_until_applied() -> None:
     assert h.ctl.state is abort
 
 
+def test_looks_are_spaced_by_look_interval() -> None:
+    h = Harness(SPEC_YAML.replace("look_interval: 1s", "look_interval: 10s"))
+    h.start()
+    h.feed(200, canary=False)
+    assert h.tick(10) is None  # a look, nothing to decide
+    h.feed(99, canary=True, error_every=3)
+    assert h.tick(9) is None  # no look yet: 9 s since the last one
+    state = h.tick(1)
+    assert state is not None and state.phase == ROLLED_BACK
+
+
 def test_restore_resumes_running_rollout_from_spec_yaml() -> None:
-    h = Harness()
-    first = h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
+    h = Harness(SPEC_YAML)
+    first = h.start()
     changes = h.healthy_traffic_for(40)
+    assert changes and changes[0].step_index == 1
     restored = RolloutController.restore([changes[0], first, first])
     assert restored.state == changes[0] and restored.spec == h.spec
     assert [s.generation for s in restored.timeline] == [1, 2]
-    h.ctl = restored
+    h.ctl = restored  # the evidence stays with the book (it is checkpointed apart)
     later = h.healthy_traffic_for(200)
     assert later[-1].phase == PROMOTED and later[0].generation == 3
 
 
 def test_restore_with_invalid_spec_freezes_rollout() -> None:
-    h = Harness()
-    state = h.ctl.start(h.spec, h.yaml, h.clock.now(), "test")
+    h = Harness(SPEC_YAML)
+    state = h.start()
     state.spec_yaml = "steps: nope"
     restored = RolloutController.restore([state])
     assert restored.running and restored.spec is None
-    assert restored.decide(h.windows, h.clock.now()) is None
+    h.feed(200, canary=True, error_every=1)
+    assert restored.decide(h.evidence, h.clock.now() + 60) is None
     assert restored.abort("fix it", h.clock.now(), "ops").phase == ABORTED

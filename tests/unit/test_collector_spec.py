@@ -31,6 +31,7 @@ def test_public_surface() -> None:
             "Clock",
             "Collector",
             "CollectorSettings",
+            "EvidenceBook",
             "Gate",
             "Ingest",
             "ManualClock",
@@ -39,13 +40,15 @@ def test_public_surface() -> None:
             "RollingWindows",
             "RolloutConflict",
             "RolloutController",
+            "RolloutEvidence",
             "RolloutError",
             "RolloutFinished",
             "RolloutSpec",
+            "Rows",
             "SpecError",
-            "StatsProvider",
             "Step",
             "SystemClock",
+            "Trigger",
             "WindowStats",
             "load_settings",
             "load_spec_file",
@@ -58,9 +61,27 @@ def test_public_surface() -> None:
 def test_example_spec_loads() -> None:
     spec = load_spec_file(ROOT / "examples" / "rollout.yaml")
     assert spec.agent == "support-bot"
-    assert [s.weight for s in spec.steps] == [5, 25, 100]
-    assert spec.steps[0].min_duration == 30.0
-    assert [g.limit for g in spec.gates] == [0.05, 1.5]
+    assert [s.weight for s in spec.steps] == [5, 25, 50]
+    assert [s.min_duration for s in spec.steps] == [60.0, 300.0, 600.0]
+    assert [s.min_samples for s in spec.steps] == [100, 1000, 0]
+    assert spec.steps[-1].max_duration == 24 * 3600.0  # the last stage confirms, then NO_DATA
+    assert (spec.alpha, spec.look_interval, spec.sticky_by) == (0.02, 30.0, "session")
+    # every gate of the design but quality, with the margins of the issue
+    assert {g.metric: g.limit for g in spec.gates} == {
+        "task_failure_rate": 0.025,
+        "error_rate": 0.01,
+        "latency_p95_ms": 1.10,
+        "cost_per_call": 1.125,
+        "thumbs_down_rate": 0.025,
+        "safety_event_rate": 0.0,
+    }
+    assert all(g.on_failure == "rollback" for g in spec.gates)
+    # the triggers keep the design's defaults
+    t = spec.triggers
+    assert (t.error_rate.limit, t.error_rate.window, t.error_rate.action) == (0.02, 300.0, "rollback")
+    assert (t.latency_p99_ms.limit, t.latency_p99_ms.consecutive) == (10_000.0, 3)
+    assert (t.cost_ratio.limit, t.cost_ratio.window, t.cost_ratio.action) == (3.0, 3600.0, "hold")
+    assert (t.judge_drop.limit, t.judge_drop.action) == (0.10, "rollback")
 
 
 def test_good_spec_parses_durations_and_defaults() -> None:
@@ -92,8 +113,32 @@ def test_good_spec_parses_durations_and_defaults() -> None:
         ("name: latency", "name: errors", "rollout.yaml: gates[1].name: duplicate gate name 'errors'"),
         (
             "max_increase: 0.05",
-            "max_ratio: 0.05",
+            "max_ratio: 2",
             "rollout.yaml: gates[0].max_increase: required for metric error_rate",
+        ),
+        ("max_ratio: 1.5", "max_ratio: 0.9", "rollout.yaml: gates[1].max_ratio: Input should be greater"),
+        ("max_increase: 0.05", "max_increase: 0", "rollout.yaml: gates[0].max_increase: Input should be"),
+        (
+            "on_failure: hold",
+            "on_failure: hold, max_decrease: 0.1",
+            "rollout.yaml: gates[1].max_decrease: not allowed for metric latency_p95_ms",
+        ),
+        (
+            "metric: error_rate, max_increase: 0.05",
+            "metric: judge_score, max_increase: 0.05",
+            "rollout.yaml: gates[0].max_decrease: required for metric judge_score",
+        ),
+        (
+            "min_duration: 1h}",
+            "min_duration: 1h, max_duration: 30m}",
+            "rollout.yaml: steps[2].max_duration: must be at least min_duration",
+        ),
+        ("agent: support-bot", "agent: support-bot\nalpha: 0.5", "rollout.yaml: alpha: Input should be less"),
+        ("agent: support-bot", "agent: support-bot\nholdback: 0", "rollout.yaml: holdback: Input should be"),
+        (
+            "agent: support-bot",
+            "agent: support-bot\ntriggers: {error_rate: {limit: 0}}",
+            "rollout.yaml: triggers.error_rate.limit: Input should be greater than 0",
         ),
         (
             "max_ratio: 1.5",
