@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from tests.bench import collector_ingest, global_quota, resilience, sidecar_latency, sidecar_telemetry
+from tests.bench import (
+    collector_ingest,
+    decisions,
+    global_quota,
+    resilience,
+    sidecar_latency,
+    sidecar_telemetry,
+)
 
 BENCHMARKS = {
     "sidecar-latency": sidecar_latency.main,
@@ -12,6 +19,7 @@ BENCHMARKS = {
     "collector-ingest": collector_ingest.main,
     "resilience": resilience.main,
     "global-quota": global_quota.main,
+    "decisions": decisions.main,
 }
 
 
