@@ -17,8 +17,10 @@ categories, which roll back on the candidate's first event when stable had none 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 from collector._evidence import CALL, COST, LAT, REQ, SCORE, SPEND, TASK, THUMB, TOOL, TTFT, RolloutEvidence
 from collector._spec import NO_MARGIN, Gate
@@ -72,7 +74,7 @@ def margin_scale(gate: Gate) -> float:
     return gate.limit
 
 
-def estimate(gate: Gate, evidence: RolloutEvidence) -> Estimate:
+def estimate(gate: Gate, evidence: RolloutEvidence, alpha: float) -> Estimate:
     """The harm over every stage with both arms, weighted by n0·n1/(n0+n1) per stage."""
     kind = METRICS[gate.metric]
     by_stratum = evidence.family(kind.family)  # [stratum][arm] -> [K, N, S, NN, SS, NS]
@@ -86,17 +88,24 @@ def estimate(gate: Gate, evidence: RolloutEvidence) -> Estimate:
             continue
         if kind.test == "prop":
             d = s1 / nn1 - s0 / nn0
-            v = proportion_difference_variance(s0, nn0, s1, nn1, deff)
+            v = max(
+                proportion_difference_variance(s0, nn0, s1, nn1, deff),
+                _unpooled_variance(s0, nn0, s1, nn1) * deff,
+            )
         elif kind.test == "unit_mean":
             m0, m1 = s0 / k0, s1 / k1
             if m0 <= 0 or m1 <= 0:
                 continue
             d = math.log(m1 / m0)
-            v = _unit_mean_variance(k0, s0, sq0) / m0**2 + _unit_mean_variance(k1, s1, sq1) / m1**2
+            v = _unit_mean_variance(k0, s0, sq0) / m0**2 * _small_sample(k0, alpha) + _unit_mean_variance(
+                k1, s1, sq1
+            ) / m1**2 * _small_sample(k1, alpha)
         else:
             m0, m1 = s0 / nn0, s1 / nn1
             d = m0 - m1 if kind.test == "drop" else m1 - m0
-            v = ratio_mean_variance(int(k0), *a0[1:]) + ratio_mean_variance(int(k1), *a1[1:])
+            v = ratio_mean_variance(int(k0), *a0[1:]) * _small_sample(k0, alpha) + ratio_mean_variance(
+                int(k1), *a1[1:]
+            ) * _small_sample(k1, alpha)
         if not math.isfinite(v):
             continue
         # a metric that never varies (a flat price) is known exactly, not unknowable
@@ -112,6 +121,29 @@ def estimate(gate: Gate, evidence: RolloutEvidence) -> Estimate:
     if total_w <= 0:
         return Estimate(0.0, math.inf, n0, n1, units0, units1)
     return Estimate(total_d / total_w, total_v / total_w**2, n0, n1, units0, units1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _t_widening(units: int, alpha: float) -> float:
+    from scipy.stats import t  # type: ignore[import-untyped]  # slow to import: only when needed
+
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    return float((t.ppf(1 - alpha / 2, units - 1) / z) ** 2)
+
+
+def _small_sample(k: float, alpha: float) -> float:
+    """A variance estimated from k units is itself uncertain: a t tail with k - 1 degrees of
+    freedom, not a normal one. Widen it by (t / z)^2 at the gate's alpha (1.19 at k = 30)."""
+    if k < 2:
+        return math.inf
+    return _t_widening(min(int(k), 100_000), alpha) if k < 100_000 else 1.0
+
+
+def _unpooled_variance(y0: float, n0: float, y1: float, n1: float) -> float:
+    """Each arm's own variance, Agresti-Caffo shrunk: with few events (a rare error), two on a
+    small arm must not look like certainty, which the pooled rate alone would let them."""
+    p0, p1 = (y0 + 1) / (n0 + 2), (y1 + 1) / (n1 + 2)
+    return p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1
 
 
 def _unit_mean_variance(k: float, s: float, ss: float) -> float:
@@ -150,7 +182,7 @@ def evaluate_gate(gate: Gate, evidence: RolloutEvidence, alpha: float) -> contro
     )
     if kind.test == "count":
         return _safety(gate, evidence, alpha, result)
-    est = estimate(gate, evidence)
+    est = estimate(gate, evidence, alpha)
     result.candidate_samples, result.baseline_samples = int(est.n1), int(est.n0)
     # the variances are estimated from units (sessions, users or tenants): wait for enough of them
     if min(est.k0, est.k1) < gate.min_samples or not math.isfinite(est.variance):
