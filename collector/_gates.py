@@ -28,8 +28,9 @@ from collector.stats import msprt_half_width, proportion_difference_variance, ra
 from outrider.v1 import control_pb2
 
 HARM, NO_HARM, UNDECIDED, WAITING = "harm", "no_harm", "undecided", "waiting"
-DEFF_MAX = 20.0
-VARIANCE_FLOOR = 1e-12  # the design effect of clustering, capped: a few huge sessions must not stall a gate
+DEFF_MAX = 20.0  # the design effect of clustering, capped: a few huge sessions must not stall a gate
+VARIANCE_FLOOR = 1e-12
+NORMAL_MIN_EVENTS = 10.0  # the textbook np >= 10 for a normal approximation of a proportion
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,10 @@ def estimate(gate: Gate, evidence: RolloutEvidence, alpha: float) -> Estimate:
             continue
         if kind.test == "prop":
             d = s1 / nn1 - s0 / nn0
-            v = max(
-                proportion_difference_variance(s0, nn0, s1, nn1, deff),
-                _unpooled_variance(s0, nn0, s1, nn1) * deff,
-            )
+            v = proportion_difference_variance(s0, nn0, s1, nn1, deff)
+            if min(nn0, nn1) * (s0 + s1 + 0.5) / (nn0 + nn1 + 1) < NORMAL_MIN_EVENTS:
+                # too few expected events on an arm for the normal approximation (np >= 10)
+                v = max(v, _unpooled_variance(s0, nn0, s1, nn1) * deff)
         elif kind.test == "unit_mean":
             m0, m1 = s0 / k0, s1 / k1
             if m0 <= 0 or m1 <= 0:
