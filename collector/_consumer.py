@@ -137,6 +137,20 @@ class EventConsumer:
             sought or "none",
         )
 
+    async def reset_positions(self) -> None:
+        """A new broker: the events log starts again at 0, so the positions (and the checkpoint's
+        offsets) of the old log mean nothing. Read every assigned partition from its start;
+        redelivered events are dropped by id."""
+        async with self._lock:
+            for key in list(self._ingestor.positions):
+                if key[0] == outrider.EVENTS_TOPIC:
+                    self._ingestor.positions[key] = 0
+            self._dirty = True
+            if self._started:
+                for tp in self._consumer.assignment():
+                    self._consumer.seek(tp, 0)
+        log.warning("consuming %s from offset 0 of the new log", outrider.EVENTS_TOPIC)
+
     async def start(self) -> None:
         if not self._started:
             try:

@@ -19,6 +19,7 @@ from collector._metrics import CollectorMetrics
 from collector._rollout import RolloutController
 from collector._spec import RolloutSpec
 from collector._windows import RollingWindows
+from outrider import SignedRecord
 from outrider.clock import Clock
 from outrider.v1 import admin_pb2, common_pb2, control_pb2
 
@@ -33,6 +34,11 @@ class PublishError(Exception):
 
 class StatePublisher(Protocol):
     async def publish(self, state: control_pb2.RolloutState) -> None: ...
+
+    @property
+    def latest(self) -> dict[str, SignedRecord]: ...
+
+    async def send(self, record: SignedRecord) -> int: ...
 
 
 class RolloutManager:
@@ -66,6 +72,23 @@ class RolloutManager:
                 ctl.state.generation,
                 phase,
             )
+
+    async def republish(self) -> int:
+        """Write the newest signed record of every agent again, as it is (under the lock, so a
+        decision is never overtaken by an older state); how many were written."""
+        written = 0
+        async with self._lock:
+            for agent, record in list(self._publisher.latest.items()):
+                try:
+                    await self._publisher.send(record)
+                except (KafkaError, TimeoutError) as exc:
+                    log.warning(
+                        "republishing %s failed: %s; trying again later", agent, exc or type(exc).__name__
+                    )
+                    continue
+                written += 1
+                self._metrics.republished.inc()
+        return written
 
     def get(self, agent: str) -> RolloutController | None:
         return self._controllers.get(agent)

@@ -2,12 +2,20 @@
 
 Each component runs as its own process, as in production, started by `outrider` itself
 and stopped by PID (SIGTERM, then SIGKILL after a grace period) in reverse start order.
+
+Secrets are made fresh on every run, in `.outrider/dev/` (mode 0600 where secret): the
+control-signing key pair (the collector signs with the .key, the sidecar trusts the .pub),
+an operator bearer token for the admin API (`admin-token`, which the `outrider rollout`
+commands read without flags; its hash in `admin-tokens.yaml`), and a session key passed to
+the sidecar in `OUTRIDER_SESSION_KEY`. The admin API stays plaintext gRPC on loopback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from devstack._admin_client import DEV_DIR, DEV_TOKEN_FILE
 from devstack.broker import EmbeddedBroker, free_port
 
 log = logging.getLogger(__name__)
@@ -57,7 +66,12 @@ class DevStack:
     sidecar_listen: str = "127.0.0.1:50051"
     sidecar_metrics_port: int = 9464
     collector_metrics_port: int = 9465
+    dev_dir: Path = DEV_DIR
+    token_file: Path = DEV_TOKEN_FILE
     _broker: EmbeddedBroker | None = None
+    _env: dict[str, str] = field(default_factory=dict)
+    _signing_key: Path | None = None
+    _tokens_file: Path | None = None
     _children: list[_Child] = field(default_factory=list)
     _stopping: bool = False
 
@@ -71,6 +85,8 @@ class DevStack:
                 raise StackError(
                     f"{host}:{port} is already in use; the {what} needs it (another `outrider dev`?)"
                 )
+        self._make_secrets()
+        assert self._signing_key is not None and self._tokens_file is not None
         self._broker = EmbeddedBroker(port=free_port())
         self._broker.start()
         kafka = self._broker.bootstrap_servers
@@ -97,6 +113,10 @@ class DevStack:
             f"127.0.0.1:{ADMIN_PORT}",
             "--metrics-port",
             str(self.collector_metrics_port),
+            "--signing-key-file",
+            str(self._signing_key),
+            "--admin-tokens-file",
+            str(self._tokens_file),
         )
         self._wait_port("collector", "127.0.0.1", ADMIN_PORT)
         self._spawn(
@@ -115,10 +135,36 @@ class DevStack:
         host, _, sidecar_port = self.sidecar_listen.rpartition(":")
         self._wait_port("sidecar", host, int(sidecar_port))
 
+    def _make_secrets(self) -> None:
+        """A fresh signing key pair, operator token and session key for this run."""
+        import outrider
+        from collector._auth import token_entry
+
+        keys = self.dev_dir / "keys"
+        for old in list(keys.glob("*.key")) + list(keys.glob("*.pub")) if keys.is_dir() else []:
+            old.unlink()
+        signer = outrider.SigningKey.generate()
+        self._signing_key, public = signer.write(keys)
+        token = secrets.token_urlsafe(32)
+        self.token_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        import yaml
+
+        self._tokens_file = self.dev_dir / "admin-tokens.yaml"
+        self._tokens_file.write_text(yaml.safe_dump({"tokens": [token_entry("dev", "operator", token)]}))
+        self._env = {
+            "OUTRIDER_CONTROL_PUBLIC_KEYS": str(public),
+            "OUTRIDER_SESSION_KEY": secrets.token_hex(32),
+        }
+
     def describe(self) -> str:
         assert self._broker is not None
         lines = [f"  {'kafka (embedded)':<18} {self._broker.bootstrap_servers}  pid {self._broker.pid}"]
         lines += [f"  {c.name:<18} {c.where}  pid {c.proc.pid}" for c in self._children]
+        lines.append(f"  {'admin token':<18} {self.token_file} (operator; the CLI reads it without flags)")
+        lines.append(f"  {'signing keys':<18} {self.dev_dir / 'keys'} (new each run)")
         return "\n".join(lines)
 
     def stop(self) -> None:
@@ -170,7 +216,12 @@ class DevStack:
 
     def _spawn(self, name: str, where: str, *args: str) -> None:
         # A new session: the terminal's Ctrl-C reaches only us, and we stop children in order.
-        proc = subprocess.Popen(outrider_command(*args), stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            outrider_command(*args),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **self._env},
+        )
         self._children.append(_Child(name, proc, where))
 
     def _wait_port(self, name: str, host: str, port: int) -> None:

@@ -36,6 +36,8 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar._control_config import ControlConfig
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9464
 #: /metrics binds loopback by default; a pod or compose service scraped from outside sets 0.0.0.0
@@ -348,6 +350,7 @@ class SidecarConfig(_Frozen):
     tenant_quotas: QuotaLimits | None = None
     global_quotas: dict[str, GlobalQuotaConfig] = Field(default_factory=dict)
     usage_report_interval: Duration = DEFAULT_USAGE_REPORT_INTERVAL_S
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
     _version_ids: dict[str, str] = PrivateAttr(default_factory=dict)
     _api_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
@@ -373,6 +376,10 @@ class SidecarConfig(_Frozen):
     def api_key(self, label: str) -> SecretStr | None:
         """The provider API key of version `label`, if it has one (read by `load_secrets`)."""
         return self._api_keys.get(label)
+
+    @property
+    def has_session_key(self) -> bool:
+        return self._session_key is not None
 
     def session_key(self) -> bytes:
         """The HMAC key for session tokens; random per process when none is configured."""

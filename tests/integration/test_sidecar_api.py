@@ -26,6 +26,7 @@ from devstack.simprovider import ModelBehavior, SimProvider, ToolBehavior
 from outrider.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import Sidecar, SidecarConfig
 from sidecar._config import parse_config
+from tests.support import TEST_SIGNER
 
 API_KEY = "sk-sim-secret-0123456789"
 SYSTEM_PROMPT = "You are a helpful support agent."
@@ -88,6 +89,8 @@ def sidecar_config(
         "shutdown_grace": "5s",
         "telemetry": {"spill_dir": fresh_spill_dir()},
         "versions": {"v1": version(good, SYSTEM_PROMPT), "v2": version(bad, "You are terse.")},
+        # trusts the tests' signing key; health does not wait for a control state
+        "control": {"public_keys": [TEST_SIGNER.public_text()], "ready_timeout": "0s"},
     }
     data.update(overrides)
     return parse_config(data, source="test.yaml").load_secrets({"TEST_SIM_KEY": API_KEY})

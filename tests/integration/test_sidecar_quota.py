@@ -19,6 +19,7 @@ from devstack.broker import EmbeddedBroker
 from outrider.v1 import common_pb2, control_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import ManualClock, Sidecar
 from tests.integration.test_sidecar_resilience import USER, config, running, sim  # noqa: F401
+from tests.support import signed_control
 
 RESOURCE = "openai/primary"
 
@@ -99,10 +100,8 @@ async def test_grant_from_the_control_topic_changes_admission(sim: Any, broker: 
         producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers, enable_idempotence=False)
         await producer.start()
         try:
-            value, headers = outrider.encode_control(control_pb2.ControlMessage(quota=grant))
-            await producer.send_and_wait(
-                outrider.CONTROL_TOPIC, value, key=f"quota/{RESOURCE}".encode(), headers=headers
-            )
+            key, value, headers = signed_control(control_pb2.ControlMessage(quota=grant))
+            await producer.send_and_wait(outrider.CONTROL_TOPIC, value, key=key, headers=headers)
         finally:
             await producer.stop()
         gq = sidecar.global_quotas.quotas[RESOURCE]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from outrider.v1 import common_pb2 as outrider_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19outrider/v1/control.proto\x12\x0boutrider.v1\x1a\x18outrider/v1/common.proto\"\xce\x01\n\nGateResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x0e\n\x06passed\x18\x03 \x01(\x08\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x17\n\x0f\x63\x61ndidate_value\x18\x05 \x01(\x01\x12\x16\n\x0e\x62\x61seline_value\x18\x06 \x01(\x01\x12\r\n\x05limit\x18\x07 \x01(\x01\x12\x19\n\x11\x63\x61ndidate_samples\x18\x08 \x01(\x03\x12\x18\n\x10\x62\x61seline_samples\x18\t \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\n \x01(\t\"\xd9\x03\n\x0cRolloutState\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x12\n\nrollout_id\x18\x03 \x01(\t\x12\x19\n\x11stable_version_id\x18\x04 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x05 \x01(\t\x12\x18\n\x10\x63\x61ndidate_weight\x18\x06 \x01(\x01\x12(\n\x05phase\x18\x07 \x01(\x0e\x32\x19.outrider.v1.RolloutPhase\x12\x12\n\nstep_index\x18\x08 \x01(\x05\x12\x12\n\nstep_count\x18\t \x01(\x05\x12(\n\tsticky_by\x18\n \x01(\x0e\x32\x15.outrider.v1.StickyBy\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x12\n\ndecided_by\x18\x0c \x01(\t\x12\x1c\n\x14\x64\x65\x63ided_at_unix_nano\x18\r \x01(\x03\x12!\n\x19step_started_at_unix_nano\x18\x0e \x01(\x03\x12-\n\x0cgate_results\x18\x0f \x03(\x0b\x32\x17.outrider.v1.GateResult\x12\x11\n\tspec_yaml\x18\x10 \x01(\t\x12\x1c\n\x14started_at_unix_nano\x18\x11 \x01(\x03\"p\n\x0e\x43ontrolMessage\x12,\n\x07rollout\x18\x01 \x01(\x0b\x32\x19.outrider.v1.RolloutStateH\x00\x12(\n\x05quota\x18\x02 \x01(\x0b\x32\x17.outrider.v1.QuotaGrantH\x00\x42\x06\n\x04\x62ody\"\xdf\x01\n\nQuotaGrant\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x11\n\tlimit_tpm\x18\x03 \x01(\x01\x12:\n\ngrants_tpm\x18\x04 \x03(\x0b\x32&.outrider.v1.QuotaGrant.GrantsTpmEntry\x12\x1b\n\x13issued_at_unix_nano\x18\x05 \x01(\x03\x12\r\n\x05ttl_s\x18\x06 \x01(\x01\x1a\x30\n\x0eGrantsTpmEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x9e\x01\n\x0cRolloutPhase\x12\x1d\n\x19ROLLOUT_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLOUT_PHASE_RUNNING\x10\x01\x12\x1a\n\x16ROLLOUT_PHASE_PROMOTED\x10\x02\x12\x1d\n\x19ROLLOUT_PHASE_ROLLED_BACK\x10\x03\x12\x19\n\x15ROLLOUT_PHASE_ABORTED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19outrider/v1/control.proto\x12\x0boutrider.v1\x1a\x18outrider/v1/common.proto\"\xce\x01\n\nGateResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x0e\n\x06passed\x18\x03 \x01(\x08\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x17\n\x0f\x63\x61ndidate_value\x18\x05 \x01(\x01\x12\x16\n\x0e\x62\x61seline_value\x18\x06 \x01(\x01\x12\r\n\x05limit\x18\x07 \x01(\x01\x12\x19\n\x11\x63\x61ndidate_samples\x18\x08 \x01(\x03\x12\x18\n\x10\x62\x61seline_samples\x18\t \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\n \x01(\t\"\xe8\x03\n\x0cRolloutState\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x12\n\nrollout_id\x18\x03 \x01(\t\x12\x19\n\x11stable_version_id\x18\x04 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_version_id\x18\x05 \x01(\t\x12\x18\n\x10\x63\x61ndidate_weight\x18\x06 \x01(\x01\x12(\n\x05phase\x18\x07 \x01(\x0e\x32\x19.outrider.v1.RolloutPhase\x12\x12\n\nstep_index\x18\x08 \x01(\x05\x12\x12\n\nstep_count\x18\t \x01(\x05\x12(\n\tsticky_by\x18\n \x01(\x0e\x32\x15.outrider.v1.StickyBy\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x12\n\ndecided_by\x18\x0c \x01(\t\x12\x1c\n\x14\x64\x65\x63ided_at_unix_nano\x18\r \x01(\x03\x12!\n\x19step_started_at_unix_nano\x18\x0e \x01(\x03\x12-\n\x0cgate_results\x18\x0f \x03(\x0b\x32\x17.outrider.v1.GateResult\x12\x11\n\tspec_yaml\x18\x10 \x01(\t\x12\x1c\n\x14started_at_unix_nano\x18\x11 \x01(\x03\x12\r\n\x05\x65poch\x18\x1e \x01(\x03\"p\n\x0e\x43ontrolMessage\x12,\n\x07rollout\x18\x01 \x01(\x0b\x32\x19.outrider.v1.RolloutStateH\x00\x12(\n\x05quota\x18\x02 \x01(\x0b\x32\x17.outrider.v1.QuotaGrantH\x00\x42\x06\n\x04\x62ody\"\xee\x01\n\nQuotaGrant\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x11\n\tlimit_tpm\x18\x03 \x01(\x01\x12:\n\ngrants_tpm\x18\x04 \x03(\x0b\x32&.outrider.v1.QuotaGrant.GrantsTpmEntry\x12\x1b\n\x13issued_at_unix_nano\x18\x05 \x01(\x03\x12\r\n\x05ttl_s\x18\x06 \x01(\x01\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x1a\x30\n\x0eGrantsTpmEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x9e\x01\n\x0cRolloutPhase\x12\x1d\n\x19ROLLOUT_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLOUT_PHASE_RUNNING\x10\x01\x12\x1a\n\x16ROLLOUT_PHASE_PROMOTED\x10\x02\x12\x1d\n\x19ROLLOUT_PHASE_ROLLED_BACK\x10\x03\x12\x19\n\x15ROLLOUT_PHASE_ABORTED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUOTAGRANT_GRANTSTPMENTRY']._loaded_options = None
   _globals['_QUOTAGRANT_GRANTSTPMENTRY']._serialized_options = b'8\001'
-  _globals['_ROLLOUTPHASE']._serialized_start=1094
-  _globals['_ROLLOUTPHASE']._serialized_end=1252
+  _globals['_ROLLOUTPHASE']._serialized_start=1124
+  _globals['_ROLLOUTPHASE']._serialized_end=1282
   _globals['_GATERESULT']._serialized_start=69
   _globals['_GATERESULT']._serialized_end=275
   _globals['_ROLLOUTSTATE']._serialized_start=278
-  _globals['_ROLLOUTSTATE']._serialized_end=751
-  _globals['_CONTROLMESSAGE']._serialized_start=753
-  _globals['_CONTROLMESSAGE']._serialized_end=865
-  _globals['_QUOTAGRANT']._serialized_start=868
-  _globals['_QUOTAGRANT']._serialized_end=1091
-  _globals['_QUOTAGRANT_GRANTSTPMENTRY']._serialized_start=1043
-  _globals['_QUOTAGRANT_GRANTSTPMENTRY']._serialized_end=1091
+  _globals['_ROLLOUTSTATE']._serialized_end=766
+  _globals['_CONTROLMESSAGE']._serialized_start=768
+  _globals['_CONTROLMESSAGE']._serialized_end=880
+  _globals['_QUOTAGRANT']._serialized_start=883
+  _globals['_QUOTAGRANT']._serialized_end=1121
+  _globals['_QUOTAGRANT_GRANTSTPMENTRY']._serialized_start=1073
+  _globals['_QUOTAGRANT_GRANTSTPMENTRY']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)
