@@ -113,6 +113,10 @@ class EventConsumer:
             log.error("checkpoint %s does not fit these settings (%s); ignoring it", self._store.path, exc)  # noqa: TRY400
             return None
         self._ingestor.positions.update(checkpoint.offsets)
+        try:
+            self._ingestor.gaps.load_state(checkpoint.extra.get("gaps") or {})
+        except (ValueError, TypeError) as exc:
+            log.warning("checkpoint %s: ignoring the sequence-gap state (%s)", self._store.path, exc)
         self.restored_from = checkpoint
         log.info(
             "restored checkpoint %s from %.1fs ago: offsets %s",
@@ -212,6 +216,7 @@ class EventConsumer:
                     totals=self._metrics.totals.to_state(),
                     bootstrap=self._bootstrap,
                     written_at=time.time(),
+                    extra={"gaps": self._ingestor.gaps.to_state()},
                 )
                 data = encode(snapshot)  # here, under the lock: the state cannot move meanwhile
                 try:

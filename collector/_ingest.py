@@ -14,6 +14,7 @@ from typing import Any
 import outrider
 from collector._checkpoint import Offsets
 from collector._deadletter import DeadLetter
+from collector._gaps import GapTracker
 from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
 from collector._windows import Ingest, RollingWindows
@@ -29,6 +30,7 @@ class Ingestor:
         # (topic, partition) -> next offset: the state holds exactly the records before it
         self.positions: Offsets = {}
         self.applied = 0  # records handled since start, decoded or not
+        self.gaps = GapTracker()
 
     def apply(self, records: Iterable[Any], now: float) -> list[DeadLetter]:
         """Apply consumed records (aiokafka ConsumerRecords) in order; the dead letters."""
@@ -54,6 +56,18 @@ class Ingestor:
                     )
                 )
                 continue
+            if event.sequence and (
+                missing := self.gaps.observe(event.sidecar_id, event.agent, event.sequence)
+            ):
+                metrics.events_missing.labels(event.sidecar_id, event.agent).inc(missing)
+                log.warning(
+                    "%d events from sidecar %s (%s) never arrived (sequence %d after %d)",
+                    missing,
+                    event.sidecar_id,
+                    event.agent,
+                    event.sequence,
+                    event.sequence - missing - 1,
+                )
             if event.WhichOneof("body") == "usage":
                 if self.quotas is not None:
                     self.quotas.observe(event)

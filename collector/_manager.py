@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from aiokafka.errors import KafkaError
@@ -48,6 +48,8 @@ class RolloutManager:
         self._publisher, self._windows, self._metrics, self._clock = publisher, windows, metrics, clock
         self._controllers: dict[str, RolloutController] = {}
         self._lock = asyncio.Lock()
+        # events that never arrived from the agent's sidecars (set by the collector)
+        self.events_missing: Callable[[str], int] = lambda agent: 0
 
     def restore(self, states: Mapping[str, Sequence[control_pb2.RolloutState]]) -> None:
         """Take over the states read back from the control topic; generations continue from them."""
@@ -184,5 +186,9 @@ class RolloutManager:
                 )
             )
         return admin_pb2.RolloutStatus(
-            state=state, timeline=ctl.timeline, metrics=metrics, spec_yaml=state.spec_yaml
+            state=state,
+            timeline=ctl.timeline,
+            metrics=metrics,
+            spec_yaml=state.spec_yaml,
+            events_missing=self.events_missing(agent),
         )

@@ -106,6 +106,7 @@ class Collector:
             else None
         )
         self._ingestor = Ingestor(self.windows, self.metrics, self.quotas)
+        self.rollouts.events_missing = lambda agent: self._ingestor.gaps.missing_by_agent.get(agent, 0)
         self._deadletter = DeadLetterWriter(
             settings.kafka_bootstrap, settings.publish_timeout_s, self.metrics
         )

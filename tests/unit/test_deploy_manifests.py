@@ -72,6 +72,11 @@ METRICS = {
     "outrider_collector_checkpoints_total",
     "outrider_collector_checkpoint_bytes",
     "outrider_collector_relayed_spans_total",
+    # issue 10: loss detection and the control plane's own health
+    "outrider_events_missing_total",
+    "outrider_control_rejected_total",
+    "outrider_collector_new_broker_total",
+    "outrider_sidecar_control_wait_expired_total",
 }
 
 
@@ -393,6 +398,7 @@ def test_prometheus_rules_use_known_metrics() -> None:
                 assert rule["annotations"]["summary"]
     exprs = " ".join(a["expr"] for a in alerts)
     assert "outrider_errors_total" in exprs and 'phase="rolled_back"' in exprs
+    assert "outrider_events_missing_total" in exprs and "outrider_control_rejected_total" in exprs
     prom = load_docs(DEPLOY / "prometheus" / "prometheus.yml")[0]
     assert prom["rule_files"] == ["/etc/prometheus/rules.yaml"]
 
@@ -440,6 +446,12 @@ def test_signals_dashboard_uses_the_collectors_metric_set() -> None:
     served = set(FAMILY_NAMES) | {f"{n}_bucket" for n in FAMILY_NAMES}
     served |= {f"{n}_{s}" for n in FAMILY_NAMES for s in ("sum", "count")}
     served |= {n for n in METRICS if n.startswith(("outrider_collector_", "outrider_rollout_"))}
+    # and the counters the collector and the sidecar register (issue 10's control-plane metrics)
+    from collector._metrics import CollectorMetrics
+    from sidecar._metrics import SidecarMetrics
+
+    for registry in (CollectorMetrics().registry, SidecarMetrics().registry):
+        served |= {f"{m.name}_total" for m in registry.collect() if m.type == "counter"}
     assert served >= METRICS, METRICS - served
 
 
