@@ -244,6 +244,12 @@ class ControlTailer:
                 self.rejected,
             )
 
+    def _replayed_empty(self) -> None:
+        if not self.ready.is_set():
+            self.state_source = "topic"
+            log.info("control: %s does not exist yet; nothing to replay", outrider.CONTROL_TOPIC)
+        self._set_ready()
+
     async def _run(self) -> None:
         backoff = BACKOFF_INITIAL_S
         while not self._closing.is_set():
@@ -259,7 +265,13 @@ class ControlTailer:
             producer: AIOKafkaProducer | None = None
             try:
                 await consumer.start()
-                producer = await self._write_markers()
+                if outrider.CONTROL_TOPIC not in await consumer.topics():
+                    # nothing to replay (a new broker): known to be empty. The topic is the
+                    # collector's to create (compacted); a marker would auto-create it plain.
+                    self._replayed_empty()
+                    producer = None
+                else:
+                    producer = await self._write_markers()
                 log.info("control: tailing %s at %s", outrider.CONTROL_TOPIC, self._bootstrap)
                 backoff = BACKOFF_INITIAL_S
                 while True:
@@ -267,7 +279,8 @@ class ControlTailer:
                     for tp, records in batches.items():
                         for record in records:
                             if outrider.is_marker(record.key):
-                                await self._saw_marker(tp.partition, record.key, producer)
+                                if producer is not None:
+                                    await self._saw_marker(tp.partition, record.key, producer)
                                 continue
                             self.handle(
                                 record.value,
