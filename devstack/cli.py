@@ -132,7 +132,7 @@ def collector(
         )
     except collector_pkg.SpecError as exc:
         raise click.ClickException(str(exc)) from exc
-    sys.exit(asyncio.run(collector_pkg.run(settings)))
+    sys.exit(asyncio.run(collector_pkg.run(settings, hard_exit=True)))
 
 
 @main.command()

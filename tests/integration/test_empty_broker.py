@@ -232,3 +232,35 @@ async def test_empty_broker_swapped_in_under_load_loses_no_decision(
             task.cancel()
         await http.close()
         broker.stop()
+
+
+@pytest.mark.parametrize("broker_state", ["gone", "new_broker"])
+async def test_collector_sigterm_ends_within_its_grace_whatever_the_broker(
+    tmp_path: Path, broker_state: str
+) -> None:
+    port = free_port()
+    broker = EmbeddedBroker(port=port)
+    broker.start()
+    try:
+        config, admin_addr, _ = write_collector(tmp_path, broker.bootstrap_servers)
+        data = yaml.safe_load(config.read_text())
+        data["shutdown_grace_s"] = 4.0
+        config.write_text(yaml.safe_dump(data))
+        collector = Proc("collector", "--config", str(config), log_path=tmp_path / "c.log")
+        try:
+            await wait_serving(admin_addr, collector)
+            broker.stop()
+            if broker_state == "new_broker":
+                broker = EmbeddedBroker(port=port)
+                broker.start()
+            await asyncio.sleep(1.5)  # it is failing to commit and fetch by now
+            began = time.monotonic()
+            collector.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(collector.proc.wait, 15)
+            took = time.monotonic() - began
+        finally:
+            collector.stop(signal.SIGKILL)
+        assert took < 4.0 + 2.0, f"SIGTERM took {took:.1f}s:\n{collector.output()[-3000:]}"
+        assert code in (0, 1), collector.output()[-3000:]
+    finally:
+        broker.stop()
