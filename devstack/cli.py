@@ -211,6 +211,19 @@ def keygen(out_dir: Path) -> None:
     click.echo(f"inline      {key.public_text()}")
 
 
+@main.command("init-secrets")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace files that exist.")
+def init_secrets(directory: Path, force: bool) -> None:
+    """Make what a deployment needs in DIRECTORY: control.key/.pub (signing), session-key,
+    admin-token and admin-tokens.yaml (its hash); existing files are kept unless --force."""
+    from devstack._secrets import make_secrets
+
+    files = make_secrets(directory, overwrite=force)
+    for label, path in vars(files).items():
+        click.echo(f"{label:<13} {path}")
+
+
 @main.command()
 @click.argument("name")
 @click.option("--role", type=click.Choice(["viewer", "operator"]), default="viewer", show_default=True)

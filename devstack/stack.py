@@ -7,7 +7,8 @@ Secrets are made fresh on every run, in `.outrider/dev/` (mode 0600 where secret
 control-signing key pair (the collector signs with the .key, the sidecar trusts the .pub),
 an operator bearer token for the admin API (`admin-token`, which the `outrider rollout`
 commands read without flags; its hash in `admin-tokens.yaml`), and a session key passed to
-the sidecar in `OUTRIDER_SESSION_KEY`. The admin API stays plaintext gRPC on loopback.
+the sidecar (`session-key`, through `OUTRIDER_SESSION_KEY_FILE`); see devstack/_secrets.py.
+The admin API stays plaintext gRPC on loopback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from devstack._admin_client import DEV_DIR, DEV_TOKEN_FILE
+from devstack._secrets import make_secrets
 from devstack.broker import EmbeddedBroker, free_port
 
 log = logging.getLogger(__name__)
@@ -137,26 +138,12 @@ class DevStack:
 
     def _make_secrets(self) -> None:
         """A fresh signing key pair, operator token and session key for this run."""
-        import outrider
-        from collector._auth import token_entry
-
-        keys = self.dev_dir / "keys"
-        for old in list(keys.glob("*.key")) + list(keys.glob("*.pub")) if keys.is_dir() else []:
-            old.unlink()
-        signer = outrider.SigningKey.generate()
-        self._signing_key, public = signer.write(keys)
-        token = secrets.token_urlsafe(32)
-        self.token_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(token + "\n")
-        import yaml
-
-        self._tokens_file = self.dev_dir / "admin-tokens.yaml"
-        self._tokens_file.write_text(yaml.safe_dump({"tokens": [token_entry("dev", "operator", token)]}))
+        files = make_secrets(self.dev_dir, overwrite=True, token_name="dev")
+        self.token_file = files.admin_token
+        self._signing_key, self._tokens_file = files.signing_key, files.admin_tokens
         self._env = {
-            "OUTRIDER_CONTROL_PUBLIC_KEYS": str(public),
-            "OUTRIDER_SESSION_KEY": secrets.token_hex(32),
+            "OUTRIDER_CONTROL_PUBLIC_KEYS": str(files.public_key),
+            "OUTRIDER_SESSION_KEY_FILE": str(files.session_key),
         }
 
     def describe(self) -> str:
@@ -164,7 +151,7 @@ class DevStack:
         lines = [f"  {'kafka (embedded)':<18} {self._broker.bootstrap_servers}  pid {self._broker.pid}"]
         lines += [f"  {c.name:<18} {c.where}  pid {c.proc.pid}" for c in self._children]
         lines.append(f"  {'admin token':<18} {self.token_file} (operator; the CLI reads it without flags)")
-        lines.append(f"  {'signing keys':<18} {self.dev_dir / 'keys'} (new each run)")
+        lines.append(f"  {'signing keys':<18} {self.dev_dir}/control.key, control.pub (new each run)")
         return "\n".join(lines)
 
     def stop(self) -> None:

@@ -58,6 +58,8 @@ DEFAULT_STREAM_IDLE_TIMEOUT_S = 10.0
 DEFAULT_USAGE_REPORT_INTERVAL_S = 5.0
 #: The environment variable holding the HMAC key for session tokens (shared by replicas).
 DEFAULT_SESSION_KEY_ENV = "OUTRIDER_SESSION_KEY"
+# a file holding the session key (a mounted Secret), read when the variable above is unset
+ENV_SESSION_KEY_FILE = "OUTRIDER_SESSION_KEY_FILE"
 VERSION_ID_LENGTH = 12
 
 # request fields the sidecar sets itself; a version's `parameters` may not override them
@@ -419,6 +421,16 @@ class SidecarConfig(_Frozen):
         self._api_keys = keys
         if self.session_key_env and env.get(self.session_key_env):
             self._session_key = SecretStr(env[self.session_key_env])
+        elif key_file := env.get(ENV_SESSION_KEY_FILE):
+            try:
+                value = Path(key_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{source}: {ENV_SESSION_KEY_FILE}: cannot read {key_file}: {exc.strerror}"
+                ) from None
+            if not value:
+                raise ConfigError(f"{source}: {ENV_SESSION_KEY_FILE}: {key_file} is empty")
+            self._session_key = SecretStr(value)
         return self
 
     def with_overrides(
