@@ -97,6 +97,8 @@ def add_record(
     verifier: outrider.Verifier,
     record: outrider.SignedRecord,
     on_reject: Callable[[str], None] | None = None,
+    *,
+    verdicts: list[outrider.Verdict] | None = None,
 ) -> str:
     """Verify one record and add it to `history`; what it was, or "" (rejected or skipped)."""
     if outrider.is_marker(record.key) or not record.value:
@@ -105,6 +107,8 @@ def add_record(
     if message is None:
         if on_reject is not None:
             on_reject(verdict.reason)
+        if verdicts is not None:
+            verdicts.append(verdict)
         return ""
     return _take(history, record, message)
 
@@ -128,7 +132,7 @@ async def read_control_history(
     )
     history = ControlHistory()
     rejects = outrider.RejectLog(log)
-    reasons: list[str] = []
+    verdicts: list[outrider.Verdict] = []
     loop = asyncio.get_running_loop()
     try:
         await consumer.start()
@@ -145,13 +149,11 @@ async def read_control_history(
                     signed = outrider.SignedRecord(
                         record.key, record.value or b"", tuple(record.headers or ())
                     )
-                    kind = add_record(history, verifier, signed, reasons.append)
-                    if reasons:
+                    kind = add_record(history, verifier, signed, on_reject, verdicts=verdicts)
+                    if verdicts:
                         skipped += 1
-                        reason = reasons.pop()
-                        rejects.rejected(reason, "", record.offset, record.key)
-                        if on_reject is not None:
-                            on_reject(reason)
+                        verdict = verdicts.pop()
+                        rejects.rejected(verdict.reason, verdict.key_id, record.offset, record.key)
                     count += kind == "rollout"
                     grants += kind == "quota"
             if quiet_since is not None and loop.time() - quiet_since >= idle_s:

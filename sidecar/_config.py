@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar._config_format import format_validation_error
 from sidecar._control_config import ControlConfig
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -462,24 +463,6 @@ class SidecarConfig(_Frozen):
 def fallback_key(label: str, tier: int) -> str:
     """The `api_key` name of a version's fallback tier (1-based, as in "fallback-1")."""
     return f"{label}#fallback-{tier}"
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
-
-
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors(include_url=False, include_input=False):
-        message = str(error["msg"]).removeprefix("Value error, ")
-        path = _field_path(tuple(error["loc"]))
-        if message.startswith(("[", ".")) and path:  # a container validator pointing into its items
-            path, message = path + message.split(":", 1)[0], message.split(":", 1)[1].strip()
-        lines.append(f"{source}: {path}: {message}" if path else f"{source}: {message}")
-    return "\n".join(lines)
 
 
 def parse_config(data: object, *, source: str = "config") -> SidecarConfig:

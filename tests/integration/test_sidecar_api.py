@@ -655,3 +655,24 @@ async def test_broken_provider_responses_are_errors(sim: SimProvider, mode: str)
             assert outrider.SPANS_TOPIC in topics  # and their spans
     finally:
         await runner.cleanup()
+
+
+async def test_without_a_session_key_one_clear_warning(
+    sim: SimProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sidecar._app"):
+        Sidecar(sidecar_config(sim))
+    warned = [r for r in caplog.records if "no session key" in r.getMessage()]
+    assert len(warned) == 1 and "will not survive a restart" in warned[0].getMessage()
+    caplog.clear()
+    key_file = tmp_path / "session-key"
+    key_file.write_text("k" * 64 + "\n")
+    config = sidecar_config(sim).load_secrets(
+        {"TEST_SIM_KEY": API_KEY, "OUTRIDER_SESSION_KEY_FILE": str(key_file)}
+    )
+    with caplog.at_level(logging.WARNING, logger="sidecar._app"):
+        sidecar = Sidecar(config)
+    assert not [r for r in caplog.records if "no session key" in r.getMessage()]
+    assert sidecar.config.session_key() == b"k" * 64
