@@ -44,6 +44,7 @@ POLL_TIMEOUT_MS = 500
 # how often the consumer refreshes metadata: finds the topic soon after its first record
 METADATA_MAX_AGE_MS = 1000
 MARKER_TIMEOUT_S = 10.0
+STOP_WAIT_S = 3.0
 
 
 class ControlTailer:
@@ -87,10 +88,13 @@ class ControlTailer:
             self._task = asyncio.create_task(self._run(), name="outrider-control-tailer")
 
     async def stop(self) -> None:
+        """Let the task leave its Kafka clients at a safe point (cancelling one half-started leaks
+        its connection), within STOP_WAIT_S; cancel it after that."""
         task = self._task
         if task is None or self._closing.is_set():
             return
         self._closing.set()
+        await asyncio.wait({task}, timeout=STOP_WAIT_S)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -274,7 +278,7 @@ class ControlTailer:
                     producer = await self._write_markers()
                 log.info("control: tailing %s at %s", outrider.CONTROL_TOPIC, self._bootstrap)
                 backoff = BACKOFF_INITIAL_S
-                while True:
+                while not self._closing.is_set():
                     batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
                     for tp, records in batches.items():
                         for record in records:
@@ -299,5 +303,8 @@ class ControlTailer:
                 if producer is not None:
                     await producer.stop()
                 await consumer.stop()
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            if self._closing.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
