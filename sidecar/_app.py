@@ -219,9 +219,9 @@ class Sidecar:
             if port == 0:
                 raise SidecarError(f"listen: cannot bind {listen}")
             self.address = f"{listen.rpartition(':')[0]}:{port}"
+        await self.control.start()  # the persisted control state is in place before the first call
         await server.start()
         await self.telemetry.start()
-        await self.control.start()
         await self.global_quotas.start()
         if config.metrics_port is not None:
             self._metrics_server = MetricsServer(self.metrics, str(config.metrics_host), config.metrics_port)

@@ -71,6 +71,7 @@ class ControlTailer:
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._pending_markers: dict[int, bytes] = {}
+        self._to_persist: outrider.SignedRecord | None = None  # written by the task, off the loop
         self.ready = asyncio.Event()
         self.records_seen = 0
         self.rejected = 0
@@ -84,7 +85,7 @@ class ControlTailer:
                     "every signed control record will be rejected",
                     "OUTRIDER_CONTROL_PUBLIC_KEYS",
                 )
-            await asyncio.to_thread(self._load_persisted)
+            await self._load_persisted()
             self._task = asyncio.create_task(self._run(), name="outrider-control-tailer")
 
     async def stop(self) -> None:
@@ -98,6 +99,7 @@ class ControlTailer:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await self.persist()
 
     # -- records ---------------------------------------------------------------------------
 
@@ -136,8 +138,8 @@ class ControlTailer:
         if not self.apply(state):
             return False
         self._issued_at = max(self._issued_at, verdict.issued_at_ns)
-        if persist:
-            self._persist(outrider.SignedRecord(key, value, tuple(headers or ())))
+        if persist and self._state_path is not None:
+            self._to_persist = outrider.SignedRecord(key, value, tuple(headers or ()))
         return True
 
     def _reject(self, reason: str, key_id: str, offset: int, key: bytes | None, *, warn: bool = True) -> None:
@@ -170,11 +172,11 @@ class ControlTailer:
 
     # -- persisted state -------------------------------------------------------------------
 
-    def _load_persisted(self) -> None:
+    async def _load_persisted(self) -> None:
         if self._state_path is None:
             return
         try:
-            records, _ = outrider.load_records(self._state_path)
+            records, _ = await asyncio.to_thread(outrider.load_records, self._state_path)
         except ValueError as exc:
             log.error("control: ignoring persisted state: %s", exc)  # noqa: TRY400
             return
@@ -190,11 +192,13 @@ class ControlTailer:
                 self._router.generation,
             )
 
-    def _persist(self, record: outrider.SignedRecord) -> None:
-        if self._state_path is None:
+    async def persist(self) -> None:
+        """Write the newest applied record to `state_path` (in a thread: it fsyncs)."""
+        record, self._to_persist = self._to_persist, None
+        if record is None or self._state_path is None:
             return
         try:
-            outrider.save_records(self._state_path, [record])
+            await asyncio.to_thread(outrider.save_records, self._state_path, [record])
         except OSError as exc:
             log.warning("control: cannot persist the control state to %s: %s", self._state_path, exc)
 
@@ -292,6 +296,7 @@ class ControlTailer:
                                 key=record.key,
                                 offset=record.offset,
                             )
+                    await self.persist()
             except (KafkaError, TimeoutError) as exc:
                 log.warning(
                     "control: Kafka at %s unavailable (%s); serving generation %d, retrying",
