@@ -110,6 +110,16 @@ async def test_grant_from_the_control_topic_changes_admission(sim: Any, broker: 
                 break
             await asyncio.sleep(0.05)
         assert gq.tpm == 60_000.0
+        # a grant of a stale writer (a lower epoch) never wins, whatever its generation
+        quotas = sidecar.global_quotas
+        stale = control_pb2.QuotaGrant()
+        stale.CopyFrom(grant)
+        stale.generation, stale.epoch, stale.grants_tpm["sc-1"] = 2**40, 0, 1.0
+        newer = control_pb2.QuotaGrant()
+        newer.CopyFrom(grant)
+        newer.generation, newer.epoch = 1, 5  # a restarted collector numbers afresh
+        assert quotas.apply(newer) and not quotas.apply(stale)
+        assert gq.tpm == 60_000.0
         await asyncio.sleep(0.2)  # a new grant hands out no burst: let the bucket fill a little
         reply = await stub.Chat(request)
         assert reply.served_by == "primary"
