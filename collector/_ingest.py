@@ -39,7 +39,21 @@ class Ingestor:
         applied = 0
         for record in records:
             applied += 1
-            self.positions[(record.topic, record.partition)] = record.offset + 1
+            where = (record.topic, record.partition)
+            expected = self.positions.get(where)
+            if expected is not None and record.offset < expected:
+                # the consumer went back without us asking: its position was out of range (a
+                # new or truncated log). Never silent: counted and logged; the broker watch
+                # tells a new broker and recovers; redelivered events are dropped by id.
+                metrics.offset_resets.inc()
+                log.warning(
+                    "%s[%d] went back from offset %d to %d: a reset log (a new broker?)",
+                    record.topic,
+                    record.partition,
+                    expected,
+                    record.offset,
+                )
+            self.positions[where] = record.offset + 1
             try:
                 event = outrider.decode_event(record.value, record.headers)
             except outrider.DecodeError as exc:

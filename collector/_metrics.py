@@ -124,6 +124,11 @@ class CollectorMetrics:
             "Times the collector found a new or emptied broker and re-created its topics",
             registry=self.registry,
         )
+        self.offset_resets = Counter(
+            "outrider_collector_offset_resets_total",
+            "Times the events consumer found its position out of range and started over",
+            registry=self.registry,
+        )
         self.events_missing = Counter(
             "outrider_events_missing",
             "Events that never arrived: gaps in each sidecar's sequence numbers",

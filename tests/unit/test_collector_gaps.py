@@ -54,3 +54,14 @@ def test_ingest_exposes_outrider_events_missing_total() -> None:
         "outrider_events_missing_total", {"sidecar": "sc-1", "agent": "bot"}
     )
     assert value == 4
+
+
+def test_a_consumer_that_went_back_is_never_silent() -> None:
+    metrics = CollectorMetrics()
+    ingestor = Ingestor(RollingWindows(1.0, 60.0, 1000), metrics)
+    event = events_pb2.Event(event_id="e", agent="bot", sidecar_id="sc", sequence=1, time_unix_nano=1)
+    event.call.latency_ms = 1.0
+    ingestor.apply([_Record(100, event)], now=1.0)
+    assert metrics.registry.get_sample_value("outrider_collector_offset_resets_total") == 0
+    ingestor.apply([_Record(0, event)], now=1.0)  # a new log under the same name
+    assert metrics.registry.get_sample_value("outrider_collector_offset_resets_total") == 1
