@@ -27,10 +27,15 @@ import aiohttp
 import grpc
 import pytest
 import yaml
+from aiokafka import AIOKafkaConsumer
 
+import outrider
+from collector import Collector
 from devstack.broker import EmbeddedBroker, free_port
 from devstack.simprovider import ModelBehavior, SimProvider
 from outrider.v1 import admin_pb2, admin_pb2_grpc, sidecar_pb2, sidecar_pb2_grpc
+from tests.integration.test_collector_service import settings_for
+from tests.integration.test_collector_service import spec_yaml as collector_spec_yaml
 from tests.integration.test_sidecar_api import API_KEY, USER, sidecar_config, sim_models
 from tests.support import (
     SECURE_COLLECTOR,
@@ -264,3 +269,49 @@ async def test_collector_sigterm_ends_within_its_grace_whatever_the_broker(
         assert code in (0, 1), collector.output()[-3000:]
     finally:
         broker.stop()
+
+
+async def test_new_broker_a_restarted_collector_restores_rollouts_from_its_copy(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    with EmbeddedBroker() as first:
+        async with (
+            Collector(settings_for(first, state_dir=state_dir)) as collector,
+            admin_channel(collector.admin_address) as channel,
+        ):
+            started = await admin_pb2_grpc.AdminStub(channel).StartRollout(
+                admin_pb2.StartRolloutRequest(spec_yaml=collector_spec_yaml(min_duration="10m"))
+            )
+    assert (state_dir / "outrider-collector.control.json").exists()
+    with EmbeddedBroker() as second:  # empty: no topics, no history (and another port)
+        async with (
+            Collector(settings_for(second, state_dir=state_dir)) as collector,
+            admin_channel(collector.admin_address) as channel,
+        ):
+            status = await admin_pb2_grpc.AdminStub(channel).GetRollout(
+                admin_pb2.GetRolloutRequest(agent=AGENT)
+            )
+            assert status.state == started.state  # not NOT_FOUND
+            assert (
+                collector.metrics.registry.get_sample_value("outrider_collector_control_republished_total")
+                >= 1
+            )
+            consumer = AIOKafkaConsumer(
+                outrider.CONTROL_TOPIC,
+                bootstrap_servers=second.bootstrap_servers,
+                group_id=None,
+                auto_offset_reset="earliest",
+            )
+            await consumer.start()
+            try:
+                found = None
+                deadline = time.monotonic() + 10
+                while found is None and time.monotonic() < deadline:
+                    for records in (await consumer.getmany(timeout_ms=200)).values():
+                        found = next((r for r in records if r.key == outrider.rollout_key(AGENT)), found)
+            finally:
+                await consumer.stop()
+            assert found is not None, "the rollout was not republished on the new broker"
+            verdict, message = outrider.open_control(
+                outrider.Verifier([TEST_SIGNER.public]), found.key, found.value, found.headers
+            )
+            assert verdict.ok and message is not None and message.rollout == started.state
