@@ -271,6 +271,22 @@ async def test_collector_sigterm_ends_within_its_grace_whatever_the_broker(
         broker.stop()
 
 
+async def cleanup_policy(bootstrap: str) -> str:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, outrider.CONTROL_TOPIC)]
+        )
+    finally:
+        await admin.close()
+    entries = [entry for r in responses for res in r.resources for entry in res[4]]
+    return next(str(e[1]) for e in entries if e[0] == "cleanup.policy")
+
+
 async def test_new_broker_a_restarted_collector_restores_rollouts_from_its_copy(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     with EmbeddedBroker() as first:
@@ -311,6 +327,7 @@ async def test_new_broker_a_restarted_collector_restores_rollouts_from_its_copy(
             finally:
                 await consumer.stop()
             assert found is not None, "the rollout was not republished on the new broker"
+            assert await cleanup_policy(second.bootstrap_servers) == "compact"
             verdict, message = outrider.open_control(
                 outrider.Verifier([TEST_SIGNER.public]), found.key, found.value, found.headers
             )
