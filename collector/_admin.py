@@ -1,5 +1,8 @@
 """The admin gRPC API (`outrider.v1.Admin`): start, inspect and abort rollouts.
 
+Every Admin call is authenticated and authorized first (`collector._auth`); `decided_by` is
+the authenticated caller. Reflection is served only when `admin_reflection` asks for it.
+
 Errors map to status codes once, here: a bad spec is INVALID_ARGUMENT naming the source and
 field, a second start ALREADY_EXISTS, an unknown agent NOT_FOUND, aborting a finished
 rollout FAILED_PRECONDITION, a control-topic write that failed UNAVAILABLE.
@@ -8,12 +11,15 @@ rollout FAILED_PRECONDITION, a control-topic write that failed UNAVAILABLE.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from collector._auth import AuthInterceptor, TokenBook, current_identity
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutError, RolloutFinished
 from collector._manager import PublishError, RolloutManager
@@ -40,6 +46,15 @@ async def _fail(context: grpc.aio.ServicerContext[object, object], exc: Exceptio
     raise AssertionError("unreachable")  # context.abort raises
 
 
+def _caller(requested_by: str) -> str:
+    """`decided_by`: the authenticated identity (the client's claim is only logged)."""
+    identity = current_identity()
+    who = str(identity) if identity is not None else "admin"
+    if requested_by and requested_by != who:
+        log.info("admin caller %s sent requested_by=%r (ignored)", who, requested_by)
+    return who
+
+
 async def _require(context: grpc.aio.ServicerContext[object, object], field: str, value: str) -> None:
     if not value:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: must not be empty")
@@ -61,10 +76,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         try:
             spec = load_spec_text(request.spec_yaml, source)
             self._manager.check_windows(spec, source)
-            await self._manager.start(spec, request.spec_yaml, request.requested_by)
-            log.info(
-                "rollout of %s started by %s from %s", spec.agent, request.requested_by or "admin", source
-            )
+            who = _caller(request.requested_by)
+            await self._manager.start(spec, request.spec_yaml, who)
+            log.info("rollout of %s started by %s from %s", spec.agent, who, source)
             return self._manager.status(spec.agent)
         except (SpecError, RolloutError, PublishError) as exc:
             await _fail(context, exc)
@@ -83,22 +97,30 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.RolloutStatus:
         await _require(context, "agent", request.agent)
         try:
-            await self._manager.abort(request.agent, request.reason, request.requested_by)
-            log.info(
-                "rollout of %s aborted by %s: %s",
-                request.agent,
-                request.requested_by or "admin",
-                request.reason,
-            )
+            who = _caller(request.requested_by)
+            await self._manager.abort(request.agent, request.reason, who)
+            log.info("rollout of %s aborted by %s: %s", request.agent, who, request.reason)
             return self._manager.status(request.agent)
         except (RolloutError, PublishError) as exc:
             await _fail(context, exc)
 
 
-class AdminServer:
-    """grpc.aio server with Admin, health and reflection; start/stop idempotent."""
+@dataclass(frozen=True)
+class AdminAuth:
+    """How admin callers prove who they are (see collector._auth)."""
 
-    def __init__(self, manager: RolloutManager, listen: str) -> None:
+    tokens_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    reflection: bool = False
+
+
+class AdminServer:
+    """grpc.aio server with Admin, health and (with `reflection`) reflection; start/stop idempotent."""
+
+    def __init__(self, manager: RolloutManager, listen: str, auth: AdminAuth | None = None) -> None:
+        self._auth = auth or AdminAuth()
         self._listen = listen
         self._server: grpc.aio.Server | None = None
         self._manager = manager
@@ -108,20 +130,37 @@ class AdminServer:
     async def start(self) -> str:
         if self._server is not None:
             return self.address
-        server = grpc.aio.server()
+        auth = self._auth
+        tokens = TokenBook.load(auth.tokens_file) if auth.tokens_file is not None else None
+        certs = auth.tls_client_ca is not None
+        if tokens is None and not certs:
+            log.warning(
+                "admin API: no credentials configured (admin_tokens_file, admin_tls_client_ca): "
+                "every admin call will be refused with UNAUTHENTICATED"
+            )
+        server = grpc.aio.server(interceptors=[AuthInterceptor(tokens, certs=certs)])
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self._manager), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [
-                ADMIN_SERVICE,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
+        if auth.reflection:
+            reflection.enable_server_reflection(
+                [
+                    ADMIN_SERVICE,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                server,
+            )
         host = self._listen.rpartition(":")[0]
         try:
-            port = server.add_insecure_port(self._listen)
+            if auth.tls_cert is not None and auth.tls_key is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(auth.tls_key.read_bytes(), auth.tls_cert.read_bytes())],
+                    root_certificates=auth.tls_client_ca.read_bytes() if auth.tls_client_ca else None,
+                    require_client_auth=certs,
+                )
+                port = server.add_secure_port(self._listen, credentials)
+            else:
+                port = server.add_insecure_port(self._listen)
         except RuntimeError as exc:
             await server.stop(None)
             raise OSError(f"cannot listen on {self._listen}: {exc}") from exc

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from aiokafka.errors import KafkaError
@@ -21,6 +21,7 @@ from collector._metrics import CollectorMetrics
 from collector._rollout import RolloutController
 from collector._spec import RolloutSpec
 from collector._windows import RollingWindows
+from outrider import SignedRecord
 from outrider.clock import Clock
 from outrider.v1 import admin_pb2, common_pb2, control_pb2
 
@@ -35,6 +36,11 @@ class PublishError(Exception):
 
 class StatePublisher(Protocol):
     async def publish(self, state: control_pb2.RolloutState) -> None: ...
+
+    @property
+    def latest(self) -> dict[str, SignedRecord]: ...
+
+    async def send(self, record: SignedRecord) -> int: ...
 
 
 class RolloutManager:
@@ -52,6 +58,8 @@ class RolloutManager:
         self._retention_s = retention_s if retention_s is not None else windows.retention_s
         self._controllers: dict[str, RolloutController] = {}
         self._lock = asyncio.Lock()
+        # events that never arrived from the agent's sidecars (set by the collector)
+        self.events_missing: Callable[[str], int] = lambda agent: 0
 
     def restore(self, states: Mapping[str, Sequence[control_pb2.RolloutState]]) -> None:
         """Take over the states read back from the control topic; generations continue from them."""
@@ -77,6 +85,23 @@ class RolloutManager:
                 ctl.state.generation,
                 phase,
             )
+
+    async def republish(self) -> int:
+        """Write the newest signed record of every agent again, as it is (under the lock, so a
+        decision is never overtaken by an older state); how many were written."""
+        written = 0
+        async with self._lock:
+            for agent, record in list(self._publisher.latest.items()):
+                try:
+                    await self._publisher.send(record)
+                except (KafkaError, TimeoutError) as exc:
+                    log.warning(
+                        "republishing %s failed: %s; trying again later", agent, exc or type(exc).__name__
+                    )
+                    continue
+                written += 1
+                self._metrics.republished.inc()
+        return written
 
     def get(self, agent: str) -> RolloutController | None:
         return self._controllers.get(agent)
@@ -193,7 +218,11 @@ class RolloutManager:
                 )
             )
         live = admin_pb2.RolloutStatus(
-            state=state, timeline=ctl.timeline, metrics=metrics, spec_yaml=state.spec_yaml
+            state=state,
+            timeline=ctl.timeline,
+            metrics=metrics,
+            spec_yaml=state.spec_yaml,
+            events_missing=self.events_missing(agent),
         )
         if ctl.running and ctl.evaluation:
             # the controller's current evaluation, not only the last published one

@@ -108,6 +108,33 @@ class CollectorMetrics:
             "Failed writes of rollout states to outrider.control",
             registry=self.registry,
         )
+        self.control_rejected = Counter(
+            "outrider_control_rejected",
+            "Control records dropped on read: unsigned, bad_signature, unknown_key, bad_key, undecodable",
+            ("reason",),
+            registry=self.registry,
+        )
+        self.republished = Counter(
+            "outrider_collector_control_republished_total",
+            "Rollout states written again (at start, periodically, after a new broker)",
+            registry=self.registry,
+        )
+        self.new_broker = Counter(
+            "outrider_collector_new_broker_total",
+            "Times the collector found a new or emptied broker and re-created its topics",
+            registry=self.registry,
+        )
+        self.offset_resets = Counter(
+            "outrider_collector_offset_resets_total",
+            "Times the events consumer found its position out of range and started over",
+            registry=self.registry,
+        )
+        self.events_missing = Counter(
+            "outrider_events_missing",
+            "Events that never arrived: gaps in each sidecar's sequence numbers",
+            ("sidecar", "agent"),
+            registry=self.registry,
+        )
         self.quota_limit = Gauge(
             "outrider_quota_limit_tokens_per_minute",
             "Configured global tokens-per-minute limit",

@@ -89,7 +89,9 @@ class RolloutController:
         The spec comes back from `spec_yaml` unless `spec` is given, so a RUNNING rollout resumes;
         if it no longer validates, `spec` stays None: the rollout is frozen until aborted.
         """
-        ordered = sorted({s.generation: s for s in states}.values(), key=lambda s: s.generation)
+        ordered = sorted(
+            {(s.epoch, s.generation): s for s in states}.values(), key=lambda s: (s.epoch, s.generation)
+        )
         if not ordered:
             raise ValueError("nothing to restore")
         latest = ordered[-1]

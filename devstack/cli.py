@@ -15,19 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-import grpc
 from google.protobuf import json_format
 
-from outrider.v1 import admin_pb2, admin_pb2_grpc, control_pb2
+from devstack._admin_client import admin_options, admin_target
+from outrider.v1 import admin_pb2, control_pb2
 
 if TYPE_CHECKING:
     from collector._spec import RolloutSpec
     from collector.simulate import Scenario, Traffic
 
 ENV_KAFKA = "OUTRIDER_KAFKA_BOOTSTRAP"
-ENV_ADMIN = "OUTRIDER_ADMIN_ADDR"
 ENV_LOG_LEVEL = "OUTRIDER_LOG_LEVEL"
-DEFAULT_ADMIN_ADDR = "127.0.0.1:50061"
 ADMIN_TIMEOUT_S = 10.0
 
 _PHASES = {
@@ -87,20 +85,58 @@ def sidecar(config_path: Path, listen: str | None, kafka: str | None, metrics_po
 @click.option("--kafka", envvar=ENV_KAFKA, help="Kafka bootstrap servers.")
 @click.option("--admin-listen", help="Admin gRPC address (default 127.0.0.1:50061).")
 @click.option("--metrics-port", type=int, help="Prometheus /metrics port (0 picks a free one).")
+@click.option(
+    "--signing-key-file",
+    envvar="OUTRIDER_CONTROL_SIGNING_KEY_FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ed25519 private key (PEM) that signs control records (`outrider keygen`).",
+)
+@click.option(
+    "--control-public-keys",
+    envvar="OUTRIDER_CONTROL_PUBLIC_KEYS",
+    help="Comma-separated extra public keys trusted on read (files, directories, ed25519:<base64>).",
+)
+@click.option(
+    "--admin-tokens-file",
+    envvar="OUTRIDER_ADMIN_TOKENS_FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML of hashed admin bearer tokens (`outrider token`).",
+)
+@click.option(
+    "--admin-reflection", is_flag=True, default=None, help="Serve gRPC reflection on the admin port."
+)
 def collector(
-    config_path: Path | None, kafka: str | None, admin_listen: str | None, metrics_port: int | None
+    config_path: Path | None,
+    kafka: str | None,
+    admin_listen: str | None,
+    metrics_port: int | None,
+    signing_key_file: Path | None,
+    control_public_keys: str | None,
+    admin_tokens_file: Path | None,
+    admin_reflection: bool | None,
 ) -> None:
     """Run the collector: rolling metrics, gates and the rollout controller."""
     import collector as collector_pkg
 
-    overrides = {"kafka_bootstrap": kafka, "admin_listen": admin_listen, "metrics_port": metrics_port}
+    overrides: dict[str, object] = {
+        "kafka_bootstrap": kafka,
+        "admin_listen": admin_listen,
+        "metrics_port": metrics_port,
+        "signing_key_file": signing_key_file,
+        "admin_tokens_file": admin_tokens_file,
+        "admin_reflection": admin_reflection,
+    }
+    if control_public_keys:
+        overrides["control_public_keys"] = tuple(
+            k.strip() for k in control_public_keys.split(",") if k.strip()
+        )
     try:
         settings = collector_pkg.load_settings(
             config_path, **{k: v for k, v in overrides.items() if v is not None}
         )
     except collector_pkg.SpecError as exc:
         raise click.ClickException(str(exc)) from exc
-    sys.exit(asyncio.run(collector_pkg.run(settings)))
+    sys.exit(asyncio.run(collector_pkg.run(settings, hard_exit=True)))
 
 
 @main.command()
@@ -159,6 +195,71 @@ def dev(sidecar_config: Path, sim_config: Path, collector_config: Path) -> None:
 
 @main.command()
 @click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Directory for <key id>.key (private, mode 0600) and <key id>.pub.",
+)
+def keygen(out_dir: Path) -> None:
+    """Write a new Ed25519 key pair for signing control records (collector: the .key;
+    sidecars and collectors: the .pub, in control.public_keys / OUTRIDER_CONTROL_PUBLIC_KEYS)."""
+    import outrider
+
+    key = outrider.SigningKey.generate()
+    private_path, public_path = key.write(out_dir)
+    click.echo(f"key id      {key.key_id}")
+    click.echo(f"private key {private_path}")
+    click.echo(f"public key  {public_path}")
+    click.echo(f"inline      {key.public_text()}")
+
+
+@main.command("init-secrets")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace files that exist.")
+def init_secrets(directory: Path, force: bool) -> None:
+    """Make what a deployment needs in DIRECTORY: control.key/.pub (signing), session-key,
+    admin-token and admin-tokens.yaml (its hash); existing files are kept unless --force."""
+    from devstack._secrets import make_secrets
+
+    files = make_secrets(directory, overwrite=force)
+    for label, path in vars(files).items():
+        click.echo(f"{label:<13} {path}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "operator"]), default="viewer", show_default=True)
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append the hashed entry to this tokens file (created if missing).",
+)
+def token(name: str, role: str, tokens_file: Path | None) -> None:
+    """Make an admin bearer token for NAME: prints the token once (give it to the caller) and
+    the hashed entry for the collector's admin_tokens_file."""
+    import secrets
+
+    import yaml
+
+    from collector._auth import token_entry
+
+    value = secrets.token_urlsafe(32)
+    entry = token_entry(name, role, value)
+    if tokens_file is not None:
+        document = yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else None
+        document = document if isinstance(document, dict) else {}
+        document.setdefault("tokens", []).append(entry)
+        tokens_file.write_text(yaml.safe_dump(document, sort_keys=False))
+        click.echo(f"added {name} ({role}) to {tokens_file}", err=True)
+    else:
+        click.echo(yaml.safe_dump({"tokens": [entry]}, sort_keys=False), err=True)
+    click.echo(value)
+
+
+@main.command()
+@click.option(
     "--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 def versions(config_path: Path) -> None:
@@ -179,51 +280,49 @@ def rollout() -> None:
     """Start, watch and abort rollouts through the collector's admin API."""
 
 
-_admin_option = click.option(
-    "--admin",
-    envvar=ENV_ADMIN,
-    default=DEFAULT_ADMIN_ADDR,
-    show_default=True,
-    help="The collector's admin gRPC address.",
-)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 
 
 @rollout.command("start")
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_admin_option
+@admin_options
 @_json_option
-def rollout_start(spec: Path, admin: str, as_json: bool) -> None:
+def rollout_start(spec: Path, as_json: bool, **target: Any) -> None:
     """Start the rollout described by SPEC (YAML)."""
     request = admin_pb2.StartRolloutRequest(
         spec_yaml=spec.read_text(), source_name=str(spec), requested_by=_who()
     )
-    _print_status(
-        _admin_call(admin, lambda stub: stub.StartRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json
+    status = admin_target(**target).call(
+        lambda stub, md: stub.StartRollout(request, timeout=ADMIN_TIMEOUT_S, metadata=md)
     )
+    _print_status(status, as_json)
 
 
 @rollout.command("status")
 @click.argument("agent")
-@_admin_option
+@admin_options
 @_json_option
-def rollout_status(agent: str, admin: str, as_json: bool) -> None:
+def rollout_status(agent: str, as_json: bool, **target: Any) -> None:
     """Show the rollout state, gate results and deployment record of AGENT."""
     request = admin_pb2.GetRolloutRequest(agent=agent)
-    _print_status(_admin_call(admin, lambda stub: stub.GetRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json)
+    status = admin_target(**target).call(
+        lambda stub, md: stub.GetRollout(request, timeout=ADMIN_TIMEOUT_S, metadata=md)
+    )
+    _print_status(status, as_json)
 
 
 @rollout.command("abort")
 @click.argument("agent")
 @click.option("--reason", default="aborted by operator", show_default=True)
-@_admin_option
+@admin_options
 @_json_option
-def rollout_abort(agent: str, reason: str, admin: str, as_json: bool) -> None:
+def rollout_abort(agent: str, reason: str, as_json: bool, **target: Any) -> None:
     """Stop AGENT's rollout: new sessions go to stable at once."""
     request = admin_pb2.AbortRolloutRequest(agent=agent, reason=reason, requested_by=_who())
-    _print_status(
-        _admin_call(admin, lambda stub: stub.AbortRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json
+    status = admin_target(**target).call(
+        lambda stub, md: stub.AbortRollout(request, timeout=ADMIN_TIMEOUT_S, metadata=md)
     )
+    _print_status(status, as_json)
 
 
 def _who() -> str:
@@ -241,19 +340,6 @@ def _split_host_port(address: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def _admin_call(address: str, call: object) -> admin_pb2.RolloutStatus:
-    with grpc.insecure_channel(address) as channel:
-        stub = admin_pb2_grpc.AdminStub(channel)
-        try:
-            return call(stub)  # type: ignore[operator,no-any-return]
-        except grpc.RpcError as exc:
-            code = exc.code()
-            detail = exc.details()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                detail = f"no collector admin API at {address} ({detail})"
-            raise click.ClickException(f"{code.name}: {detail}") from exc
-
-
 def _print_status(status: admin_pb2.RolloutStatus, as_json: bool) -> None:
     if as_json:
         click.echo(json_format.MessageToJson(status, preserving_proto_field_name=True))
@@ -268,6 +354,8 @@ def _print_status(status: admin_pb2.RolloutStatus, as_json: bool) -> None:
     click.echo(f"versions    stable {state.stable_version_id}  candidate {state.candidate_version_id}")
     if state.reason:
         click.echo(f"reason      {state.reason}  (by {state.decided_by})")
+    if status.events_missing:
+        click.echo(f"evidence    {status.events_missing} events never arrived from the sidecars (gaps)")
     for gate in state.gate_results:
         verdict = "pass" if gate.passed else ("FAIL" if gate.ready else "waiting")
         click.echo(

@@ -2,12 +2,20 @@
 
 Each component runs as its own process, as in production, started by `outrider` itself
 and stopped by PID (SIGTERM, then SIGKILL after a grace period) in reverse start order.
+
+Secrets are made fresh on every run, in `.outrider/dev/` (mode 0600 where secret): the
+control-signing key pair (the collector signs with the .key, the sidecar trusts the .pub),
+an operator bearer token for the admin API (`admin-token`, which the `outrider rollout`
+commands read without flags; its hash in `admin-tokens.yaml`), and a session key passed to
+the sidecar (`session-key`, through `OUTRIDER_SESSION_KEY_FILE`); see devstack/_secrets.py.
+The admin API stays plaintext gRPC on loopback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -17,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from devstack._admin_client import DEV_DIR, DEV_TOKEN_FILE
+from devstack._secrets import make_secrets
 from devstack.broker import EmbeddedBroker, free_port
 
 log = logging.getLogger(__name__)
@@ -57,7 +67,12 @@ class DevStack:
     sidecar_listen: str = "127.0.0.1:50051"
     sidecar_metrics_port: int = 9464
     collector_metrics_port: int = 9465
+    dev_dir: Path = DEV_DIR
+    token_file: Path = DEV_TOKEN_FILE
     _broker: EmbeddedBroker | None = None
+    _env: dict[str, str] = field(default_factory=dict)
+    _signing_key: Path | None = None
+    _tokens_file: Path | None = None
     _children: list[_Child] = field(default_factory=list)
     _stopping: bool = False
 
@@ -71,6 +86,8 @@ class DevStack:
                 raise StackError(
                     f"{host}:{port} is already in use; the {what} needs it (another `outrider dev`?)"
                 )
+        self._make_secrets()
+        assert self._signing_key is not None and self._tokens_file is not None
         self._broker = EmbeddedBroker(port=free_port())
         self._broker.start()
         kafka = self._broker.bootstrap_servers
@@ -97,6 +114,10 @@ class DevStack:
             f"127.0.0.1:{ADMIN_PORT}",
             "--metrics-port",
             str(self.collector_metrics_port),
+            "--signing-key-file",
+            str(self._signing_key),
+            "--admin-tokens-file",
+            str(self._tokens_file),
         )
         self._wait_port("collector", "127.0.0.1", ADMIN_PORT)
         self._spawn(
@@ -115,10 +136,22 @@ class DevStack:
         host, _, sidecar_port = self.sidecar_listen.rpartition(":")
         self._wait_port("sidecar", host, int(sidecar_port))
 
+    def _make_secrets(self) -> None:
+        """A fresh signing key pair, operator token and session key for this run."""
+        files = make_secrets(self.dev_dir, overwrite=True, token_name="dev")
+        self.token_file = files.admin_token
+        self._signing_key, self._tokens_file = files.signing_key, files.admin_tokens
+        self._env = {
+            "OUTRIDER_CONTROL_PUBLIC_KEYS": str(files.public_key),
+            "OUTRIDER_SESSION_KEY_FILE": str(files.session_key),
+        }
+
     def describe(self) -> str:
         assert self._broker is not None
         lines = [f"  {'kafka (embedded)':<18} {self._broker.bootstrap_servers}  pid {self._broker.pid}"]
         lines += [f"  {c.name:<18} {c.where}  pid {c.proc.pid}" for c in self._children]
+        lines.append(f"  {'admin token':<18} {self.token_file} (operator; the CLI reads it without flags)")
+        lines.append(f"  {'signing keys':<18} {self.dev_dir}/control.key, control.pub (new each run)")
         return "\n".join(lines)
 
     def stop(self) -> None:
@@ -170,7 +203,12 @@ class DevStack:
 
     def _spawn(self, name: str, where: str, *args: str) -> None:
         # A new session: the terminal's Ctrl-C reaches only us, and we stop children in order.
-        proc = subprocess.Popen(outrider_command(*args), stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            outrider_command(*args),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **self._env},
+        )
         self._children.append(_Child(name, proc, where))
 
     def _wait_port(self, name: str, host: str, port: int) -> None:

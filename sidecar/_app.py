@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
+import outrider
 from outrider.clock import Clock, SystemClock
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._config import SidecarConfig
@@ -85,6 +86,13 @@ class Sidecar:
         self.metrics = SidecarMetrics()
         self.versions = build_versions(config)
         self.router = Router(config.agent, config.stable_version_id, self.versions.keys())
+        if not config.has_session_key:
+            log.warning(
+                "sidecar: no session key (%s is not set): a random one is used, so sessions will "
+                "not survive a restart or be honoured by other replicas of %s",
+                config.session_key_env or "session_key_env",
+                config.agent,
+            )
         self.codec = SessionCodec(config.session_key(), self._clock, config.session_ttl)
         client_id = f"outrider-sidecar-{self.sidecar_id}"
         self.telemetry = TelemetryProducer(
@@ -106,13 +114,20 @@ class Sidecar:
             telemetry=self.telemetry,
             report_interval_s=config.usage_report_interval,
         )
+        try:
+            verifier = config.control.verifier()
+        except outrider.SigningKeyError as exc:
+            raise SidecarError(f"control.public_keys: {exc}") from None
         self.control = ControlTailer(
             config.kafka.bootstrap_servers,
             self.router,
             self.metrics,
+            verifier=verifier,
             client_id=client_id,
             quotas=self.global_quotas,
+            state_path=config.control.state_path(config.telemetry.spill_path(config.agent), config.agent),
         )
+        self._ready_task: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._metrics_server: MetricsServer | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -204,13 +219,31 @@ class Sidecar:
             if port == 0:
                 raise SidecarError(f"listen: cannot bind {listen}")
             self.address = f"{listen.rpartition(':')[0]}:{port}"
+        await self.control.start()  # the persisted control state is in place before the first call
         await server.start()
         await self.telemetry.start()
-        await self.control.start()
         await self.global_quotas.start()
         if config.metrics_port is not None:
             self._metrics_server = MetricsServer(self.metrics, str(config.metrics_host), config.metrics_port)
             await self._metrics_server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._ready_task = asyncio.create_task(self._serving_when_ready(), name="outrider-sidecar-ready")
+
+    async def _serving_when_ready(self) -> None:
+        """Health goes SERVING once a control state is known, or after `control.ready_timeout`
+        (warned and counted). Calls are served meanwhile: this gates health only."""
+        timeout = self.config.control.ready_timeout
+        try:
+            await asyncio.wait_for(self.control.ready.wait(), timeout)
+        except TimeoutError:
+            self.metrics.control_wait_expired.inc()
+            log.warning(
+                "sidecar: no control state after %.1fs (Kafka unreachable and nothing persisted?); "
+                "reporting SERVING with the configured stable %s until one arrives",
+                timeout,
+                self.config.stable,
+            )
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -256,6 +289,11 @@ class Sidecar:
             await self._stop(self.config.shutdown_grace if grace is None else grace)
 
     async def _stop(self, grace: float) -> None:
+        ready, self._ready_task = self._ready_task, None
+        if ready is not None:
+            ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ready
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)

@@ -36,6 +36,9 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar._config_format import format_validation_error
+from sidecar._control_config import ControlConfig
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9464
 #: /metrics binds loopback by default; a pod or compose service scraped from outside sets 0.0.0.0
@@ -56,6 +59,8 @@ DEFAULT_STREAM_IDLE_TIMEOUT_S = 10.0
 DEFAULT_USAGE_REPORT_INTERVAL_S = 5.0
 #: The environment variable holding the HMAC key for session tokens (shared by replicas).
 DEFAULT_SESSION_KEY_ENV = "OUTRIDER_SESSION_KEY"
+# a file holding the session key (a mounted Secret), read when the variable above is unset
+ENV_SESSION_KEY_FILE = "OUTRIDER_SESSION_KEY_FILE"
 VERSION_ID_LENGTH = 12
 
 # request fields the sidecar sets itself; a version's `parameters` may not override them
@@ -348,6 +353,7 @@ class SidecarConfig(_Frozen):
     tenant_quotas: QuotaLimits | None = None
     global_quotas: dict[str, GlobalQuotaConfig] = Field(default_factory=dict)
     usage_report_interval: Duration = DEFAULT_USAGE_REPORT_INTERVAL_S
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
     _version_ids: dict[str, str] = PrivateAttr(default_factory=dict)
     _api_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
@@ -373,6 +379,10 @@ class SidecarConfig(_Frozen):
     def api_key(self, label: str) -> SecretStr | None:
         """The provider API key of version `label`, if it has one (read by `load_secrets`)."""
         return self._api_keys.get(label)
+
+    @property
+    def has_session_key(self) -> bool:
+        return self._session_key is not None
 
     def session_key(self) -> bytes:
         """The HMAC key for session tokens; random per process when none is configured."""
@@ -412,6 +422,16 @@ class SidecarConfig(_Frozen):
         self._api_keys = keys
         if self.session_key_env and env.get(self.session_key_env):
             self._session_key = SecretStr(env[self.session_key_env])
+        elif key_file := env.get(ENV_SESSION_KEY_FILE):
+            try:
+                value = Path(key_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{source}: {ENV_SESSION_KEY_FILE}: cannot read {key_file}: {exc.strerror}"
+                ) from None
+            if not value:
+                raise ConfigError(f"{source}: {ENV_SESSION_KEY_FILE}: {key_file} is empty")
+            self._session_key = SecretStr(value)
         return self
 
     def with_overrides(
@@ -443,24 +463,6 @@ class SidecarConfig(_Frozen):
 def fallback_key(label: str, tier: int) -> str:
     """The `api_key` name of a version's fallback tier (1-based, as in "fallback-1")."""
     return f"{label}#fallback-{tier}"
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
-
-
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors(include_url=False, include_input=False):
-        message = str(error["msg"]).removeprefix("Value error, ")
-        path = _field_path(tuple(error["loc"]))
-        if message.startswith(("[", ".")) and path:  # a container validator pointing into its items
-            path, message = path + message.split(":", 1)[0], message.split(":", 1)[1].strip()
-        lines.append(f"{source}: {path}: {message}" if path else f"{source}: {message}")
-    return "\n".join(lines)
 
 
 def parse_config(data: object, *, source: str = "config") -> SidecarConfig:

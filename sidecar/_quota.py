@@ -137,6 +137,10 @@ class GlobalQuota:
         self._refresh(self._clock.now())
         return self._expires_at is not None
 
+    def new_writer(self) -> None:
+        """A grant from a newer writer epoch follows: its generations start afresh."""
+        self._generation = None
+
     def apply_grant(
         self, tpm: float, *, issued_at: float | None = None, generation: int | None = None
     ) -> bool:

@@ -85,9 +85,18 @@ class Router:
     def state(self) -> control_pb2.RolloutState | None:
         return self._state
 
+    @property
+    def ordering(self) -> tuple[int, int]:
+        """(epoch, generation) of the state in hand; (0, 0) without one."""
+        return (self._state.epoch, self._state.generation) if self._state is not None else (0, 0)
+
+    def is_newer(self, state: control_pb2.RolloutState) -> bool:
+        return (state.epoch, state.generation) > self.ordering
+
     def apply(self, state: control_pb2.RolloutState) -> bool:
-        """Take `state` if it is for this agent and strictly newer; return whether it was taken."""
-        if state.agent != self.agent or state.generation <= self.generation:
+        """Take `state` if it is for this agent and strictly newer by (epoch, generation);
+        return whether it was taken."""
+        if state.agent != self.agent or not self.is_newer(state):
             self.ignored_states += 1
             return False
         self._state = state

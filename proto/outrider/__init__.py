@@ -2,6 +2,14 @@
 helpers both the sidecar and the collector need (topic names, record keys and headers,
 the envelope codec; `outrider.clock` for injectable time)."""
 
+from outrider._control_records import (
+    SignedRecord,
+    is_marker,
+    load_records,
+    open_control,
+    ordering,
+    save_records,
+)
 from outrider._envelope import (
     CONTENT_TYPE_HEADER,
     SCHEMA_HEADER,
@@ -12,13 +20,27 @@ from outrider._envelope import (
     encode_control,
     encode_event,
 )
+from outrider._signing import (
+    RejectLog,
+    SigningKey,
+    SigningKeyError,
+    Verdict,
+    Verifier,
+    VerifyMode,
+    key_id,
+    load_public_keys,
+)
 from outrider._topics import (
     COMMANDS_TOPIC,
     CONTROL_TOPIC,
     DEADLETTER_TOPIC,
     EVENTS_TOPIC,
+    MARKER_KEY_PREFIX,
     SPANS_TOPIC,
     agent_key,
+    flag_key,
+    quota_key,
+    rollout_key,
 )
 
 __all__ = [
@@ -29,9 +51,27 @@ __all__ = [
     "EVENTS_TOPIC",
     "SCHEMA_HEADER",
     "SCHEMA_VERSION",
+    "MARKER_KEY_PREFIX",
     "SPANS_TOPIC",
     "DecodeError",
+    "SigningKeyError",
+    "RejectLog",
+    "SignedRecord",
+    "SigningKey",
+    "Verdict",
+    "Verifier",
+    "VerifyMode",
     "agent_key",
+    "flag_key",
+    "is_marker",
+    "key_id",
+    "load_public_keys",
+    "load_records",
+    "open_control",
+    "ordering",
+    "quota_key",
+    "rollout_key",
+    "save_records",
     "decode_control",
     "decode_event",
     "encode_control",

@@ -90,6 +90,9 @@ def test_outrider_dev_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         started = _outrider("rollout", "start", "examples/rollout.yaml")
         assert started.returncode == 0, started.stderr
         assert "running" in started.stdout
+        # the CLI found the operator token `outrider dev` wrote; decided_by is that identity
+        assert "(by token:dev)" in started.stdout, started.stdout
+        assert (ROOT / ".outrider" / "dev" / "control.pub").is_file()
         status = _outrider("rollout", "status", "support-bot")
         assert status.returncode == 0 and "support-bot" in status.stdout, status.stderr
         again = _outrider("rollout", "start", "examples/rollout.yaml")

@@ -28,7 +28,14 @@ from outrider.v1 import (
     sidecar_pb2_grpc,
 )
 from sidecar import load_config
-from tests.support import outrider_process, scrape, wait_serving
+from tests.support import (
+    SECURE_COLLECTOR,
+    TEST_PUBLIC_KEY_FILE,
+    admin_channel,
+    outrider_process,
+    scrape,
+    wait_serving,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
@@ -66,6 +73,7 @@ def _write_configs(tmp_path: Path, provider: SimProvider, kafka: str) -> tuple[P
                 "kafka": {"bootstrap_servers": kafka},
                 "shutdown_grace": "5s",
                 "telemetry": {"spill_dir": str(tmp_path / "spill")},  # never the cwd's
+                "control": {"public_keys": [str(TEST_PUBLIC_KEY_FILE)]},
                 "versions": {"v1": version("sim-good"), "v2": version("sim-bad")},
             }
         )
@@ -80,6 +88,7 @@ def _write_configs(tmp_path: Path, provider: SimProvider, kafka: str) -> tuple[P
                 "tick_interval_s": 0.2,
                 "bucket_s": 1.0,
                 "state_dir": str(tmp_path / "collector-state"),
+                **SECURE_COLLECTOR,
             }
         )
     )
@@ -148,11 +157,11 @@ async def test_bad_candidate_is_rolled_back(tmp_path: Path) -> None:
             await wait_serving(sidecar_addr, sidecar)
 
             async with (
-                grpc.aio.insecure_channel(collector_cfg["admin_listen"]) as admin_channel,
+                admin_channel(collector_cfg["admin_listen"]) as admin_ch,
                 grpc.aio.insecure_channel(sidecar_addr) as channel,
                 aiohttp.ClientSession() as http,
             ):
-                admin = admin_pb2_grpc.AdminStub(admin_channel)
+                admin = admin_pb2_grpc.AdminStub(admin_ch)
                 agent = sidecar_pb2_grpc.SidecarStub(channel)
                 started = await admin.StartRollout(
                     admin_pb2.StartRolloutRequest(

@@ -175,7 +175,12 @@ class RolloutStatus(_message.Message):
     TIMELINE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     SPEC_YAML_FIELD_NUMBER: _builtins.int
+    EVENTS_MISSING_FIELD_NUMBER: _builtins.int
     spec_yaml: _builtins.str
+    events_missing: _builtins.int
+    """events that never reached the collector from this agent's sidecars (gaps in their
+    per-sidecar sequence numbers): the evidence behind the gates has holes when > 0
+    """
     @_builtins.property
     def state(self) -> _control_pb2.RolloutState: ...
     @_builtins.property
@@ -189,10 +194,11 @@ class RolloutStatus(_message.Message):
         timeline: _abc.Iterable[Global___StageRecord] | None = ...,
         metrics: _abc.Iterable[Global___VersionMetrics] | None = ...,
         spec_yaml: _builtins.str = ...,
+        events_missing: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "spec_yaml", b"spec_yaml", "state", b"state", "timeline", b"timeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_missing", b"events_missing", "metrics", b"metrics", "spec_yaml", b"spec_yaml", "state", b"state", "timeline", b"timeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -60,6 +60,7 @@ class Event(_message.Message):
     BREAKER_FIELD_NUMBER: _builtins.int
     SAFETY_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     time_unix_nano: _builtins.int
     agent: _builtins.str
@@ -71,6 +72,10 @@ class Event(_message.Message):
     unit_id: _builtins.str
     """The rollout's randomization unit (session, user or tenant per sticky_by), hashed: the
     collector clusters its statistics by it. Empty means the session.
+    """
+    sequence: _builtins.int
+    """1, 2, 3, ... per sidecar_id, in emit order: the collector counts the gaps (events that
+    never arrived, outrider_events_missing_total{sidecar}).
     """
     @_builtins.property
     def call(self) -> Global___CallRecord: ...
@@ -102,10 +107,11 @@ class Event(_message.Message):
         breaker: Global___BreakerRecord | None = ...,
         safety: Global___SafetyRecord | None = ...,
         usage: Global___UsageReport | None = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "feedback", b"feedback", "safety", b"safety", "tool", b"tool", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "sequence", b"sequence", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
