@@ -95,10 +95,11 @@ class RolloutManager:
                 try:
                     await self._publisher.send(record)
                 except (KafkaError, TimeoutError) as exc:
+                    # the broker is away: stop here rather than hold the lock for every agent
                     log.warning(
                         "republishing %s failed: %s; trying again later", agent, exc or type(exc).__name__
                     )
-                    continue
+                    break
                 written += 1
                 self._metrics.republished.inc()
         return written

@@ -242,6 +242,7 @@ class ControlTailer:
         del self._pending_markers[partition]
         await producer.send(outrider.CONTROL_TOPIC, None, key=key, partition=partition)  # tombstone
         if not self._pending_markers:
+            await producer.flush()  # the tombstones; the producer is closed when the task leaves
             if not self.ready.is_set():
                 self.state_source = "topic"
             self._set_ready()
