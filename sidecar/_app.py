@@ -24,6 +24,7 @@ from outrider.clock import Clock, SystemClock
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._config import SidecarConfig
 from sidecar._control import ControlTailer
+from sidecar._drain import DrainTracker
 from sidecar._global_quota import GlobalQuotas
 from sidecar._metrics import MetricsServer, SidecarMetrics
 from sidecar._policies import Safety, UserQuotas
@@ -85,7 +86,9 @@ class Sidecar:
         self.metrics = SidecarMetrics()
         self.versions = build_versions(config)
         self.router = Router(config.agent, config.stable_version_id, self.versions.keys())
-        self.codec = SessionCodec(config.session_key(), self._clock, config.session_ttl)
+        self.codec = SessionCodec(
+            config.session_key(), self._clock, config.session_ttl, config.max_session_duration
+        )
         client_id = f"outrider-sidecar-{self.sidecar_id}"
         self.telemetry = TelemetryProducer(
             config.kafka.bootstrap_servers,
@@ -96,6 +99,14 @@ class Sidecar:
             spill_max_bytes=config.telemetry.spill_max_bytes,
             spill_fsync=config.telemetry.spill_fsync,
             enabled=config.telemetry.enabled,
+        )
+        self.drain = DrainTracker(
+            self.router,
+            agent=config.agent,
+            sidecar_id=self.sidecar_id,
+            clock=self._clock,
+            metrics=self.metrics,
+            telemetry=self.telemetry,
         )
         self.global_quotas = GlobalQuotas(
             config.global_quotas,
@@ -175,6 +186,7 @@ class Sidecar:
             sidecar_id=self.sidecar_id,
             max_request_bytes=config.max_request_bytes,
             tracing=tracing,
+            drain=self.drain,
         )
         server = grpc.aio.server(
             options=[
@@ -207,6 +219,7 @@ class Sidecar:
         await server.start()
         await self.telemetry.start()
         await self.control.start()
+        await self.drain.start()
         await self.global_quotas.start()
         if config.metrics_port is not None:
             self._metrics_server = MetricsServer(self.metrics, str(config.metrics_host), config.metrics_port)
@@ -260,6 +273,7 @@ class Sidecar:
         if self._server is not None:
             await self._server.stop(grace)
         await self._stop_tracing()
+        await self.drain.stop()
         await self.control.stop()
         await self.global_quotas.stop()
         await self.telemetry.stop(TELEMETRY_FLUSH_TIMEOUT_S)
