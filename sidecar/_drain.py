@@ -4,7 +4,8 @@ The router says which sessions are drained (from the control state, so every rep
 agrees); this module turns that into the agent-facing answer and the telemetry:
 
 - `precondition_status` builds FAILED_PRECONDITION with a `google.rpc.ErrorInfo` whose
-  `reason` tells an agent what to do: SESSION_DRAINED and SESSION_EXPIRED both mean
+  `reason` (the constants live in the contract, `outrider.SESSION_DRAINED` etc., for
+  clients) tells an agent what to do: SESSION_DRAINED and SESSION_EXPIRED both mean
   "open a new session" (it lands on the version new sessions get: stable after a rollback).
 - `DrainTracker.check` runs for every call on a session: None serves it (and counts it as
   draining while its version is retired but before the deadline); a retired entry refuses it.
@@ -27,6 +28,7 @@ from cachetools import TTLCache
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
+from outrider import ERROR_DOMAIN, SESSION_DRAINED
 from outrider.clock import Clock
 from outrider.v1 import control_pb2, events_pb2
 from sidecar._metrics import SidecarMetrics
@@ -35,16 +37,6 @@ from sidecar._session import Session
 from sidecar._telemetry import TelemetryProducer
 
 log = logging.getLogger(__name__)
-
-#: `google.rpc.ErrorInfo.domain` of every reason below.
-ERROR_DOMAIN = "outrider.io"
-#: The session's version was retired by a rollback or abort and its drain ended: open a new session.
-SESSION_DRAINED = "SESSION_DRAINED"
-#: The session passed its expiry or the max session duration: open a new session.
-SESSION_EXPIRED = "SESSION_EXPIRED"
-#: Reserved for feature flags and tool policy (later issues).
-FLAG_OFF = "FLAG_OFF"
-TOOL_REJECTED = "TOOL_REJECTED"
 
 DEFAULT_ACTIVE_WINDOW_S = 300.0  # a session without a call for this long no longer counts as draining
 MAX_TRACKED_SESSIONS = 10_000  # per retired version: bounds memory whatever the traffic

@@ -32,9 +32,10 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from outrider import SESSION_DRAINED, SESSION_EXPIRED
 from outrider.clock import Clock
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2, sidecar_pb2_grpc
-from sidecar._drain import SESSION_DRAINED, SESSION_EXPIRED, DrainTracker, drained_status, precondition_status
+from sidecar._drain import DrainTracker, drained_status, precondition_status
 from sidecar._exceptions import UpstreamError
 from sidecar._guards import Hit, StreamRedactor
 from sidecar._metrics import SidecarMetrics

@@ -236,7 +236,7 @@ async def test_drain_across_two_replicas_after_a_collector_rollback(
         clock.set(deadline)
         exc, info = await refused(stub_b.Chat(sidecar_pb2.ChatRequest(session_id=pinned, messages=USER)))
         first_drained = clock.now()
-        assert (info.reason, info.domain) == ("SESSION_DRAINED", "outrider.io")
+        assert (info.reason, info.domain) == (outrider.SESSION_DRAINED, outrider.ERROR_DOMAIN)
         assert info.metadata["version_id"] == candidate_id and info.metadata["rollout_id"] == rollout_id
         assert "open a new session" in (exc.details() or "")
         _, info = await refused(stub_a.ChatStream(sidecar_pb2.ChatRequest(session_id=pinned, messages=USER)))
@@ -297,7 +297,7 @@ async def test_drain_expired_session_gets_session_expired(sim: SimProvider) -> N
         exc, info = await refused(
             stub.Chat(sidecar_pb2.ChatRequest(session_id=opened.session_id, messages=USER))
         )
-        assert (info.reason, info.domain) == ("SESSION_EXPIRED", "outrider.io")
+        assert (info.reason, info.domain) == (outrider.SESSION_EXPIRED, outrider.ERROR_DOMAIN)
         assert "open a new one" in (exc.details() or "")
         # late feedback on an expired session still counts
         await stub.Feedback(

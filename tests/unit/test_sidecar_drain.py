@@ -8,16 +8,10 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from hypothesis import given
 from hypothesis import strategies as st
 
+from outrider import SESSION_DRAINED, SESSION_EXPIRED
 from outrider.v1 import control_pb2, events_pb2
 from sidecar import ManualClock, Router, SessionCodec, SessionExpired
-from sidecar._drain import (
-    DEFAULT_ACTIVE_WINDOW_S,
-    SESSION_DRAINED,
-    SESSION_EXPIRED,
-    DrainTracker,
-    drained_status,
-    precondition_status,
-)
+from sidecar._drain import DEFAULT_ACTIVE_WINDOW_S, DrainTracker, drained_status, precondition_status
 from sidecar._metrics import SidecarMetrics
 from sidecar._session import Session
 
@@ -194,3 +188,19 @@ def test_drain_max_session_duration_caps_every_token() -> None:
         capped.decode(token)
     assert long_lived.decode(token).nonce == "n"
     assert capped.decode(token, allow_expired=True).nonce == "n"
+
+
+@pytest.mark.parametrize(("value", "ok"), [("1h", True), ("24h", True), ("25h", False), ("0s", False)])
+def test_drain_max_session_duration_config(value: str, ok: bool) -> None:
+    from sidecar import ConfigError
+    from sidecar._config import DEFAULT_MAX_SESSION_DURATION_S, parse_config
+    from tests.unit.test_sidecar_config import base
+
+    default = parse_config(base(), source="s.yaml").max_session_duration
+    assert default == DEFAULT_MAX_SESSION_DURATION_S == 3600
+    data = {**base(), "max_session_duration": value}
+    if ok:
+        assert parse_config(data, source="s.yaml").max_session_duration > 0
+    else:
+        with pytest.raises(ConfigError, match="max_session_duration"):
+            parse_config(data, source="s.yaml")
