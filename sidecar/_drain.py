@@ -130,7 +130,10 @@ class DrainTracker:
         tracked = self._retired.get(key)
         if tracked is None:
             cache: TTLCache[str, bool] = TTLCache(MAX_TRACKED_SESSIONS, self._window, timer=self._clock.now)
-            tracked = self._retired[key] = _Retired(entry, now, cache)
+            # a drain that ended before this sidecar heard of it (a restart within the retention)
+            # was announced by the sidecars that served it: not again
+            over = round(now * 1e9) >= entry.drain_deadline_unix_nano
+            tracked = self._retired[key] = _Retired(entry, now, cache, announced=over)
         return tracked
 
     def _settle(self, tracked: _Retired, now: float) -> None:

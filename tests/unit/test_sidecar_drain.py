@@ -147,6 +147,15 @@ def test_drain_tracker_announces_early_when_no_session_remains() -> None:
     assert event.drained.sessions_cut == 0 and draining(metrics) == 0
 
 
+def test_drain_tracker_does_not_announce_drains_that_ended_before_it_started() -> None:
+    clock = ManualClock(DEADLINE + 60)
+    t, _, telemetry = tracker(router(rolled_back()), clock)
+    t.tick()
+    assert t.check(session()) is not None  # still refused
+    t.tick()
+    assert telemetry.events == []
+
+
 def test_drain_tracker_forgets_entries_the_state_no_longer_lists() -> None:
     clock = ManualClock(T0)
     r = router(rolled_back())
