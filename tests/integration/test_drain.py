@@ -208,6 +208,8 @@ async def test_drain_across_two_replicas_after_a_collector_rollback(
         )
         applied_wall = time.time()
         clock.set(max(clock.now(), applied_wall))
+        for replica in (a, b):  # what each one's 1 s drain tick does: before the clock jumps
+            replica.drain.tick()
         state = b.router.state
         assert state is not None and state.decided_by == "controller"
         decided = state.decided_at_unix_nano / 1e9
