@@ -12,6 +12,12 @@ Rollback tests run in RUNNING, HOLD and NO_DATA alike. Each look (every `look_in
 3. the last stage promotes only when every gate with a margin shows no harm beyond it;
 4. a stage past its `max_duration` without that -> NO_DATA (held, alerting).
 
+A ROLLED_BACK or ABORTED state lists the candidate in `retired` with its drain deadline
+(decided at + the spec's `drain_timeout`); every sidecar refuses its pinned sessions past it.
+Earlier entries ride along on every later state (a new rollout too) until
+`RETIRED_RETENTION_S` after their deadline, which must outlast any session token: dropping an
+entry at its deadline would let a still-valid token of that version be served again.
+
 Every decision is a new `RolloutState` with the next generation. The `propose_*` and
 `decide` methods only compute it; `apply` makes it current. The service publishes a
 proposal to `outrider.control` first and applies it only once the write succeeded, so
@@ -43,6 +49,10 @@ TERMINAL = frozenset({PROMOTED, ROLLED_BACK, ABORTED})
 ACTIVE = frozenset({RUNNING, HOLD, NO_DATA})
 RELEASE_HOLD = "an operator's resume (or abort)"
 MAX_TIMELINE = 1000
+# a retired entry stays listed this long past its drain deadline (> a sidecar's max session duration)
+RETIRED_RETENTION_S = 86_400.0
+MAX_RETIRED = 32  # newest first kept; bounds the state however many rollouts end
+_RETIRED_REASON = {ROLLED_BACK: "rolled_back", ABORTED: "aborted"}
 _STICKY = {
     "session": common_pb2.STICKY_BY_SESSION,
     "user": common_pb2.STICKY_BY_USER,
@@ -52,6 +62,23 @@ _STICKY = {
 
 def _ns(t: float) -> int:
     return round(t * 1e9)
+
+
+def retired_after(
+    previous: Iterable[control_pb2.RetiredVersion],
+    now: float,
+    added: control_pb2.RetiredVersion | None = None,
+) -> list[control_pb2.RetiredVersion]:
+    """The retired list of a new state: `added` first, then `previous` entries still retained."""
+    keep = [] if added is None else [added]
+    seen = {(e.version_id, e.rollout_id) for e in keep}
+    horizon = _ns(now - RETIRED_RETENTION_S)
+    for entry in previous:
+        key = (entry.version_id, entry.rollout_id)
+        if entry.drain_deadline_unix_nano > horizon and key not in seen:
+            seen.add(key)
+            keep.append(entry)
+    return keep[:MAX_RETIRED]
 
 
 def _stage(state: control_pb2.RolloutState) -> admin_pb2.StageRecord:
@@ -175,6 +202,9 @@ class RolloutController:
             step_started_at_unix_nano=_ns(now),
             spec_yaml=spec_yaml,
             started_at_unix_nano=_ns(now),
+            drain_timeout_s=spec.drain_timeout,
+            # the previous rollout's candidate may still be draining: its sessions stay refused
+            retired=retired_after(self._state.retired if self._state is not None else (), now),
             gate_results=[
                 control_pb2.GateResult(
                     name=g.name,
@@ -388,6 +418,18 @@ class RolloutController:
         if results is not None:
             del new.gate_results[:]
             new.gate_results.extend(results)
+        added = None
+        if new.phase in _RETIRED_REASON and state.phase not in TERMINAL:
+            # the spec's own value first: a state written before drain_timeout_s existed reads 0
+            drain_s = self._spec.drain_timeout if self._spec is not None else state.drain_timeout_s
+            added = control_pb2.RetiredVersion(
+                version_id=state.candidate_version_id,
+                drain_deadline_unix_nano=_ns(now + drain_s),
+                reason=_RETIRED_REASON[new.phase],
+                rollout_id=state.rollout_id,
+            )
+        del new.retired[:]
+        new.retired.extend(retired_after(state.retired, now, added))
         return new
 
 

@@ -25,6 +25,7 @@ from outrider.clock import Clock, SystemClock
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._config import SidecarConfig
 from sidecar._control import ControlTailer
+from sidecar._drain import DrainTracker
 from sidecar._global_quota import GlobalQuotas
 from sidecar._metrics import MetricsServer, SidecarMetrics
 from sidecar._policies import Safety, UserQuotas
@@ -93,7 +94,9 @@ class Sidecar:
                 config.session_key_env or "session_key_env",
                 config.agent,
             )
-        self.codec = SessionCodec(config.session_key(), self._clock, config.session_ttl)
+        self.codec = SessionCodec(
+            config.session_key(), self._clock, config.session_ttl, config.max_session_duration
+        )
         client_id = f"outrider-sidecar-{self.sidecar_id}"
         self.telemetry = TelemetryProducer(
             config.kafka.bootstrap_servers,
@@ -104,6 +107,14 @@ class Sidecar:
             spill_max_bytes=config.telemetry.spill_max_bytes,
             spill_fsync=config.telemetry.spill_fsync,
             enabled=config.telemetry.enabled,
+        )
+        self.drain = DrainTracker(
+            self.router,
+            agent=config.agent,
+            sidecar_id=self.sidecar_id,
+            clock=self._clock,
+            metrics=self.metrics,
+            telemetry=self.telemetry,
         )
         self.global_quotas = GlobalQuotas(
             config.global_quotas,
@@ -190,6 +201,7 @@ class Sidecar:
             sidecar_id=self.sidecar_id,
             max_request_bytes=config.max_request_bytes,
             tracing=tracing,
+            drain=self.drain,
         )
         server = grpc.aio.server(
             options=[
@@ -222,6 +234,7 @@ class Sidecar:
         await self.control.start()  # the persisted control state is in place before the first call
         await server.start()
         await self.telemetry.start()
+        await self.drain.start()
         await self.global_quotas.start()
         if config.metrics_port is not None:
             self._metrics_server = MetricsServer(self.metrics, str(config.metrics_host), config.metrics_port)
@@ -298,6 +311,7 @@ class Sidecar:
         if self._server is not None:
             await self._server.stop(grace)
         await self._stop_tracing()
+        await self.drain.stop()
         await self.control.stop()
         await self.global_quotas.stop()
         await self.telemetry.stop(TELEMETRY_FLUSH_TIMEOUT_S)

@@ -50,6 +50,12 @@ DEFAULT_SPILL_DIR = ".outrider/spill/{agent}"
 DEFAULT_SPILL_MAX_BYTES = 256 * 1024 * 1024
 MIN_SPILL_MAX_BYTES = 64 * 1024
 DEFAULT_SESSION_TTL_S = 3600.0
+# the cap on a session's life from when it was issued, enforced by every replica on every token
+# (the token's own expiry is min(session_ttl, max_session_duration)); at most a day, because the
+# collector lists a retired version for a day past its drain deadline and a drained session must
+# not outlive that listing
+DEFAULT_MAX_SESSION_DURATION_S = 3600.0
+MAX_SESSION_DURATION_LIMIT_S = 86_400.0
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
@@ -344,6 +350,7 @@ class SidecarConfig(_Frozen):
     telemetry_queue_size: int = Field(default=DEFAULT_TELEMETRY_QUEUE_SIZE, ge=1)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     session_ttl: Duration = DEFAULT_SESSION_TTL_S
+    max_session_duration: Duration = DEFAULT_MAX_SESSION_DURATION_S
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1024)
     shutdown_grace: Duration = DEFAULT_SHUTDOWN_GRACE_S
     session_key_env: str | None = DEFAULT_SESSION_KEY_ENV
@@ -364,6 +371,11 @@ class SidecarConfig(_Frozen):
         if self.stable not in self.versions:
             raise ValueError(
                 f"stable: {self.stable!r} is not one of the versions ({', '.join(self.versions)})"
+            )
+        if not 0 < self.max_session_duration <= MAX_SESSION_DURATION_LIMIT_S:
+            raise ValueError(
+                f"max_session_duration: must be more than 0 and at most "
+                f"{MAX_SESSION_DURATION_LIMIT_S:g}s (a day); got {self.max_session_duration:g}s"
             )
         self._version_ids = {label: version.version_id() for label, version in self.versions.items()}
         return self

@@ -142,6 +142,19 @@ class SidecarMetrics:
             registry=r,
         )
 
+        self.sessions_draining = Gauge(
+            "outrider_sidecar_sessions_draining",
+            "Sessions on a retired (rolled-back or aborted) version still within its drain timeout, "
+            "active in the last few minutes",
+            ["version"],
+            registry=r,
+        )
+        self.sessions_refused = Counter(
+            "outrider_sidecar_sessions_refused",
+            "Calls refused with FAILED_PRECONDITION, by ErrorInfo reason (SESSION_DRAINED, SESSION_EXPIRED)",
+            ["reason"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "outrider_sidecar_breaker_state",
             "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",

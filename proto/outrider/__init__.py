@@ -1,6 +1,6 @@
 """The Outrider wire contract: generated protobuf code (`outrider.v1`) plus the small
 helpers both the sidecar and the collector need (topic names, record keys and headers,
-the envelope codec; `outrider.clock` for injectable time)."""
+the envelope codec, the ErrorInfo reasons; `outrider.clock` for injectable time)."""
 
 from outrider._control_records import (
     SignedRecord,
@@ -20,6 +20,7 @@ from outrider._envelope import (
     encode_control,
     encode_event,
 )
+from outrider._reasons import ERROR_DOMAIN, FLAG_OFF, SESSION_DRAINED, SESSION_EXPIRED, TOOL_REJECTED
 from outrider._signing import (
     RejectLog,
     SigningKey,
@@ -48,11 +49,16 @@ __all__ = [
     "CONTENT_TYPE_HEADER",
     "CONTROL_TOPIC",
     "DEADLETTER_TOPIC",
+    "ERROR_DOMAIN",
     "EVENTS_TOPIC",
+    "FLAG_OFF",
     "SCHEMA_HEADER",
     "SCHEMA_VERSION",
     "MARKER_KEY_PREFIX",
+    "SESSION_DRAINED",
+    "SESSION_EXPIRED",
     "SPANS_TOPIC",
+    "TOOL_REJECTED",
     "DecodeError",
     "SigningKeyError",
     "RejectLog",
