@@ -1,8 +1,13 @@
-"""The admin gRPC API (`outrider.v1.Admin`): start, inspect and abort rollouts.
+"""The admin gRPC API (`outrider.v1.Admin`): start, inspect, pause, resume, promote and abort
+rollouts.
 
 Errors map to status codes once, here: a bad spec is INVALID_ARGUMENT naming the source and
-field, a second start ALREADY_EXISTS, an unknown agent NOT_FOUND, aborting a finished
-rollout FAILED_PRECONDITION, a control-topic write that failed UNAVAILABLE.
+field, a second start ALREADY_EXISTS, an unknown agent NOT_FOUND, a verb that does not fit
+the phase (aborting a finished rollout, resuming one not on HOLD) FAILED_PRECONDITION, a
+control-topic write that failed UNAVAILABLE.
+
+Who asked is decided in one place, `_requester`: for now the `requested_by` the client sends;
+with authentication it becomes the authenticated identity.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from collector._config_errors import SpecError
-from collector._errors import NoRollout, RolloutConflict, RolloutError, RolloutFinished
+from collector._errors import NoRollout, RolloutConflict, RolloutError, WrongPhase
 from collector._manager import PublishError, RolloutManager
 from collector._spec import load_spec_text
 from outrider.v1 import admin_pb2, admin_pb2_grpc
@@ -28,7 +33,7 @@ MAX_SPEC_BYTES = 256 * 1024
 _CODES: dict[type[Exception], grpc.StatusCode] = {
     RolloutConflict: grpc.StatusCode.ALREADY_EXISTS,
     NoRollout: grpc.StatusCode.NOT_FOUND,
-    RolloutFinished: grpc.StatusCode.FAILED_PRECONDITION,
+    WrongPhase: grpc.StatusCode.FAILED_PRECONDITION,
     PublishError: grpc.StatusCode.UNAVAILABLE,
     SpecError: grpc.StatusCode.INVALID_ARGUMENT,
 }
@@ -43,6 +48,21 @@ async def _fail(context: grpc.aio.ServicerContext[object, object], exc: Exceptio
 async def _require(context: grpc.aio.ServicerContext[object, object], field: str, value: str) -> None:
     if not value:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: must not be empty")
+
+
+def _requester(request: _Verb, context: grpc.aio.ServicerContext[object, object]) -> str:
+    """Who asked for a command: recorded as the new state's `decided_by`."""
+    del context  # authentication will take the identity from here
+    return request.requested_by or "admin"
+
+
+_Verb = (
+    admin_pb2.StartRolloutRequest
+    | admin_pb2.AbortRolloutRequest
+    | admin_pb2.PauseRolloutRequest
+    | admin_pb2.ResumeRolloutRequest
+    | admin_pb2.PromoteRolloutRequest
+)
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -61,10 +81,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         try:
             spec = load_spec_text(request.spec_yaml, source)
             self._manager.check_windows(spec, source)
-            await self._manager.start(spec, request.spec_yaml, request.requested_by)
-            log.info(
-                "rollout of %s started by %s from %s", spec.agent, request.requested_by or "admin", source
-            )
+            who = _requester(request, context)
+            await self._manager.start(spec, request.spec_yaml, who)
+            log.info("rollout of %s started by %s from %s", spec.agent, who, source)
             return self._manager.status(spec.agent)
         except (SpecError, RolloutError, PublishError) as exc:
             await _fail(context, exc)
@@ -81,15 +100,43 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def AbortRollout(
         self, request: admin_pb2.AbortRolloutRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
+        return await self._verb("abort", request, context)
+
+    async def PauseRollout(
+        self, request: admin_pb2.PauseRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        return await self._verb("pause", request, context)
+
+    async def ResumeRollout(
+        self, request: admin_pb2.ResumeRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        return await self._verb("resume", request, context)
+
+    async def PromoteRollout(
+        self, request: admin_pb2.PromoteRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        return await self._verb("promote", request, context)
+
+    async def _verb(
+        self,
+        verb: str,
+        request: admin_pb2.AbortRolloutRequest
+        | admin_pb2.PauseRolloutRequest
+        | admin_pb2.ResumeRolloutRequest
+        | admin_pb2.PromoteRolloutRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> admin_pb2.RolloutStatus:
         await _require(context, "agent", request.agent)
+        who = _requester(request, context)
+        command = {
+            "abort": self._manager.abort,
+            "pause": self._manager.pause,
+            "resume": self._manager.resume,
+            "promote": self._manager.promote,
+        }[verb]
         try:
-            await self._manager.abort(request.agent, request.reason, request.requested_by)
-            log.info(
-                "rollout of %s aborted by %s: %s",
-                request.agent,
-                request.requested_by or "admin",
-                request.reason,
-            )
+            await command(request.agent, request.reason, who)
+            log.info("rollout of %s: %s by %s: %s", request.agent, verb, who, request.reason)
             return self._manager.status(request.agent)
         except (RolloutError, PublishError) as exc:
             await _fail(context, exc)
