@@ -8,34 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-import grpc
-from google.protobuf import json_format
 
-from outrider.v1 import admin_pb2, admin_pb2_grpc, control_pb2
+from devstack import _rollout_cli
 
 if TYPE_CHECKING:
     from collector._spec import RolloutSpec
     from collector.simulate import Scenario, Traffic
 
 ENV_KAFKA = "OUTRIDER_KAFKA_BOOTSTRAP"
-ENV_ADMIN = "OUTRIDER_ADMIN_ADDR"
+ENV_ADMIN = _rollout_cli.ENV_ADMIN
 ENV_LOG_LEVEL = "OUTRIDER_LOG_LEVEL"
-DEFAULT_ADMIN_ADDR = "127.0.0.1:50061"
-ADMIN_TIMEOUT_S = 10.0
-
-_PHASES = {
-    control_pb2.ROLLOUT_PHASE_RUNNING: "running",
-    control_pb2.ROLLOUT_PHASE_PROMOTED: "promoted",
-    control_pb2.ROLLOUT_PHASE_ROLLED_BACK: "rolled back",
-    control_pb2.ROLLOUT_PHASE_ABORTED: "aborted",
-}
+DEFAULT_ADMIN_ADDR = _rollout_cli.DEFAULT_ADMIN_ADDR
 
 
 @click.group()
@@ -176,62 +165,12 @@ def versions(config_path: Path) -> None:
 
 @main.group()
 def rollout() -> None:
-    """Start, watch and abort rollouts through the collector's admin API."""
+    """Start, watch, pause, resume, promote and abort rollouts through the collector's admin API;
+    plan and simulate them locally."""
 
 
-_admin_option = click.option(
-    "--admin",
-    envvar=ENV_ADMIN,
-    default=DEFAULT_ADMIN_ADDR,
-    show_default=True,
-    help="The collector's admin gRPC address.",
-)
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-
-
-@rollout.command("start")
-@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_admin_option
-@_json_option
-def rollout_start(spec: Path, admin: str, as_json: bool) -> None:
-    """Start the rollout described by SPEC (YAML)."""
-    request = admin_pb2.StartRolloutRequest(
-        spec_yaml=spec.read_text(), source_name=str(spec), requested_by=_who()
-    )
-    _print_status(
-        _admin_call(admin, lambda stub: stub.StartRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json
-    )
-
-
-@rollout.command("status")
-@click.argument("agent")
-@_admin_option
-@_json_option
-def rollout_status(agent: str, admin: str, as_json: bool) -> None:
-    """Show the rollout state, gate results and deployment record of AGENT."""
-    request = admin_pb2.GetRolloutRequest(agent=agent)
-    _print_status(_admin_call(admin, lambda stub: stub.GetRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json)
-
-
-@rollout.command("abort")
-@click.argument("agent")
-@click.option("--reason", default="aborted by operator", show_default=True)
-@_admin_option
-@_json_option
-def rollout_abort(agent: str, reason: str, admin: str, as_json: bool) -> None:
-    """Stop AGENT's rollout: new sessions go to stable at once."""
-    request = admin_pb2.AbortRolloutRequest(agent=agent, reason=reason, requested_by=_who())
-    _print_status(
-        _admin_call(admin, lambda stub: stub.AbortRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json
-    )
-
-
-def _who() -> str:
-    try:
-        name = getpass.getuser()
-    except (KeyError, OSError):  # no USER variable and no passwd entry (some containers)
-        name = "unknown"
-    return f"cli:{name}"
+for _command in _rollout_cli.COMMANDS:
+    rollout.add_command(_command)
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -239,52 +178,6 @@ def _split_host_port(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise click.BadParameter(f"{address!r}: expected host:port")
     return host or "127.0.0.1", int(port)
-
-
-def _admin_call(address: str, call: object) -> admin_pb2.RolloutStatus:
-    with grpc.insecure_channel(address) as channel:
-        stub = admin_pb2_grpc.AdminStub(channel)
-        try:
-            return call(stub)  # type: ignore[operator,no-any-return]
-        except grpc.RpcError as exc:
-            code = exc.code()
-            detail = exc.details()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                detail = f"no collector admin API at {address} ({detail})"
-            raise click.ClickException(f"{code.name}: {detail}") from exc
-
-
-def _print_status(status: admin_pb2.RolloutStatus, as_json: bool) -> None:
-    if as_json:
-        click.echo(json_format.MessageToJson(status, preserving_proto_field_name=True))
-        return
-    state = status.state
-    click.echo(f"agent       {state.agent}")
-    click.echo(f"rollout     {state.rollout_id}  (generation {state.generation})")
-    click.echo(
-        f"phase       {_PHASES.get(state.phase, 'unknown')}  step {state.step_index + 1}/"
-        f"{state.step_count}  candidate weight {state.candidate_weight:.0%}"
-    )
-    click.echo(f"versions    stable {state.stable_version_id}  candidate {state.candidate_version_id}")
-    if state.reason:
-        click.echo(f"reason      {state.reason}  (by {state.decided_by})")
-    for gate in state.gate_results:
-        verdict = "pass" if gate.passed else ("FAIL" if gate.ready else "waiting")
-        click.echo(
-            f"gate        {gate.name:<12} {verdict:<8} candidate {gate.candidate_value:.4g} "
-            f"(n={gate.candidate_samples})  baseline {gate.baseline_value:.4g} "
-            f"(n={gate.baseline_samples})  limit {gate.limit:.4g}"
-        )
-    for m in status.metrics:
-        click.echo(
-            f"metrics     {m.version_id} requests {m.requests} errors {m.errors} "
-            f"error rate {m.error_rate:.2%} p95 {m.latency_p95_ms:.1f} ms"
-        )
-    for stage in status.timeline:
-        click.echo(
-            f"timeline    gen {stage.generation} step {stage.step_index + 1} "
-            f"weight {stage.candidate_weight:.0%} {_PHASES.get(stage.phase, '?')}: {stage.reason}"
-        )
 
 
 # -- local planning and simulation: no collector needed ------------------------------------------

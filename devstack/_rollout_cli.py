@@ -1,0 +1,270 @@
+"""`outrider rollout start | status | watch | pause | resume | promote | abort`: the admin API's
+client. Needs neither the sidecar nor the collector packages, only the contract.
+
+`start --wait` is for CI pipelines; its exit codes (and `start`'s without --wait):
+
+    0  promoted              3  still HOLD, NO_DATA or running when --timeout ran out
+    1  rolled back           4  bad input: an invalid spec or bad flags
+    2  aborted               5  no answer from the collector, or it refused (a rollout already runs)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import grpc
+
+from devstack._status import ENDED, phase_label, render_status, status_json
+from outrider.v1 import admin_pb2, admin_pb2_grpc, control_pb2
+
+ENV_ADMIN = "OUTRIDER_ADMIN_ADDR"
+DEFAULT_ADMIN_ADDR = "127.0.0.1:50061"
+ADMIN_TIMEOUT_S = 10.0
+DEFAULT_POLL = "2s"
+EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_ABORTED, EXIT_TIMEOUT, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+WAIT_EXITS = {
+    control_pb2.ROLLOUT_PHASE_PROMOTED: EXIT_PROMOTED,
+    control_pb2.ROLLOUT_PHASE_ROLLED_BACK: EXIT_ROLLED_BACK,
+    control_pb2.ROLLOUT_PHASE_ABORTED: EXIT_ABORTED,
+}
+T = TypeVar("T")
+
+
+class BadInput(click.ClickException):
+    exit_code = EXIT_BAD_INPUT
+
+
+class AdminFailed(click.ClickException):
+    exit_code = EXIT_ERROR
+
+
+class _CiCommand(click.Command):
+    """A command whose usage errors (bad flags, a missing file) exit 4, not click's 2, which
+    `start --wait` uses for "aborted"."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _BadUsage(exc.message, exc.ctx) from exc
+
+
+class _BadUsage(click.UsageError):
+    exit_code = EXIT_BAD_INPUT
+
+
+def requested_by() -> str:
+    """Who the CLI says is asking; the collector records it (until it authenticates callers)."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no USER variable and no passwd entry (some containers)
+        name = "unknown"
+    return f"cli:{name}"
+
+
+def admin_call(address: str, call: Callable[[admin_pb2_grpc.AdminStub], T]) -> T:
+    """One admin RPC; errors become click exceptions with the code and a readable detail."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return call(admin_pb2_grpc.AdminStub(channel))
+        except grpc.RpcError as exc:
+            code = exc.code()
+            detail = exc.details()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                detail = f"no collector admin API at {address} ({detail})"
+            error = BadInput if code == grpc.StatusCode.INVALID_ARGUMENT else AdminFailed
+            raise error(f"{code.name}: {detail}") from exc
+
+
+def print_status(status: admin_pb2.RolloutStatus, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(status_json(status), indent=2, sort_keys=True))
+        return
+    for line in render_status(status):
+        click.echo(line)
+
+
+def _seconds(value: str | None, flag: str) -> float | None:
+    from collector._duration import parse_duration  # the one duration parser, pure
+
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise BadInput(f"{flag}: {exc}") from exc
+    if seconds <= 0:
+        raise BadInput(f"{flag}: must be longer than 0s")
+    return seconds
+
+
+admin_option = click.option(
+    "--admin",
+    envvar=ENV_ADMIN,
+    default=DEFAULT_ADMIN_ADDR,
+    show_default=True,
+    help="The collector's admin gRPC address.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+reason_option = click.option("--reason", required=True, help="Why: recorded with who asked.")
+
+
+@click.command("start", cls=_CiCommand)
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--wait", is_flag=True, help="Block until the rollout ends; the exit code says how.")
+@click.option("--timeout", help="With --wait: give up after this long (30s, 10m, 2h); exit 3.")
+@click.option(
+    "--poll-interval", default=DEFAULT_POLL, show_default=True, help="With --wait: how often to ask."
+)
+@admin_option
+@json_option
+def start(spec: Path, wait: bool, timeout: str | None, poll_interval: str, admin: str, as_json: bool) -> None:
+    """Start the rollout described by SPEC (YAML). With --wait, exit 0 promoted, 1 rolled back,
+    2 aborted, 3 still undecided at --timeout, 4 bad input, 5 collector errors."""
+    limit = _seconds(timeout, "--timeout")
+    every = _seconds(poll_interval, "--poll-interval")
+    assert every is not None
+    if limit is not None and not wait:
+        raise BadInput("--timeout: only with --wait")
+    try:
+        text = spec.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{spec}: cannot read: {exc}") from exc
+    request = admin_pb2.StartRolloutRequest(
+        spec_yaml=text, source_name=str(spec), requested_by=requested_by()
+    )
+    status = admin_call(admin, lambda stub: stub.StartRollout(request, timeout=ADMIN_TIMEOUT_S))
+    print_status(status, as_json)
+    if wait:
+        sys.exit(wait_for_end(admin, status.state.agent, status.state.rollout_id, limit, every, as_json))
+
+
+def wait_for_end(
+    admin: str,
+    agent: str,
+    rollout_id: str,
+    timeout_s: float | None,
+    every_s: float,
+    as_json: bool,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Poll until the rollout ends; its exit code. A collector that is briefly away (a restart)
+    is asked again until the timeout: a CI job should not fail on a blip."""
+    deadline = None if timeout_s is None else clock() + timeout_s
+    request = admin_pb2.GetRolloutRequest(agent=agent)
+    last: tuple[int, int] | None = None
+    phase = control_pb2.ROLLOUT_PHASE_RUNNING
+    try:
+        while True:
+            try:
+                status = admin_call(admin, lambda stub: stub.GetRollout(request, timeout=ADMIN_TIMEOUT_S))
+            except AdminFailed as exc:
+                click.echo(f"waiting: {exc.message}", err=True)
+            else:
+                state = status.state
+                if state.rollout_id != rollout_id:
+                    click.echo(f"rollout {rollout_id} was replaced by {state.rollout_id}", err=True)
+                    return EXIT_ERROR
+                phase = state.phase
+                if (state.generation, phase) != last:
+                    last = (state.generation, phase)
+                    weight = state.candidate_weight
+                    where = f"step {state.step_index + 1}/{state.step_count}, weight {weight:.0%}"
+                    click.echo(f"waiting: {agent} {phase_label(phase)} at {where}: {state.reason}", err=True)
+                if phase in ENDED:
+                    print_status(status, as_json)
+                    return WAIT_EXITS[phase]
+            if deadline is not None and clock() >= deadline:
+                click.echo(f"timed out: {agent} still {phase_label(phase)} after {timeout_s:g}s", err=True)
+                return EXIT_TIMEOUT
+            left = every_s if deadline is None else max(0.0, min(every_s, deadline - clock()))
+            sleep(left)
+    except KeyboardInterrupt:
+        click.echo("interrupted; the rollout goes on", err=True)
+        return EXIT_INTERRUPTED
+
+
+@click.command("status")
+@click.argument("agent")
+@admin_option
+@json_option
+def status(agent: str, admin: str, as_json: bool) -> None:
+    """The controller's live evaluation of AGENT's rollout: phase, gates, versions, record."""
+    request = admin_pb2.GetRolloutRequest(agent=agent)
+    print_status(admin_call(admin, lambda stub: stub.GetRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json)
+
+
+@click.command("watch")
+@click.argument("agent")
+@click.option("--interval", default=DEFAULT_POLL, show_default=True, help="How often to refresh.")
+@admin_option
+def watch(agent: str, interval: str, admin: str) -> None:
+    """AGENT's status, refreshed live with each gate's bounds over time; ends with the rollout."""
+    from rich.console import Console
+
+    from devstack._watch import watch as run_watch
+
+    every = _seconds(interval, "--interval")
+    assert every is not None
+    request = admin_pb2.GetRolloutRequest(agent=agent)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(soft_wrap=True)  # logs and pipes: whole lines, never wrapped mid-word
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the watch, not the rollout
+        run_watch(
+            lambda: admin_call(admin, lambda s: s.GetRollout(request, timeout=ADMIN_TIMEOUT_S)),
+            console,
+            every,
+        )
+
+
+def _verb(name: str, rpc: str, request_type: Any, help_text: str) -> click.Command:
+    @click.command(name, help=help_text)
+    @click.argument("agent")
+    @reason_option
+    @admin_option
+    @json_option
+    def command(agent: str, reason: str, admin: str, as_json: bool) -> None:
+        request = request_type(agent=agent, reason=reason, requested_by=requested_by())
+        print_status(
+            admin_call(admin, lambda stub: getattr(stub, rpc)(request, timeout=ADMIN_TIMEOUT_S)), as_json
+        )
+
+    return command
+
+
+pause = _verb(
+    "pause",
+    "PauseRollout",
+    admin_pb2.PauseRolloutRequest,
+    "Hold AGENT's rollout at its current weight until `resume`.",
+)
+resume = _verb(
+    "resume",
+    "ResumeRollout",
+    admin_pb2.ResumeRolloutRequest,
+    "Release a HOLD. The evidence stays: a hold gate that still shows harm holds again at the next look.",
+)
+promote = _verb(
+    "promote",
+    "PromoteRollout",
+    admin_pb2.PromoteRolloutRequest,
+    "Promote AGENT's candidate now, whatever the gates say (recorded as your decision).",
+)
+abort = _verb(
+    "abort",
+    "AbortRollout",
+    admin_pb2.AbortRolloutRequest,
+    "Stop AGENT's rollout: new sessions go to stable at once.",
+)
+COMMANDS = (start, status, watch, pause, resume, promote, abort)
