@@ -228,10 +228,12 @@ def watch(agent: str, interval: str, admin: str) -> None:
         )
 
 
-def _verb(name: str, rpc: str, request_type: Any, help_text: str) -> click.Command:
+def _verb(
+    name: str, rpc: str, request_type: Any, help_text: str, reason: Callable[[Any], Any] = reason_option
+) -> click.Command:
     @click.command(name, help=help_text)
     @click.argument("agent")
-    @reason_option
+    @reason
     @admin_option
     @json_option
     def command(agent: str, reason: str, admin: str, as_json: bool) -> None:
@@ -266,5 +268,9 @@ abort = _verb(
     "AbortRollout",
     admin_pb2.AbortRolloutRequest,
     "Stop AGENT's rollout: new sessions go to stable at once.",
+    # optional, as it always was: stopping a bad rollout must not wait on wording
+    click.option(
+        "--reason", default="aborted by operator", show_default=True, help="Why: recorded with who asked."
+    ),
 )
 COMMANDS = (start, status, watch, pause, resume, promote, abort)

@@ -120,7 +120,8 @@ def _window(g: control_pb2.GateResult, status: admin_pb2.RolloutStatus) -> str:
 
 def gate_view(g: control_pb2.GateResult, status: admin_pb2.RolloutStatus) -> dict[str, Any]:
     phase = status.state.phase
-    unit = side_unit(g.metric or g.name.removeprefix("trigger:"))
+    # a proportion test (gates and triggers alike) compares shares of calls, whatever its metric
+    unit = "%" if g.unit == "pts" else side_unit(g.metric or g.name.removeprefix("trigger:"))
     finite = all(math.isfinite(v) for v in (g.estimate, g.lower, g.upper))
     return {
         "name": g.name,
