@@ -174,6 +174,9 @@ class Notifier:
             body = await self._queue.get()
             try:
                 await asyncio.gather(*(self._send(target, body) for target in self._targets))
+            except asyncio.CancelledError:  # shutdown cut it short: it never went out
+                self._metrics.notifications.labels("dropped").inc(len(self._targets))
+                raise
             finally:
                 self._queue.task_done()
 

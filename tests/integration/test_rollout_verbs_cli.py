@@ -160,7 +160,8 @@ async def test_verbs_record_who_and_why_refuse_wrong_states_and_notify(
 
 async def test_notify_a_controller_rollback_with_gate_verdicts(broker: EmbeddedBroker) -> None:
     async with (
-        webhook() as (base, received), producer(broker) as p,
+        webhook() as (base, received),
+        producer(broker) as p,
         Collector(settings_for(broker, notify=[{"url": f"{base}/ok"}])) as collector,
         admin_client(collector) as admin,
     ):
@@ -276,3 +277,47 @@ async def test_status_and_watch_show_the_live_evaluation(broker: EmbeddedBroker,
 
         ended = await cli("rollout", "status", AGENT, *admin)
         assert "phase       rolled back" in ended.output and "HARM" in ended.output
+
+
+async def test_notify_never_blocks_and_stop_is_bounded_with_a_hanging_webhook() -> None:
+    """A webhook that never answers: the listener returns at once, stop() returns within its
+    grace and counts what never went out; stop twice is fine."""
+    from collector._metrics import CollectorMetrics
+    from collector._notify import Notifier
+    from collector._settings import NotifySettings
+    from tests.unit.test_rollout_verbs import started
+
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.add_routes([web.post("/hang", hang)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        metrics = CollectorMetrics()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/hang"
+        notifier = Notifier([NotifySettings(url=url, timeout=30.0)], metrics)
+        await notifier.start()
+        ctl = started()
+        running = ctl.state
+        held = ctl.propose_pause("x", 101.0, "y")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for _ in range(3):
+            notifier(held, running)
+        assert loop.time() - began < 0.05
+        await asyncio.sleep(0.2)  # the first body is in flight, two queued
+        began = loop.time()
+        await notifier.stop(grace_s=0.5)
+        assert loop.time() - began < 3.0
+        await notifier.stop()
+        assert metrics.notifications.labels("dropped")._value.get() == 3  # in flight and queued
+    finally:
+        release.set()
+        await runner.cleanup()
