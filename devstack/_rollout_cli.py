@@ -15,7 +15,7 @@ import getpass
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,12 +85,27 @@ def admin_call(address: str, call: Callable[[admin_pb2_grpc.AdminStub], T]) -> T
             raise error(f"{code.name}: {detail}") from exc
 
 
-def print_status(status: admin_pb2.RolloutStatus, as_json: bool) -> None:
+def print_status(
+    status: admin_pb2.RolloutStatus, as_json: bool, labels: Mapping[str, str] | None = None
+) -> None:
     if as_json:
-        click.echo(json.dumps(status_json(status), indent=2, sort_keys=True))
+        click.echo(json.dumps(status_json(status, labels), indent=2, sort_keys=True))
         return
-    for line in render_status(status):
+    for line in render_status(status, labels=labels):
         click.echo(line)
+
+
+def version_labels(sidecar_config: Path | None) -> dict[str, str]:
+    """Version id -> label from a sidecar config: the collector sees only ids."""
+    if sidecar_config is None:
+        return {}
+    import sidecar as sidecar_pkg
+
+    try:
+        config = sidecar_pkg.load_config(sidecar_config, resolve_secrets=False)
+    except sidecar_pkg.ConfigError as exc:
+        raise BadInput(str(exc)) from exc
+    return {version_id: label for label, version_id in config.version_ids().items()}
 
 
 def _seconds(value: str | None, flag: str) -> float | None:
@@ -115,6 +130,11 @@ admin_option = click.option(
     help="The collector's admin gRPC address.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+labels_option = click.option(
+    "--sidecar-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A sidecar config: shows its version labels next to the ids.",
+)
 reason_option = click.option("--reason", required=True, help="Why: recorded with who asked.")
 
 
@@ -198,17 +218,21 @@ def wait_for_end(
 @click.argument("agent")
 @admin_option
 @json_option
-def status(agent: str, admin: str, as_json: bool) -> None:
+@labels_option
+def status(agent: str, admin: str, as_json: bool, sidecar_config: Path | None) -> None:
     """The controller's live evaluation of AGENT's rollout: phase, gates, versions, record."""
+    labels = version_labels(sidecar_config)
     request = admin_pb2.GetRolloutRequest(agent=agent)
-    print_status(admin_call(admin, lambda stub: stub.GetRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json)
+    answer = admin_call(admin, lambda stub: stub.GetRollout(request, timeout=ADMIN_TIMEOUT_S))
+    print_status(answer, as_json, labels)
 
 
 @click.command("watch")
 @click.argument("agent")
 @click.option("--interval", default=DEFAULT_POLL, show_default=True, help="How often to refresh.")
 @admin_option
-def watch(agent: str, interval: str, admin: str) -> None:
+@labels_option
+def watch(agent: str, interval: str, admin: str, sidecar_config: Path | None) -> None:
     """AGENT's status, refreshed live with each gate's bounds over time; ends with the rollout."""
     from rich.console import Console
 
@@ -216,6 +240,7 @@ def watch(agent: str, interval: str, admin: str) -> None:
 
     every = _seconds(interval, "--interval")
     assert every is not None
+    labels = version_labels(sidecar_config)
     request = admin_pb2.GetRolloutRequest(agent=agent)
     console = Console()
     if not console.is_terminal:
@@ -225,6 +250,7 @@ def watch(agent: str, interval: str, admin: str) -> None:
             lambda: admin_call(admin, lambda s: s.GetRollout(request, timeout=ADMIN_TIMEOUT_S)),
             console,
             every,
+            labels=labels,
         )
 
 

@@ -8,6 +8,7 @@ words appear only in the phase of a rollout that ended that way, never in gate t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import json_format
@@ -145,12 +146,15 @@ def gate_view(g: control_pb2.GateResult, status: admin_pb2.RolloutStatus) -> dic
     }
 
 
-def version_view(m: admin_pb2.VersionMetrics, status: admin_pb2.RolloutStatus) -> dict[str, Any]:
+def version_view(
+    m: admin_pb2.VersionMetrics, status: admin_pb2.RolloutStatus, labels: Mapping[str, str]
+) -> dict[str, Any]:
     now = status.now_unix_nano / 1e9
     seen = m.last_seen_unix_nano / 1e9
     return {
         "role": _ROLES.get(m.role, "version"),
         "version_id": m.version_id,
+        "label": labels.get(m.version_id, ""),
         "models": list(m.models),
         "last_seen_s_ago": (now - seen) if seen and now else None,
         "requests": m.requests,
@@ -161,8 +165,9 @@ def version_view(m: admin_pb2.VersionMetrics, status: admin_pb2.RolloutStatus) -
     }
 
 
-def status_view(status: admin_pb2.RolloutStatus) -> dict[str, Any]:
-    """The structured view that the text renders: for `--json` and `watch`."""
+def status_view(status: admin_pb2.RolloutStatus, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The structured view that the text renders: for `--json` and `watch`. `labels` maps
+    version ids to the labels a sidecar config gives them (the collector knows only ids)."""
     state = status.state
     return {
         "agent": state.agent,
@@ -177,21 +182,23 @@ def status_view(status: admin_pb2.RolloutStatus) -> dict[str, Any]:
         "release": state.release,
         "decided_by": state.decided_by,
         "gates": [gate_view(g, status) for g in state.gate_results],
-        "versions": [version_view(m, status) for m in status.metrics],
+        "versions": [version_view(m, status, labels or {}) for m in status.metrics],
         "warnings": list(status.warnings),
     }
 
 
-def status_json(status: admin_pb2.RolloutStatus) -> dict[str, Any]:
+def status_json(status: admin_pb2.RolloutStatus, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
     """`--json`: the admin API's answer as it is, plus the rendered view under `view`."""
     data = json_format.MessageToDict(status, preserving_proto_field_name=True)
-    data["view"] = status_view(status)
+    data["view"] = status_view(status, labels)
     return data
 
 
-def render_status(status: admin_pb2.RolloutStatus, timeline: bool = True) -> list[str]:
+def render_status(
+    status: admin_pb2.RolloutStatus, timeline: bool = True, labels: Mapping[str, str] | None = None
+) -> list[str]:
     """The text of `outrider rollout status`."""
-    view = status_view(status)
+    view = status_view(status, labels)
     state = status.state
     lines = [
         f"agent       {view['agent']}",
@@ -208,8 +215,9 @@ def render_status(status: admin_pb2.RolloutStatus, timeline: bool = True) -> lis
         seen = (
             "never seen" if v["last_seen_s_ago"] is None else f"last event {_ago(v['last_seen_s_ago'])} ago"
         )
+        version = f"{v['version_id']} {v['label']}" if v["label"] else v["version_id"]
         lines.append(
-            f"{v['role']:<11} {v['version_id']}  ({models}; {seen})  last {_duration(v['window_s'] or 60)}: "
+            f"{v['role']:<11} {version}  ({models}; {seen})  last {_duration(v['window_s'] or 60)}: "
             f"{v['requests']} requests, {v['error_rate']:.2%} errors, p95 {v['latency_p95_ms']:.0f} ms"
         )
     for warning in view["warnings"]:

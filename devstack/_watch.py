@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -75,8 +75,10 @@ class BoundsHistory:
         return lines
 
 
-def frame(status: admin_pb2.RolloutStatus, history: BoundsHistory) -> Group:
-    text = "\n".join(render_status(status, timeline=False))
+def frame(
+    status: admin_pb2.RolloutStatus, history: BoundsHistory, labels: Mapping[str, str] | None = None
+) -> Group:
+    text = "\n".join(render_status(status, timeline=False, labels=labels))
     chart = "\n".join(history.chart())
     return Group(Text(text), Rule("bounds over time", style="dim"), Text(chart))
 
@@ -86,6 +88,7 @@ def watch(
     console: Console,
     interval_s: float,
     sleep: Callable[[float], None] = time.sleep,
+    labels: Mapping[str, str] | None = None,
 ) -> admin_pb2.RolloutStatus:
     """Refresh until the rollout ends (or KeyboardInterrupt reaches the caller); the last status."""
     history = BoundsHistory()
@@ -93,17 +96,17 @@ def watch(
     history.add(status)
     if not console.is_terminal:
         while True:
-            console.print(frame(status, history))
+            console.print(frame(status, history, labels))
             if status.state.phase in ENDED:
                 return status
             console.print(Rule(style="dim"))
             sleep(interval_s)
             status = fetch()
             history.add(status)
-    with Live(frame(status, history), console=console, auto_refresh=False) as live:
+    with Live(frame(status, history, labels), console=console, auto_refresh=False) as live:
         while status.state.phase not in ENDED:
             sleep(interval_s)
             status = fetch()
             history.add(status)
-            live.update(frame(status, history), refresh=True)
+            live.update(frame(status, history, labels), refresh=True)
     return status

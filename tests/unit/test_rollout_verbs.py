@@ -214,6 +214,8 @@ def test_status_text_units_windows_versions_and_warning() -> None:
     assert "UNDECIDED" in text and "NO HARM" in text and "WAITING" in text and "waits for 100 samples" in text
     assert "aaaa  (gpt-4o-mini; last event 2s ago)" in text and "never seen" in text
     assert "WARNING     no sidecar has reported serving the candidate version bbbb" in text
+    labelled = "\n".join(render_status(_status(RUNNING), labels={"aaaa": "v1", "bbbb": "v2"}))
+    assert "stable      aaaa v1  (gpt-4o-mini" in labelled and "candidate   bbbb v2  (" in labelled
 
 
 def test_status_words_rolled_back_and_promoted_only_once_ended() -> None:
