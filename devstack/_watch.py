@@ -78,9 +78,17 @@ class BoundsHistory:
 def frame(
     status: admin_pb2.RolloutStatus, history: BoundsHistory, labels: Mapping[str, str] | None = None
 ) -> Group:
-    text = "\n".join(render_status(status, timeline=False, labels=labels))
-    chart = "\n".join(history.chart())
-    return Group(Text(text), Rule("bounds over time", style="dim"), Text(chart))
+    lines = render_status(status, timeline=False, labels=labels)
+    # the chart right under the phase and versions, the gates' detail below it: on a short
+    # terminal what gets cut is the detail
+    cut = next((i for i, line in enumerate(lines) if line.startswith(("gate ", "trigger "))), len(lines))
+    return Group(
+        Text("\n".join(lines[:cut])),
+        Rule("bounds over time", style="dim"),
+        Text("\n".join(history.chart())),
+        Rule(style="dim"),
+        Text("\n".join(lines[cut:])),
+    )
 
 
 def watch(
@@ -99,11 +107,12 @@ def watch(
             console.print(frame(status, history, labels))
             if status.state.phase in ENDED:
                 return status
-            console.print(Rule(style="dim"))
+            console.print(Rule("next refresh", style="dim"))
             sleep(interval_s)
             status = fetch()
             history.add(status)
-    with Live(frame(status, history, labels), console=console, auto_refresh=False) as live:
+    live = Live(frame(status, history, labels), console=console, auto_refresh=False, vertical_overflow="crop")
+    with live:
         while status.state.phase not in ENDED:
             sleep(interval_s)
             status = fetch()

@@ -7,6 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -321,3 +326,75 @@ async def test_notify_never_blocks_and_stop_is_bounded_with_a_hanging_webhook() 
     finally:
         release.set()
         await runner.cleanup()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+async def test_watch_in_a_real_terminal_under_tmux(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """`watch` on a real tty (a detached tmux pane): it redraws in place with rich's Live and
+    exits when the rollout ends."""
+    socket = f"outrider-test-{os.getpid()}-{id(tmp_path)}"  # a tmux server of this test's own
+    tmux = ["tmux", "-L", socket]
+
+    async def pane() -> str:
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [*tmux, "capture-pane", "-p", "-t", "w"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout
+
+    async with Collector(settings_for(broker)) as collector, admin_client(collector) as admin:
+        await admin.StartRollout(admin_pb2.StartRolloutRequest(spec_yaml=spec_yaml(min_duration="10m")))
+        # the pane's own size, not the test runner's COLUMNS and LINES
+        command = [
+            "env",
+            "-u",
+            "COLUMNS",
+            "-u",
+            "LINES",
+            sys.executable,
+            "-m",
+            "devstack",
+            "rollout",
+            "watch",
+        ]
+        command += [AGENT, "--interval", "300ms"]
+        command += ["--admin", collector.admin_address]
+        await asyncio.to_thread(
+            subprocess.run,
+            [*tmux, "new-session", "-d", "-s", "w", "-x", "160", "-y", "60", shlex.join(command)],
+            check=True,
+        )
+        try:
+            await asyncio.to_thread(subprocess.run, [*tmux, "set-option", "-t", "w", "remain-on-exit", "on"])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while "bounds over time" not in (screen := await pane()):
+                assert loop.time() < deadline, screen
+                await asyncio.sleep(0.2)
+            assert "phase       running" in screen and screen.count("phase ") == 1  # redrawn, not appended
+            await admin.AbortRollout(
+                admin_pb2.AbortRolloutRequest(agent=AGENT, reason="done", requested_by="t")
+            )
+            while "phase       aborted" not in (screen := await pane()):
+                assert loop.time() < deadline, screen
+                await asyncio.sleep(0.2)
+            dead = await asyncio.to_thread(
+                subprocess.run,
+                [*tmux, "display-message", "-p", "-t", "w", "#{pane_dead}"],
+                capture_output=True,
+                text=True,
+            )
+            while dead.stdout.strip() != "1":  # watch exited with the rollout
+                assert loop.time() < deadline, dead.stdout
+                await asyncio.sleep(0.2)
+                dead = await asyncio.to_thread(
+                    subprocess.run,
+                    [*tmux, "display-message", "-p", "-t", "w", "#{pane_dead}"],
+                    capture_output=True,
+                    text=True,
+                )
+        finally:
+            await asyncio.to_thread(subprocess.run, [*tmux, "kill-server"], capture_output=True)
