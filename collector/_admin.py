@@ -50,19 +50,21 @@ async def _require(context: grpc.aio.ServicerContext[object, object], field: str
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: must not be empty")
 
 
-def _requester(request: _Verb, context: grpc.aio.ServicerContext[object, object]) -> str:
-    """Who asked for a command: recorded as the new state's `decided_by`."""
-    del context  # authentication will take the identity from here
-    return request.requested_by or "admin"
-
-
+# an operator verb's request: agent, reason, requested_by
 _Verb = (
-    admin_pb2.StartRolloutRequest
-    | admin_pb2.AbortRolloutRequest
+    admin_pb2.AbortRolloutRequest
     | admin_pb2.PauseRolloutRequest
     | admin_pb2.ResumeRolloutRequest
     | admin_pb2.PromoteRolloutRequest
 )
+
+
+def _requester(
+    request: _Verb | admin_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+) -> str:
+    """Who asked for a command: recorded as the new state's `decided_by`."""
+    del context  # authentication will take the identity from here
+    return request.requested_by or "admin"
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -120,10 +122,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def _verb(
         self,
         verb: str,
-        request: admin_pb2.AbortRolloutRequest
-        | admin_pb2.PauseRolloutRequest
-        | admin_pb2.ResumeRolloutRequest
-        | admin_pb2.PromoteRolloutRequest,
+        request: _Verb,
         context: grpc.aio.ServicerContext[object, object],
     ) -> admin_pb2.RolloutStatus:
         await _require(context, "agent", request.agent)
