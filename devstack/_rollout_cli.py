@@ -163,7 +163,8 @@ def start(spec: Path, wait: bool, timeout: str | None, poll_interval: str, admin
         spec_yaml=text, source_name=str(spec), requested_by=requested_by()
     )
     status = admin_call(admin, lambda stub: stub.StartRollout(request, timeout=ADMIN_TIMEOUT_S))
-    print_status(status, as_json)
+    if not (wait and as_json):  # with --wait, --json prints one document: the outcome
+        print_status(status, as_json)
     if wait:
         sys.exit(wait_for_end(admin, status.state.agent, status.state.rollout_id, limit, every, as_json))
 

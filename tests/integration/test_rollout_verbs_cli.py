@@ -207,8 +207,8 @@ async def test_wait_exit_codes(broker: EmbeddedBroker, tmp_path: Path) -> None:
         await admin.PauseRollout(admin_pb2.PauseRolloutRequest(agent=AGENT, reason="x", requested_by="t"))
         await admin.AbortRollout(admin_pb2.AbortRolloutRequest(agent=AGENT, reason="next", requested_by="t"))
 
-        async def waiting_for(verb: str) -> Result:
-            task = asyncio.create_task(cli(*wait, "--timeout", "60s"))
+        async def waiting_for(verb: str, *extra: str) -> Result:
+            task = asyncio.create_task(cli(*wait, "--timeout", "60s", *extra))
             await until(lambda: (ctl := collector.rollouts.get(AGENT)) is not None and ctl.running)
             request = {"agent": AGENT, "reason": "test", "requested_by": "t"}
             if verb == "promote":
@@ -221,10 +221,15 @@ async def test_wait_exit_codes(broker: EmbeddedBroker, tmp_path: Path) -> None:
                 await produce_mix(p, 150, candidate_error_every=3, rollout_id=ctl.state.rollout_id)
             return await task
 
-        promoted = await waiting_for("promote")
-        assert promoted.exit_code == 0 and "phase       promoted" in promoted.output
+        promoted = await waiting_for("promote", "--json")
+        assert promoted.exit_code == 0, promoted.output
+        outcome = json.loads(promoted.stdout)  # one document: the outcome
+        assert (
+            outcome["state"]["phase"] == "ROLLOUT_PHASE_PROMOTED" and outcome["view"]["phase"] == "promoted"
+        )
         aborted = await waiting_for("abort")
         assert aborted.exit_code == 2 and "phase       aborted" in aborted.output
+        assert "waiting: support-bot aborted" in aborted.stderr and "phase" not in aborted.stderr
         rolled_back = await waiting_for("rollback")
         assert rolled_back.exit_code == 1, rolled_back.output
         assert "phase       rolled back" in rolled_back.output
