@@ -1,11 +1,16 @@
-"""The admin gRPC API (`outrider.v1.Admin`): start, inspect and abort rollouts.
+"""The admin gRPC API (`outrider.v1.Admin`): start, inspect, pause, resume, promote and abort
+rollouts.
 
 Every Admin call is authenticated and authorized first (`collector._auth`); `decided_by` is
 the authenticated caller. Reflection is served only when `admin_reflection` asks for it.
 
 Errors map to status codes once, here: a bad spec is INVALID_ARGUMENT naming the source and
-field, a second start ALREADY_EXISTS, an unknown agent NOT_FOUND, aborting a finished
-rollout FAILED_PRECONDITION, a control-topic write that failed UNAVAILABLE.
+field, a second start ALREADY_EXISTS, an unknown agent NOT_FOUND, a verb that does not fit
+the phase (aborting a finished rollout, resuming one not on HOLD) FAILED_PRECONDITION, a
+control-topic write that failed UNAVAILABLE.
+
+Who asked is decided in one place, `_requester`: the authenticated identity, never the client's
+`requested_by`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from collector._auth import AuthInterceptor, TokenBook, current_identity
 from collector._config_errors import SpecError
-from collector._errors import NoRollout, RolloutConflict, RolloutError, RolloutFinished
+from collector._errors import NoRollout, RolloutConflict, RolloutError, WrongPhase
 from collector._manager import PublishError, RolloutManager
 from collector._spec import load_spec_text
 from outrider.v1 import admin_pb2, admin_pb2_grpc
@@ -34,7 +39,7 @@ MAX_SPEC_BYTES = 256 * 1024
 _CODES: dict[type[Exception], grpc.StatusCode] = {
     RolloutConflict: grpc.StatusCode.ALREADY_EXISTS,
     NoRollout: grpc.StatusCode.NOT_FOUND,
-    RolloutFinished: grpc.StatusCode.FAILED_PRECONDITION,
+    WrongPhase: grpc.StatusCode.FAILED_PRECONDITION,
     PublishError: grpc.StatusCode.UNAVAILABLE,
     SpecError: grpc.StatusCode.INVALID_ARGUMENT,
 }
@@ -60,6 +65,24 @@ async def _require(context: grpc.aio.ServicerContext[object, object], field: str
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: must not be empty")
 
 
+# an operator verb's request: agent, reason, requested_by
+_Verb = (
+    admin_pb2.AbortRolloutRequest
+    | admin_pb2.PauseRolloutRequest
+    | admin_pb2.ResumeRolloutRequest
+    | admin_pb2.PromoteRolloutRequest
+)
+
+
+def _requester(
+    request: _Verb | admin_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+) -> str:
+    """Who asked for a command, recorded as the new state's `decided_by`: the authenticated
+    identity (the admin interceptor's), never the client's claim."""
+    del context  # the identity travels in the interceptor's context variable
+    return _caller(request.requested_by)
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(self, manager: RolloutManager) -> None:
         self._manager = manager
@@ -76,7 +99,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         try:
             spec = load_spec_text(request.spec_yaml, source)
             self._manager.check_windows(spec, source)
-            who = _caller(request.requested_by)
+            who = _requester(request, context)
             await self._manager.start(spec, request.spec_yaml, who)
             log.info("rollout of %s started by %s from %s", spec.agent, who, source)
             return self._manager.status(spec.agent)
@@ -95,11 +118,40 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def AbortRollout(
         self, request: admin_pb2.AbortRolloutRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
+        return await self._verb("abort", request, context)
+
+    async def PauseRollout(
+        self, request: admin_pb2.PauseRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        return await self._verb("pause", request, context)
+
+    async def ResumeRollout(
+        self, request: admin_pb2.ResumeRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        return await self._verb("resume", request, context)
+
+    async def PromoteRollout(
+        self, request: admin_pb2.PromoteRolloutRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        return await self._verb("promote", request, context)
+
+    async def _verb(
+        self,
+        verb: str,
+        request: _Verb,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> admin_pb2.RolloutStatus:
         await _require(context, "agent", request.agent)
+        who = _requester(request, context)
+        command = {
+            "abort": self._manager.abort,
+            "pause": self._manager.pause,
+            "resume": self._manager.resume,
+            "promote": self._manager.promote,
+        }[verb]
         try:
-            who = _caller(request.requested_by)
-            await self._manager.abort(request.agent, request.reason, who)
-            log.info("rollout of %s aborted by %s: %s", request.agent, who, request.reason)
+            await command(request.agent, request.reason, who)
+            log.info("rollout of %s: %s by %s: %s", request.agent, verb, who, request.reason)
             return self._manager.status(request.agent)
         except (RolloutError, PublishError) as exc:
             await _fail(context, exc)

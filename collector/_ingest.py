@@ -21,6 +21,7 @@ from collector._deadletter import DeadLetter
 from collector._gaps import GapTracker
 from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
+from collector._sightings import VersionSightings
 from collector._windows import Ingest, RollingWindows
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,10 @@ class Ingestor:
         metrics: CollectorMetrics,
         quotas: QuotaGranter | None = None,
         evidence: EvidenceBook | None = None,
+        sightings: VersionSightings | None = None,
     ) -> None:
         self.windows, self.metrics, self.quotas = windows, metrics, quotas
+        self.sightings = sightings if sightings is not None else VersionSightings()
         self.evidence = evidence if evidence is not None else EvidenceBook()
         # (topic, partition) -> next offset: the state holds exactly the records before it
         self.positions: Offsets = {}
@@ -111,6 +114,8 @@ class Ingestor:
                 counted.append(event)
         if counted:
             self.evidence.add_events(counted, now)
+            for event in counted:
+                self.sightings.observe(event, now)
         self.applied += applied
         metrics.consumed.inc(applied)
         return dead

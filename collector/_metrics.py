@@ -103,6 +103,12 @@ class CollectorMetrics:
             "Size of the last checkpoint written",
             registry=self.registry,
         )
+        self.notifications = Counter(
+            "outrider_collector_notifications_total",
+            "Webhook notifications of rollout state changes, by result (sent, failed, dropped)",
+            ("result",),
+            registry=self.registry,
+        )
         self.publish_failures = Counter(
             "outrider_collector_control_publish_failures_total",
             "Failed writes of rollout states to outrider.control",

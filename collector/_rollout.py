@@ -19,7 +19,13 @@ Earlier entries ride along on every later state (a new rollout too) until
 entry at its deadline would let a still-valid token of that version be served again.
 
 Every decision is a new `RolloutState` with the next generation. The `propose_*` and
-`decide` methods only compute it; `apply` makes it current. The service publishes a
+`decide` methods only compute it; `apply` makes it current.
+
+Operators steer with `propose_pause` (RUNNING or NO_DATA -> HOLD), `propose_resume` (HOLD ->
+RUNNING) and `propose_promote` (an override from any active phase -> PROMOTED); each records
+the operator in `decided_by` and their reason. A resume keeps the evidence: a gate with
+`on_failure: hold` that still shows harm holds again at the next look, so resuming is for a
+hold whose cause was fixed or judged harmless, and a promote is the explicit override. The service publishes a
 proposal to `outrider.control` first and applies it only once the write succeeded, so
 what the controller holds is always what sidecars can see. `start`, `evaluate` and
 `abort` propose and apply in one call, for callers without I/O (tests, tools).
@@ -31,7 +37,7 @@ import hashlib
 from collections.abc import Iterable
 
 from collector._config_errors import SpecError
-from collector._errors import NoRollout, RolloutConflict, RolloutFinished
+from collector._errors import NoRollout, RolloutConflict, RolloutFinished, WrongPhase
 from collector._evidence import RolloutEvidence
 from collector._gates import HARM, blocks_promotion, evaluate_gate
 from collector._spec import RolloutSpec, load_spec_text
@@ -48,6 +54,7 @@ NO_DATA = control_pb2.ROLLOUT_PHASE_NO_DATA
 TERMINAL = frozenset({PROMOTED, ROLLED_BACK, ABORTED})
 ACTIVE = frozenset({RUNNING, HOLD, NO_DATA})
 RELEASE_HOLD = "an operator's resume (or abort)"
+RELEASE_PAUSE = "an operator's resume"
 MAX_TIMELINE = 1000
 # a retired entry stays listed this long past its drain deadline (> a sidecar's max session duration)
 RETIRED_RETENTION_S = 86_400.0
@@ -238,6 +245,53 @@ class RolloutController:
             release="",
         )
 
+    def propose_pause(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
+        """Freeze the rollout at its weight until an operator resumes it."""
+        state = self._require_active()
+        if state.phase == HOLD:
+            raise WrongPhase(
+                f"rollout {state.rollout_id} of {self.agent!r} is already on HOLD ({state.reason})"
+            )
+        return self._next(
+            state,
+            now,
+            decided_by,
+            phase=HOLD,
+            reason=f"paused by {decided_by}: {reason or 'no reason given'}",
+            release=RELEASE_PAUSE,
+        )
+
+    def propose_resume(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
+        """HOLD -> RUNNING; the evidence stays, so a hold gate still showing harm holds again."""
+        state = self._require_active()
+        if state.phase != HOLD:
+            raise WrongPhase(
+                f"rollout {state.rollout_id} of {self.agent!r} is not on HOLD "
+                f"({control_pb2.RolloutPhase.Name(state.phase)}); only a held rollout resumes"
+            )
+        return self._next(
+            state,
+            now,
+            decided_by,
+            phase=RUNNING,
+            reason=f"resumed by {decided_by}: {reason or 'no reason given'}",
+            release="",
+        )
+
+    def propose_promote(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
+        """An operator's override: the candidate becomes stable whatever the gates say."""
+        state = self._require_active()
+        return self._next(
+            state,
+            now,
+            decided_by,
+            phase=PROMOTED,
+            weight=1.0,
+            reason=f"promoted by {decided_by} (operator override at step {state.step_index + 1}): "
+            f"{reason or 'no reason given'}",
+            release="",
+        )
+
     def look_again(self) -> None:
         """The last look's proposal was not published: the next tick looks again at once."""
         self._last_look = -float("inf")
@@ -386,6 +440,15 @@ class RolloutController:
         if self._state is None:
             raise NoRollout(f"agent {self.agent!r} has no rollout")
         return self._state
+
+    def _require_active(self) -> control_pb2.RolloutState:
+        state = self._require_state()
+        if state.phase in TERMINAL:
+            raise RolloutFinished(
+                f"rollout {state.rollout_id} of {self.agent!r} already ended "
+                f"({control_pb2.RolloutPhase.Name(state.phase)})"
+            )
+        return state
 
     def _next(
         self,

@@ -2,9 +2,10 @@
 
 Start: create topics, load the checkpoint (windows, totals, offsets), read
 `outrider.control` back (rollout and quota generations continue from it) while joining the
-events consumer group, start the control and dead-letter producers, the consume loop, the
+events consumer group, start the control and dead-letter producers, the notifier, the consume loop, the
 tick loop and (with quotas configured) the grant loop, serve metrics and the admin API.
-Stop (idempotent) runs the reverse: admin server, grant and tick loops, consume loop (it
+Stop (idempotent) runs the reverse: admin server, grant and tick loops, the notifier (queued
+webhooks get a few seconds), consume loop (it
 finishes its batch), checkpoint and offset commit, consumer, producers, metrics server.
 """
 
@@ -37,6 +38,7 @@ from collector._granter import QuotaGranter
 from collector._ingest import Ingestor
 from collector._manager import RolloutManager
 from collector._metrics import CollectorMetrics, MetricsServer
+from collector._notify import Notifier
 from collector._quota_book import QuotaBook
 from collector._relay import SpanRelay
 from collector._settings import CollectorSettings, otlp_endpoint
@@ -90,8 +92,15 @@ class Collector:
         self._publisher.on_rollout = self._save_copy
         self._watch = BrokerWatch(settings.kafka_bootstrap, settings.group_id, settings.publish_timeout_s)
         self.evidence = EvidenceBook()
+        self.notifier = Notifier(settings.notify, self.metrics)
         self.rollouts = RolloutManager(
-            self._publisher, self.windows, self.metrics, self.clock, self.evidence, settings.retention_s
+            self._publisher,
+            self.windows,
+            self.metrics,
+            self.clock,
+            self.evidence,
+            settings.retention_s,
+            listener=self.notifier,
         )
         book = QuotaBook(settings.quotas, settings.lease_ttl_s, settings.grant_ttl_s, self.clock)
         self.quotas = QuotaGranter(book, self._publisher, self.metrics)
@@ -111,7 +120,9 @@ class Collector:
             if settings.metrics_port is not None
             else None
         )
-        self._ingestor = Ingestor(self.windows, self.metrics, self.quotas, self.evidence)
+        self._ingestor = Ingestor(
+            self.windows, self.metrics, self.quotas, self.evidence, self.rollouts.sightings
+        )
         self.rollouts.events_missing = lambda agent: self._ingestor.gaps.missing_by_agent.get(agent, 0)
         self._deadletter = DeadLetterWriter(
             settings.kafka_bootstrap, settings.publish_timeout_s, self.metrics
@@ -183,6 +194,7 @@ class Collector:
                 await self._watch.mark()
             except (KafkaError, TimeoutError) as exc:
                 log.warning("could not write the broker incarnation marker: %s", exc or type(exc).__name__)
+            await self.notifier.start()
             if self.relay is not None:
                 await self.relay.start()
             self._spawn(self._consumer.run(), "consume")
@@ -350,6 +362,7 @@ class Collector:
         await self._cancel("republish")
         await self._cancel("grant")
         await self._cancel("tick")
+        await self.notifier.stop()  # after the loop and the admin API that decide
         if self._consumer is not None:
             self._consumer.request_stop()
             await self._settle("consume", _CONSUME_STOP_S)

@@ -64,6 +64,33 @@ class QuotaSettings(BaseModel):
         return self
 
 
+DEFAULT_NOTIFY_TIMEOUT_S = 5.0
+
+
+class NotifySettings(BaseModel):
+    """A webhook told of every rollout state change to HOLD, NO_DATA, ROLLED_BACK, PROMOTED or
+    ABORTED (a JSON POST, Slack-compatible `text` plus structured fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(min_length=1)
+    timeout: Duration = DEFAULT_NOTIFY_TIMEOUT_S  # per attempt
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r}: expected an http:// or https:// URL")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+
 class CollectorSettings(BaseModel):
     """Everything the collector process needs; durations in seconds (or "5s"-style in YAML)."""
 
@@ -117,6 +144,8 @@ class CollectorSettings(BaseModel):
     admin_tls_client_ca: Path | None = None
     admin_reflection: bool = False
     shutdown_grace_s: Duration = DEFAULT_SHUTDOWN_GRACE_S  # SIGTERM ends the process within this
+    # webhooks told of rollout state changes (Slack incoming webhooks work as they are)
+    notify: list[NotifySettings] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod

@@ -8,32 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from google.protobuf import json_format
 
-from devstack._admin_client import admin_options, admin_target
-from outrider.v1 import admin_pb2, control_pb2
+from devstack import _rollout_cli
 
 if TYPE_CHECKING:
     from collector._spec import RolloutSpec
     from collector.simulate import Scenario, Traffic
 
 ENV_KAFKA = "OUTRIDER_KAFKA_BOOTSTRAP"
+ENV_ADMIN = _rollout_cli.ENV_ADMIN
 ENV_LOG_LEVEL = "OUTRIDER_LOG_LEVEL"
-ADMIN_TIMEOUT_S = 10.0
-
-_PHASES = {
-    control_pb2.ROLLOUT_PHASE_RUNNING: "running",
-    control_pb2.ROLLOUT_PHASE_PROMOTED: "promoted",
-    control_pb2.ROLLOUT_PHASE_ROLLED_BACK: "rolled back",
-    control_pb2.ROLLOUT_PHASE_ABORTED: "aborted",
-}
+DEFAULT_ADMIN_ADDR = _rollout_cli.DEFAULT_ADMIN_ADDR
 
 
 @click.group()
@@ -277,60 +268,12 @@ def versions(config_path: Path) -> None:
 
 @main.group()
 def rollout() -> None:
-    """Start, watch and abort rollouts through the collector's admin API."""
+    """Start, watch, pause, resume, promote and abort rollouts through the collector's admin API;
+    plan and simulate them locally."""
 
 
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-
-
-@rollout.command("start")
-@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@admin_options
-@_json_option
-def rollout_start(spec: Path, as_json: bool, **target: Any) -> None:
-    """Start the rollout described by SPEC (YAML)."""
-    request = admin_pb2.StartRolloutRequest(
-        spec_yaml=spec.read_text(), source_name=str(spec), requested_by=_who()
-    )
-    status = admin_target(**target).call(
-        lambda stub, md: stub.StartRollout(request, timeout=ADMIN_TIMEOUT_S, metadata=md)
-    )
-    _print_status(status, as_json)
-
-
-@rollout.command("status")
-@click.argument("agent")
-@admin_options
-@_json_option
-def rollout_status(agent: str, as_json: bool, **target: Any) -> None:
-    """Show the rollout state, gate results and deployment record of AGENT."""
-    request = admin_pb2.GetRolloutRequest(agent=agent)
-    status = admin_target(**target).call(
-        lambda stub, md: stub.GetRollout(request, timeout=ADMIN_TIMEOUT_S, metadata=md)
-    )
-    _print_status(status, as_json)
-
-
-@rollout.command("abort")
-@click.argument("agent")
-@click.option("--reason", default="aborted by operator", show_default=True)
-@admin_options
-@_json_option
-def rollout_abort(agent: str, reason: str, as_json: bool, **target: Any) -> None:
-    """Stop AGENT's rollout: new sessions go to stable at once."""
-    request = admin_pb2.AbortRolloutRequest(agent=agent, reason=reason, requested_by=_who())
-    status = admin_target(**target).call(
-        lambda stub, md: stub.AbortRollout(request, timeout=ADMIN_TIMEOUT_S, metadata=md)
-    )
-    _print_status(status, as_json)
-
-
-def _who() -> str:
-    try:
-        name = getpass.getuser()
-    except (KeyError, OSError):  # no USER variable and no passwd entry (some containers)
-        name = "unknown"
-    return f"cli:{name}"
+for _command in _rollout_cli.COMMANDS:
+    rollout.add_command(_command)
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -338,41 +281,6 @@ def _split_host_port(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise click.BadParameter(f"{address!r}: expected host:port")
     return host or "127.0.0.1", int(port)
-
-
-def _print_status(status: admin_pb2.RolloutStatus, as_json: bool) -> None:
-    if as_json:
-        click.echo(json_format.MessageToJson(status, preserving_proto_field_name=True))
-        return
-    state = status.state
-    click.echo(f"agent       {state.agent}")
-    click.echo(f"rollout     {state.rollout_id}  (generation {state.generation})")
-    click.echo(
-        f"phase       {_PHASES.get(state.phase, 'unknown')}  step {state.step_index + 1}/"
-        f"{state.step_count}  candidate weight {state.candidate_weight:.0%}"
-    )
-    click.echo(f"versions    stable {state.stable_version_id}  candidate {state.candidate_version_id}")
-    if state.reason:
-        click.echo(f"reason      {state.reason}  (by {state.decided_by})")
-    if status.events_missing:
-        click.echo(f"evidence    {status.events_missing} events never arrived from the sidecars (gaps)")
-    for gate in state.gate_results:
-        verdict = "pass" if gate.passed else ("FAIL" if gate.ready else "waiting")
-        click.echo(
-            f"gate        {gate.name:<12} {verdict:<8} candidate {gate.candidate_value:.4g} "
-            f"(n={gate.candidate_samples})  baseline {gate.baseline_value:.4g} "
-            f"(n={gate.baseline_samples})  limit {gate.limit:.4g}"
-        )
-    for m in status.metrics:
-        click.echo(
-            f"metrics     {m.version_id} requests {m.requests} errors {m.errors} "
-            f"error rate {m.error_rate:.2%} p95 {m.latency_p95_ms:.1f} ms"
-        )
-    for stage in status.timeline:
-        click.echo(
-            f"timeline    gen {stage.generation} step {stage.step_index + 1} "
-            f"weight {stage.candidate_weight:.0%} {_PHASES.get(stage.phase, '?')}: {stage.reason}"
-        )
 
 
 # -- local planning and simulation: no collector needed ------------------------------------------

@@ -50,6 +50,7 @@ def test_public_surface() -> None:
             "SystemClock",
             "Trigger",
             "WindowStats",
+            "WrongPhase",
             "load_settings",
             "load_spec_file",
             "load_spec_text",

@@ -60,6 +60,7 @@ METRICS = {
     "outrider_collector_events_duplicate_total",
     "outrider_collector_records_undecodable_total",
     "outrider_collector_control_publish_failures_total",
+    "outrider_collector_notifications_total",
     # the full gate metric set (collector._totals) and the collector pipeline
     "outrider_llm_calls_total",
     "outrider_llm_time_to_first_token_seconds_bucket",
@@ -431,6 +432,8 @@ def test_prometheus_rules_use_known_metrics() -> None:
     exprs = " ".join(a["expr"] for a in alerts)
     assert "outrider_errors_total" in exprs and 'phase="rolled_back"' in exprs
     assert "outrider_events_missing_total" in exprs and "outrider_control_rejected_total" in exprs
+    for phase in ("hold", "no_data", "rolled_back", "promoted", "aborted"):  # each notified state
+        assert f'outrider_rollout_phase{{phase="{phase}"}}' in exprs, phase
     prom = load_docs(DEPLOY / "prometheus" / "prometheus.yml")[0]
     assert prom["rule_files"] == ["/etc/prometheus/rules.yaml"]
 
