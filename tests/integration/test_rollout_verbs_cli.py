@@ -35,8 +35,15 @@ from tests.integration.test_collector_service import (
     settings_for,
     spec_yaml,
 )
+from tests.support import ADMIN_TOKEN
 
 pytestmark = pytest.mark.broker
+
+
+@pytest.fixture(autouse=True)
+def _operator_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI (in-process and in subprocesses) authenticates as the tests' operator, "ci"."""
+    monkeypatch.setenv("OUTRIDER_ADMIN_TOKEN", ADMIN_TOKEN)
 
 HOLD = control_pb2.ROLLOUT_PHASE_HOLD
 RUNNING = control_pb2.ROLLOUT_PHASE_RUNNING
@@ -113,18 +120,18 @@ async def test_verbs_record_who_and_why_refuse_wrong_states_and_notify(
             assert missing.exit_code == 5 and "NOT_FOUND" in missing.output
             started = await cli("rollout", "start", spec, *admin)
             assert started.exit_code == 0, started.output
-            assert "(by cli:alice)" in started.output
+            assert "(by token:ci)" in started.output
 
             paused = await cli("rollout", "pause", AGENT, "--reason", "ticket 42", *admin)
             assert paused.exit_code == 0, paused.output
             assert "phase       on hold" in paused.output
-            assert "paused by cli:alice: ticket 42" in paused.output
+            assert "paused by token:ci: ticket 42" in paused.output
             assert "released by an operator's resume" in paused.output
             again = await cli("rollout", "pause", AGENT, "--reason", "twice", *admin)
             assert again.exit_code == 5 and "FAILED_PRECONDITION" in again.output
 
             resumed = await cli("rollout", "resume", AGENT, "--reason", "false alarm", *admin)
-            assert resumed.exit_code == 0 and "resumed by cli:alice: false alarm" in resumed.output
+            assert resumed.exit_code == 0 and "resumed by token:ci: false alarm" in resumed.output
             not_held = await cli("rollout", "resume", AGENT, "--reason", "twice", *admin)
             assert not_held.exit_code == 5 and "not on HOLD" in not_held.output
             no_reason = await cli("rollout", "promote", AGENT, *admin)
@@ -133,7 +140,7 @@ async def test_verbs_record_who_and_why_refuse_wrong_states_and_notify(
             promoted = await cli("rollout", "promote", AGENT, "--reason", "ship it", "--json", *admin)
             assert promoted.exit_code == 0, promoted.output
             state = json.loads(promoted.output)["state"]
-            assert state["phase"] == "ROLLOUT_PHASE_PROMOTED" and state["decided_by"] == "cli:alice"
+            assert state["phase"] == "ROLLOUT_PHASE_PROMOTED" and state["decided_by"] == "token:ci"
             assert "operator override" in state["reason"] and "ship it" in state["reason"]
             late = await cli("rollout", "abort", AGENT, "--reason", "too late", *admin)
             assert (
@@ -154,7 +161,7 @@ async def test_verbs_record_who_and_why_refuse_wrong_states_and_notify(
     for bodies in by_path.values():
         assert [b["phase"] for b in bodies] == ["hold", "promoted", "aborted"]
     hold, promote, abort = by_path["ok"]
-    assert hold["agent"] == AGENT and hold["decided_by"] == "cli:alice" and "ticket 42" in hold["reason"]
+    assert hold["agent"] == AGENT and hold["decided_by"] == "token:ci" and "ticket 42" in hold["reason"]
     assert (
         hold["release"] == "an operator's resume" and "HOLD" in hold["text"] and hold["text"].count("\n") == 0
     )
