@@ -130,7 +130,14 @@ class GlobalQuotas:
         tpm = grant.grants_tpm[self.sidecar_id]
         if not math.isfinite(tpm) or tpm < 0:
             return False
-        applied = quota.apply_grant(tpm, issued_at=issued_at, generation=grant.generation)
+        others = sum(v for k, v in grant.grants_tpm.items() if k != self.sidecar_id and math.isfinite(v))
+        applied = quota.apply_grant(
+            tpm,
+            issued_at=issued_at,
+            generation=grant.generation,
+            limit_tpm=grant.limit_tpm if math.isfinite(grant.limit_tpm) and grant.limit_tpm > 0 else None,
+            others_tpm=max(0.0, others),
+        )
         if applied:
             self._metrics.global_quota_tpm.labels(grant.resource).set(tpm)
             log.debug("quota: %s grant %.0f tpm (generation %d)", grant.resource, tpm, grant.generation)
