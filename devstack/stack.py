@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -17,14 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import yaml
+
+from devstack._dev_state import DEFAULT_RUN_DIR, HOST, DevPorts, prepare_run_dir, write_configs
 from devstack.broker import EmbeddedBroker, free_port
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 15.0
-SIM_ADDR = ("127.0.0.1", 8000)  # the example sidecar config points its provider here
-ADMIN_PORT = 50061
+ENV_SESSION_KEY = "OUTRIDER_SESSION_KEY"
 
 
 class StackError(RuntimeError):
@@ -54,66 +57,70 @@ class DevStack:
     sidecar_config: Path
     sim_config: Path
     collector_config: Path
-    sidecar_listen: str = "127.0.0.1:50051"
-    sidecar_metrics_port: int = 9464
-    collector_metrics_port: int = 9465
+    ports: DevPorts = field(default_factory=lambda: DevPorts.from_base(None))
+    run_dir: Path = DEFAULT_RUN_DIR
+    keep_state: bool = False
     _broker: EmbeddedBroker | None = None
     _children: list[_Child] = field(default_factory=list)
     _stopping: bool = False
 
     def start(self) -> None:
-        for host, port, what in (
-            (*SIM_ADDR, "simulated provider"),
-            ("127.0.0.1", ADMIN_PORT, "collector"),
-            ("127.0.0.1", self.sidecar_metrics_port, "sidecar metrics"),
+        ports = self.ports
+        for port, what in (
+            (ports.simprovider, "simulated provider"),
+            (ports.admin, "collector"),
+            (ports.collector_metrics, "collector metrics"),
+            (ports.sidecar, "sidecar"),
+            (ports.sidecar_metrics, "sidecar metrics"),
         ):
-            if _port_accepts(host, port):
+            if _port_accepts(HOST, port):
                 raise StackError(
-                    f"{host}:{port} is already in use; the {what} needs it (another `outrider dev`?)"
+                    f"{HOST}:{port} is already in use; the {what} needs it (another `outrider dev`? "
+                    f"move every port with --port-base or OUTRIDER_DEV_PORT_BASE)"
                 )
+        try:
+            session_key = prepare_run_dir(self.run_dir, self.keep_state)
+            sidecar_config, collector_config = write_configs(
+                self.run_dir, ports, self.sidecar_config, self.collector_config
+            )
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise StackError(f"could not prepare {self.run_dir}: {exc}") from exc
         self._broker = EmbeddedBroker(port=free_port())
         self._broker.start()
         kafka = self._broker.bootstrap_servers
         self._spawn(
             "simprovider",
-            f"http://{SIM_ADDR[0]}:{SIM_ADDR[1]}/v1",
+            f"{ports.sim_url}/v1",
             "simprovider",
             "--listen",
-            f"{SIM_ADDR[0]}:{SIM_ADDR[1]}",
+            f"{HOST}:{ports.simprovider}",
             "--config",
             str(self.sim_config),
         )
-        self._wait_port("simprovider", *SIM_ADDR)
+        self._wait_port("simprovider", HOST, ports.simprovider)
         self._spawn(
             "collector",
-            f"admin gRPC 127.0.0.1:{ADMIN_PORT}, metrics "
-            f"http://127.0.0.1:{self.collector_metrics_port}/metrics",
+            f"admin gRPC {HOST}:{ports.admin}, metrics http://{HOST}:{ports.collector_metrics}/metrics",
             "collector",
             "--config",
-            str(self.collector_config),
+            str(collector_config),
             "--kafka",
             kafka,
-            "--admin-listen",
-            f"127.0.0.1:{ADMIN_PORT}",
-            "--metrics-port",
-            str(self.collector_metrics_port),
         )
-        self._wait_port("collector", "127.0.0.1", ADMIN_PORT)
+        self._wait_port("collector", HOST, ports.admin)
+        # one key per run (kept with --keep-state) unless the caller brings its own
+        env = {ENV_SESSION_KEY: session_key} if not os.environ.get(ENV_SESSION_KEY) else {}
         self._spawn(
             "sidecar",
-            f"gRPC {self.sidecar_listen}, metrics http://127.0.0.1:{self.sidecar_metrics_port}/metrics",
+            f"gRPC {HOST}:{ports.sidecar}, metrics http://{HOST}:{ports.sidecar_metrics}/metrics",
             "sidecar",
             "--config",
-            str(self.sidecar_config),
+            str(sidecar_config),
             "--kafka",
             kafka,
-            "--listen",
-            self.sidecar_listen,
-            "--metrics-port",
-            str(self.sidecar_metrics_port),
+            env=env,
         )
-        host, _, sidecar_port = self.sidecar_listen.rpartition(":")
-        self._wait_port("sidecar", host, int(sidecar_port))
+        self._wait_port("sidecar", HOST, ports.sidecar)
 
     def describe(self) -> str:
         assert self._broker is not None
@@ -152,8 +159,10 @@ class DevStack:
         try:
             self.start()
             print(
-                f"outrider dev is up:\n{self.describe()}\n\n"
-                f"Try: outrider rollout start examples/rollout.yaml  (Ctrl-C stops everything)",
+                f"outrider dev is up (state in {self.run_dir}{', kept' if self.keep_state else ', fresh'}):\n"
+                f"{self.describe()}\n\n"
+                f"Try: OUTRIDER_ADMIN_ADDR={HOST}:{self.ports.admin} outrider rollout start "
+                f"examples/rollout.yaml  (Ctrl-C stops everything)",
                 flush=True,
             )
             while not interrupted:
@@ -168,9 +177,14 @@ class DevStack:
                 signal.signal(s, handler)
             print("outrider dev stopped.", flush=True)
 
-    def _spawn(self, name: str, where: str, *args: str) -> None:
+    def _spawn(self, name: str, where: str, *args: str, env: dict[str, str] | None = None) -> None:
         # A new session: the terminal's Ctrl-C reaches only us, and we stop children in order.
-        proc = subprocess.Popen(outrider_command(*args), stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            outrider_command(*args),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **env} if env else None,
+        )
         self._children.append(_Child(name, proc, where))
 
     def _wait_port(self, name: str, host: str, port: int) -> None:

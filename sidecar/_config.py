@@ -36,6 +36,8 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar._aliases import alias_version
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9464
 #: /metrics binds loopback by default; a pod or compose service scraped from outside sets 0.0.0.0
@@ -348,6 +350,7 @@ class SidecarConfig(_Frozen):
     tenant_quotas: QuotaLimits | None = None
     global_quotas: dict[str, GlobalQuotaConfig] = Field(default_factory=dict)
     usage_report_interval: Duration = DEFAULT_USAGE_REPORT_INTERVAL_S
+    upstream_aliases: dict[str, str] = Field(default_factory=dict)  # see sidecar._aliases
 
     _version_ids: dict[str, str] = PrivateAttr(default_factory=dict)
     _api_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
@@ -360,6 +363,9 @@ class SidecarConfig(_Frozen):
                 f"stable: {self.stable!r} is not one of the versions ({', '.join(self.versions)})"
             )
         self._version_ids = {label: version.version_id() for label, version in self.versions.items()}
+        if self.upstream_aliases:  # after the ids: an alias is where we call, not what the version is
+            moved = {label: alias_version(v, self.upstream_aliases) for label, v in self.versions.items()}
+            object.__setattr__(self, "versions", moved)
         return self
 
     def version_ids(self) -> dict[str, str]:
