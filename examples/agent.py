@@ -2,7 +2,7 @@
 which role served and how it went every few seconds.
 
     .venv/bin/python examples/agent.py [--sidecar 127.0.0.1:50051] [--concurrency 8]
-        [--duration 15m] [--sessions N] [--turns 3] [--verbose]
+        [--duration 15m] [--sessions N] [--turns 3] [--log FILE] [--verbose]
 
 The sidecar address comes from --sidecar, else $OUTRIDER_SIDECAR_ADDR, else 127.0.0.1:50051.
 It keeps sending for --duration (or until --sessions sessions are done, whichever is first).
@@ -20,7 +20,9 @@ import contextlib
 import itertools
 import os
 import re
+import sys
 import time
+from pathlib import Path
 
 import grpc
 
@@ -128,9 +130,13 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=parse_duration, default=parse_duration("15m"))
     parser.add_argument("--sessions", type=int, default=0, help="stop after this many sessions (0: no cap)")
     parser.add_argument("--turns", type=int, default=3, help="chat calls per session")
+    parser.add_argument("--log", type=Path, help="write the summaries here instead of stdout")
     parser.add_argument("--verbose", action="store_true", help="one line per call")
     args = parser.parse_args()
     if args.concurrency < 1 or args.turns < 1:
         parser.error("--concurrency and --turns must be at least 1")
+    if args.log is not None:  # line-buffered, so `tail -f` follows it
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout = open(args.log, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as we do
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main(args))
