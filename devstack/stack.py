@@ -161,8 +161,9 @@ class DevStack:
             print(
                 f"outrider dev is up (state in {self.run_dir}{', kept' if self.keep_state else ', fresh'}):\n"
                 f"{self.describe()}\n\n"
-                f"Try: OUTRIDER_ADMIN_ADDR={HOST}:{self.ports.admin} outrider rollout start "
-                f"examples/rollout.yaml  (Ctrl-C stops everything)",
+                f"Clients: export OUTRIDER_ADMIN_ADDR={HOST}:{self.ports.admin} "
+                f"OUTRIDER_SIDECAR_ADDR={HOST}:{self.ports.sidecar}\n"
+                f"Try: outrider rollout start examples/rollout.yaml  (Ctrl-C stops everything)",
                 flush=True,
             )
             while not interrupted:
