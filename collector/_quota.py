@@ -124,7 +124,7 @@ def water_fill(limit: float, demands: dict[str, float], min_share: float = 0.0) 
     grants = {k: min(w, floor) for k, w in wants.items()}
     left = limit - sum(grants.values())
     hungry = {k for k in wants if wants[k] - grants[k] > _EPSILON and demands[k] > 0}
-    while left > _EPSILON and hungry:
+    while left > _EPSILON * min(1.0, limit) and hungry:  # relative: limits below 1 tpm too
         weight = sum(demands[k] for k in hungry)
         capped = {k for k in hungry if left * demands[k] / weight >= wants[k] - grants[k]}
         if not capped:

@@ -130,13 +130,13 @@ class GlobalQuotas:
         tpm = grant.grants_tpm[self.sidecar_id]
         if not math.isfinite(tpm) or tpm < 0:
             return False
-        others = sum(v for k, v in grant.grants_tpm.items() if k != self.sidecar_id and math.isfinite(v))
+        granted = sum(v for v in grant.grants_tpm.values() if math.isfinite(v) and v > 0)
         applied = quota.apply_grant(
             tpm,
             issued_at=issued_at,
             generation=grant.generation,
             limit_tpm=grant.limit_tpm if math.isfinite(grant.limit_tpm) and grant.limit_tpm > 0 else None,
-            others_tpm=max(0.0, others),
+            granted_tpm=max(granted, tpm),
         )
         if applied:
             self._metrics.global_quota_tpm.labels(grant.resource).set(tpm)

@@ -14,10 +14,11 @@ which puts the bucket in debt, so big calls are slowed, never starved.
 - QUEUE (with a ``retry_after_s`` hint): a non-priority call that the bucket cannot cover,
   or that would lift *utilisation* above ``priority_threshold``. Utilisation is of the
   *global* limit: the tokens this sidecar admitted (as reconciled) over the last
-  ``window_s`` seconds, per minute, plus what the grant gave every other sidecar (an upper
-  bound of their use), over the grant's ``limit_tpm``. So a lone sidecar far below the
-  limit uses its whole grant, and the last 20 % of the limit is kept for priority work.
-  On the safe share (no fresh grant, so no global view) it is the use of the local share.
+  ``window_s`` seconds, per minute, over its part of the grant's ``limit_tpm`` (the limit
+  times its grant over all the grants the record hands out). Summed over sidecars,
+  non-priority work stays within 80 % of the global limit, the rest is kept for priority
+  work; a lone sidecar far below the limit uses its whole grant. On the safe share (no
+  fresh grant, so no global view) it is the use of the local share.
   The async layer holds queued calls in a ``BoundedWaitQueue`` and asks
   again with ``requeued=True``; a full queue or a timeout becomes a refusal.
 - ADMIT otherwise; settle later with ``reconcile(reserved, actual)``.
@@ -126,7 +127,7 @@ class GlobalQuota:
         self._bucket = TokenBucket(*self._shape(self._tpm), self._clock)
         self._expires_at: float | None = None  # of the grant in force; None: on the safe share
         self._generation: int | None = None
-        self._global: tuple[float, float] | None = None  # (limit, others' grants), tpm, of the grant
+        self._global: tuple[float, float] | None = None  # (limit, all grants), tpm, of the grant
         self._used = _RollingSum(window_s)
         self._unmet = _RollingSum(window_s)
 
@@ -148,18 +149,19 @@ class GlobalQuota:
         issued_at: float | None = None,
         generation: int | None = None,
         limit_tpm: float | None = None,
-        others_tpm: float = 0.0,
+        granted_tpm: float | None = None,
     ) -> bool:
         """Adopt a grant from the collector; False (ignored) if stale or out of order.
 
-        ``limit_tpm`` (the global limit) and ``others_tpm`` (the other sidecars' grants) make
-        the priority threshold a share of the global limit, see the module docstring."""
+        ``limit_tpm`` (the global limit) and ``granted_tpm`` (every sidecar's grant, ours
+        included; default ours) make the priority threshold a share of the global limit,
+        see the module docstring."""
         if not (math.isfinite(tpm) and tpm >= 0):
             raise ValueError("tpm must be a finite number >= 0")
         if limit_tpm is not None and not (math.isfinite(limit_tpm) and limit_tpm > 0):
             raise ValueError("limit_tpm must be a finite number > 0")
-        if not (math.isfinite(others_tpm) and others_tpm >= 0):
-            raise ValueError("others_tpm must be a finite number >= 0")
+        if granted_tpm is not None and not (math.isfinite(granted_tpm) and granted_tpm >= tpm):
+            raise ValueError("granted_tpm must be a finite number >= tpm")
         now = self._clock.now()
         if generation is not None and self._generation is not None and generation < self._generation:
             return False
@@ -169,7 +171,8 @@ class GlobalQuota:
         if generation is not None:
             self._generation = generation
         self._expires_at = expires_at
-        self._global = None if limit_tpm is None else (float(limit_tpm), float(others_tpm))
+        total = float(tpm if granted_tpm is None else granted_tpm)
+        self._global = None if limit_tpm is None else (float(limit_tpm), total)
         self._set_tpm(float(tpm))
         return True
 
@@ -224,16 +227,17 @@ class GlobalQuota:
 
     def _non_priority_room(self) -> float:
         """Tokens non-priority work may have used over the window (the bucket bounds the rest)."""
+        return self.priority_threshold * self._part_tpm() * self._window_s / PER_MINUTE
+
+    def _part_tpm(self) -> float:
+        """The global limit's part that is ours (our grant's share of all grants), else our share."""
         if self._global is None:
-            return self.priority_threshold * self._tpm * self._window_s / PER_MINUTE
-        limit, others = self._global
-        return max(0.0, self.priority_threshold * limit - others) * self._window_s / PER_MINUTE
+            return self._tpm
+        limit, total = self._global
+        return limit if total <= 0 else limit * self._tpm / total
 
     def _utilisation(self, used_in_window: float) -> float:
-        if self._global is not None:
-            limit, others = self._global
-            return (used_in_window * PER_MINUTE / self._window_s + others) / limit
-        share = self._tpm * self._window_s / PER_MINUTE
+        share = self._part_tpm() * self._window_s / PER_MINUTE
         if share <= 0:
             return 0.0 if used_in_window <= 0 else math.inf
         return used_in_window / share

@@ -86,20 +86,28 @@ def test_the_80_percent_rule_is_of_the_global_limit_when_the_grant_carries_it() 
     clock = ManualClock()
     q = quota(clock)
     # a lone sidecar far under the global limit: its whole grant is open to non-priority work
-    assert q.apply_grant(1000, limit_tpm=100_000, others_tpm=0.0)
+    assert q.apply_grant(1000, limit_tpm=100_000)
     assert q.admit(590, priority=False).verdict is Verdict.ADMIT  # above 80 % of the bucket
     assert q.utilisation() == pytest.approx(0.0059)
-    # the other sidecars hold 79.7 % of the limit: 300 tokens are left below 80 %
+    # ten sidecars with 500 each hand out the whole limit of 5000: ours is a tenth of it,
+    # and non-priority work may fill 80 % of that tenth
     q = quota(clock)
-    assert q.apply_grant(1000, limit_tpm=100_000, others_tpm=79_700)
-    assert q.admit(300, priority=False).verdict is Verdict.ADMIT
+    assert q.apply_grant(500, limit_tpm=5000, granted_tpm=5000)
+    assert q.admit(400, priority=False).verdict is Verdict.ADMIT
     d = q.admit(10, priority=False)
     assert d.verdict is Verdict.QUEUE and d.utilisation == pytest.approx(0.8)
-    assert q.admit(200, priority=True).verdict is Verdict.ADMIT
+    assert q.admit(90, priority=True).verdict is Verdict.ADMIT
+    # half the limit handed out (spare left): our part of the limit is twice our grant
+    q = quota(clock)
+    assert q.apply_grant(1000, limit_tpm=10_000, granted_tpm=5_000)
+    assert q.admit(590, priority=False).verdict is Verdict.ADMIT
+    assert q.utilisation() == pytest.approx(590 / 2000)
     clock.advance(31)  # the grant lapses: the safe share, and the local rule again
-    assert q.tpm == 600 and q.utilisation() == pytest.approx(500 / 600)
+    assert q.tpm == 600 and q.utilisation() == pytest.approx(590 / 600)
     with pytest.raises(ValueError, match="limit_tpm"):
         q.apply_grant(10, limit_tpm=0)
+    with pytest.raises(ValueError, match="granted_tpm"):
+        q.apply_grant(10, limit_tpm=100, granted_tpm=5)
 
 
 def test_reconcile_refunds_unused_reservations() -> None:
