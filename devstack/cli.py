@@ -148,6 +148,7 @@ def simprovider(listen: str, config_path: Path | None) -> None:
     "--port-base",
     type=click.IntRange(1024, 65535 - 5),
     envvar=ENV_DEV_PORT_BASE,
+    show_envvar=True,
     help="Every listener at base + offset: simulated provider +0, collector admin +1, sidecar +2, "
     "sidecar metrics +3, collector metrics +4 (default: 8000, 50061, 50051, 9464, 9465).",
 )
