@@ -25,6 +25,8 @@ import yaml
 
 DEFAULT_RUN_DIR = Path(".outrider/dev")
 SESSION_KEY_FILE = "session.key"
+# everything a run writes in its directory, and all that a fresh start removes
+RUN_FILES = ("collector-state", "spill", SESSION_KEY_FILE, "sidecar.yaml", "collector.yaml")
 HOST = "127.0.0.1"
 
 # offsets from the port base, and the ports used without one (the example configs' own)
@@ -64,9 +66,14 @@ class DevPorts:
 
 def prepare_run_dir(run_dir: Path, keep_state: bool) -> str:
     """Empty ``run_dir`` unless ``keep_state``; the session key to use (kept with the state)."""
-    if run_dir.exists() and not keep_state:
-        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not keep_state:  # only what a run writes: --state-dir may name a directory with more in it
+        for name in RUN_FILES:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
     key_file = run_dir / SESSION_KEY_FILE
     if keep_state and key_file.is_file() and key_file.read_text().strip():
         return key_file.read_text().strip()

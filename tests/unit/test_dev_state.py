@@ -28,8 +28,10 @@ def test_each_run_starts_fresh_unless_state_is_kept(tmp_path: Path) -> None:
     (run / "collector-state" / "outrider-collector.ckpt").write_bytes(b"an earlier run")
     assert prepare_run_dir(run, keep_state=True) == key
     assert (run / "collector-state" / "outrider-collector.ckpt").exists()
+    (run / "notes.txt").write_text("not ours")
     fresh = prepare_run_dir(run, keep_state=False)
     assert fresh != key and not (run / "collector-state").exists()
+    assert (run / "notes.txt").read_text() == "not ours"  # only what a run writes goes
     assert (run / "session.key").stat().st_mode & 0o077 == 0
 
 
