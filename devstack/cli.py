@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 ENV_KAFKA = "OUTRIDER_KAFKA_BOOTSTRAP"
 ENV_ADMIN = _rollout_cli.ENV_ADMIN
 ENV_LOG_LEVEL = "OUTRIDER_LOG_LEVEL"
+ENV_DEV_PORT_BASE = "OUTRIDER_DEV_PORT_BASE"
 DEFAULT_ADMIN_ADDR = _rollout_cli.DEFAULT_ADMIN_ADDR
 
 
@@ -170,14 +171,50 @@ def simprovider(listen: str, config_path: Path | None) -> None:
     default=Path("examples/collector.yaml"),
     show_default=True,
 )
-def dev(sidecar_config: Path, sim_config: Path, collector_config: Path) -> None:
+@click.option(
+    "--port-base",
+    type=click.IntRange(1024, 65535 - 5),
+    envvar=ENV_DEV_PORT_BASE,
+    show_envvar=True,
+    help="Every listener at base + offset: simulated provider +0, collector admin +1, sidecar +2, "
+    "sidecar metrics +3, collector metrics +4 (default: 8000, 50061, 50051, 9464, 9465).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".outrider/dev"),
+    show_default=True,
+    help="Where the run keeps the collector's checkpoints, the sidecar's spill, the session key "
+    "and the configs moved onto the ports.",
+)
+@click.option(
+    "--keep-state",
+    is_flag=True,
+    help="Keep the state of the previous run (default: start fresh; the broker is in memory anyway).",
+)
+def dev(
+    sidecar_config: Path,
+    sim_config: Path,
+    collector_config: Path,
+    port_base: int | None,
+    state_dir: Path,
+    keep_state: bool,
+) -> None:
     """Run everything on the embedded default: broker, collector, sidecar, simulated provider."""
+    from devstack._dev_state import DevPorts
     from devstack.stack import DevStack, StackError
 
     for path in (sidecar_config, sim_config, collector_config):
         if not path.is_file():
             raise click.ClickException(f"{path}: not found (run from the repository root or pass the path)")
-    stack = DevStack(sidecar_config=sidecar_config, sim_config=sim_config, collector_config=collector_config)
+    stack = DevStack(
+        sidecar_config=sidecar_config,
+        sim_config=sim_config,
+        collector_config=collector_config,
+        ports=DevPorts.from_base(port_base),
+        run_dir=state_dir,
+        keep_state=keep_state,
+    )
     try:
         sys.exit(stack.run_until_interrupted())
     except StackError as exc:

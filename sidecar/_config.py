@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar._aliases import alias_version
 from sidecar._config_format import format_validation_error
 from sidecar._control_config import ControlConfig
 
@@ -361,6 +362,7 @@ class SidecarConfig(_Frozen):
     global_quotas: dict[str, GlobalQuotaConfig] = Field(default_factory=dict)
     usage_report_interval: Duration = DEFAULT_USAGE_REPORT_INTERVAL_S
     control: ControlConfig = Field(default_factory=ControlConfig)
+    upstream_aliases: dict[str, str] = Field(default_factory=dict)  # see sidecar._aliases
 
     _version_ids: dict[str, str] = PrivateAttr(default_factory=dict)
     _api_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
@@ -378,6 +380,9 @@ class SidecarConfig(_Frozen):
                 f"{MAX_SESSION_DURATION_LIMIT_S:g}s (a day); got {self.max_session_duration:g}s"
             )
         self._version_ids = {label: version.version_id() for label, version in self.versions.items()}
+        if self.upstream_aliases:  # after the ids: an alias is where we call, not what the version is
+            moved = {label: alias_version(v, self.upstream_aliases) for label, v in self.versions.items()}
+            object.__setattr__(self, "versions", moved)
         return self
 
     def version_ids(self) -> dict[str, str]:

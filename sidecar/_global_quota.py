@@ -139,7 +139,14 @@ class GlobalQuotas:
         if grant.epoch > epoch:
             quota.new_writer()
             self._epochs[grant.resource] = grant.epoch
-        applied = quota.apply_grant(tpm, issued_at=issued_at, generation=grant.generation)
+        granted = sum(v for v in grant.grants_tpm.values() if math.isfinite(v) and v > 0)
+        applied = quota.apply_grant(
+            tpm,
+            issued_at=issued_at,
+            generation=grant.generation,
+            limit_tpm=grant.limit_tpm if math.isfinite(grant.limit_tpm) and grant.limit_tpm > 0 else None,
+            granted_tpm=max(granted, tpm),
+        )
         if applied:
             self._metrics.global_quota_tpm.labels(grant.resource).set(tpm)
             log.debug("quota: %s grant %.0f tpm (generation %d)", grant.resource, tpm, grant.generation)

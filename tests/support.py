@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -195,3 +199,69 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> list[tuple[str, di
             labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or ""))
             samples.append((match["name"], labels, float(match["value"])))
     return samples
+
+
+def free_port_base(span: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """A base port with ``span`` consecutive ports free a moment ago (for `outrider dev`)."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20_000, 60_000 - span)
+        socks = []
+        try:
+            for port in range(base, base + span):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return base
+    raise RuntimeError(f"no {span} consecutive free ports found")
+
+
+class DevStackProc:
+    """`outrider dev` on a port base and a run directory, from the checkout root; stopped by PID."""
+
+    UP_TIMEOUT_S = 60.0
+
+    def __init__(self, root: Path, port_base: int, state_dir: Path, log_path: Path, *extra: str) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "devstack", "dev", "--state-dir", str(state_dir), *extra],
+            cwd=root,
+            env={**os.environ, "OUTRIDER_DEV_PORT_BASE": str(port_base)},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_up(self) -> None:
+        deadline = time.monotonic() + self.UP_TIMEOUT_S
+        while "outrider dev is up" not in self.output():
+            assert self.proc.poll() is None, f"outrider dev exited early:\n{self.output()}"
+            assert time.monotonic() < deadline, f"outrider dev not up:\n{self.output()}"
+            time.sleep(0.1)
+
+    def child_pids(self) -> list[int]:
+        return [int(p) for p in re.findall(r"pid (\d+)", self.output())]
+
+    def stop(self) -> int:
+        """Ctrl-C, as a developer stops it; SIGKILL only if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                for pid in self.child_pids():  # its children run in sessions of their own
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        self._log.close()
+        return self.proc.returncode

@@ -45,6 +45,7 @@ def _operator_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI (in-process and in subprocesses) authenticates as the tests' operator, "ci"."""
     monkeypatch.setenv("OUTRIDER_ADMIN_TOKEN", ADMIN_TOKEN)
 
+
 HOLD = control_pb2.ROLLOUT_PHASE_HOLD
 RUNNING = control_pb2.ROLLOUT_PHASE_RUNNING
 
