@@ -187,5 +187,6 @@ def test_readme_demo_rolls_back_the_bad_candidate(tmp_path: Path, capsys: pytest
         f"no rollback within {ROLLBACK_WITHIN_S}s (at {rolled_back_after}s):\n{last}"
     )
     assert _rolled_back(last), f"the block's last status does not say it rolled back:\n{last}"
-    assert "gate errors found harm" in last, last  # and why
+    # and why: the errors gate, or latency or cost (retries also make v2 slower and dearer)
+    assert any(f"gate {g} found harm" in last for g in ("errors", "latency", "cost")), last
     assert "canary" in agent_log and "stable" in agent_log, agent_log

@@ -273,17 +273,17 @@ async def test_cli_unauthenticated_without_a_token_then_env_file_and_dev_token(
         spec = tmp_path / "rollout.yaml"
         spec.write_text(spec_yaml(min_duration="10m"))
         run = await _cli("rollout", "status", "support-bot", "--admin", admin, cwd=tmp_path, env={})
-        assert run.returncode == 1 and "UNAUTHENTICATED" in run.stderr, run.stderr
+        assert run.returncode == 5 and "UNAUTHENTICATED" in run.stderr  # 5: the collector refused, run.stderr
         run = await _cli(
             "rollout", "status", "support-bot", "--admin", admin, cwd=tmp_path,
             env={"OUTRIDER_ADMIN_TOKEN": VIEWER_TOKEN},
         )  # fmt: skip
-        assert run.returncode == 1 and "NOT_FOUND" in run.stderr, run.stderr
+        assert run.returncode == 5 and "NOT_FOUND" in run.stderr, run.stderr
         run = await _cli(
             "rollout", "start", str(spec), "--admin", admin, cwd=tmp_path,
             env={"OUTRIDER_ADMIN_TOKEN": VIEWER_TOKEN},
         )  # fmt: skip
-        assert run.returncode == 1 and "PERMISSION_DENIED" in run.stderr, run.stderr
+        assert run.returncode == 5 and "PERMISSION_DENIED" in run.stderr, run.stderr
         token_file = tmp_path / "token"
         token_file.write_text(ADMIN_TOKEN + "\n")
         args = ("rollout", "start", str(spec), "--admin", admin, "--token-file", str(token_file), "--json")
