@@ -4,7 +4,7 @@ decision to `outrider.control`."""
 
 from collector._book import EvidenceBook
 from collector._config_errors import SpecError
-from collector._errors import NoRollout, RolloutConflict, RolloutError, RolloutFinished
+from collector._errors import NoRollout, RolloutConflict, RolloutError, RolloutFinished, WrongPhase
 from collector._evidence import RolloutEvidence, Rows
 from collector._manager import PublishError
 from collector._rollout import RolloutController
@@ -37,6 +37,7 @@ __all__ = [
     "SystemClock",
     "Trigger",
     "WindowStats",
+    "WrongPhase",
     "load_settings",
     "load_spec_file",
     "load_spec_text",

@@ -119,6 +119,10 @@ class EventConsumer:
             log.error("checkpoint %s does not fit these settings (%s); ignoring it", self._store.path, exc)  # noqa: TRY400
             return None
         self._ingestor.positions.update(checkpoint.offsets)
+        try:
+            self._ingestor.gaps.load_state(checkpoint.extra.get("gaps") or {})
+        except (ValueError, TypeError) as exc:
+            log.warning("checkpoint %s: ignoring the sequence-gap state (%s)", self._store.path, exc)
         self.restored_from = checkpoint
         log.info(
             "restored checkpoint %s from %.1fs ago: offsets %s",
@@ -142,6 +146,20 @@ class EventConsumer:
             sorted(tp.partition for tp in assigned),
             sought or "none",
         )
+
+    async def reset_positions(self) -> None:
+        """A new broker: the events log starts again at 0, so the positions (and the checkpoint's
+        offsets) of the old log mean nothing. Read every assigned partition from its start;
+        redelivered events are dropped by id."""
+        async with self._lock:
+            for key in list(self._ingestor.positions):
+                if key[0] == outrider.EVENTS_TOPIC:
+                    self._ingestor.positions[key] = 0
+            self._dirty = True
+            if self._started:
+                for tp in self._consumer.assignment():
+                    self._consumer.seek(tp, 0)
+        log.warning("consuming %s from offset 0 of the new log", outrider.EVENTS_TOPIC)
 
     async def start(self) -> None:
         if not self._started:
@@ -204,7 +222,10 @@ class EventConsumer:
                     totals=self._metrics.totals.to_state(),
                     bootstrap=self._bootstrap,
                     written_at=time.time(),
-                    extra={"evidence": self._ingestor.evidence.to_state()},
+                    extra={
+                        "evidence": self._ingestor.evidence.to_state(),
+                        "gaps": self._ingestor.gaps.to_state(),
+                    },
                 )
                 data = encode(snapshot)  # here, under the lock: the state cannot move meanwhile
                 try:

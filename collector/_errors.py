@@ -3,7 +3,8 @@
 RolloutError
  ├─ RolloutConflict   a rollout is already running for the agent   (ALREADY_EXISTS)
  ├─ NoRollout         the agent has no rollout                      (NOT_FOUND)
- └─ RolloutFinished   the rollout is in a terminal phase            (FAILED_PRECONDITION)
+ └─ WrongPhase        the command does not fit the rollout's phase  (FAILED_PRECONDITION)
+     └─ RolloutFinished   the rollout is in a terminal phase
 """
 
 from __future__ import annotations
@@ -21,5 +22,9 @@ class NoRollout(RolloutError):
     pass
 
 
-class RolloutFinished(RolloutError):
+class WrongPhase(RolloutError):
+    """E.g. resuming a rollout that is not on HOLD, pausing one that already is."""
+
+
+class RolloutFinished(WrongPhase):
     pass

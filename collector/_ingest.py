@@ -18,8 +18,10 @@ import outrider
 from collector._book import EvidenceBook
 from collector._checkpoint import Offsets
 from collector._deadletter import DeadLetter
+from collector._gaps import GapTracker
 from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
+from collector._sightings import VersionSightings
 from collector._windows import Ingest, RollingWindows
 
 log = logging.getLogger(__name__)
@@ -32,12 +34,15 @@ class Ingestor:
         metrics: CollectorMetrics,
         quotas: QuotaGranter | None = None,
         evidence: EvidenceBook | None = None,
+        sightings: VersionSightings | None = None,
     ) -> None:
         self.windows, self.metrics, self.quotas = windows, metrics, quotas
+        self.sightings = sightings if sightings is not None else VersionSightings()
         self.evidence = evidence if evidence is not None else EvidenceBook()
         # (topic, partition) -> next offset: the state holds exactly the records before it
         self.positions: Offsets = {}
         self.applied = 0  # records handled since start, decoded or not
+        self.gaps = GapTracker()
 
     def apply(self, records: Iterable[Any], now: float) -> list[DeadLetter]:
         """Apply consumed records (aiokafka ConsumerRecords) in order; the dead letters."""
@@ -47,7 +52,21 @@ class Ingestor:
         counted: list[Any] = []
         for record in records:
             applied += 1
-            self.positions[(record.topic, record.partition)] = record.offset + 1
+            where = (record.topic, record.partition)
+            expected = self.positions.get(where)
+            if expected is not None and record.offset < expected:
+                # the consumer went back without us asking: its position was out of range (a
+                # new or truncated log). Never silent: counted and logged; the broker watch
+                # tells a new broker and recovers; redelivered events are dropped by id.
+                metrics.offset_resets.inc()
+                log.warning(
+                    "%s[%d] went back from offset %d to %d: a reset log (a new broker?)",
+                    record.topic,
+                    record.partition,
+                    expected,
+                    record.offset,
+                )
+            self.positions[where] = record.offset + 1
             try:
                 event = outrider.decode_event(record.value, record.headers)
             except outrider.DecodeError as exc:
@@ -64,6 +83,18 @@ class Ingestor:
                     )
                 )
                 continue
+            if event.sequence and (
+                missing := self.gaps.observe(event.sidecar_id, event.agent, event.sequence)
+            ):
+                metrics.events_missing.labels(event.sidecar_id, event.agent).inc(missing)
+                log.warning(
+                    "%d events from sidecar %s (%s) never arrived (sequence %d after %d)",
+                    missing,
+                    event.sidecar_id,
+                    event.agent,
+                    event.sequence,
+                    event.sequence - missing - 1,
+                )
             if event.WhichOneof("body") == "usage":
                 if self.quotas is not None:
                     self.quotas.observe(event)
@@ -83,6 +114,8 @@ class Ingestor:
                 counted.append(event)
         if counted:
             self.evidence.add_events(counted, now)
+            for event in counted:
+                self.sightings.observe(event, now)
         self.applied += applied
         metrics.consumed.inc(applied)
         return dead

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from aiokafka.errors import KafkaError
@@ -19,8 +19,10 @@ from collector._config_errors import SpecError
 from collector._errors import NoRollout
 from collector._metrics import CollectorMetrics
 from collector._rollout import RolloutController
+from collector._sightings import VersionSightings
 from collector._spec import RolloutSpec
 from collector._windows import RollingWindows
+from outrider import SignedRecord
 from outrider.clock import Clock
 from outrider.v1 import admin_pb2, common_pb2, control_pb2
 
@@ -36,6 +38,15 @@ class PublishError(Exception):
 class StatePublisher(Protocol):
     async def publish(self, state: control_pb2.RolloutState) -> None: ...
 
+    @property
+    def latest(self) -> dict[str, SignedRecord]: ...
+
+    async def send(self, record: SignedRecord) -> int: ...
+
+
+# told about every state once it is published and applied (the notifier); must not block
+StateListener = Callable[[control_pb2.RolloutState, control_pb2.RolloutState | None], None]
+
 
 class RolloutManager:
     def __init__(
@@ -46,12 +57,17 @@ class RolloutManager:
         clock: Clock,
         evidence: EvidenceBook | None = None,
         retention_s: float | None = None,
+        listener: StateListener | None = None,
     ) -> None:
         self._publisher, self._windows, self._metrics, self._clock = publisher, windows, metrics, clock
         self.evidence = evidence if evidence is not None else EvidenceBook()
         self._retention_s = retention_s if retention_s is not None else windows.retention_s
         self._controllers: dict[str, RolloutController] = {}
         self._lock = asyncio.Lock()
+        # events that never arrived from the agent's sidecars (set by the collector)
+        self.events_missing: Callable[[str], int] = lambda agent: 0
+        self._listener = listener
+        self.sightings = VersionSightings()
 
     def restore(self, states: Mapping[str, Sequence[control_pb2.RolloutState]]) -> None:
         """Take over the states read back from the control topic; generations continue from them."""
@@ -77,6 +93,24 @@ class RolloutManager:
                 ctl.state.generation,
                 phase,
             )
+
+    async def republish(self) -> int:
+        """Write the newest signed record of every agent again, as it is (under the lock, so a
+        decision is never overtaken by an older state); how many were written."""
+        written = 0
+        async with self._lock:
+            for agent, record in list(self._publisher.latest.items()):
+                try:
+                    await self._publisher.send(record)
+                except (KafkaError, TimeoutError) as exc:
+                    # the broker is away: stop here rather than hold the lock for every agent
+                    log.warning(
+                        "republishing %s failed: %s; trying again later", agent, exc or type(exc).__name__
+                    )
+                    break
+                written += 1
+                self._metrics.republished.inc()
+        return written
 
     def get(self, agent: str) -> RolloutController | None:
         return self._controllers.get(agent)
@@ -107,6 +141,13 @@ class RolloutManager:
             state.decided_by,
         )
 
+    def _applied(self, previous: control_pb2.RolloutState | None, state: control_pb2.RolloutState) -> None:
+        if self._listener is not None:
+            try:
+                self._listener(state, previous)
+            except Exception:  # a listener's bug must never stop a decision
+                log.exception("state listener failed for %s generation %d", state.agent, state.generation)
+
     def check_windows(self, spec: RolloutSpec, source: str) -> None:
         """A gate or trigger window longer than the collector keeps cannot be served: refuse it."""
         problems = [
@@ -127,20 +168,49 @@ class RolloutManager:
     async def start(self, spec: RolloutSpec, spec_yaml: str, decided_by: str) -> RolloutController:
         async with self._lock:
             ctl = self._controllers.setdefault(spec.agent, RolloutController(spec.agent))
+            previous = ctl.state
             state = ctl.propose_start(spec, spec_yaml, self._clock.now(), decided_by or "admin")
             await self._publish(ctl, state)
             ctl.apply(state, spec)
             self.evidence.sync(state, spec)
+            self._applied(previous, state)
             return ctl
 
     async def abort(self, agent: str, reason: str, decided_by: str) -> RolloutController:
+        return await self._command(agent, "abort", reason, decided_by)
+
+    async def pause(self, agent: str, reason: str, decided_by: str) -> RolloutController:
+        """RUNNING or NO_DATA -> HOLD until an operator resumes."""
+        return await self._command(agent, "pause", reason, decided_by)
+
+    async def resume(self, agent: str, reason: str, decided_by: str) -> RolloutController:
+        """HOLD -> RUNNING; the evidence stays, and the controller looks again at once."""
+        ctl = await self._command(agent, "resume", reason, decided_by)
+        ctl.look_again()
+        return ctl
+
+    async def promote(self, agent: str, reason: str, decided_by: str) -> RolloutController:
+        """An operator's override: PROMOTED whatever the gates say."""
+        return await self._command(agent, "promote", reason, decided_by)
+
+    async def _command(self, agent: str, verb: str, reason: str, decided_by: str) -> RolloutController:
+        """An operator's verb: propose from the current state, publish, then apply."""
         async with self._lock:
             ctl = self._controllers.get(agent)
-            if ctl is None:
+            if ctl is None or ctl.state is None:
                 raise NoRollout(f"agent {agent!r} has no rollout")
-            state = ctl.propose_abort(reason, self._clock.now(), decided_by or "admin")
+            propose = {
+                "abort": ctl.propose_abort,
+                "pause": ctl.propose_pause,
+                "resume": ctl.propose_resume,
+                "promote": ctl.propose_promote,
+            }[verb]
+            previous = ctl.state
+            state = propose(reason, self._clock.now(), decided_by or "admin")
             await self._publish(ctl, state)
             ctl.apply(state)
+            self.evidence.sync(state, ctl.spec)
+            self._applied(previous, state)
             return ctl
 
     async def tick(self) -> list[control_pb2.RolloutState]:
@@ -162,8 +232,10 @@ class RolloutManager:
                     ctl.look_again()
                     log.warning("%s; retrying next tick", exc)
                     continue
+                previous = ctl.state
                 ctl.apply(state)
                 self.evidence.sync(state, ctl.spec)
+                self._applied(previous, state)
                 published.append(state)
         return published
 
@@ -177,11 +249,14 @@ class RolloutManager:
         )
         now = self._clock.now()
         metrics = []
+        started = state.started_at_unix_nano / 1e9
+        warnings = []
         for version, role in (
             (state.stable_version_id, common_pb2.ROLE_STABLE),
             (state.candidate_version_id, common_pb2.ROLE_CANARY),
         ):
             stats = self._windows.snapshot(agent, version, role, window, now)
+            seen = self.sightings.get(agent, version)
             metrics.append(
                 admin_pb2.VersionMetrics(
                     version_id=version,
@@ -190,11 +265,31 @@ class RolloutManager:
                     errors=stats.errors,
                     error_rate=stats.error_rate,
                     latency_p95_ms=stats.latency_p95_ms,
+                    models=seen.models if seen is not None else [],
+                    last_seen_unix_nano=round(seen.last_seen * 1e9) if seen is not None else 0,
+                    window_s=window,
                 )
             )
+            if ctl.running and (seen is None or seen.last_seen < started):
+                name = "stable" if role == common_pb2.ROLE_STABLE else "candidate"
+                warnings.append(
+                    f"no sidecar has reported serving the {name} version {version} since the rollout "
+                    "started (is it in the sidecars' versions, and is the agent sending traffic?)"
+                )
         live = admin_pb2.RolloutStatus(
-            state=state, timeline=ctl.timeline, metrics=metrics, spec_yaml=state.spec_yaml
+            state=state,
+            timeline=ctl.timeline,
+            metrics=metrics,
+            spec_yaml=state.spec_yaml,
+            events_missing=self.events_missing(agent),
+            now_unix_nano=round(now * 1e9),
+            warnings=warnings,
         )
+        if ctl.spec is not None:
+            for gate in ctl.spec.gates:
+                live.figure_windows_s[gate.name] = 0.0
+            for name, trigger in ctl.spec.triggers.active():
+                live.figure_windows_s[f"trigger:{name}"] = trigger.window
         if ctl.running and ctl.evaluation:
             # the controller's current evaluation, not only the last published one
             del live.state.gate_results[:]

@@ -103,9 +103,42 @@ class CollectorMetrics:
             "Size of the last checkpoint written",
             registry=self.registry,
         )
+        self.notifications = Counter(
+            "outrider_collector_notifications_total",
+            "Webhook notifications of rollout state changes, by result (sent, failed, dropped)",
+            ("result",),
+            registry=self.registry,
+        )
         self.publish_failures = Counter(
             "outrider_collector_control_publish_failures_total",
             "Failed writes of rollout states to outrider.control",
+            registry=self.registry,
+        )
+        self.control_rejected = Counter(
+            "outrider_control_rejected",
+            "Control records dropped on read: unsigned, bad_signature, unknown_key, bad_key, undecodable",
+            ("reason",),
+            registry=self.registry,
+        )
+        self.republished = Counter(
+            "outrider_collector_control_republished_total",
+            "Rollout states written again (at start, periodically, after a new broker)",
+            registry=self.registry,
+        )
+        self.new_broker = Counter(
+            "outrider_collector_new_broker_total",
+            "Times the collector found a new or emptied broker and re-created its topics",
+            registry=self.registry,
+        )
+        self.offset_resets = Counter(
+            "outrider_collector_offset_resets_total",
+            "Times the events consumer found its position out of range and started over",
+            registry=self.registry,
+        )
+        self.events_missing = Counter(
+            "outrider_events_missing",
+            "Events that never arrived: gaps in each sidecar's sequence numbers",
+            ("sidecar", "agent"),
             registry=self.registry,
         )
         self.quota_limit = Gauge(

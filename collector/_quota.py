@@ -12,8 +12,13 @@ their used and demanded tokens per minute; each report is a lease that lives
    would exceed its want is capped at its want and the surplus goes round again to the
    still-hungry ones.
 
-So the grants never sum above ``limit_tpm``, no grant exceeds ``max(demand,
-min_share_tpm)``, and a sidecar that stops reporting loses its lease after
+3. what the limit still leaves is handed out as headroom: each sidecar may get up to
+   ``headroom`` times its want on top (in proportion to its want when the spare is short).
+   A grant of exactly the demand would leave a growing sidecar no room to grow between
+   grants, and its priority reserve would throttle it far below the global limit.
+
+So the grants never sum above ``limit_tpm``, no grant exceeds ``(1 + headroom) x
+max(demand, min_share_tpm)``, and a sidecar that stops reporting loses its lease after
 ``lease_ttl_s``, its share moving to the others at the next ``grants()``. Pure and
 synchronous; the async layer publishes the grants on ``outrider.control``.
 """
@@ -29,6 +34,7 @@ from outrider.clock import Clock, SystemClock
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_SHARE_TPM = 0.0
+DEFAULT_HEADROOM = 1.0  # spare capacity lets a sidecar grow to twice its want between grants
 MAX_SIDECARS = 10_000  # live leases per resource; beyond this new sidecars are ignored
 _EPSILON = 1e-9
 
@@ -48,6 +54,7 @@ class LeaseAllocator:
         lease_ttl_s: float,
         min_share_tpm: float = DEFAULT_MIN_SHARE_TPM,
         clock: Clock | None = None,
+        headroom: float = DEFAULT_HEADROOM,
     ) -> None:
         if not (math.isfinite(limit_tpm) and limit_tpm >= 0):
             raise ValueError("limit_tpm must be a finite number >= 0")
@@ -55,6 +62,9 @@ class LeaseAllocator:
             raise ValueError("lease_ttl_s must be > 0")
         if not (math.isfinite(min_share_tpm) and min_share_tpm >= 0):
             raise ValueError("min_share_tpm must be a finite number >= 0")
+        if not (math.isfinite(headroom) and headroom >= 0):
+            raise ValueError("headroom must be a finite number >= 0")
+        self.headroom = float(headroom)
         self.limit_tpm = float(limit_tpm)
         self.lease_ttl_s = lease_ttl_s
         self.min_share_tpm = float(min_share_tpm)
@@ -93,8 +103,9 @@ class LeaseAllocator:
 
     def grants(self) -> dict[str, float]:
         """tokens per minute for each sidecar with a live lease."""
-        live = self.leases()
-        return water_fill(self.limit_tpm, {x.sidecar_id: x.demand_tpm for x in live}, self.min_share_tpm)
+        demands = {x.sidecar_id: x.demand_tpm for x in self.leases()}
+        grants = water_fill(self.limit_tpm, demands, self.min_share_tpm)
+        return add_headroom(self.limit_tpm, grants, demands, self.min_share_tpm, self.headroom)
 
     def _expire(self, now: float) -> None:
         dead = [sid for sid, lease in self._leases.items() if lease.at + self.lease_ttl_s <= now]
@@ -113,7 +124,7 @@ def water_fill(limit: float, demands: dict[str, float], min_share: float = 0.0) 
     grants = {k: min(w, floor) for k, w in wants.items()}
     left = limit - sum(grants.values())
     hungry = {k for k in wants if wants[k] - grants[k] > _EPSILON and demands[k] > 0}
-    while left > _EPSILON and hungry:
+    while left > _EPSILON * min(1.0, limit) and hungry:  # relative: limits below 1 tpm too
         weight = sum(demands[k] for k in hungry)
         capped = {k for k in hungry if left * demands[k] / weight >= wants[k] - grants[k]}
         if not capped:
@@ -129,3 +140,16 @@ def water_fill(limit: float, demands: dict[str, float], min_share: float = 0.0) 
         scale = limit / total * (1 - 1e-12)
         grants = {k: g * scale for k, g in grants.items()}
     return grants
+
+
+def add_headroom(
+    limit: float, grants: dict[str, float], demands: dict[str, float], min_share: float, headroom: float
+) -> dict[str, float]:
+    """Hand out the spare ``limit - sum(grants)``: up to ``headroom x want`` more each."""
+    spare = limit - sum(grants.values())
+    extra = {k: headroom * max(demands[k], min_share) for k in grants}
+    wanted = sum(extra.values())
+    if spare <= _EPSILON or wanted <= 0:
+        return grants
+    scale = min(1.0, spare / wanted) * (1 - 1e-12)  # rounding must not lift the sum past the limit
+    return {k: g + extra[k] * scale for k, g in grants.items()}

@@ -12,8 +12,20 @@ Rollback tests run in RUNNING, HOLD and NO_DATA alike. Each look (every `look_in
 3. the last stage promotes only when every gate with a margin shows no harm beyond it;
 4. a stage past its `max_duration` without that -> NO_DATA (held, alerting).
 
+A ROLLED_BACK or ABORTED state lists the candidate in `retired` with its drain deadline
+(decided at + the spec's `drain_timeout`); every sidecar refuses its pinned sessions past it.
+Earlier entries ride along on every later state (a new rollout too) until
+`RETIRED_RETENTION_S` after their deadline, which must outlast any session token: dropping an
+entry at its deadline would let a still-valid token of that version be served again.
+
 Every decision is a new `RolloutState` with the next generation. The `propose_*` and
-`decide` methods only compute it; `apply` makes it current. The service publishes a
+`decide` methods only compute it; `apply` makes it current.
+
+Operators steer with `propose_pause` (RUNNING or NO_DATA -> HOLD), `propose_resume` (HOLD ->
+RUNNING) and `propose_promote` (an override from any active phase -> PROMOTED); each records
+the operator in `decided_by` and their reason. A resume keeps the evidence: a gate with
+`on_failure: hold` that still shows harm holds again at the next look, so resuming is for a
+hold whose cause was fixed or judged harmless, and a promote is the explicit override. The service publishes a
 proposal to `outrider.control` first and applies it only once the write succeeded, so
 what the controller holds is always what sidecars can see. `start`, `evaluate` and
 `abort` propose and apply in one call, for callers without I/O (tests, tools).
@@ -25,7 +37,7 @@ import hashlib
 from collections.abc import Iterable
 
 from collector._config_errors import SpecError
-from collector._errors import NoRollout, RolloutConflict, RolloutFinished
+from collector._errors import NoRollout, RolloutConflict, RolloutFinished, WrongPhase
 from collector._evidence import RolloutEvidence
 from collector._gates import HARM, blocks_promotion, evaluate_gate
 from collector._spec import RolloutSpec, load_spec_text
@@ -42,7 +54,12 @@ NO_DATA = control_pb2.ROLLOUT_PHASE_NO_DATA
 TERMINAL = frozenset({PROMOTED, ROLLED_BACK, ABORTED})
 ACTIVE = frozenset({RUNNING, HOLD, NO_DATA})
 RELEASE_HOLD = "an operator's resume (or abort)"
+RELEASE_PAUSE = "an operator's resume"
 MAX_TIMELINE = 1000
+# a retired entry stays listed this long past its drain deadline (> a sidecar's max session duration)
+RETIRED_RETENTION_S = 86_400.0
+MAX_RETIRED = 32  # newest first kept; bounds the state however many rollouts end
+_RETIRED_REASON = {ROLLED_BACK: "rolled_back", ABORTED: "aborted"}
 _STICKY = {
     "session": common_pb2.STICKY_BY_SESSION,
     "user": common_pb2.STICKY_BY_USER,
@@ -52,6 +69,23 @@ _STICKY = {
 
 def _ns(t: float) -> int:
     return round(t * 1e9)
+
+
+def retired_after(
+    previous: Iterable[control_pb2.RetiredVersion],
+    now: float,
+    added: control_pb2.RetiredVersion | None = None,
+) -> list[control_pb2.RetiredVersion]:
+    """The retired list of a new state: `added` first, then `previous` entries still retained."""
+    keep = [] if added is None else [added]
+    seen = {(e.version_id, e.rollout_id) for e in keep}
+    horizon = _ns(now - RETIRED_RETENTION_S)
+    for entry in previous:
+        key = (entry.version_id, entry.rollout_id)
+        if entry.drain_deadline_unix_nano > horizon and key not in seen:
+            seen.add(key)
+            keep.append(entry)
+    return keep[:MAX_RETIRED]
 
 
 def _stage(state: control_pb2.RolloutState) -> admin_pb2.StageRecord:
@@ -89,7 +123,9 @@ class RolloutController:
         The spec comes back from `spec_yaml` unless `spec` is given, so a RUNNING rollout resumes;
         if it no longer validates, `spec` stays None: the rollout is frozen until aborted.
         """
-        ordered = sorted({s.generation: s for s in states}.values(), key=lambda s: s.generation)
+        ordered = sorted(
+            {(s.epoch, s.generation): s for s in states}.values(), key=lambda s: (s.epoch, s.generation)
+        )
         if not ordered:
             raise ValueError("nothing to restore")
         latest = ordered[-1]
@@ -173,6 +209,9 @@ class RolloutController:
             step_started_at_unix_nano=_ns(now),
             spec_yaml=spec_yaml,
             started_at_unix_nano=_ns(now),
+            drain_timeout_s=spec.drain_timeout,
+            # the previous rollout's candidate may still be draining: its sessions stay refused
+            retired=retired_after(self._state.retired if self._state is not None else (), now),
             gate_results=[
                 control_pb2.GateResult(
                     name=g.name,
@@ -203,6 +242,53 @@ class RolloutController:
             phase=ABORTED,
             weight=0.0,
             reason=f"aborted: {reason or 'no reason given'}",
+            release="",
+        )
+
+    def propose_pause(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
+        """Freeze the rollout at its weight until an operator resumes it."""
+        state = self._require_active()
+        if state.phase == HOLD:
+            raise WrongPhase(
+                f"rollout {state.rollout_id} of {self.agent!r} is already on HOLD ({state.reason})"
+            )
+        return self._next(
+            state,
+            now,
+            decided_by,
+            phase=HOLD,
+            reason=f"paused by {decided_by}: {reason or 'no reason given'}",
+            release=RELEASE_PAUSE,
+        )
+
+    def propose_resume(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
+        """HOLD -> RUNNING; the evidence stays, so a hold gate still showing harm holds again."""
+        state = self._require_active()
+        if state.phase != HOLD:
+            raise WrongPhase(
+                f"rollout {state.rollout_id} of {self.agent!r} is not on HOLD "
+                f"({control_pb2.RolloutPhase.Name(state.phase)}); only a held rollout resumes"
+            )
+        return self._next(
+            state,
+            now,
+            decided_by,
+            phase=RUNNING,
+            reason=f"resumed by {decided_by}: {reason or 'no reason given'}",
+            release="",
+        )
+
+    def propose_promote(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
+        """An operator's override: the candidate becomes stable whatever the gates say."""
+        state = self._require_active()
+        return self._next(
+            state,
+            now,
+            decided_by,
+            phase=PROMOTED,
+            weight=1.0,
+            reason=f"promoted by {decided_by} (operator override at step {state.step_index + 1}): "
+            f"{reason or 'no reason given'}",
             release="",
         )
 
@@ -355,6 +441,15 @@ class RolloutController:
             raise NoRollout(f"agent {self.agent!r} has no rollout")
         return self._state
 
+    def _require_active(self) -> control_pb2.RolloutState:
+        state = self._require_state()
+        if state.phase in TERMINAL:
+            raise RolloutFinished(
+                f"rollout {state.rollout_id} of {self.agent!r} already ended "
+                f"({control_pb2.RolloutPhase.Name(state.phase)})"
+            )
+        return state
+
     def _next(
         self,
         state: control_pb2.RolloutState,
@@ -386,6 +481,18 @@ class RolloutController:
         if results is not None:
             del new.gate_results[:]
             new.gate_results.extend(results)
+        added = None
+        if new.phase in _RETIRED_REASON and state.phase not in TERMINAL:
+            # the spec's own value first: a state written before drain_timeout_s existed reads 0
+            drain_s = self._spec.drain_timeout if self._spec is not None else state.drain_timeout_s
+            added = control_pb2.RetiredVersion(
+                version_id=state.candidate_version_id,
+                drain_deadline_unix_nano=_ns(now + drain_s),
+                reason=_RETIRED_REASON[new.phase],
+                rollout_id=state.rollout_id,
+            )
+        del new.retired[:]
+        new.retired.extend(retired_after(state.retired, now, added))
         return new
 
 

@@ -2,9 +2,10 @@
 
 Start: create topics, load the checkpoint (windows, totals, offsets), read
 `outrider.control` back (rollout and quota generations continue from it) while joining the
-events consumer group, start the control and dead-letter producers, the consume loop, the
+events consumer group, start the control and dead-letter producers, the notifier, the consume loop, the
 tick loop and (with quotas configured) the grant loop, serve metrics and the admin API.
-Stop (idempotent) runs the reverse: admin server, grant and tick loops, consume loop (it
+Stop (idempotent) runs the reverse: admin server, grant and tick loops, the notifier (queued
+webhooks get a few seconds), consume loop (it
 finishes its batch), checkpoint and offset commit, consumer, producers, metrics server.
 """
 
@@ -13,21 +14,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import signal
+import threading
+import time
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any
 
-from collector._admin import AdminServer
+from aiokafka.errors import KafkaError
+
+import outrider
+from collector._admin import AdminAuth, AdminServer
 from collector._book import EvidenceBook
 from collector._checkpoint import CheckpointStore
+from collector._config_errors import SpecError
 from collector._consumer import EventConsumer
 from collector._control import ControlHistory, ControlPublisher, ensure_topics, read_control_history
+from collector._control_state import BrokerWatch, StateCopy
 from collector._deadletter import DeadLetter, DeadLetterWriter
 from collector._granter import QuotaGranter
 from collector._ingest import Ingestor
 from collector._manager import RolloutManager
 from collector._metrics import CollectorMetrics, MetricsServer
+from collector._notify import Notifier
 from collector._quota_book import QuotaBook
 from collector._relay import SpanRelay
 from collector._settings import CollectorSettings, otlp_endpoint
@@ -39,6 +50,27 @@ log = logging.getLogger(__name__)
 _CONSUME_STOP_S = 5.0  # the consume loop's last poll and batch (dead letters included)
 
 
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def _signing_key(settings: CollectorSettings) -> outrider.SigningKey:
+    if settings.signing_key_file is None:
+        key = outrider.SigningKey.generate()
+        log.warning(
+            "no control signing key (signing_key_file, $OUTRIDER_CONTROL_SIGNING_KEY_FILE): signing with a "
+            "throwaway key %s that no sidecar trusts; create one with `outrider keygen`",
+            key.key_id,
+        )
+        return key
+    try:
+        key = outrider.SigningKey.load(settings.signing_key_file)
+    except outrider.SigningKeyError as exc:
+        raise SpecError("<settings>", [f"signing_key_file: {exc}"]) from None
+    log.info("signing control records with key %s", key.key_id)
+    return key
+
+
 class Collector:
     """The control plane of one deployment. Use `async with Collector(settings):`."""
 
@@ -47,20 +79,51 @@ class Collector:
         self.clock: Clock = clock or SystemClock()
         self.metrics = CollectorMetrics()
         self.windows = RollingWindows(settings.bucket_s, settings.retention_s, settings.dedupe_cache_size)
-        self._publisher = ControlPublisher(settings.kafka_bootstrap, settings.publish_timeout_s)
+        self.signer = _signing_key(settings)
+        try:
+            trusted = outrider.load_public_keys(settings.control_public_keys)
+        except outrider.SigningKeyError as exc:
+            raise SpecError("<settings>", [f"control_public_keys: {exc}"]) from None
+        self.verifier = outrider.Verifier([*trusted, self.signer.public], settings.control_verify)
+        self._publisher = ControlPublisher(settings.kafka_bootstrap, settings.publish_timeout_s, self.signer)
+        self._copy = StateCopy(
+            settings.state_dir / f"{_safe(settings.group_id)}.control.json" if settings.state_dir else None
+        )
+        self._publisher.on_rollout = self._save_copy
+        self._watch = BrokerWatch(settings.kafka_bootstrap, settings.group_id, settings.publish_timeout_s)
         self.evidence = EvidenceBook()
+        self.notifier = Notifier(settings.notify, self.metrics)
         self.rollouts = RolloutManager(
-            self._publisher, self.windows, self.metrics, self.clock, self.evidence, settings.retention_s
+            self._publisher,
+            self.windows,
+            self.metrics,
+            self.clock,
+            self.evidence,
+            settings.retention_s,
+            listener=self.notifier,
         )
         book = QuotaBook(settings.quotas, settings.lease_ttl_s, settings.grant_ttl_s, self.clock)
         self.quotas = QuotaGranter(book, self._publisher, self.metrics)
-        self._admin = AdminServer(self.rollouts, settings.admin_listen)
+        self._admin = AdminServer(
+            self.rollouts,
+            settings.admin_listen,
+            AdminAuth(
+                settings.admin_tokens_file,
+                settings.admin_tls_cert,
+                settings.admin_tls_key,
+                settings.admin_tls_client_ca,
+                settings.admin_reflection,
+            ),
+        )
         self._metrics_server = (
             MetricsServer(self.metrics.registry, settings.metrics_host, settings.metrics_port)
             if settings.metrics_port is not None
             else None
         )
-        self._ingestor = Ingestor(self.windows, self.metrics, self.quotas, self.evidence)
+        self._ingestor = Ingestor(
+            self.windows, self.metrics, self.quotas, self.evidence, self.rollouts.sightings
+        )
+        self.rollouts.events_missing = lambda agent: self._ingestor.gaps.missing_by_agent.get(agent, 0)
         self._deadletter = DeadLetterWriter(
             settings.kafka_bootstrap, settings.publish_timeout_s, self.metrics
         )
@@ -119,14 +182,25 @@ class Collector:
             )
             self._consumer.restore()  # before joining: assignment seeks to the checkpoint
             history = await self._recover_while_joining(self._consumer)
+            self._merge_copy(history)
             self.rollouts.restore(history.rollouts)
             self.quotas.book.restore(history.quota_generations)
+            self._publisher.epoch = max(history.max_epoch + 1, int(time.time()))
+            self._publisher.latest.update(history.latest)
             await self._publisher.start()
             await self._deadletter.start()
+            await self.rollouts.republish()
+            try:
+                await self._watch.mark()
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("could not write the broker incarnation marker: %s", exc or type(exc).__name__)
+            await self.notifier.start()
             if self.relay is not None:
                 await self.relay.start()
             self._spawn(self._consumer.run(), "consume")
             self._spawn(self._tick_loop(), "tick")
+            self._spawn(self._republish_loop(), "republish")
+            self._spawn(self._watch_loop(), "watch")
             if self.quotas.book.resources:
                 self._spawn(self._grant_loop(), "grant")
             if self._metrics_server is not None:
@@ -142,12 +216,39 @@ class Collector:
             self.admin_address,
         )
 
+    def _rejected(self, reason: str) -> None:
+        self.metrics.control_rejected.labels(reason).inc()
+
+    def _merge_copy(self, history: ControlHistory) -> None:
+        """Take from the state copy every agent whose state there is newer than the topic's
+        (all of them on a new broker); they are republished right after."""
+        copy = self._copy.load(self.verifier, self._rejected)
+        for agent, record in copy.latest.items():
+            mine, theirs = copy.newest(agent), history.newest(agent)
+            assert mine is not None
+            if theirs is None or outrider.ordering(mine) > outrider.ordering(theirs):
+                log.warning(
+                    "%s: the control topic lacks generation %d (epoch %d); restoring it from %s",
+                    agent,
+                    mine.generation,
+                    mine.epoch,
+                    self._copy.path,
+                )
+                history.rollouts.setdefault(agent, []).append(mine)
+                history.latest[agent] = record
+        history.max_epoch = max(history.max_epoch, copy.max_epoch)
+
+    async def _save_copy(self) -> None:
+        await self._copy.save(self._publisher.latest)
+
     async def _recover_while_joining(self, consumer: EventConsumer) -> ControlHistory:
         """Read the control topic back while the consumer joins its group (that takes seconds)."""
         s = self.settings
         joining = asyncio.create_task(consumer.start())
         try:
-            return await read_control_history(s.kafka_bootstrap, s.recovery_idle_s, s.recovery_timeout_s)
+            return await read_control_history(
+                s.kafka_bootstrap, s.recovery_idle_s, s.recovery_timeout_s, self.verifier, self._rejected
+            )
         finally:
             await asyncio.wait([joining])  # settled either way before stop() may run
             if not joining.cancelled() and (error := joining.exception()) is not None:
@@ -182,6 +283,44 @@ class Collector:
             except Exception:
                 log.exception("rollout tick failed; trying again next tick")
             await asyncio.sleep(self.settings.tick_interval_s)
+
+    async def _republish_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.republish_interval_s)
+            try:
+                await self.rollouts.republish()
+            except Exception:
+                log.exception("republishing the control state failed; trying again next interval")
+
+    async def _watch_loop(self) -> None:
+        """Every `broker_check_interval_s`: is the incarnation marker still there? If not, this
+        is a new or emptied broker: re-create the topics, write the state again, read the
+        events from the start of the new log, and mark the new incarnation."""
+        while True:
+            await asyncio.sleep(self.settings.broker_check_interval_s)
+            try:
+                if await self._watch.lost():
+                    await self.recover_new_broker()
+            except (KafkaError, TimeoutError, OSError) as exc:
+                log.debug("broker check failed: %s", exc or type(exc).__name__)
+            except Exception:
+                log.exception("broker check failed")
+
+    async def recover_new_broker(self) -> None:
+        s = self.settings
+        self.metrics.new_broker.inc()
+        log.warning(
+            "kafka %s is a new or emptied broker (the incarnation marker is gone): re-creating "
+            "topics, republishing %d rollout states, consuming %s from its start",
+            s.kafka_bootstrap,
+            len(self._publisher.latest),
+            "outrider.events",
+        )
+        await ensure_topics(s.kafka_bootstrap, s.topic_partitions)
+        await self.rollouts.republish()
+        if self._consumer is not None:
+            await self._consumer.reset_positions()
+        await self._watch.mark()
 
     async def _grant_loop(self) -> None:
         """Publish grants every grant interval, at a fixed rate. The first waits one interval,
@@ -219,8 +358,11 @@ class Collector:
             return
         self._stopped = True
         await self._admin.stop()
+        await self._cancel("watch")
+        await self._cancel("republish")
         await self._cancel("grant")
         await self._cancel("tick")
+        await self.notifier.stop()  # after the loop and the admin API that decide
         if self._consumer is not None:
             self._consumer.request_stop()
             await self._settle("consume", _CONSUME_STOP_S)
@@ -244,22 +386,58 @@ class Collector:
         await self.stop()
 
 
-async def run(settings: CollectorSettings) -> int:
-    """Run a collector until SIGTERM or SIGINT, then stop it cleanly. The exit code."""
+async def run(settings: CollectorSettings, *, hard_exit: bool = False) -> int:
+    """Run a collector until SIGTERM or SIGINT, then stop it cleanly. The exit code.
+
+    A signal during start-up stops at once. The stop gets `shutdown_grace_s`: past it the
+    remaining steps are abandoned (exit code 1); with `hard_exit` (the command line), a
+    watchdog thread ends the process even if the event loop is stuck."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stopping.set)
+    collector = Collector(settings)
+    grace = settings.shutdown_grace_s
+    code = 0
+    signalled = asyncio.create_task(stopping.wait())
     try:
-        async with Collector(settings) as collector:
+        starting = asyncio.create_task(collector.start())
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("collector: signalled during start-up; stopping")
+            starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting  # a start that failed raises here
+        if not starting.cancelled():
             where = f"admin gRPC {collector.admin_address}"
             if collector.metrics_port is not None:
                 where += f", metrics http://{settings.metrics_host}:{collector.metrics_port}/metrics"
             log.info("collector listening: %s", where)
-            await stopping.wait()
-            log.info("collector stopping")
+            await signalled
+        log.info("collector stopping (grace %.1fs)", grace)
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-    return 0
+        signalled.cancel()
+        watchdog = _watchdog(grace + 1.0) if hard_exit else None
+        try:
+            await asyncio.wait_for(collector.stop(), grace)
+        except TimeoutError:
+            log.error("collector: stop did not finish within %.1fs; exiting anyway", grace)  # noqa: TRY400
+            code = 1
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+    return code
+
+
+def _watchdog(after_s: float) -> threading.Timer:
+    def expire() -> None:
+        log.critical("collector: still stopping after %.1fs; exiting", after_s)
+        os._exit(1)
+
+    timer = threading.Timer(after_s, expire)
+    timer.daemon = True
+    timer.start()
+    return timer

@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -24,6 +24,13 @@ DEFAULT_HEARTBEAT_INTERVAL_MS = 3_000
 # the standard OpenTelemetry variables, read when `otlp_endpoint` is not set
 ENV_OTLP_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+DEFAULT_REPUBLISH_INTERVAL_S = 30.0
+DEFAULT_BROKER_CHECK_INTERVAL_S = 2.0
+DEFAULT_SHUTDOWN_GRACE_S = 20.0
+# the environment variables the `outrider collector` command reads for its options
+ENV_SIGNING_KEY_FILE = "OUTRIDER_CONTROL_SIGNING_KEY_FILE"
+ENV_CONTROL_PUBLIC_KEYS = "OUTRIDER_CONTROL_PUBLIC_KEYS"
+ENV_ADMIN_TOKENS_FILE = "OUTRIDER_ADMIN_TOKENS_FILE"
 # leases and grants outlive a few grant periods, so one lost report or grant changes nothing
 TTL_GRANT_INTERVALS = 3.0
 
@@ -55,6 +62,33 @@ class QuotaSettings(BaseModel):
         if self.min_share_tpm > self.limit_tpm:
             raise ValueError("min_share_tpm: must be at most limit_tpm")
         return self
+
+
+DEFAULT_NOTIFY_TIMEOUT_S = 5.0
+
+
+class NotifySettings(BaseModel):
+    """A webhook told of every rollout state change to HOLD, NO_DATA, ROLLED_BACK, PROMOTED or
+    ABORTED (a JSON POST, Slack-compatible `text` plus structured fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(min_length=1)
+    timeout: Duration = DEFAULT_NOTIFY_TIMEOUT_S  # per attempt
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r}: expected an http:// or https:// URL")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
 
 
 class CollectorSettings(BaseModel):
@@ -91,6 +125,27 @@ class CollectorSettings(BaseModel):
     grant_interval_s: Duration = DEFAULT_GRANT_INTERVAL_S  # how often grants are published
     lease_ttl_s: Duration = TTL_GRANT_INTERVALS * DEFAULT_GRANT_INTERVAL_S  # a usage report's life
     grant_ttl_s: Duration = TTL_GRANT_INTERVALS * DEFAULT_GRANT_INTERVAL_S  # how long a grant holds
+    # signed control: the private key (PEM, `outrider keygen`) that signs what this collector
+    # writes (None: a throwaway key, warned: sidecars reject its records), the public keys its
+    # reads accept besides its own (files, directories of *.pub, `ed25519:<base64>`)
+    signing_key_file: Path | None = None
+    control_public_keys: tuple[str, ...] = ()
+    control_verify: Literal["enforce", "warn"] = "enforce"
+    # the current state of every agent is written again at start and this often
+    republish_interval_s: Duration = DEFAULT_REPUBLISH_INTERVAL_S
+    # how often the collector checks that the broker still holds its topics and marker
+    broker_check_interval_s: Duration = DEFAULT_BROKER_CHECK_INTERVAL_S
+    # the admin API: bearer tokens (a YAML file of hashed tokens) and/or mTLS (server cert and
+    # key; client certificates signed by `admin_tls_client_ca`). Without either, every admin
+    # call is refused with UNAUTHENTICATED.
+    admin_tokens_file: Path | None = None
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    admin_tls_client_ca: Path | None = None
+    admin_reflection: bool = False
+    shutdown_grace_s: Duration = DEFAULT_SHUTDOWN_GRACE_S  # SIGTERM ends the process within this
+    # webhooks told of rollout state changes (Slack incoming webhooks work as they are)
+    notify: list[NotifySettings] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -135,6 +190,9 @@ class CollectorSettings(BaseModel):
         "lease_ttl_s",
         "grant_ttl_s",
         "checkpoint_interval_s",
+        "republish_interval_s",
+        "broker_check_interval_s",
+        "shutdown_grace_s",
     )
     @classmethod
     def _positive(cls, value: float) -> float:
@@ -150,6 +208,10 @@ class CollectorSettings(BaseModel):
             raise ValueError("recovery_timeout_s: must be at least recovery_idle_s")
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms: must be at most a third of session_timeout_ms")
+        if (self.admin_tls_cert is None) != (self.admin_tls_key is None):
+            raise ValueError("admin_tls_cert: admin_tls_cert and admin_tls_key go together")
+        if self.admin_tls_client_ca is not None and self.admin_tls_cert is None:
+            raise ValueError("admin_tls_client_ca: needs admin_tls_cert and admin_tls_key")
         if self.grant_ttl_s <= self.grant_interval_s:
             raise ValueError("grant_ttl_s: must be greater than grant_interval_s (grants would lapse)")
         return self

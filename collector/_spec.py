@@ -4,6 +4,7 @@ agent: support-bot
 stable: 1a2b3c4d5e6f
 candidate: 9f8e7d6c5b4a
 sticky_by: session
+drain_timeout: 10m          # after a rollback or abort, candidate-pinned sessions end this much later
 alpha: 0.02                 # family-wise false-rollback bound over every gate, trigger and look
 steps:
   - {weight: 5, min_duration: 2m, min_samples: 200}
@@ -62,6 +63,8 @@ NO_MARGIN = frozenset({"safety_event_rate"})
 DEFAULT_ALPHA = 0.02
 DEFAULT_HOLDBACK = 5.0
 DEFAULT_LOOK_INTERVAL_S = 10.0
+# how long sessions pinned to a rolled-back or aborted candidate keep being served
+DEFAULT_DRAIN_TIMEOUT_S = 600.0
 DEFAULT_MIN_SAMPLES = 30
 DEFAULT_CRITICAL = ("secret", "pii")
 DEFAULT_CRITICAL_MIN_CALLS = 1000
@@ -193,6 +196,7 @@ class RolloutSpec(_Model):
     trigger_alpha_share: float = Field(default=0.1, ge=0, lt=1)  # of alpha, for the triggers
     holdback: float = Field(default=DEFAULT_HOLDBACK, gt=0, lt=50)  # % stable kept at weight 100
     look_interval: Duration = DEFAULT_LOOK_INTERVAL_S
+    drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT_S
     steps: list[Step] = Field(min_length=1, max_length=100)
     gates: list[Gate] = Field(default_factory=list, max_length=50)
     triggers: Triggers = Triggers()

@@ -8,34 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-import grpc
-from google.protobuf import json_format
 
-from outrider.v1 import admin_pb2, admin_pb2_grpc, control_pb2
+from devstack import _rollout_cli
 
 if TYPE_CHECKING:
     from collector._spec import RolloutSpec
     from collector.simulate import Scenario, Traffic
 
 ENV_KAFKA = "OUTRIDER_KAFKA_BOOTSTRAP"
-ENV_ADMIN = "OUTRIDER_ADMIN_ADDR"
+ENV_ADMIN = _rollout_cli.ENV_ADMIN
 ENV_LOG_LEVEL = "OUTRIDER_LOG_LEVEL"
-DEFAULT_ADMIN_ADDR = "127.0.0.1:50061"
-ADMIN_TIMEOUT_S = 10.0
-
-_PHASES = {
-    control_pb2.ROLLOUT_PHASE_RUNNING: "running",
-    control_pb2.ROLLOUT_PHASE_PROMOTED: "promoted",
-    control_pb2.ROLLOUT_PHASE_ROLLED_BACK: "rolled back",
-    control_pb2.ROLLOUT_PHASE_ABORTED: "aborted",
-}
+ENV_DEV_PORT_BASE = "OUTRIDER_DEV_PORT_BASE"
+DEFAULT_ADMIN_ADDR = _rollout_cli.DEFAULT_ADMIN_ADDR
 
 
 @click.group()
@@ -87,20 +77,58 @@ def sidecar(config_path: Path, listen: str | None, kafka: str | None, metrics_po
 @click.option("--kafka", envvar=ENV_KAFKA, help="Kafka bootstrap servers.")
 @click.option("--admin-listen", help="Admin gRPC address (default 127.0.0.1:50061).")
 @click.option("--metrics-port", type=int, help="Prometheus /metrics port (0 picks a free one).")
+@click.option(
+    "--signing-key-file",
+    envvar="OUTRIDER_CONTROL_SIGNING_KEY_FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ed25519 private key (PEM) that signs control records (`outrider keygen`).",
+)
+@click.option(
+    "--control-public-keys",
+    envvar="OUTRIDER_CONTROL_PUBLIC_KEYS",
+    help="Comma-separated extra public keys trusted on read (files, directories, ed25519:<base64>).",
+)
+@click.option(
+    "--admin-tokens-file",
+    envvar="OUTRIDER_ADMIN_TOKENS_FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML of hashed admin bearer tokens (`outrider token`).",
+)
+@click.option(
+    "--admin-reflection", is_flag=True, default=None, help="Serve gRPC reflection on the admin port."
+)
 def collector(
-    config_path: Path | None, kafka: str | None, admin_listen: str | None, metrics_port: int | None
+    config_path: Path | None,
+    kafka: str | None,
+    admin_listen: str | None,
+    metrics_port: int | None,
+    signing_key_file: Path | None,
+    control_public_keys: str | None,
+    admin_tokens_file: Path | None,
+    admin_reflection: bool | None,
 ) -> None:
     """Run the collector: rolling metrics, gates and the rollout controller."""
     import collector as collector_pkg
 
-    overrides = {"kafka_bootstrap": kafka, "admin_listen": admin_listen, "metrics_port": metrics_port}
+    overrides: dict[str, object] = {
+        "kafka_bootstrap": kafka,
+        "admin_listen": admin_listen,
+        "metrics_port": metrics_port,
+        "signing_key_file": signing_key_file,
+        "admin_tokens_file": admin_tokens_file,
+        "admin_reflection": admin_reflection,
+    }
+    if control_public_keys:
+        overrides["control_public_keys"] = tuple(
+            k.strip() for k in control_public_keys.split(",") if k.strip()
+        )
     try:
         settings = collector_pkg.load_settings(
             config_path, **{k: v for k, v in overrides.items() if v is not None}
         )
     except collector_pkg.SpecError as exc:
         raise click.ClickException(str(exc)) from exc
-    sys.exit(asyncio.run(collector_pkg.run(settings)))
+    sys.exit(asyncio.run(collector_pkg.run(settings, hard_exit=True)))
 
 
 @main.command()
@@ -143,18 +171,119 @@ def simprovider(listen: str, config_path: Path | None) -> None:
     default=Path("examples/collector.yaml"),
     show_default=True,
 )
-def dev(sidecar_config: Path, sim_config: Path, collector_config: Path) -> None:
+@click.option(
+    "--port-base",
+    type=click.IntRange(1024, 65535 - 5),
+    envvar=ENV_DEV_PORT_BASE,
+    show_envvar=True,
+    help="Every listener at base + offset: simulated provider +0, collector admin +1, sidecar +2, "
+    "sidecar metrics +3, collector metrics +4 (default: 8000, 50061, 50051, 9464, 9465).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".outrider/dev"),
+    show_default=True,
+    help="Where the run keeps the collector's checkpoints, the sidecar's spill, the session key "
+    "and the configs moved onto the ports.",
+)
+@click.option(
+    "--keep-state",
+    is_flag=True,
+    help="Keep the state of the previous run (default: start fresh; the broker is in memory anyway).",
+)
+def dev(
+    sidecar_config: Path,
+    sim_config: Path,
+    collector_config: Path,
+    port_base: int | None,
+    state_dir: Path,
+    keep_state: bool,
+) -> None:
     """Run everything on the embedded default: broker, collector, sidecar, simulated provider."""
+    from devstack._dev_state import DevPorts
     from devstack.stack import DevStack, StackError
 
     for path in (sidecar_config, sim_config, collector_config):
         if not path.is_file():
             raise click.ClickException(f"{path}: not found (run from the repository root or pass the path)")
-    stack = DevStack(sidecar_config=sidecar_config, sim_config=sim_config, collector_config=collector_config)
+    stack = DevStack(
+        sidecar_config=sidecar_config,
+        sim_config=sim_config,
+        collector_config=collector_config,
+        ports=DevPorts.from_base(port_base),
+        run_dir=state_dir,
+        keep_state=keep_state,
+    )
     try:
         sys.exit(stack.run_until_interrupted())
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Directory for <key id>.key (private, mode 0600) and <key id>.pub.",
+)
+def keygen(out_dir: Path) -> None:
+    """Write a new Ed25519 key pair for signing control records (collector: the .key;
+    sidecars and collectors: the .pub, in control.public_keys / OUTRIDER_CONTROL_PUBLIC_KEYS)."""
+    import outrider
+
+    key = outrider.SigningKey.generate()
+    private_path, public_path = key.write(out_dir)
+    click.echo(f"key id      {key.key_id}")
+    click.echo(f"private key {private_path}")
+    click.echo(f"public key  {public_path}")
+    click.echo(f"inline      {key.public_text()}")
+
+
+@main.command("init-secrets")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace files that exist.")
+def init_secrets(directory: Path, force: bool) -> None:
+    """Make what a deployment needs in DIRECTORY: control.key/.pub (signing), session-key,
+    admin-token and admin-tokens.yaml (its hash); existing files are kept unless --force."""
+    from devstack._secrets import make_secrets
+
+    files = make_secrets(directory, overwrite=force)
+    for label, path in vars(files).items():
+        click.echo(f"{label:<13} {path}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "operator"]), default="viewer", show_default=True)
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append the hashed entry to this tokens file (created if missing).",
+)
+def token(name: str, role: str, tokens_file: Path | None) -> None:
+    """Make an admin bearer token for NAME: prints the token once (give it to the caller) and
+    the hashed entry for the collector's admin_tokens_file."""
+    import secrets
+
+    import yaml
+
+    from collector._auth import token_entry
+
+    value = secrets.token_urlsafe(32)
+    entry = token_entry(name, role, value)
+    if tokens_file is not None:
+        document = yaml.safe_load(tokens_file.read_text()) if tokens_file.exists() else None
+        document = document if isinstance(document, dict) else {}
+        document.setdefault("tokens", []).append(entry)
+        tokens_file.write_text(yaml.safe_dump(document, sort_keys=False))
+        click.echo(f"added {name} ({role}) to {tokens_file}", err=True)
+    else:
+        click.echo(yaml.safe_dump({"tokens": [entry]}, sort_keys=False), err=True)
+    click.echo(value)
 
 
 @main.command()
@@ -176,62 +305,12 @@ def versions(config_path: Path) -> None:
 
 @main.group()
 def rollout() -> None:
-    """Start, watch and abort rollouts through the collector's admin API."""
+    """Start, watch, pause, resume, promote and abort rollouts through the collector's admin API;
+    plan and simulate them locally."""
 
 
-_admin_option = click.option(
-    "--admin",
-    envvar=ENV_ADMIN,
-    default=DEFAULT_ADMIN_ADDR,
-    show_default=True,
-    help="The collector's admin gRPC address.",
-)
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-
-
-@rollout.command("start")
-@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_admin_option
-@_json_option
-def rollout_start(spec: Path, admin: str, as_json: bool) -> None:
-    """Start the rollout described by SPEC (YAML)."""
-    request = admin_pb2.StartRolloutRequest(
-        spec_yaml=spec.read_text(), source_name=str(spec), requested_by=_who()
-    )
-    _print_status(
-        _admin_call(admin, lambda stub: stub.StartRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json
-    )
-
-
-@rollout.command("status")
-@click.argument("agent")
-@_admin_option
-@_json_option
-def rollout_status(agent: str, admin: str, as_json: bool) -> None:
-    """Show the rollout state, gate results and deployment record of AGENT."""
-    request = admin_pb2.GetRolloutRequest(agent=agent)
-    _print_status(_admin_call(admin, lambda stub: stub.GetRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json)
-
-
-@rollout.command("abort")
-@click.argument("agent")
-@click.option("--reason", default="aborted by operator", show_default=True)
-@_admin_option
-@_json_option
-def rollout_abort(agent: str, reason: str, admin: str, as_json: bool) -> None:
-    """Stop AGENT's rollout: new sessions go to stable at once."""
-    request = admin_pb2.AbortRolloutRequest(agent=agent, reason=reason, requested_by=_who())
-    _print_status(
-        _admin_call(admin, lambda stub: stub.AbortRollout(request, timeout=ADMIN_TIMEOUT_S)), as_json
-    )
-
-
-def _who() -> str:
-    try:
-        name = getpass.getuser()
-    except (KeyError, OSError):  # no USER variable and no passwd entry (some containers)
-        name = "unknown"
-    return f"cli:{name}"
+for _command in _rollout_cli.COMMANDS:
+    rollout.add_command(_command)
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -239,52 +318,6 @@ def _split_host_port(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise click.BadParameter(f"{address!r}: expected host:port")
     return host or "127.0.0.1", int(port)
-
-
-def _admin_call(address: str, call: object) -> admin_pb2.RolloutStatus:
-    with grpc.insecure_channel(address) as channel:
-        stub = admin_pb2_grpc.AdminStub(channel)
-        try:
-            return call(stub)  # type: ignore[operator,no-any-return]
-        except grpc.RpcError as exc:
-            code = exc.code()
-            detail = exc.details()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                detail = f"no collector admin API at {address} ({detail})"
-            raise click.ClickException(f"{code.name}: {detail}") from exc
-
-
-def _print_status(status: admin_pb2.RolloutStatus, as_json: bool) -> None:
-    if as_json:
-        click.echo(json_format.MessageToJson(status, preserving_proto_field_name=True))
-        return
-    state = status.state
-    click.echo(f"agent       {state.agent}")
-    click.echo(f"rollout     {state.rollout_id}  (generation {state.generation})")
-    click.echo(
-        f"phase       {_PHASES.get(state.phase, 'unknown')}  step {state.step_index + 1}/"
-        f"{state.step_count}  candidate weight {state.candidate_weight:.0%}"
-    )
-    click.echo(f"versions    stable {state.stable_version_id}  candidate {state.candidate_version_id}")
-    if state.reason:
-        click.echo(f"reason      {state.reason}  (by {state.decided_by})")
-    for gate in state.gate_results:
-        verdict = "pass" if gate.passed else ("FAIL" if gate.ready else "waiting")
-        click.echo(
-            f"gate        {gate.name:<12} {verdict:<8} candidate {gate.candidate_value:.4g} "
-            f"(n={gate.candidate_samples})  baseline {gate.baseline_value:.4g} "
-            f"(n={gate.baseline_samples})  limit {gate.limit:.4g}"
-        )
-    for m in status.metrics:
-        click.echo(
-            f"metrics     {m.version_id} requests {m.requests} errors {m.errors} "
-            f"error rate {m.error_rate:.2%} p95 {m.latency_p95_ms:.1f} ms"
-        )
-    for stage in status.timeline:
-        click.echo(
-            f"timeline    gen {stage.generation} step {stage.step_index + 1} "
-            f"weight {stage.candidate_weight:.0%} {_PHASES.get(stage.phase, '?')}: {stage.reason}"
-        )
 
 
 # -- local planning and simulation: no collector needed ------------------------------------------

@@ -2,12 +2,21 @@
 
 Each component runs as its own process, as in production, started by `outrider` itself
 and stopped by PID (SIGTERM, then SIGKILL after a grace period) in reverse start order.
+
+Everything a run writes lives in its state directory (`--state-dir`, default `.outrider/dev/`),
+made fresh on every run unless `--keep-state`: the collector state and the spill, the configs
+moved onto the run's ports, a session key (passed as `OUTRIDER_SESSION_KEY`), the
+control-signing key pair (the collector signs with the .key, the sidecar trusts the .pub) and
+an operator bearer token for the admin API (`admin-token`, which the `outrider rollout`
+commands read without flags from `.outrider/dev/`; its hash in `admin-tokens.yaml`).
+The admin API stays plaintext gRPC on loopback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -17,14 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import yaml
+
+from devstack._admin_client import DEV_TOKEN_FILE
+from devstack._dev_state import DEFAULT_RUN_DIR, HOST, DevPorts, prepare_run_dir, write_configs
+from devstack._secrets import make_secrets
 from devstack.broker import EmbeddedBroker, free_port
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 15.0
-SIM_ADDR = ("127.0.0.1", 8000)  # the example sidecar config points its provider here
-ADMIN_PORT = 50061
+ENV_SESSION_KEY = "OUTRIDER_SESSION_KEY"
 
 
 class StackError(RuntimeError):
@@ -54,71 +67,95 @@ class DevStack:
     sidecar_config: Path
     sim_config: Path
     collector_config: Path
-    sidecar_listen: str = "127.0.0.1:50051"
-    sidecar_metrics_port: int = 9464
-    collector_metrics_port: int = 9465
+    ports: DevPorts = field(default_factory=lambda: DevPorts.from_base(None))
+    run_dir: Path = DEFAULT_RUN_DIR
+    keep_state: bool = False
+    token_file: Path = DEV_TOKEN_FILE
     _broker: EmbeddedBroker | None = None
+    _env: dict[str, str] = field(default_factory=dict)
+    _signing_key: Path | None = None
+    _tokens_file: Path | None = None
     _children: list[_Child] = field(default_factory=list)
     _stopping: bool = False
 
     def start(self) -> None:
-        for host, port, what in (
-            (*SIM_ADDR, "simulated provider"),
-            ("127.0.0.1", ADMIN_PORT, "collector"),
-            ("127.0.0.1", self.sidecar_metrics_port, "sidecar metrics"),
+        ports = self.ports
+        for port, what in (
+            (ports.simprovider, "simulated provider"),
+            (ports.admin, "collector"),
+            (ports.collector_metrics, "collector metrics"),
+            (ports.sidecar, "sidecar"),
+            (ports.sidecar_metrics, "sidecar metrics"),
         ):
-            if _port_accepts(host, port):
+            if _port_accepts(HOST, port):
                 raise StackError(
-                    f"{host}:{port} is already in use; the {what} needs it (another `outrider dev`?)"
+                    f"{HOST}:{port} is already in use; the {what} needs it (another `outrider dev`? "
+                    f"move every port with --port-base or OUTRIDER_DEV_PORT_BASE)"
                 )
+        try:
+            session_key = prepare_run_dir(self.run_dir, self.keep_state)
+            sidecar_config, collector_config = write_configs(
+                self.run_dir, ports, self.sidecar_config, self.collector_config
+            )
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise StackError(f"could not prepare {self.run_dir}: {exc}") from exc
+        self._make_secrets()
+        assert self._signing_key is not None and self._tokens_file is not None
         self._broker = EmbeddedBroker(port=free_port())
         self._broker.start()
         kafka = self._broker.bootstrap_servers
         self._spawn(
             "simprovider",
-            f"http://{SIM_ADDR[0]}:{SIM_ADDR[1]}/v1",
+            f"{ports.sim_url}/v1",
             "simprovider",
             "--listen",
-            f"{SIM_ADDR[0]}:{SIM_ADDR[1]}",
+            f"{HOST}:{ports.simprovider}",
             "--config",
             str(self.sim_config),
         )
-        self._wait_port("simprovider", *SIM_ADDR)
+        self._wait_port("simprovider", HOST, ports.simprovider)
         self._spawn(
             "collector",
-            f"admin gRPC 127.0.0.1:{ADMIN_PORT}, metrics "
-            f"http://127.0.0.1:{self.collector_metrics_port}/metrics",
+            f"admin gRPC {HOST}:{ports.admin}, metrics http://{HOST}:{ports.collector_metrics}/metrics",
             "collector",
             "--config",
-            str(self.collector_config),
+            str(collector_config),
             "--kafka",
             kafka,
-            "--admin-listen",
-            f"127.0.0.1:{ADMIN_PORT}",
-            "--metrics-port",
-            str(self.collector_metrics_port),
+            "--signing-key-file",
+            str(self._signing_key),
+            "--admin-tokens-file",
+            str(self._tokens_file),
         )
-        self._wait_port("collector", "127.0.0.1", ADMIN_PORT)
+        self._wait_port("collector", HOST, ports.admin)
+        # one key per run (kept with --keep-state) unless the caller brings its own
+        env = {ENV_SESSION_KEY: session_key} if not os.environ.get(ENV_SESSION_KEY) else {}
         self._spawn(
             "sidecar",
-            f"gRPC {self.sidecar_listen}, metrics http://127.0.0.1:{self.sidecar_metrics_port}/metrics",
+            f"gRPC {HOST}:{ports.sidecar}, metrics http://{HOST}:{ports.sidecar_metrics}/metrics",
             "sidecar",
             "--config",
-            str(self.sidecar_config),
+            str(sidecar_config),
             "--kafka",
             kafka,
-            "--listen",
-            self.sidecar_listen,
-            "--metrics-port",
-            str(self.sidecar_metrics_port),
+            env=env,
         )
-        host, _, sidecar_port = self.sidecar_listen.rpartition(":")
-        self._wait_port("sidecar", host, int(sidecar_port))
+        self._wait_port("sidecar", HOST, ports.sidecar)
+
+    def _make_secrets(self) -> None:
+        """A signing key pair and an operator token, fresh each run unless --keep-state (a kept
+        collector state was signed with the kept key). The session key comes with the run dir."""
+        files = make_secrets(self.run_dir, overwrite=not self.keep_state, token_name="dev")
+        self.token_file = files.admin_token
+        self._signing_key, self._tokens_file = files.signing_key, files.admin_tokens
+        self._env = {"OUTRIDER_CONTROL_PUBLIC_KEYS": str(files.public_key)}
 
     def describe(self) -> str:
         assert self._broker is not None
         lines = [f"  {'kafka (embedded)':<18} {self._broker.bootstrap_servers}  pid {self._broker.pid}"]
         lines += [f"  {c.name:<18} {c.where}  pid {c.proc.pid}" for c in self._children]
+        lines.append(f"  {'admin token':<18} {self.token_file} (operator; the CLI reads it without flags)")
+        lines.append(f"  {'signing keys':<18} {self.run_dir}/control.key, control.pub")
         return "\n".join(lines)
 
     def stop(self) -> None:
@@ -152,7 +189,11 @@ class DevStack:
         try:
             self.start()
             print(
-                f"outrider dev is up:\n{self.describe()}\n\n"
+                f"outrider dev is up (state in {self.run_dir}{', kept' if self.keep_state else ', fresh'}):\n"
+                f"{self.describe()}\n\n"
+                f"Clients: export OUTRIDER_ADMIN_ADDR={HOST}:{self.ports.admin} "
+                f"OUTRIDER_SIDECAR_ADDR={HOST}:{self.ports.sidecar} "
+                f"OUTRIDER_ADMIN_TOKEN_FILE={self.token_file}\n"
                 f"Try: outrider rollout start examples/rollout.yaml  (Ctrl-C stops everything)",
                 flush=True,
             )
@@ -168,9 +209,14 @@ class DevStack:
                 signal.signal(s, handler)
             print("outrider dev stopped.", flush=True)
 
-    def _spawn(self, name: str, where: str, *args: str) -> None:
+    def _spawn(self, name: str, where: str, *args: str, env: dict[str, str] | None = None) -> None:
         # A new session: the terminal's Ctrl-C reaches only us, and we stop children in order.
-        proc = subprocess.Popen(outrider_command(*args), stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            outrider_command(*args),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **self._env, **(env or {})},
+        )
         self._children.append(_Child(name, proc, where))
 
     def _wait_port(self, name: str, host: str, port: int) -> None:

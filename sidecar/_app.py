@@ -20,10 +20,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
+import outrider
 from outrider.clock import Clock, SystemClock
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._config import SidecarConfig
 from sidecar._control import ControlTailer
+from sidecar._drain import DrainTracker
 from sidecar._global_quota import GlobalQuotas
 from sidecar._metrics import MetricsServer, SidecarMetrics
 from sidecar._policies import Safety, UserQuotas
@@ -85,7 +87,16 @@ class Sidecar:
         self.metrics = SidecarMetrics()
         self.versions = build_versions(config)
         self.router = Router(config.agent, config.stable_version_id, self.versions.keys())
-        self.codec = SessionCodec(config.session_key(), self._clock, config.session_ttl)
+        if not config.has_session_key:
+            log.warning(
+                "sidecar: no session key (%s is not set): a random one is used, so sessions will "
+                "not survive a restart or be honoured by other replicas of %s",
+                config.session_key_env or "session_key_env",
+                config.agent,
+            )
+        self.codec = SessionCodec(
+            config.session_key(), self._clock, config.session_ttl, config.max_session_duration
+        )
         client_id = f"outrider-sidecar-{self.sidecar_id}"
         self.telemetry = TelemetryProducer(
             config.kafka.bootstrap_servers,
@@ -97,6 +108,14 @@ class Sidecar:
             spill_fsync=config.telemetry.spill_fsync,
             enabled=config.telemetry.enabled,
         )
+        self.drain = DrainTracker(
+            self.router,
+            agent=config.agent,
+            sidecar_id=self.sidecar_id,
+            clock=self._clock,
+            metrics=self.metrics,
+            telemetry=self.telemetry,
+        )
         self.global_quotas = GlobalQuotas(
             config.global_quotas,
             sidecar_id=self.sidecar_id,
@@ -106,13 +125,20 @@ class Sidecar:
             telemetry=self.telemetry,
             report_interval_s=config.usage_report_interval,
         )
+        try:
+            verifier = config.control.verifier()
+        except outrider.SigningKeyError as exc:
+            raise SidecarError(f"control.public_keys: {exc}") from None
         self.control = ControlTailer(
             config.kafka.bootstrap_servers,
             self.router,
             self.metrics,
+            verifier=verifier,
             client_id=client_id,
             quotas=self.global_quotas,
+            state_path=config.control.state_path(config.telemetry.spill_path(config.agent), config.agent),
         )
+        self._ready_task: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._metrics_server: MetricsServer | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -175,6 +201,7 @@ class Sidecar:
             sidecar_id=self.sidecar_id,
             max_request_bytes=config.max_request_bytes,
             tracing=tracing,
+            drain=self.drain,
         )
         server = grpc.aio.server(
             options=[
@@ -204,13 +231,32 @@ class Sidecar:
             if port == 0:
                 raise SidecarError(f"listen: cannot bind {listen}")
             self.address = f"{listen.rpartition(':')[0]}:{port}"
+        await self.control.start()  # the persisted control state is in place before the first call
         await server.start()
         await self.telemetry.start()
-        await self.control.start()
+        await self.drain.start()
         await self.global_quotas.start()
         if config.metrics_port is not None:
             self._metrics_server = MetricsServer(self.metrics, str(config.metrics_host), config.metrics_port)
             await self._metrics_server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._ready_task = asyncio.create_task(self._serving_when_ready(), name="outrider-sidecar-ready")
+
+    async def _serving_when_ready(self) -> None:
+        """Health goes SERVING once a control state is known, or after `control.ready_timeout`
+        (warned and counted). Calls are served meanwhile: this gates health only."""
+        timeout = self.config.control.ready_timeout
+        try:
+            await asyncio.wait_for(self.control.ready.wait(), timeout)
+        except TimeoutError:
+            self.metrics.control_wait_expired.inc()
+            log.warning(
+                "sidecar: no control state after %.1fs (Kafka unreachable and nothing persisted?); "
+                "reporting SERVING with the configured stable %s until one arrives",
+                timeout,
+                self.config.stable,
+            )
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -256,10 +302,16 @@ class Sidecar:
             await self._stop(self.config.shutdown_grace if grace is None else grace)
 
     async def _stop(self, grace: float) -> None:
+        ready, self._ready_task = self._ready_task, None
+        if ready is not None:
+            ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ready
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
         await self._stop_tracing()
+        await self.drain.stop()
         await self.control.stop()
         await self.global_quotas.stop()
         await self.telemetry.stop(TELEMETRY_FLUSH_TIMEOUT_S)

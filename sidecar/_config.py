@@ -36,6 +36,10 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar._aliases import alias_version
+from sidecar._config_format import format_validation_error
+from sidecar._control_config import ControlConfig
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9464
 #: /metrics binds loopback by default; a pod or compose service scraped from outside sets 0.0.0.0
@@ -47,6 +51,12 @@ DEFAULT_SPILL_DIR = ".outrider/spill/{agent}"
 DEFAULT_SPILL_MAX_BYTES = 256 * 1024 * 1024
 MIN_SPILL_MAX_BYTES = 64 * 1024
 DEFAULT_SESSION_TTL_S = 3600.0
+# the cap on a session's life from when it was issued, enforced by every replica on every token
+# (the token's own expiry is min(session_ttl, max_session_duration)); at most a day, because the
+# collector lists a retired version for a day past its drain deadline and a drained session must
+# not outlive that listing
+DEFAULT_MAX_SESSION_DURATION_S = 3600.0
+MAX_SESSION_DURATION_LIMIT_S = 86_400.0
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
@@ -56,6 +66,8 @@ DEFAULT_STREAM_IDLE_TIMEOUT_S = 10.0
 DEFAULT_USAGE_REPORT_INTERVAL_S = 5.0
 #: The environment variable holding the HMAC key for session tokens (shared by replicas).
 DEFAULT_SESSION_KEY_ENV = "OUTRIDER_SESSION_KEY"
+# a file holding the session key (a mounted Secret), read when the variable above is unset
+ENV_SESSION_KEY_FILE = "OUTRIDER_SESSION_KEY_FILE"
 VERSION_ID_LENGTH = 12
 
 # request fields the sidecar sets itself; a version's `parameters` may not override them
@@ -339,6 +351,7 @@ class SidecarConfig(_Frozen):
     telemetry_queue_size: int = Field(default=DEFAULT_TELEMETRY_QUEUE_SIZE, ge=1)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     session_ttl: Duration = DEFAULT_SESSION_TTL_S
+    max_session_duration: Duration = DEFAULT_MAX_SESSION_DURATION_S
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1024)
     shutdown_grace: Duration = DEFAULT_SHUTDOWN_GRACE_S
     session_key_env: str | None = DEFAULT_SESSION_KEY_ENV
@@ -348,6 +361,8 @@ class SidecarConfig(_Frozen):
     tenant_quotas: QuotaLimits | None = None
     global_quotas: dict[str, GlobalQuotaConfig] = Field(default_factory=dict)
     usage_report_interval: Duration = DEFAULT_USAGE_REPORT_INTERVAL_S
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    upstream_aliases: dict[str, str] = Field(default_factory=dict)  # see sidecar._aliases
 
     _version_ids: dict[str, str] = PrivateAttr(default_factory=dict)
     _api_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
@@ -359,7 +374,15 @@ class SidecarConfig(_Frozen):
             raise ValueError(
                 f"stable: {self.stable!r} is not one of the versions ({', '.join(self.versions)})"
             )
+        if not 0 < self.max_session_duration <= MAX_SESSION_DURATION_LIMIT_S:
+            raise ValueError(
+                f"max_session_duration: must be more than 0 and at most "
+                f"{MAX_SESSION_DURATION_LIMIT_S:g}s (a day); got {self.max_session_duration:g}s"
+            )
         self._version_ids = {label: version.version_id() for label, version in self.versions.items()}
+        if self.upstream_aliases:  # after the ids: an alias is where we call, not what the version is
+            moved = {label: alias_version(v, self.upstream_aliases) for label, v in self.versions.items()}
+            object.__setattr__(self, "versions", moved)
         return self
 
     def version_ids(self) -> dict[str, str]:
@@ -373,6 +396,10 @@ class SidecarConfig(_Frozen):
     def api_key(self, label: str) -> SecretStr | None:
         """The provider API key of version `label`, if it has one (read by `load_secrets`)."""
         return self._api_keys.get(label)
+
+    @property
+    def has_session_key(self) -> bool:
+        return self._session_key is not None
 
     def session_key(self) -> bytes:
         """The HMAC key for session tokens; random per process when none is configured."""
@@ -412,6 +439,16 @@ class SidecarConfig(_Frozen):
         self._api_keys = keys
         if self.session_key_env and env.get(self.session_key_env):
             self._session_key = SecretStr(env[self.session_key_env])
+        elif key_file := env.get(ENV_SESSION_KEY_FILE):
+            try:
+                value = Path(key_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{source}: {ENV_SESSION_KEY_FILE}: cannot read {key_file}: {exc.strerror}"
+                ) from None
+            if not value:
+                raise ConfigError(f"{source}: {ENV_SESSION_KEY_FILE}: {key_file} is empty")
+            self._session_key = SecretStr(value)
         return self
 
     def with_overrides(
@@ -443,24 +480,6 @@ class SidecarConfig(_Frozen):
 def fallback_key(label: str, tier: int) -> str:
     """The `api_key` name of a version's fallback tier (1-based, as in "fallback-1")."""
     return f"{label}#fallback-{tier}"
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
-
-
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors(include_url=False, include_input=False):
-        message = str(error["msg"]).removeprefix("Value error, ")
-        path = _field_path(tuple(error["loc"]))
-        if message.startswith(("[", ".")) and path:  # a container validator pointing into its items
-            path, message = path + message.split(":", 1)[0], message.split(":", 1)[1].strip()
-        lines.append(f"{source}: {path}: {message}" if path else f"{source}: {message}")
-    return "\n".join(lines)
 
 
 def parse_config(data: object, *, source: str = "config") -> SidecarConfig:

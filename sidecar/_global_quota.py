@@ -62,6 +62,7 @@ class GlobalQuotas:
         report_interval_s: float,
     ) -> None:
         self.sidecar_id = sidecar_id
+        self._epochs: dict[str, int] = {}  # the writer epoch of the last grant, by resource
         self._agent = agent
         self._clock = clock
         self._metrics = metrics
@@ -130,7 +131,22 @@ class GlobalQuotas:
         tpm = grant.grants_tpm[self.sidecar_id]
         if not math.isfinite(tpm) or tpm < 0:
             return False
-        applied = quota.apply_grant(tpm, issued_at=issued_at, generation=grant.generation)
+        # ordered by the writer's epoch first: a restarted collector (on a new broker, say)
+        # numbers its grants afresh, a stale one cannot win with a higher generation
+        epoch = self._epochs.get(grant.resource, 0)
+        if grant.epoch < epoch:
+            return False
+        if grant.epoch > epoch:
+            quota.new_writer()
+            self._epochs[grant.resource] = grant.epoch
+        granted = sum(v for v in grant.grants_tpm.values() if math.isfinite(v) and v > 0)
+        applied = quota.apply_grant(
+            tpm,
+            issued_at=issued_at,
+            generation=grant.generation,
+            limit_tpm=grant.limit_tpm if math.isfinite(grant.limit_tpm) and grant.limit_tpm > 0 else None,
+            granted_tpm=max(granted, tpm),
+        )
         if applied:
             self._metrics.global_quota_tpm.labels(grant.resource).set(tpm)
             log.debug("quota: %s grant %.0f tpm (generation %d)", grant.resource, tpm, grant.generation)

@@ -113,6 +113,28 @@ class SidecarMetrics:
             "Records on the control topic that could not be decoded",
             registry=r,
         )
+        self.control_rejected = Counter(
+            "outrider_control_rejected",
+            "Control records dropped: unsigned, bad_signature, unknown_key, stale (a replay), "
+            "bad_key, undecodable",
+            ["reason"],
+            registry=r,
+        )
+        self.control_unsigned_applied = Counter(
+            "outrider_control_unsigned_applied",
+            "Unsigned control records applied because verify is `warn`",
+            registry=r,
+        )
+        self.control_ready = Gauge(
+            "outrider_sidecar_control_ready",
+            "1 once a control state is known (persisted or replayed from the topic)",
+            registry=r,
+        )
+        self.control_wait_expired = Counter(
+            "outrider_sidecar_control_wait_expired",
+            "Times health went SERVING after control.ready_timeout without a control state",
+            registry=r,
+        )
         self.rollout_unknown_version = Counter(
             "outrider_sidecar_rollout_unknown_version",
             "Rollout states naming a version this sidecar lacks",
@@ -120,6 +142,19 @@ class SidecarMetrics:
             registry=r,
         )
 
+        self.sessions_draining = Gauge(
+            "outrider_sidecar_sessions_draining",
+            "Sessions on a retired (rolled-back or aborted) version still within its drain timeout, "
+            "active in the last few minutes",
+            ["version"],
+            registry=r,
+        )
+        self.sessions_refused = Counter(
+            "outrider_sidecar_sessions_refused",
+            "Calls refused with FAILED_PRECONDITION, by ErrorInfo reason (SESSION_DRAINED, SESSION_EXPIRED)",
+            ["reason"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "outrider_sidecar_breaker_state",
             "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",

@@ -12,10 +12,14 @@ which puts the bucket in debt, so big calls are slowed, never starved.
 
 - REFUSE (with ``retry_after_s``): a priority call the bucket cannot cover now.
 - QUEUE (with a ``retry_after_s`` hint): a non-priority call that the bucket cannot cover,
-  or that would lift *utilisation* above ``priority_threshold``. Utilisation is the tokens
-  admitted (as reconciled) over the last ``window_s`` seconds, per minute, divided by the
-  current grant: non-priority work may fill 80 % of the local share, the rest is kept for
-  priority work. The async layer holds queued calls in a ``BoundedWaitQueue`` and asks
+  or that would lift *utilisation* above ``priority_threshold``. Utilisation is of the
+  *global* limit: the tokens this sidecar admitted (as reconciled) over the last
+  ``window_s`` seconds, per minute, over its part of the grant's ``limit_tpm`` (the limit
+  times its grant over all the grants the record hands out). Summed over sidecars,
+  non-priority work stays within 80 % of the global limit, the rest is kept for priority
+  work; a lone sidecar far below the limit uses its whole grant. On the safe share (no
+  fresh grant, so no global view) it is the use of the local share.
+  The async layer holds queued calls in a ``BoundedWaitQueue`` and asks
   again with ``requeued=True``; a full queue or a timeout becomes a refusal.
 - ADMIT otherwise; settle later with ``reconcile(reserved, actual)``.
 
@@ -123,6 +127,7 @@ class GlobalQuota:
         self._bucket = TokenBucket(*self._shape(self._tpm), self._clock)
         self._expires_at: float | None = None  # of the grant in force; None: on the safe share
         self._generation: int | None = None
+        self._global: tuple[float, float] | None = None  # (limit, all grants), tpm, of the grant
         self._used = _RollingSum(window_s)
         self._unmet = _RollingSum(window_s)
 
@@ -137,12 +142,30 @@ class GlobalQuota:
         self._refresh(self._clock.now())
         return self._expires_at is not None
 
+    def new_writer(self) -> None:
+        """A grant from a newer writer epoch follows: its generations start afresh."""
+        self._generation = None
+
     def apply_grant(
-        self, tpm: float, *, issued_at: float | None = None, generation: int | None = None
+        self,
+        tpm: float,
+        *,
+        issued_at: float | None = None,
+        generation: int | None = None,
+        limit_tpm: float | None = None,
+        granted_tpm: float | None = None,
     ) -> bool:
-        """Adopt a grant from the collector; False (ignored) if stale or out of order."""
+        """Adopt a grant from the collector; False (ignored) if stale or out of order.
+
+        ``limit_tpm`` (the global limit) and ``granted_tpm`` (every sidecar's grant, ours
+        included; default ours) make the priority threshold a share of the global limit,
+        see the module docstring."""
         if not (math.isfinite(tpm) and tpm >= 0):
             raise ValueError("tpm must be a finite number >= 0")
+        if limit_tpm is not None and not (math.isfinite(limit_tpm) and limit_tpm > 0):
+            raise ValueError("limit_tpm must be a finite number > 0")
+        if granted_tpm is not None and not (math.isfinite(granted_tpm) and granted_tpm >= tpm):
+            raise ValueError("granted_tpm must be a finite number >= tpm")
         now = self._clock.now()
         if generation is not None and self._generation is not None and generation < self._generation:
             return False
@@ -152,6 +175,8 @@ class GlobalQuota:
         if generation is not None:
             self._generation = generation
         self._expires_at = expires_at
+        total = float(tpm if granted_tpm is None else granted_tpm)
+        self._global = None if limit_tpm is None else (float(limit_tpm), total)
         self._set_tpm(float(tpm))
         return True
 
@@ -170,7 +195,7 @@ class GlobalQuota:
         util = self._utilisation(used)
         need = min(estimated_tokens, self._bucket.capacity)
         wait = self._bucket.time_until(need) if self._bucket.capacity > 0 else math.inf
-        non_priority_room = self.priority_threshold * self._tpm * self._window_s / PER_MINUTE
+        non_priority_room = self._non_priority_room()
         if wait == 0 and (priority or used + estimated_tokens <= non_priority_room):
             self._bucket.force_take(estimated_tokens)
             self._used.add(now, estimated_tokens)
@@ -204,8 +229,19 @@ class GlobalQuota:
         used = self._used.total(now) * scale
         return used, used + self._unmet.total(now) * scale
 
+    def _non_priority_room(self) -> float:
+        """Tokens non-priority work may have used over the window (the bucket bounds the rest)."""
+        return self.priority_threshold * self._part_tpm() * self._window_s / PER_MINUTE
+
+    def _part_tpm(self) -> float:
+        """The global limit's part that is ours (our grant's share of all grants), else our share."""
+        if self._global is None:
+            return self._tpm
+        limit, total = self._global
+        return limit if total <= 0 else limit * self._tpm / total
+
     def _utilisation(self, used_in_window: float) -> float:
-        share = self._tpm * self._window_s / PER_MINUTE
+        share = self._part_tpm() * self._window_s / PER_MINUTE
         if share <= 0:
             return 0.0 if used_in_window <= 0 else math.inf
         return used_in_window / share
@@ -213,6 +249,7 @@ class GlobalQuota:
     def _refresh(self, now: float) -> None:
         if self._expires_at is not None and now >= self._expires_at:
             self._expires_at = None
+            self._global = None
             self._set_tpm(self.safe_share_tpm)
 
     def _set_tpm(self, tpm: float) -> None:

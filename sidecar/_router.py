@@ -11,6 +11,10 @@ Pure and synchronous: the control tailer feeds `apply`, OpenSession calls `assig
 
 The sticky key is the session nonce, the user id or the tenant id per `sticky_by`, falling
 back to the session nonce when that id is empty.
+
+Existing sessions: the newest state's `retired` list names versions that a rollback or abort
+took out of service. A session pinned to one (by that rollout) is served until its drain
+deadline and `drained` after it, on every replica, whatever its token says.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from outrider.v1 import common_pb2, control_pb2
+from sidecar._session import Session
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +90,39 @@ class Router:
     def state(self) -> control_pb2.RolloutState | None:
         return self._state
 
+    @property
+    def ordering(self) -> tuple[int, int]:
+        """(epoch, generation) of the state in hand; (0, 0) without one."""
+        return (self._state.epoch, self._state.generation) if self._state is not None else (0, 0)
+
+    def is_newer(self, state: control_pb2.RolloutState) -> bool:
+        return (state.epoch, state.generation) > self.ordering
+
+    @property
+    def retired(self) -> Sequence[control_pb2.RetiredVersion]:
+        """The newest state's retired versions (empty without a state)."""
+        return self._state.retired if self._state is not None else ()
+
+    def retirement_of(self, session: Session) -> control_pb2.RetiredVersion | None:
+        """The retired entry `session` is pinned to, if any.
+
+        An entry names the rollout that retired it: a later rollout of the same candidate pins
+        sessions that are not drained (an entry without a rollout id matches the version alone).
+        """
+        for entry in self.retired:
+            if entry.version_id == session.version_id and entry.rollout_id in ("", session.rollout_id):
+                return entry
+        return None
+
+    def drained(self, session: Session, now: float) -> bool:
+        """Whether `session`'s version was retired and its drain deadline has passed at `now`."""
+        entry = self.retirement_of(session)
+        return entry is not None and round(now * 1e9) >= entry.drain_deadline_unix_nano
+
     def apply(self, state: control_pb2.RolloutState) -> bool:
-        """Take `state` if it is for this agent and strictly newer; return whether it was taken."""
-        if state.agent != self.agent or state.generation <= self.generation:
+        """Take `state` if it is for this agent and strictly newer by (epoch, generation);
+        return whether it was taken."""
+        if state.agent != self.agent or not self.is_newer(state):
             self.ignored_states += 1
             return False
         self._state = state

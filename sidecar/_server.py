@@ -8,6 +8,10 @@ field), calls the upstream and maps `UpstreamError` to a status:
     other, retriable               -> UNAVAILABLE
     other, not retriable           -> INTERNAL
 
+Sessions that are expired or drained (their version retired by a rollback or abort, past
+its drain deadline: see sidecar._drain) get FAILED_PRECONDITION with an ErrorInfo reason,
+SESSION_EXPIRED or SESSION_DRAINED. Feedback still counts on them: it is late evidence.
+
 Every Chat, ChatStream, CallTool and Feedback that gets past validation emits exactly one
 Event, whatever its outcome (a cancelled call too). Requests refused by validation never
 reached a version and emit none.
@@ -28,8 +32,10 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from outrider import SESSION_DRAINED, SESSION_EXPIRED
 from outrider.clock import Clock
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2, sidecar_pb2_grpc
+from sidecar._drain import DrainTracker, drained_status, precondition_status
 from sidecar._exceptions import UpstreamError
 from sidecar._guards import Hit, StreamRedactor
 from sidecar._metrics import SidecarMetrics
@@ -51,10 +57,11 @@ _FEEDBACK_KINDS = frozenset(v for v in sidecar_pb2.FeedbackKind.values() if v !=
 class _Aborted(Exception):
     """Internal: carry a status from a helper to the handler."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, status: grpc.Status | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status  # a rich status (ErrorInfo) to abort with instead of code + message
 
 
 def _fail(code: grpc.StatusCode, message: str) -> NoReturn:
@@ -140,8 +147,10 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         sidecar_id: str,
         max_request_bytes: int,
         tracing: Tracing | None = None,
+        drain: DrainTracker | None = None,
     ) -> None:
         self._agent = agent
+        self._drain = drain
         self._tracing = tracing if tracing is not None else Tracing(None)
         self._versions = versions
         self._router = router
@@ -164,10 +173,17 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             session = self._codec.decode(token, allow_expired=allow_expired)
         except UnknownSession:
             raise _Aborted(grpc.StatusCode.NOT_FOUND, "session_id: unknown session") from None
-        except SessionExpired:
+        except SessionExpired as exc:
+            self._metrics.sessions_refused.labels(SESSION_EXPIRED).inc()
+            message = f"session_id: {exc}"
             raise _Aborted(
-                grpc.StatusCode.FAILED_PRECONDITION, "session_id: session expired; open a new one"
+                grpc.StatusCode.FAILED_PRECONDITION, message, precondition_status(SESSION_EXPIRED, message)
             ) from None
+        # Feedback (allow_expired) is late evidence about the version: drained sessions still send it
+        if not allow_expired and self._drain is not None and (retired := self._drain.check(session)):
+            self._metrics.sessions_refused.labels(SESSION_DRAINED).inc()
+            status = drained_status(retired)
+            raise _Aborted(status.code, status.details, status)
         version = self._versions.get(session.version_id)
         if version is None:
             _fail(
@@ -589,7 +605,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 _fail(grpc.StatusCode.INVALID_ARGUMENT, "arguments_json: must be a JSON object")
             deadline = self._deadline(context, version)
         except _Aborted as exc:
-            await context.abort(exc.code, exc.message)
+            await _abort(context, exc)
         start = time.perf_counter()
         event = self._event(session)
         record = event.tool
@@ -656,7 +672,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             if request.kind == sidecar_pb2.FEEDBACK_KIND_SCORE and not 0.0 <= request.score <= 1.0:
                 _fail(grpc.StatusCode.INVALID_ARGUMENT, f"score: must be in [0, 1], got {request.score}")
         except _Aborted as exc:
-            await context.abort(exc.code, exc.message)
+            await _abort(context, exc)
         event = self._event(session)
         event.feedback.kind = request.kind
         event.feedback.score = request.score
@@ -681,5 +697,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: _Aborted) -> NoReturn:
+    if exc.status is not None:
+        await context.abort_with_status(exc.status)  # type: ignore[attr-defined]
     await context.abort(exc.code, exc.message)
     raise AssertionError("unreachable")  # context.abort raises

@@ -3,7 +3,12 @@
 A token is ``base64url(compact JSON) + "." + base64url(truncated HMAC-SHA256)`` over the
 payload with the session key. Any replica that shares the key can verify it and honour the
 pin without shared state. The JSON holds the session nonce (what events call the session),
-the pinned version id, the role, the rollout id, the expiry and the user and tenant.
+the pinned version id, the role, the rollout id, the expiry, the user and tenant, and when it
+was issued.
+
+A session lasts until its expiry (`session_ttl` after it was issued) and never longer than
+the verifying replica's `max_age_s` (`max_session_duration`) after it was issued: a replica
+with a shorter cap enforces it on tokens another replica issued.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Session:
     expires_at: float  # Unix seconds
     user_id: str = ""
     tenant_id: str = ""
+    issued_at: float = 0.0  # Unix seconds; 0 for tokens from before it was recorded
 
 
 def _b64(data: bytes) -> str:
@@ -60,14 +66,17 @@ def new_nonce() -> str:
 class SessionCodec:
     """Issues and verifies session tokens with one HMAC key and a clock."""
 
-    def __init__(self, key: bytes, clock: Clock, ttl_s: float) -> None:
+    def __init__(self, key: bytes, clock: Clock, ttl_s: float, max_age_s: float | None = None) -> None:
         if not key:
             raise ValueError("session key must not be empty")
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
+        if max_age_s is not None and max_age_s <= 0:
+            raise ValueError("max_age_s must be positive")
         self._key = key
         self._clock = clock
         self.ttl_s = ttl_s
+        self.max_age_s = max_age_s
 
     def __repr__(self) -> str:
         return f"SessionCodec(ttl_s={self.ttl_s})"  # never the key
@@ -86,8 +95,13 @@ class SessionCodec:
         tenant_id: str = "",
     ) -> tuple[str, Session]:
         """A new token and the session it encodes, expiring ttl_s from now."""
-        expires_ms = int((self._clock.now() + self.ttl_s) * 1000)
-        session = Session(nonce, version_id, role, rollout_id, expires_ms / 1000, user_id, tenant_id)
+        now = self._clock.now()
+        lifetime = self.ttl_s if self.max_age_s is None else min(self.ttl_s, self.max_age_s)
+        expires_ms = int((now + lifetime) * 1000)
+        issued_ms = int(now * 1000)
+        session = Session(
+            nonce, version_id, role, rollout_id, expires_ms / 1000, user_id, tenant_id, issued_ms / 1000
+        )
         return self.encode(session), session
 
     def encode(self, session: Session) -> str:
@@ -100,6 +114,7 @@ class SessionCodec:
                 "e": round(session.expires_at * 1000),
                 "u": session.user_id,
                 "t": session.tenant_id,
+                "i": round(session.issued_at * 1000),
             },
             separators=(",", ":"),
         ).encode()
@@ -127,9 +142,14 @@ class SessionCodec:
                 expires_at=int(data["e"]) / 1000,
                 user_id=str(data.get("u", "")),
                 tenant_id=str(data.get("t", "")),
+                issued_at=int(data.get("i", 0)) / 1000,
             )
         except (ValueError, KeyError, TypeError):
             raise UnknownSession("unknown session") from None
-        if not allow_expired and self._clock.now() >= session.expires_at:
-            raise SessionExpired("session expired; open a new one")
+        if not allow_expired:
+            now = self._clock.now()
+            if now >= session.expires_at:
+                raise SessionExpired("session expired; open a new one")
+            if self.max_age_s is not None and session.issued_at and now >= session.issued_at + self.max_age_s:
+                raise SessionExpired("session reached max_session_duration; open a new one")
         return session

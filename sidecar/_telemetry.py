@@ -147,6 +147,7 @@ class TelemetryProducer:
         self._inflight: list[SpillRecord] = []  # taken off the queue, not yet sent or spilled
         self._missing_topics: set[str] = set()  # topics Kafka has no partitions for
         self._topics_checked_at = 0.0  # monotonic
+        self._sequence = 0  # the last Event.sequence handed out
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._unlogged_drops = 0
@@ -183,7 +184,11 @@ class TelemetryProducer:
         return self._spill_pending_bytes
 
     def emit(self, event: events_pb2.Event) -> bool:
-        """Queue `event` for Kafka; never blocks. False (and counted) if it had to be dropped."""
+        """Number `event` (this sidecar's next `sequence`, so the collector can count what never
+        arrives) and queue it for Kafka; never blocks. False (and counted) if it was dropped."""
+        if self._enabled and not event.sequence:
+            self._sequence += 1
+            event.sequence = self._sequence
         return self._put(event)
 
     def emit_records(self, records: Iterable[RawRecord]) -> int:

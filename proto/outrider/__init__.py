@@ -1,7 +1,15 @@
 """The Outrider wire contract: generated protobuf code (`outrider.v1`) plus the small
 helpers both the sidecar and the collector need (topic names, record keys and headers,
-the envelope codec; `outrider.clock` for injectable time)."""
+the envelope codec, the ErrorInfo reasons; `outrider.clock` for injectable time)."""
 
+from outrider._control_records import (
+    SignedRecord,
+    is_marker,
+    load_records,
+    open_control,
+    ordering,
+    save_records,
+)
 from outrider._envelope import (
     CONTENT_TYPE_HEADER,
     SCHEMA_HEADER,
@@ -12,13 +20,28 @@ from outrider._envelope import (
     encode_control,
     encode_event,
 )
+from outrider._reasons import ERROR_DOMAIN, FLAG_OFF, SESSION_DRAINED, SESSION_EXPIRED, TOOL_REJECTED
+from outrider._signing import (
+    RejectLog,
+    SigningKey,
+    SigningKeyError,
+    Verdict,
+    Verifier,
+    VerifyMode,
+    key_id,
+    load_public_keys,
+)
 from outrider._topics import (
     COMMANDS_TOPIC,
     CONTROL_TOPIC,
     DEADLETTER_TOPIC,
     EVENTS_TOPIC,
+    MARKER_KEY_PREFIX,
     SPANS_TOPIC,
     agent_key,
+    flag_key,
+    quota_key,
+    rollout_key,
 )
 
 __all__ = [
@@ -26,12 +49,35 @@ __all__ = [
     "CONTENT_TYPE_HEADER",
     "CONTROL_TOPIC",
     "DEADLETTER_TOPIC",
+    "ERROR_DOMAIN",
     "EVENTS_TOPIC",
+    "FLAG_OFF",
     "SCHEMA_HEADER",
     "SCHEMA_VERSION",
+    "MARKER_KEY_PREFIX",
+    "SESSION_DRAINED",
+    "SESSION_EXPIRED",
     "SPANS_TOPIC",
+    "TOOL_REJECTED",
     "DecodeError",
+    "SigningKeyError",
+    "RejectLog",
+    "SignedRecord",
+    "SigningKey",
+    "Verdict",
+    "Verifier",
+    "VerifyMode",
     "agent_key",
+    "flag_key",
+    "is_marker",
+    "key_id",
+    "load_public_keys",
+    "load_records",
+    "open_control",
+    "ordering",
+    "quota_key",
+    "rollout_key",
+    "save_records",
     "decode_control",
     "decode_event",
     "encode_control",

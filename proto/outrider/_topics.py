@@ -14,3 +14,33 @@ def agent_key(agent: str) -> bytes:
     if not agent:
         raise ValueError("agent name must not be empty")
     return agent.encode("utf-8")
+
+
+# keys on `outrider.control`: one per kind, so compaction never drops one kind for another
+ROLLOUT_KEY_PREFIX = "rollout/"
+FLAG_KEY_PREFIX = "flag/"
+QUOTA_KEY_PREFIX = "quota/"
+# records a reader writes to find the end of the topic (then deletes with a tombstone);
+# never signed, never applied
+MARKER_KEY_PREFIX = "marker/"
+
+
+def rollout_key(agent: str) -> bytes:
+    """`rollout/<agent>`: the record key of an agent's rollout state."""
+    if not agent:
+        raise ValueError("agent name must not be empty")
+    return (ROLLOUT_KEY_PREFIX + agent).encode("utf-8")
+
+
+def flag_key(agent: str, name: str) -> bytes:
+    """`flag/<agent>/<name>`: the record key of a feature flag."""
+    if not agent or not name:
+        raise ValueError("agent and flag name must not be empty")
+    return f"{FLAG_KEY_PREFIX}{agent}/{name}".encode()
+
+
+def quota_key(resource: str) -> bytes:
+    """`quota/<resource>`: the record key of a global quota's grants."""
+    if not resource:
+        raise ValueError("resource must not be empty")
+    return (QUOTA_KEY_PREFIX + resource).encode("utf-8")

@@ -44,6 +44,7 @@ from devstack.simprovider import ModelBehavior, SimProvider
 from outrider.v1 import common_pb2, control_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import Sidecar
 from sidecar._config import parse_config
+from tests.support import SECURE_COLLECTOR, TEST_SIGNER
 
 MODEL = "sim-fast"
 RESOURCE = f"openai/{MODEL}"
@@ -148,6 +149,7 @@ def collector_settings(bootstrap: str) -> CollectorSettings:
             "recovery_idle_s": 0.3,
             "grant_interval_s": GRANT_INTERVAL_S,
             "quotas": {RESOURCE: {"limit_tpm": LIMIT_TPM, "min_share_tpm": MIN_SHARE_TPM}},
+            **SECURE_COLLECTOR,
         }
     )
 
@@ -161,6 +163,7 @@ def sidecar_config(sim: SimProvider, bootstrap: str) -> Any:
         "kafka": {"bootstrap_servers": bootstrap},
         "telemetry": {"spill_dir": None},  # nothing to persist here: Kafka stays up
         "usage_report_interval": GRANT_INTERVAL_S / 2,
+        "control": {"public_keys": [TEST_SIGNER.public_text()], "ready_timeout": "0s"},
         "global_quotas": {
             RESOURCE: {
                 "safe_share_tpm": SAFE_SHARE_TPM,
@@ -214,6 +217,8 @@ class GrantTail:
         while True:
             for records in (await self._consumer.getmany(timeout_ms=100)).values():
                 for record in records:
+                    if outrider.is_marker(record.key) or not record.value:
+                        continue
                     message = outrider.decode_control(record.value, record.headers)
                     if message.WhichOneof("body") == "quota":
                         self.grants.append((time.monotonic(), message.quota))

@@ -1,16 +1,13 @@
 """`outrider dev` as a newcomer runs it: up with one command, usable, down with Ctrl-C.
 
-It binds the fixed development ports of the example config (see devstack/stack.py).
+On ports picked at run time (`OUTRIDER_DEV_PORT_BASE`) and a run directory of its own.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -18,14 +15,14 @@ import pytest
 import yaml
 
 from outrider.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
+from tests.support import DevStackProc, free_port_base
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
 ROOT = Path(__file__).resolve().parents[2]
-UP_TIMEOUT_S = 60.0
 
 
-def _outrider(*args: str) -> subprocess.CompletedProcess[str]:
+def _outrider(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "devstack", *args],
         cwd=ROOT,
@@ -33,6 +30,7 @@ def _outrider(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -56,25 +54,19 @@ def test_example_rollout_names_the_example_versions() -> None:
 
 
 def test_outrider_dev_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    log = tmp_path / "dev.log"
-    with open(log, "w") as out:
-        dev = subprocess.Popen(
-            [sys.executable, "-m", "devstack", "dev"],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    base = free_port_base(5)
+    dev = DevStackProc(ROOT, base, tmp_path / "state", tmp_path / "dev.log")
+    admin = {
+        "OUTRIDER_ADMIN_ADDR": f"127.0.0.1:{base + 1}",
+        "OUTRIDER_ADMIN_TOKEN_FILE": str(tmp_path / "state" / "admin-token"),
+    }
     try:
-        deadline = time.monotonic() + UP_TIMEOUT_S
-        while "outrider dev is up" not in log.read_text():
-            assert dev.poll() is None, f"outrider dev exited early:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"outrider dev not up:\n{log.read_text()}"
-            time.sleep(0.1)
-        pids = [int(p) for p in re.findall(r"pid (\d+)", log.read_text())]
-        assert len(pids) == 4, log.read_text()  # broker, simprovider, collector, sidecar
+        dev.wait_up()
+        pids = dev.child_pids()
+        assert len(pids) == 4, dev.output()  # broker, simprovider, collector, sidecar
+        assert f"OUTRIDER_SIDECAR_ADDR=127.0.0.1:{base + 2}" in dev.output()
 
-        with grpc.insecure_channel("127.0.0.1:50051") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{base + 2}") as channel:
             stub = sidecar_pb2_grpc.SidecarStub(channel)
             opened = stub.OpenSession(sidecar_pb2.OpenSessionRequest(user_id="newcomer"), timeout=10)
             assert opened.role == common_pb2.ROLE_STABLE
@@ -86,20 +78,21 @@ def test_outrider_dev_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
                 timeout=10,
             )
             assert reply.message.content and reply.version_id == opened.version_id
+            assert not reply.degraded  # the moved provider URL is the one called
 
-        started = _outrider("rollout", "start", "examples/rollout.yaml")
+        started = _outrider("rollout", "start", "examples/rollout.yaml", env=admin)
         assert started.returncode == 0, started.stderr
         assert "running" in started.stdout
-        status = _outrider("rollout", "status", "support-bot")
+        # the CLI found the operator token `outrider dev` wrote; decided_by is that identity
+        assert "(by token:dev)" in started.stdout, started.stdout
+        assert (tmp_path / "state" / "control.pub").is_file()
+        status = _outrider("rollout", "status", "support-bot", env=admin)
         assert status.returncode == 0 and "support-bot" in status.stdout, status.stderr
-        again = _outrider("rollout", "start", "examples/rollout.yaml")
+        again = _outrider("rollout", "start", "examples/rollout.yaml", env=admin)
         assert again.returncode != 0 and "ALREADY_EXISTS" in again.stderr
 
-        dev.send_signal(signal.SIGINT)
-        assert dev.wait(30) == 0, log.read_text()
-        assert "outrider dev stopped." in log.read_text()
-        assert not [pid for pid in pids if _alive(pid)], f"left running:\n{log.read_text()}"
+        assert dev.stop() == 0, dev.output()
+        assert "outrider dev stopped." in dev.output()
+        assert not [pid for pid in pids if _alive(pid)], f"left running:\n{dev.output()}"
     finally:
-        if dev.poll() is None:
-            dev.kill()
-            dev.wait()
+        dev.stop()

@@ -16,7 +16,6 @@ import signal
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import yaml
@@ -27,7 +26,7 @@ from collector import EvidenceBook, RolloutEvidence, Rows
 from collector._checkpoint import decode
 from devstack.broker import EmbeddedBroker, free_port
 from outrider.v1 import admin_pb2, admin_pb2_grpc, common_pb2, events_pb2, sidecar_pb2
-from tests.support import Proc, wait_serving
+from tests.support import SECURE_COLLECTOR, Proc, admin_channel, wait_serving
 
 pytestmark = pytest.mark.broker
 
@@ -99,6 +98,7 @@ async def test_evidence_checkpoint_survives_sigkill_exactly_once(
                 "checkpoint_interval_s": 1.0,
                 "session_timeout_ms": 6000,
                 "heartbeat_interval_ms": 1000,
+                **SECURE_COLLECTOR,
             }
         )
     )
@@ -109,7 +109,7 @@ async def test_evidence_checkpoint_survives_sigkill_exactly_once(
     produced: list[events_pb2.Event] = []
     try:
         await wait_serving(admin, first)
-        async with grpc.aio.insecure_channel(admin) as channel:
+        async with admin_channel(admin) as channel:
             started = await admin_pb2_grpc.AdminStub(channel).StartRollout(
                 admin_pb2.StartRolloutRequest(spec_yaml=SPEC, requested_by="test")
             )

@@ -16,6 +16,7 @@ import outrider
 from collector import Collector, CollectorSettings
 from devstack.broker import EmbeddedBroker
 from outrider.v1 import control_pb2, events_pb2
+from tests.support import SECURE_COLLECTOR
 
 pytestmark = pytest.mark.broker
 
@@ -37,6 +38,7 @@ def settings_for(broker: EmbeddedBroker, group_id: str) -> CollectorSettings:
             "lease_ttl_s": 1.0,
             "quotas": {RESOURCE: {"limit_tpm": LIMIT}},
             "state_dir": None,
+            **SECURE_COLLECTOR,
         }
     )
 
@@ -100,6 +102,8 @@ class GrantTail:
         count = 0
         for records in (await self._consumer.getmany(timeout_ms=timeout_ms)).values():
             for record in records:
+                if outrider.is_marker(record.key):
+                    continue
                 assert record.key == KEY
                 message = outrider.decode_control(record.value, record.headers)
                 assert message.WhichOneof("body") == "quota"

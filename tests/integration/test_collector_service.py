@@ -23,6 +23,7 @@ import outrider
 from collector import Collector, CollectorSettings, run
 from devstack.broker import EmbeddedBroker
 from outrider.v1 import admin_pb2, admin_pb2_grpc, common_pb2, control_pb2, events_pb2
+from tests.support import SECURE_COLLECTOR, TEST_SIGNER, admin_channel
 
 pytestmark = pytest.mark.broker
 
@@ -42,6 +43,7 @@ def settings_for(broker: EmbeddedBroker, **overrides: object) -> CollectorSettin
         "retention_s": 120,
         "recovery_idle_s": 0.5,
         "state_dir": None,  # tests that checkpoint pass a tmp_path
+        **SECURE_COLLECTOR,
     }
     values.update(overrides)
     return CollectorSettings.model_validate(values)
@@ -137,14 +139,22 @@ async def control_states(
     )
     states: list[control_pb2.RolloutState] = []
     await consumer.start()
+    verifier = outrider.Verifier([TEST_SIGNER.public])
     try:
         deadline = time.monotonic() + within
         while not until(states):
             assert time.monotonic() < deadline, f"timed out; control topic had {[s.phase for s in states]}"
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 for record in records:
-                    assert record.key == outrider.agent_key(AGENT)
-                    states.append(outrider.decode_control(record.value, record.headers).rollout)
+                    if outrider.is_marker(record.key):
+                        continue
+                    assert record.key == outrider.rollout_key(AGENT)
+                    verdict, message = outrider.open_control(
+                        verifier, record.key, record.value, record.headers
+                    )
+                    assert verdict.ok and message is not None, verdict
+                    if not states or outrider.ordering(message.rollout) > outrider.ordering(states[-1]):
+                        states.append(message.rollout)  # republished states come again
     finally:
         await consumer.stop()
     return states
@@ -164,7 +174,7 @@ def ended_with(phase: int) -> Callable[[list[control_pb2.RolloutState]], bool]:
 
 @contextlib.asynccontextmanager
 async def admin_client(collector: Collector) -> AsyncIterator[admin_pb2_grpc.AdminStub]:
-    async with grpc.aio.insecure_channel(collector.admin_address) as channel:
+    async with admin_channel(collector.admin_address) as channel:
         yield admin_pb2_grpc.AdminStub(channel)
 
 
@@ -196,7 +206,7 @@ async def test_failing_candidate_is_rolled_back(broker: EmbeddedBroker) -> None:
             )
         )
         assert started.state.phase == RUNNING and started.state.generation == 1
-        assert started.state.decided_by == "test"
+        assert started.state.decided_by == "token:ci"  # the credential, not requested_by
         # 0% vs 33% errors: evidence of harm well before the stage's 10 minutes
         await produce_mix(p, 150, candidate_error_every=3, rollout_id=started.state.rollout_id)
         states = await control_states(broker, ended_with(control_pb2.ROLLOUT_PHASE_ROLLED_BACK))
@@ -310,7 +320,7 @@ async def test_admin_errors_restart_recovery_and_metrics(broker: EmbeddedBroker,
     runner = asyncio.create_task(run(settings_for(broker, group_id="second", admin_listen=address)))
     try:
         await wait_serving(port, runner)
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with admin_channel(address) as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             admin = admin_pb2_grpc.AdminStub(channel)
@@ -322,7 +332,7 @@ async def test_admin_errors_restart_recovery_and_metrics(broker: EmbeddedBroker,
                 admin_pb2.AbortRolloutRequest(agent=AGENT, reason="testing", requested_by="ops")
             )
             assert aborted.state.phase == control_pb2.ROLLOUT_PHASE_ABORTED
-            assert aborted.state.generation == 2 and aborted.state.decided_by == "ops"
+            assert aborted.state.generation == 2 and aborted.state.decided_by == "token:ci"
             with pytest.raises(grpc.aio.AioRpcError) as finished:
                 await admin.AbortRollout(admin_pb2.AbortRolloutRequest(agent=AGENT))
             assert finished.value.code() == grpc.StatusCode.FAILED_PRECONDITION

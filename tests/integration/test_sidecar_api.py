@@ -26,6 +26,7 @@ from devstack.simprovider import ModelBehavior, SimProvider, ToolBehavior
 from outrider.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import Sidecar, SidecarConfig
 from sidecar._config import parse_config
+from tests.support import TEST_SIGNER
 
 API_KEY = "sk-sim-secret-0123456789"
 SYSTEM_PROMPT = "You are a helpful support agent."
@@ -88,6 +89,8 @@ def sidecar_config(
         "shutdown_grace": "5s",
         "telemetry": {"spill_dir": fresh_spill_dir()},
         "versions": {"v1": version(good, SYSTEM_PROMPT), "v2": version(bad, "You are terse.")},
+        # trusts the tests' signing key; health does not wait for a control state
+        "control": {"public_keys": [TEST_SIGNER.public_text()], "ready_timeout": "0s"},
     }
     data.update(overrides)
     return parse_config(data, source="test.yaml").load_secrets({"TEST_SIM_KEY": API_KEY})
@@ -652,3 +655,24 @@ async def test_broken_provider_responses_are_errors(sim: SimProvider, mode: str)
             assert outrider.SPANS_TOPIC in topics  # and their spans
     finally:
         await runner.cleanup()
+
+
+async def test_without_a_session_key_one_clear_warning(
+    sim: SimProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sidecar._app"):
+        Sidecar(sidecar_config(sim))
+    warned = [r for r in caplog.records if "no session key" in r.getMessage()]
+    assert len(warned) == 1 and "will not survive a restart" in warned[0].getMessage()
+    caplog.clear()
+    key_file = tmp_path / "session-key"
+    key_file.write_text("k" * 64 + "\n")
+    config = sidecar_config(sim).load_secrets(
+        {"TEST_SIM_KEY": API_KEY, "OUTRIDER_SESSION_KEY_FILE": str(key_file)}
+    )
+    with caplog.at_level(logging.WARNING, logger="sidecar._app"):
+        sidecar = Sidecar(config)
+    assert not [r for r in caplog.records if "no session key" in r.getMessage()]
+    assert sidecar.config.session_key() == b"k" * 64

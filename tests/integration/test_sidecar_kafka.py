@@ -18,6 +18,7 @@ from devstack.simprovider import ModelBehavior, SimProvider
 from outrider.v1 import common_pb2, control_pb2, events_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import Sidecar
 from tests.integration.test_sidecar_api import API_KEY, USER, open_session, sidecar_config, sim_models
+from tests.support import TEST_SIGNER, signed_control
 
 pytestmark = pytest.mark.broker
 
@@ -151,12 +152,11 @@ async def test_control_records_steer_new_sessions_only(broker: EmbeddedBroker, s
 
     async def send(message: control_pb2.ControlMessage | bytes, agent: str = "support-bot") -> None:
         if isinstance(message, bytes):
-            await producer.send_and_wait(outrider.CONTROL_TOPIC, message, key=outrider.agent_key(agent))
-            return
-        value, headers = outrider.encode_control(message)
-        await producer.send_and_wait(
-            outrider.CONTROL_TOPIC, value, key=outrider.agent_key(agent), headers=headers
-        )
+            key = outrider.rollout_key(agent)
+            value, headers = message, TEST_SIGNER.sign(key, message)
+        else:
+            key, value, headers = signed_control(message)
+        await producer.send_and_wait(outrider.CONTROL_TOPIC, value, key=key, headers=headers)
 
     try:
         # a state already on the topic before the sidecar starts is picked up from the beginning
@@ -182,6 +182,7 @@ async def test_control_records_steer_new_sessions_only(broker: EmbeddedBroker, s
             await send(rollout(2, control_pb2.ROLLOUT_PHASE_RUNNING, stable=v1, candidate=v2, weight=1.0))
             await eventually(lambda: sidecar.router.generation == 2, what="generation 2")
             assert sample(sidecar, "outrider_sidecar_control_undecodable_total") == 1
+            assert sample(sidecar, "outrider_control_rejected_total", reason="undecodable") == 1
             assert sample(sidecar, "outrider_sidecar_rollout_generation", agent="support-bot") == 2
             assert sample(sidecar, "outrider_sidecar_candidate_weight", agent="support-bot") == 1.0
             assert (
@@ -255,10 +256,10 @@ async def test_control_topic_created_after_the_sidecar_started(
         producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers, enable_idempotence=False)
         await producer.start()
         try:
-            value, headers = outrider.encode_control(
+            key, value, headers = signed_control(
                 rollout(1, control_pb2.ROLLOUT_PHASE_PROMOTED, stable=v1, candidate=v2)
             )
-            await producer.send_and_wait(outrider.CONTROL_TOPIC, value, key=b"support-bot", headers=headers)
+            await producer.send_and_wait(outrider.CONTROL_TOPIC, value, key=key, headers=headers)
         finally:
             await producer.stop()
         await eventually(lambda: sidecar.router.generation == 1, what="generation 1")

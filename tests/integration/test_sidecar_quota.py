@@ -19,6 +19,7 @@ from devstack.broker import EmbeddedBroker
 from outrider.v1 import common_pb2, control_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import ManualClock, Sidecar
 from tests.integration.test_sidecar_resilience import USER, config, running, sim  # noqa: F401
+from tests.support import signed_control
 
 RESOURCE = "openai/primary"
 
@@ -99,10 +100,8 @@ async def test_grant_from_the_control_topic_changes_admission(sim: Any, broker: 
         producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers, enable_idempotence=False)
         await producer.start()
         try:
-            value, headers = outrider.encode_control(control_pb2.ControlMessage(quota=grant))
-            await producer.send_and_wait(
-                outrider.CONTROL_TOPIC, value, key=f"quota/{RESOURCE}".encode(), headers=headers
-            )
+            key, value, headers = signed_control(control_pb2.ControlMessage(quota=grant))
+            await producer.send_and_wait(outrider.CONTROL_TOPIC, value, key=key, headers=headers)
         finally:
             await producer.stop()
         gq = sidecar.global_quotas.quotas[RESOURCE]
@@ -110,6 +109,16 @@ async def test_grant_from_the_control_topic_changes_admission(sim: Any, broker: 
             if gq.has_fresh_grant:
                 break
             await asyncio.sleep(0.05)
+        assert gq.tpm == 60_000.0
+        # a grant of a stale writer (a lower epoch) never wins, whatever its generation
+        quotas = sidecar.global_quotas
+        stale = control_pb2.QuotaGrant()
+        stale.CopyFrom(grant)
+        stale.generation, stale.epoch, stale.grants_tpm["sc-1"] = 2**40, 0, 1.0
+        newer = control_pb2.QuotaGrant()
+        newer.CopyFrom(grant)
+        newer.generation, newer.epoch = 1, 5  # a restarted collector numbers afresh
+        assert quotas.apply(newer) and not quotas.apply(stale)
         assert gq.tpm == 60_000.0
         await asyncio.sleep(0.2)  # a new grant hands out no burst: let the bucket fill a little
         reply = await stub.Chat(request)

@@ -18,6 +18,7 @@ from outrider.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import Sidecar
 from sidecar._config import parse_config
 from tests.integration.test_sidecar_api import fresh_spill_dir
+from tests.support import TEST_SIGNER
 
 USER = [common_pb2.ChatMessage(role="user", content="Where is my order?")]
 FAST_RETRY = {"max_attempts": 3, "base": "10ms", "cap": "50ms", "retry_after_cap": "2s"}
@@ -55,6 +56,7 @@ def config(
         "kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}"},
         "telemetry": {"spill_dir": fresh_spill_dir()},
         "versions": {"v1": version},
+        "control": {"public_keys": [TEST_SIGNER.public_text()], "ready_timeout": "0s"},
         **top,
     }
     return parse_config(data, source="t.yaml").load_secrets({})

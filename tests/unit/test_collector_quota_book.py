@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collector import ManualClock
+from collector._quota import DEFAULT_HEADROOM
 from collector._quota_book import QuotaBook, UsageIngest, quota_key
 from collector._settings import QuotaSettings
 from outrider.v1 import events_pb2
@@ -135,7 +136,7 @@ _ops = st.one_of(
 )
 def test_every_tick_is_valid(limit: float, min_share: float, ops: list[tuple[object, ...]]) -> None:
     """Grants never sum above the limit, go only to live leases, never exceed a sidecar's
-    want, and generations strictly rise per resource whatever happens in between."""
+    want with its headroom, and generations strictly rise per resource whatever happens in between."""
     clock = ManualClock()
     b = QuotaBook(
         {GPT: QuotaSettings(limit_tpm=limit, min_share_tpm=min_share * limit)},
@@ -177,6 +178,6 @@ def test_every_tick_is_valid(limit: float, min_share: float, ops: list[tuple[obj
             for sidecar, tpm in grant.grants_tpm.items():
                 at, want = last_report[sidecar]
                 assert at + TTL > clock.now(), "a lapsed lease got a share"
-                assert 0 <= tpm <= want * (1 + 1e-9) + 1e-9
+                assert 0 <= tpm <= (1 + DEFAULT_HEADROOM) * want * (1 + 1e-9) + 1e-9
             live = {s for s, (at, _) in last_report.items() if at + TTL > clock.now()}
             assert set(grant.grants_tpm) == live

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from collector import NoRollout, RolloutConflict, RolloutController, RolloutFinished
-from outrider.v1 import common_pb2
+from outrider.v1 import common_pb2, control_pb2
 from tests.unit.rollout_support import (
     ABORTED,
     CANDIDATE_V,
@@ -258,3 +258,11 @@ def test_restore_with_invalid_spec_freezes_rollout() -> None:
     h.feed(200, canary=True, error_every=1)
     assert restored.decide(h.evidence, h.clock.now() + 60) is None
     assert restored.abort("fix it", h.clock.now(), "ops").phase == ABORTED
+
+
+def test_restore_orders_by_writer_epoch_then_generation() -> None:
+    old_writer = control_pb2.RolloutState(agent="bot", epoch=1, generation=2**62, rollout_id="a")
+    new_writer = control_pb2.RolloutState(agent="bot", epoch=2, generation=7, rollout_id="b")
+    restored = RolloutController.restore([new_writer, old_writer])
+    assert restored.state == new_writer
+    assert restored.generation == 7  # the next decision is (new epoch, 8)

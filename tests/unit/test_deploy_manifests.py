@@ -38,8 +38,17 @@ API_VERSIONS = {
     "ConfigMap": "v1",
     "Secret": "v1",
     "Deployment": "apps/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+    "PodMonitor": "monitoring.coreos.com/v1",
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
     "Component": "kustomize.config.k8s.io/v1alpha1",
+}
+# Secrets and ConfigMaps the deploy docs tell the operator to create from `outrider init-secrets`
+EXTERNAL_SECRETS = {
+    "outrider-control-signing",
+    "outrider-admin-tokens",
+    "outrider-session-key",
+    "outrider-control-public-keys",
 }
 METRICS = {
     "outrider_requests_total",
@@ -51,6 +60,7 @@ METRICS = {
     "outrider_collector_events_duplicate_total",
     "outrider_collector_records_undecodable_total",
     "outrider_collector_control_publish_failures_total",
+    "outrider_collector_notifications_total",
     # the full gate metric set (collector._totals) and the collector pipeline
     "outrider_llm_calls_total",
     "outrider_llm_time_to_first_token_seconds_bucket",
@@ -72,6 +82,11 @@ METRICS = {
     "outrider_collector_checkpoints_total",
     "outrider_collector_checkpoint_bytes",
     "outrider_collector_relayed_spans_total",
+    # issue 10: loss detection and the control plane's own health
+    "outrider_events_missing_total",
+    "outrider_control_rejected_total",
+    "outrider_collector_new_broker_total",
+    "outrider_sidecar_control_wait_expired_total",
 }
 
 
@@ -238,6 +253,22 @@ def test_every_k8s_yaml_is_used_by_a_kustomization() -> None:
             assert path.resolve() in used, f"{path.relative_to(DEPLOY)} is not listed in any kustomization"
 
 
+def test_network_policies_lock_the_admin_api_and_agent_egress() -> None:
+    objects = {(d["kind"], d["metadata"]["name"]): d for _, d in k8s_objects()}
+    collector_policy = objects[("NetworkPolicy", "outrider-collector")]["spec"]
+    admin_rule = next(r for r in collector_policy["ingress"] if r["ports"][0]["port"] == "grpc-admin")
+    assert admin_rule["from"] == [{"namespaceSelector": {"matchLabels": {"outrider.dev/operators": "true"}}}]
+    agent_policy = objects[("NetworkPolicy", "outrider-agent-egress")]["spec"]
+    assert agent_policy["policyTypes"] == ["Egress"]
+    ports = {p["port"] for rule in agent_policy["egress"] for p in rule["ports"]}
+    assert {53, 9092} <= ports
+    patch = load_docs(K8S / "injection" / "sidecar-patch.yaml")[0]
+    labels = patch["spec"]["template"]["metadata"]["labels"]
+    assert agent_policy["podSelector"]["matchLabels"].items() <= labels.items()
+    kinds = {d["kind"] for _, d in k8s_objects()}
+    assert "PodMonitor" in kinds
+
+
 def test_collector_service_and_probes() -> None:
     objects = {(d["kind"], d["metadata"]["name"]): d for _, d in k8s_objects()}
     service = objects[("Service", "outrider-collector")]
@@ -285,6 +316,7 @@ def test_kustomize_renders_with_references_resolved(overlay: str) -> None:
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     generated = {d["metadata"]["name"] for d in docs if d["kind"] in ("ConfigMap", "Secret")}
+    generated |= EXTERNAL_SECRETS  # created by the operator, never in git (documented in the kustomizations)
     for dep in (d for d in docs if d["kind"] == "Deployment"):
         pod = dep["spec"]["template"]["spec"]
         for volume in pod.get("volumes", []):
@@ -296,6 +328,8 @@ def test_kustomize_renders_with_references_resolved(overlay: str) -> None:
                 if ref:
                     assert ref["name"] in generated, ref
     if overlay == "examples/agent":
+        rendered = out.stdout
+        assert "change-me" not in rendered and "session-key=" not in rendered
         agent = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "support-bot")
         names = [c["name"] for c in agent["spec"]["template"]["spec"]["initContainers"]]
         assert names == ["outrider-sidecar"]  # injected by the component
@@ -353,8 +387,12 @@ def test_compose_references_are_defined() -> None:
         depends = svc.get("depends_on", {})
         for other in depends if isinstance(depends, list) else list(depends):
             assert other in services, f"{name}: depends on unknown service {other}"
-        if name not in ("agent",):
+        if name not in ("agent", "secrets"):  # a demo client and a one-shot job
             assert "healthcheck" in svc, f"{name} has no healthcheck"
+        # no fixed secret in the file (issue 10): keys come from the secrets volume
+        environment = svc.get("environment") or {}
+        assert "OUTRIDER_SESSION_KEY" not in environment, name
+        assert not any("change-me" in str(v) for v in environment.values()), name
     build = services["collector"]["build"]
     assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == (DEPLOY / "Dockerfile").resolve()
 
@@ -393,6 +431,9 @@ def test_prometheus_rules_use_known_metrics() -> None:
                 assert rule["annotations"]["summary"]
     exprs = " ".join(a["expr"] for a in alerts)
     assert "outrider_errors_total" in exprs and 'phase="rolled_back"' in exprs
+    assert "outrider_events_missing_total" in exprs and "outrider_control_rejected_total" in exprs
+    for phase in ("hold", "no_data", "rolled_back", "promoted", "aborted"):  # each notified state
+        assert f'outrider_rollout_phase{{phase="{phase}"}}' in exprs, phase
     prom = load_docs(DEPLOY / "prometheus" / "prometheus.yml")[0]
     assert prom["rule_files"] == ["/etc/prometheus/rules.yaml"]
 
@@ -440,6 +481,12 @@ def test_signals_dashboard_uses_the_collectors_metric_set() -> None:
     served = set(FAMILY_NAMES) | {f"{n}_bucket" for n in FAMILY_NAMES}
     served |= {f"{n}_{s}" for n in FAMILY_NAMES for s in ("sum", "count")}
     served |= {n for n in METRICS if n.startswith(("outrider_collector_", "outrider_rollout_"))}
+    # and the counters the collector and the sidecar register (issue 10's control-plane metrics)
+    from collector._metrics import CollectorMetrics
+    from sidecar._metrics import SidecarMetrics
+
+    for registry in (CollectorMetrics().registry, SidecarMetrics().registry):
+        served |= {f"{m.name}_total" for m in registry.collect() if m.type == "counter"}
     assert served >= METRICS, METRICS - served
 
 

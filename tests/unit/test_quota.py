@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector._quota import LeaseAllocator, water_fill
+from collector._quota import LeaseAllocator, add_headroom, water_fill
 from outrider.clock import ManualClock
 from outrider.clock import ManualClock as CollectorClock
 from sidecar._quota import BoundedWaitQueue, GlobalQuota, Verdict
@@ -80,6 +80,34 @@ def test_non_priority_waits_above_80_percent_priority_passes_while_quota_remains
     assert refused.retry_after_s == pytest.approx(3.0)  # 50 tokens at 1000/60 per s
     starved = q.admit(50, priority=False)
     assert starved.verdict is Verdict.QUEUE and starved.retry_after_s == pytest.approx(3.0)
+
+
+def test_the_80_percent_rule_is_of_the_global_limit_when_the_grant_carries_it() -> None:
+    clock = ManualClock()
+    q = quota(clock)
+    # a lone sidecar far under the global limit: its whole grant is open to non-priority work
+    assert q.apply_grant(1000, limit_tpm=100_000)
+    assert q.admit(590, priority=False).verdict is Verdict.ADMIT  # above 80 % of the bucket
+    assert q.utilisation() == pytest.approx(0.0059)
+    # ten sidecars with 500 each hand out the whole limit of 5000: ours is a tenth of it,
+    # and non-priority work may fill 80 % of that tenth
+    q = quota(clock)
+    assert q.apply_grant(500, limit_tpm=5000, granted_tpm=5000)
+    assert q.admit(400, priority=False).verdict is Verdict.ADMIT
+    d = q.admit(10, priority=False)
+    assert d.verdict is Verdict.QUEUE and d.utilisation == pytest.approx(0.8)
+    assert q.admit(90, priority=True).verdict is Verdict.ADMIT
+    # half the limit handed out (spare left): our part of the limit is twice our grant
+    q = quota(clock)
+    assert q.apply_grant(1000, limit_tpm=10_000, granted_tpm=5_000)
+    assert q.admit(590, priority=False).verdict is Verdict.ADMIT
+    assert q.utilisation() == pytest.approx(590 / 2000)
+    clock.advance(31)  # the grant lapses: the safe share, and the local rule again
+    assert q.tpm == 600 and q.utilisation() == pytest.approx(590 / 600)
+    with pytest.raises(ValueError, match="limit_tpm"):
+        q.apply_grant(10, limit_tpm=0)
+    with pytest.raises(ValueError, match="granted_tpm"):
+        q.apply_grant(10, limit_tpm=100, granted_tpm=5)
 
 
 def test_reconcile_refunds_unused_reservations() -> None:
@@ -214,7 +242,7 @@ def test_wait_queue_properties(ops: list[tuple[str, float]]) -> None:
 
 def test_grants_proportional_to_demand_and_capped_by_it() -> None:
     clock = CollectorClock()
-    a = LeaseAllocator(limit_tpm=1000, lease_ttl_s=10, clock=clock)
+    a = LeaseAllocator(limit_tpm=1000, lease_ttl_s=10, clock=clock, headroom=0)
     a.report("s1", 100, 300)
     a.report("s2", 100, 900)
     assert a.grants() == pytest.approx({"s1": 250, "s2": 750})
@@ -251,7 +279,7 @@ def test_idle_sidecar_gets_min_share_and_expired_leases_move_their_share() -> No
 
 
 def test_demand_is_at_least_use_and_validation_names_fields() -> None:
-    a = LeaseAllocator(limit_tpm=1000, lease_ttl_s=10, clock=CollectorClock())
+    a = LeaseAllocator(limit_tpm=1000, lease_ttl_s=10, clock=CollectorClock(), headroom=0)
     a.report("s", used_tpm=300, demand_tpm=0)
     assert a.grants() == {"s": 300}
     with pytest.raises(ValueError, match="demand_tpm"):
@@ -260,6 +288,24 @@ def test_demand_is_at_least_use_and_validation_names_fields() -> None:
         LeaseAllocator(limit_tpm=math.inf, lease_ttl_s=1)
     with pytest.raises(ValueError, match="lease_ttl_s"):
         LeaseAllocator(limit_tpm=1, lease_ttl_s=0)
+
+
+def test_spare_capacity_is_handed_out_as_headroom() -> None:
+    clock = CollectorClock()
+    a = LeaseAllocator(limit_tpm=1000, lease_ttl_s=10, clock=clock)
+    a.report("s1", 100, 100)
+    a.report("s2", 100, 200)
+    assert a.grants() == pytest.approx({"s1": 200, "s2": 400})  # twice the want: room to grow
+    a.report("s1", 100, 300)
+    a.report("s2", 100, 400)
+    # wants 700, 300 spare split in proportion to the wants
+    assert a.grants() == pytest.approx({"s1": 300 + 300 * 3 / 7, "s2": 400 + 300 * 4 / 7})
+    assert sum(a.grants().values()) <= 1000
+    lone = LeaseAllocator(limit_tpm=600_000, lease_ttl_s=10, min_share_tpm=1000, clock=clock)
+    lone.report("s", 20_000, 20_000)
+    assert lone.grants() == pytest.approx({"s": 40_000})
+    with pytest.raises(ValueError, match="headroom"):
+        LeaseAllocator(limit_tpm=1, lease_ttl_s=1, headroom=-1)
 
 
 @settings(max_examples=200)
@@ -279,6 +325,9 @@ def test_allocation_properties(limit: float, demands: dict[str, float], min_shar
         assert got == pytest.approx(wants)
     elif demands and any(d > min_share for d in demands.values()):
         assert sum(got.values()) == pytest.approx(limit, rel=1e-6)  # nothing wasted while hungry
+    roomy = add_headroom(limit, got, demands, min_share, 1.0)
+    assert sum(roomy.values()) <= limit + EPS * max(1.0, limit) * 1e-3
+    assert all(roomy[k] >= got[k] for k in got)
 
 
 @settings(max_examples=100)

@@ -306,3 +306,20 @@ def test_telemetry_errors_name_the_field(
     message = load_error(tmp_path, data)
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_upstream_aliases_move_calls_but_not_version_ids() -> None:
+    data = base()
+    plain = parse_config(copy.deepcopy(data))
+    data["versions"]["v1"]["fallback"] = [
+        {"provider": {"base_url": "http://127.0.0.1:8000/v1"}, "model": "m"}
+    ]
+    data["upstream_aliases"] = {"http://127.0.0.1:8000": "http://127.0.0.1:41200"}
+    moved = parse_config(data)
+    unaliased = parse_config({k: v for k, v in data.items() if k != "upstream_aliases"})
+    assert moved.version_ids() == unaliased.version_ids() != plain.version_ids()  # fallback is content
+    v1 = moved.versions["v1"]
+    assert v1.provider.base_url == "http://127.0.0.1:41200/v1"
+    assert v1.tools[0].endpoint == "http://127.0.0.1:41200/tools/lookup_order"
+    assert v1.fallback[0].provider is not None
+    assert v1.fallback[0].provider.base_url == "http://127.0.0.1:41200/v1"

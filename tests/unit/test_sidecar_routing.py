@@ -91,6 +91,21 @@ def test_other_agents_and_old_generations_are_ignored() -> None:
     assert r.assign("n").version_id == CANDIDATE
 
 
+def test_the_writer_epoch_orders_before_the_generation() -> None:
+    r = router()
+    stale_writer = state(2**62, weight=1.0)
+    stale_writer.epoch = 1
+    assert r.apply(stale_writer)
+    current = state(3, control_pb2.ROLLOUT_PHASE_ABORTED)
+    current.epoch = 2
+    assert r.apply(current) and r.ordering == (2, 3)
+    assert r.assign("n").version_id == STABLE
+    later_stale = state(2**62 + 1, weight=1.0)
+    later_stale.epoch = 1
+    assert not r.apply(later_stale)  # a stale writer with a higher number never wins
+    assert r.assign("n").version_id == STABLE
+
+
 @given(st.lists(st.tuples(st.integers(0, 50), st.sampled_from(PHASES), st.floats(0, 1)), max_size=30))
 def test_generation_only_increases(updates: list[tuple[int, int, float]]) -> None:
     r = router()

@@ -91,6 +91,81 @@ class AbortRolloutRequest(_message.Message):
 Global___AbortRolloutRequest: _TypeAlias = AbortRolloutRequest  # noqa: Y015
 
 @_typing.final
+class PauseRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    reason: _builtins.str
+    requested_by: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRolloutRequest: _TypeAlias = PauseRolloutRequest  # noqa: Y015
+
+@_typing.final
+class ResumeRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    reason: _builtins.str
+    requested_by: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRolloutRequest: _TypeAlias = ResumeRolloutRequest  # noqa: Y015
+
+@_typing.final
+class PromoteRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    reason: _builtins.str
+    requested_by: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRolloutRequest: _TypeAlias = PromoteRolloutRequest  # noqa: Y015
+
+@_typing.final
 class VersionMetrics(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -100,12 +175,23 @@ class VersionMetrics(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     ERROR_RATE_FIELD_NUMBER: _builtins.int
     LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    WINDOW_S_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     role: _common_pb2.Role.ValueType
     requests: _builtins.int
     errors: _builtins.int
     error_rate: _builtins.float
     latency_p95_ms: _builtins.float
+    last_seen_unix_nano: _builtins.int
+    """the newest event of this version the collector saw; 0: none"""
+    window_s: _builtins.float
+    """the rolling window requests..latency_p95_ms cover"""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """models seen in this version's call events (bounded)"""
+
     def __init__(
         self,
         *,
@@ -115,10 +201,13 @@ class VersionMetrics(_message.Message):
         errors: _builtins.int = ...,
         error_rate: _builtins.float = ...,
         latency_p95_ms: _builtins.float = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+        last_seen_unix_nano: _builtins.int = ...,
+        window_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "errors", b"errors", "latency_p95_ms", b"latency_p95_ms", "requests", b"requests", "role", b"role", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "errors", b"errors", "last_seen_unix_nano", b"last_seen_unix_nano", "latency_p95_ms", b"latency_p95_ms", "models", b"models", "requests", b"requests", "role", b"role", "version_id", b"version_id", "window_s", b"window_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -171,17 +260,57 @@ Global___StageRecord: _TypeAlias = StageRecord  # noqa: Y015
 class RolloutStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FigureWindowsSEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STATE_FIELD_NUMBER: _builtins.int
     TIMELINE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     SPEC_YAML_FIELD_NUMBER: _builtins.int
+    NOW_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    FIGURE_WINDOWS_S_FIELD_NUMBER: _builtins.int
+    EVENTS_MISSING_FIELD_NUMBER: _builtins.int
     spec_yaml: _builtins.str
+    now_unix_nano: _builtins.int
+    """the collector's clock when it answered (for the figures' windows)"""
+    events_missing: _builtins.int
+    """events that never reached the collector from this agent's sidecars (gaps in their
+    per-sidecar sequence numbers): the evidence behind the gates has holes when > 0
+    """
     @_builtins.property
     def state(self) -> _control_pb2.RolloutState: ...
     @_builtins.property
     def timeline(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageRecord]: ...
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionMetrics]: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """e.g. a version no sidecar has reported serving since the start"""
+
+    @_builtins.property
+    def figure_windows_s(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """gate or trigger name (as in gate_results) -> the seconds its figures cover, back from now;
+        0: since the rollout started (every gate tests the evidence of the whole rollout)
+        """
+
     def __init__(
         self,
         *,
@@ -189,10 +318,14 @@ class RolloutStatus(_message.Message):
         timeline: _abc.Iterable[Global___StageRecord] | None = ...,
         metrics: _abc.Iterable[Global___VersionMetrics] | None = ...,
         spec_yaml: _builtins.str = ...,
+        now_unix_nano: _builtins.int = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+        figure_windows_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        events_missing: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "spec_yaml", b"spec_yaml", "state", b"state", "timeline", b"timeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_missing", b"events_missing", "figure_windows_s", b"figure_windows_s", "metrics", b"metrics", "now_unix_nano", b"now_unix_nano", "spec_yaml", b"spec_yaml", "state", b"state", "timeline", b"timeline", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

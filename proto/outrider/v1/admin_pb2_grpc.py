@@ -50,6 +50,21 @@ class AdminStub:
                 request_serializer=outrider_dot_v1_dot_admin__pb2.AbortRolloutRequest.SerializeToString,
                 response_deserializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
                 _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/outrider.v1.Admin/PauseRollout',
+                request_serializer=outrider_dot_v1_dot_admin__pb2.PauseRolloutRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/outrider.v1.Admin/ResumeRollout',
+                request_serializer=outrider_dot_v1_dot_admin__pb2.ResumeRolloutRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.PromoteRollout = channel.unary_unary(
+                '/outrider.v1.Admin/PromoteRollout',
+                request_serializer=outrider_dot_v1_dot_admin__pb2.PromoteRolloutRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -74,6 +89,28 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseRollout(self, request, context):
+        """Operator verbs: each records who asked and why in the new state's decided_by and reason.
+        RUNNING or NO_DATA -> HOLD
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """HOLD -> RUNNING
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteRollout(self, request, context):
+        """an override -> PROMOTED
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +127,21 @@ def add_AdminServicer_to_server(servicer, server):
             'AbortRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.AbortRollout,
                     request_deserializer=outrider_dot_v1_dot_admin__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=outrider_dot_v1_dot_admin__pb2.PauseRolloutRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=outrider_dot_v1_dot_admin__pb2.ResumeRolloutRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'PromoteRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRollout,
+                    request_deserializer=outrider_dot_v1_dot_admin__pb2.PromoteRolloutRequest.FromString,
                     response_serializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
             ),
     }
@@ -174,6 +226,87 @@ class Admin:
             target,
             '/outrider.v1.Admin/AbortRollout',
             outrider_dot_v1_dot_admin__pb2.AbortRolloutRequest.SerializeToString,
+            outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/PauseRollout',
+            outrider_dot_v1_dot_admin__pb2.PauseRolloutRequest.SerializeToString,
+            outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/ResumeRollout',
+            outrider_dot_v1_dot_admin__pb2.ResumeRolloutRequest.SerializeToString,
+            outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/PromoteRollout',
+            outrider_dot_v1_dot_admin__pb2.PromoteRolloutRequest.SerializeToString,
             outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
             options,
             channel_credentials,

@@ -36,6 +36,14 @@ class AdminStub:
     StartRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StartRolloutRequest, _admin_pb2.RolloutStatus]
     GetRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetRolloutRequest, _admin_pb2.RolloutStatus]
     AbortRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AbortRolloutRequest, _admin_pb2.RolloutStatus]
+    PauseRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PauseRolloutRequest, _admin_pb2.RolloutStatus]
+    """Operator verbs: each records who asked and why in the new state's decided_by and reason.
+    RUNNING or NO_DATA -> HOLD
+    """
+    ResumeRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResumeRolloutRequest, _admin_pb2.RolloutStatus]
+    """HOLD -> RUNNING"""
+    PromoteRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PromoteRolloutRequest, _admin_pb2.RolloutStatus]
+    """an override -> PROMOTED"""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -45,6 +53,14 @@ class AdminAsyncStub(AdminStub):
     StartRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.StartRolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
     GetRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetRolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
     AbortRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.AbortRolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
+    PauseRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.PauseRolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
+    """Operator verbs: each records who asked and why in the new state's decided_by and reason.
+    RUNNING or NO_DATA -> HOLD
+    """
+    ResumeRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResumeRolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
+    """HOLD -> RUNNING"""
+    PromoteRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.PromoteRolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
+    """an override -> PROMOTED"""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """The collector's admin API, used by the `outrider rollout` CLI and CI pipelines."""
@@ -69,5 +85,31 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.AbortRolloutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseRollout(
+        self,
+        request: _admin_pb2.PauseRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]:
+        """Operator verbs: each records who asked and why in the new state's decided_by and reason.
+        RUNNING or NO_DATA -> HOLD
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeRollout(
+        self,
+        request: _admin_pb2.ResumeRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]:
+        """HOLD -> RUNNING"""
+
+    @_abc_1.abstractmethod
+    def PromoteRollout(
+        self,
+        request: _admin_pb2.PromoteRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]:
+        """an override -> PROMOTED"""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -172,6 +172,9 @@ class RolloutState(_message.Message):
     STARTED_AT_UNIX_NANO_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     ALPHA_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    RETIRED_FIELD_NUMBER: _builtins.int
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     generation: _builtins.int
     rollout_id: _builtins.str
@@ -194,8 +197,20 @@ class RolloutState(_message.Message):
     """HOLD / NO_DATA: what releases it"""
     alpha: _builtins.float
     """the spec's family-wise false-rollback bound"""
+    epoch: _builtins.int
+    """The writer's epoch: states are ordered by (epoch, generation), so a stale writer cannot
+    win with a higher generation. A collector takes a new, higher epoch each time it starts.
+    """
+    drain_timeout_s: _builtins.float
+    """this rollout's drain timeout (spec drain_timeout)"""
     @_builtins.property
     def gate_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateResult]: ...
+    @_builtins.property
+    def retired(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetiredVersion]:
+        """versions rolled back or aborted whose pinned sessions are still draining (or recently drained):
+        every sidecar refuses calls on them past drain_deadline, whatever the session token says
+        """
+
     def __init__(
         self,
         *,
@@ -218,18 +233,57 @@ class RolloutState(_message.Message):
         started_at_unix_nano: _builtins.int = ...,
         release: _builtins.str = ...,
         alpha: _builtins.float = ...,
+        epoch: _builtins.int = ...,
+        retired: _abc.Iterable[Global___RetiredVersion] | None = ...,
+        drain_timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "alpha", b"alpha", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "decided_at_unix_nano", b"decided_at_unix_nano", "decided_by", b"decided_by", "gate_results", b"gate_results", "generation", b"generation", "phase", b"phase", "reason", b"reason", "release", b"release", "rollout_id", b"rollout_id", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "started_at_unix_nano", b"started_at_unix_nano", "step_count", b"step_count", "step_index", b"step_index", "step_started_at_unix_nano", b"step_started_at_unix_nano", "sticky_by", b"sticky_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "alpha", b"alpha", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "decided_at_unix_nano", b"decided_at_unix_nano", "decided_by", b"decided_by", "drain_timeout_s", b"drain_timeout_s", "epoch", b"epoch", "gate_results", b"gate_results", "generation", b"generation", "phase", b"phase", "reason", b"reason", "release", b"release", "retired", b"retired", "rollout_id", b"rollout_id", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "started_at_unix_nano", b"started_at_unix_nano", "step_count", b"step_count", "step_index", b"step_index", "step_started_at_unix_nano", b"step_started_at_unix_nano", "sticky_by", b"sticky_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
 
 @_typing.final
+class RetiredVersion(_message.Message):
+    """A version taken out of service by a rollback or abort, and when its sessions stop being served."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    DRAIN_DEADLINE_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    version_id: _builtins.str
+    drain_deadline_unix_nano: _builtins.int
+    reason: _builtins.str
+    """"rolled_back" or "aborted" """
+    rollout_id: _builtins.str
+    """the rollout that retired it"""
+    def __init__(
+        self,
+        *,
+        version_id: _builtins.str = ...,
+        drain_deadline_unix_nano: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        rollout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain_deadline_unix_nano", b"drain_deadline_unix_nano", "reason", b"reason", "rollout_id", b"rollout_id", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetiredVersion: _TypeAlias = RetiredVersion  # noqa: Y015
+
+@_typing.final
 class ControlMessage(_message.Message):
-    """Everything on `outrider.control`."""
+    """Everything on `outrider.control`. Each record is signed (Ed25519): the signature, key id
+    and issue time travel in the record headers `outrider-signature`, `outrider-key-id` and
+    `outrider-issued-at` (see outrider._signing); readers drop records without a valid one.
+    Keys: `rollout/<agent>`, `flag/<agent>/<name>`, `quota/<resource>`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -287,12 +341,15 @@ class QuotaGrant(_message.Message):
     GRANTS_TPM_FIELD_NUMBER: _builtins.int
     ISSUED_AT_UNIX_NANO_FIELD_NUMBER: _builtins.int
     TTL_S_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     resource: _builtins.str
     generation: _builtins.int
     limit_tpm: _builtins.float
     issued_at_unix_nano: _builtins.int
     ttl_s: _builtins.float
     """a sidecar falls back to its safe share when no grant is this fresh"""
+    epoch: _builtins.int
+    """the writer's epoch, as in RolloutState"""
     @_builtins.property
     def grants_tpm(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """sidecar id -> its share"""
@@ -306,10 +363,11 @@ class QuotaGrant(_message.Message):
         grants_tpm: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         issued_at_unix_nano: _builtins.int = ...,
         ttl_s: _builtins.float = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "grants_tpm", b"grants_tpm", "issued_at_unix_nano", b"issued_at_unix_nano", "limit_tpm", b"limit_tpm", "resource", b"resource", "ttl_s", b"ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "generation", b"generation", "grants_tpm", b"grants_tpm", "issued_at_unix_nano", b"issued_at_unix_nano", "limit_tpm", b"limit_tpm", "resource", b"resource", "ttl_s", b"ttl_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

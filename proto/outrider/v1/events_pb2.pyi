@@ -60,6 +60,8 @@ class Event(_message.Message):
     BREAKER_FIELD_NUMBER: _builtins.int
     SAFETY_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    DRAINED_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     time_unix_nano: _builtins.int
     agent: _builtins.str
@@ -71,6 +73,10 @@ class Event(_message.Message):
     unit_id: _builtins.str
     """The rollout's randomization unit (session, user or tenant per sticky_by), hashed: the
     collector clusters its statistics by it. Empty means the session.
+    """
+    sequence: _builtins.int
+    """1, 2, 3, ... per sidecar_id, in emit order: the collector counts the gaps (events that
+    never arrived, outrider_events_missing_total{sidecar}).
     """
     @_builtins.property
     def call(self) -> Global___CallRecord: ...
@@ -84,6 +90,8 @@ class Event(_message.Message):
     def safety(self) -> Global___SafetyRecord: ...
     @_builtins.property
     def usage(self) -> Global___UsageReport: ...
+    @_builtins.property
+    def drained(self) -> Global___VersionDrained: ...
     def __init__(
         self,
         *,
@@ -102,12 +110,14 @@ class Event(_message.Message):
         breaker: Global___BreakerRecord | None = ...,
         safety: Global___SafetyRecord | None = ...,
         usage: Global___UsageReport | None = ...,
+        drained: Global___VersionDrained | None = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "feedback", b"feedback", "safety", b"safety", "tool", b"tool", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "feedback", b"feedback", "safety", b"safety", "tool", b"tool", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "sequence", b"sequence", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage", "drained"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -359,3 +369,33 @@ class UsageReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageReport: _TypeAlias = UsageReport  # noqa: Y015
+
+@_typing.final
+class VersionDrained(_message.Message):
+    """A sidecar saw a retired version's drain end: its deadline passed or none of its sessions
+    remained active. Emitted once per sidecar and version; the collector does not gate on it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    SESSIONS_CUT_FIELD_NUMBER: _builtins.int
+    version_id: _builtins.str
+    rollout_id: _builtins.str
+    sessions_cut: _builtins.int
+    """sessions this sidecar refused with SESSION_DRAINED for this version"""
+    def __init__(
+        self,
+        *,
+        version_id: _builtins.str = ...,
+        rollout_id: _builtins.str = ...,
+        sessions_cut: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout_id", b"rollout_id", "sessions_cut", b"sessions_cut", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionDrained: _TypeAlias = VersionDrained  # noqa: Y015

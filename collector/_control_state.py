@@ -1,0 +1,130 @@
+"""Control state that survives the broker: the collector's own copy, and the broker watch.
+
+- `StateCopy`: the newest signed rollout record of every agent, as published, in
+  `state_dir/<group>.control.json` (written after every publish). A collector that finds
+  the control topic empty or missing republishes from it. It is verified on load like a
+  record from the topic.
+- `BrokerWatch`: an incarnation marker. At start (and after each recovery) the collector
+  writes `marker/collector/<group>` with a random nonce to `outrider.control` and remembers
+  its offset; every `broker_check_interval_s` it reads that offset back. A missing topic,
+  an offset out of range, or another record there means a new or emptied broker, which a
+  quiet broker never looks like. `end_offsets` is never used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
+
+import outrider
+from collector._control import ControlHistory, add_record
+
+log = logging.getLogger(__name__)
+
+_CHECK_POLL_MS = 1000
+
+
+class StateCopy:
+    """The collector's copy of the control state in `state_dir`."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def load(
+        self, verifier: outrider.Verifier, on_reject: Callable[[str], None] | None = None
+    ) -> ControlHistory:
+        history = ControlHistory()
+        if self.path is None:
+            return history
+        try:
+            records, _ = outrider.load_records(self.path)
+        except ValueError as exc:
+            log.error("ignoring the control state copy: %s", exc)  # noqa: TRY400
+            return history
+        for record in records:
+            add_record(history, verifier, record, on_reject)
+        if history.latest:
+            log.info("control state copy %s: %d agents", self.path, len(history.latest))
+        return history
+
+    async def save(self, records: dict[str, outrider.SignedRecord]) -> None:
+        if self.path is None:
+            return
+        try:
+            await asyncio.to_thread(outrider.save_records, self.path, list(records.values()))
+        except OSError as exc:
+            log.warning("cannot write the control state copy %s: %s", self.path, exc)
+
+
+class BrokerWatch:
+    """Tells a new (or emptied) broker from a quiet one by an incarnation marker."""
+
+    def __init__(self, bootstrap: str, group_id: str, timeout_s: float) -> None:
+        self._bootstrap, self._timeout_s = bootstrap, timeout_s
+        self.key = f"{outrider.MARKER_KEY_PREFIX}collector/{group_id}".encode()
+        self._nonce = b""
+        self._where: TopicPartition | None = None
+        self._offset = -1
+
+    async def mark(self) -> None:
+        """Write a new incarnation marker; raises KafkaError or TimeoutError."""
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            acks="all",
+            enable_idempotence=False,
+            request_timeout_ms=max(1000, int(self._timeout_s * 1000)),
+        )
+        try:
+            await producer.start()
+            nonce = secrets.token_hex(8).encode()
+            metadata = await asyncio.wait_for(
+                producer.send_and_wait(outrider.CONTROL_TOPIC, nonce, key=self.key), self._timeout_s
+            )
+        finally:
+            await producer.stop()
+        self._nonce = nonce
+        self._where = TopicPartition(outrider.CONTROL_TOPIC, metadata.partition)
+        self._offset = metadata.offset
+        log.info("broker incarnation marker at %s[%d] offset %d", *self._where, self._offset)
+
+    async def lost(self) -> bool:
+        """True when the marker is gone: a new or emptied broker. Raises KafkaError or
+        TimeoutError when the broker cannot be asked (unreachable is not new)."""
+        if self._where is None:
+            return False
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="none",
+            request_timeout_ms=max(1000, int(self._timeout_s * 1000)),
+        )
+        try:
+            await asyncio.wait_for(consumer.start(), self._timeout_s)
+            topics = await asyncio.wait_for(consumer.topics(), self._timeout_s)
+            if outrider.CONTROL_TOPIC not in topics:
+                log.warning("%s is gone from the broker", outrider.CONTROL_TOPIC)
+                return True
+            consumer.assign([self._where])
+            consumer.seek(self._where, self._offset)
+            try:
+                batch = await consumer.getmany(self._where, timeout_ms=_CHECK_POLL_MS, max_records=1)
+            except OffsetOutOfRangeError:
+                log.warning("the incarnation marker's offset %d is out of range", self._offset)
+                return True
+            records = batch.get(self._where, [])
+            if not records:
+                return False  # nothing came back in time: judge again next check
+            record = records[0]
+            if record.offset != self._offset or record.key != self.key or record.value != self._nonce:
+                log.warning("another record holds the incarnation marker's offset %d", self._offset)
+                return True
+            return False
+        finally:
+            await consumer.stop()

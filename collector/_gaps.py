@@ -1,0 +1,54 @@
+"""End-to-end loss detection: gaps in each sidecar's event sequence numbers.
+
+Every sidecar numbers the events it emits 1, 2, 3, ... (`Event.sequence`, per sidecar id).
+The first event seen from a sidecar sets its baseline (a collector that starts late does
+not call the earlier ones missing); after that, a jump from n to n + k + 1 means k events
+never arrived: dropped by a full queue, lost by a broker, or expired. Duplicates and late
+arrivals (at or below the highest seen) change nothing. The state is checkpointed with the
+windows, so a restart neither forgets a sidecar nor counts its gap again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+MAX_SIDECARS = 10_000  # the oldest-seen sidecar is forgotten past this
+
+
+class GapTracker:
+    def __init__(self, max_sidecars: int = MAX_SIDECARS) -> None:
+        self._highest: OrderedDict[str, tuple[str, int]] = OrderedDict()  # sidecar -> (agent, seq)
+        self._max = max_sidecars
+        self.missing_by_agent: dict[str, int] = {}
+
+    def observe(self, sidecar: str, agent: str, sequence: int) -> int:
+        """How many events this one shows to be missing (0 for most)."""
+        if not sidecar or sequence <= 0:
+            return 0
+        known = self._highest.get(sidecar)
+        if known is None:
+            self._highest[sidecar] = (agent, sequence)
+            if len(self._highest) > self._max:
+                self._highest.popitem(last=False)
+            return 0
+        highest = known[1]
+        if sequence <= highest:
+            return 0
+        self._highest[sidecar] = (agent, sequence)
+        self._highest.move_to_end(sidecar)
+        missing = sequence - highest - 1
+        if missing:
+            self.missing_by_agent[agent] = self.missing_by_agent.get(agent, 0) + missing
+        return missing
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "highest": [[s, a, q] for s, (a, q) in self._highest.items()],
+            "missing_by_agent": dict(self.missing_by_agent),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        highest = OrderedDict((str(s), (str(a), int(q))) for s, a, q in state.get("highest", []))
+        missing = {str(k): int(v) for k, v in (state.get("missing_by_agent") or {}).items()}
+        self._highest, self.missing_by_agent = highest, missing
