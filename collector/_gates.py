@@ -1,6 +1,7 @@
 """Gates: anytime-valid tests of the candidate against stable on the rollout's evidence.
 
-Every gate is one confidence sequence (normal-mixture mSPRT, `collector.stats`) on the harm
+Every gate is one confidence sequence (the normal-mixture mSPRT mixed over scales from the
+margin up, `collector.stats._scales`) on the harm
 d = candidate - stable (stable - candidate for a score), stratified by stage and clustered by
 randomization unit. With h its half-width at the gate's alpha:
 
@@ -24,7 +25,7 @@ from statistics import NormalDist
 
 from collector._evidence import CALL, COST, LAT, REQ, SCORE, SPEND, TASK, THUMB, TOOL, TTFT, RolloutEvidence
 from collector._spec import NO_MARGIN, Gate
-from collector.stats import msprt_half_width, proportion_difference_variance, ratio_mean_variance
+from collector.stats import proportion_difference_variance, ratio_mean_variance, scale_mixture_half_width
 from outrider.v1 import control_pb2
 
 HARM, NO_HARM, UNDECIDED, WAITING = "harm", "no_harm", "undecided", "waiting"
@@ -134,10 +135,14 @@ def _t_widening(units: int, alpha: float) -> float:
 
 def _small_sample(k: float, alpha: float) -> float:
     """A variance estimated from k units is itself uncertain: a t tail with k - 1 degrees of
-    freedom, not a normal one. Widen it by (t / z)^2 at the gate's alpha (1.19 at k = 30)."""
+    freedom, not a normal one. Widen it by (t / z)^2 at the gate's alpha (1.19 at k = 30), with k
+    rounded down to a quarter-octave grid (conservative, and the quantile is computed once)."""
     if k < 2:
         return math.inf
-    return _t_widening(min(int(k), 100_000), alpha) if k < 100_000 else 1.0
+    if k >= 100_000:
+        return 1.0
+    grid_k = max(2, int(2 ** (math.floor(4 * math.log2(k)) / 4)))
+    return _t_widening(grid_k, alpha)
 
 
 def _unpooled_variance(y0: float, n0: float, y1: float, n1: float) -> float:
@@ -194,7 +199,7 @@ def evaluate_gate(gate: Gate, evidence: RolloutEvidence, alpha: float) -> contro
         result.detail = f"waiting for {result.waiting_for}"
         return result
     margin = margin_scale(gate)
-    h = msprt_half_width(est.variance, margin, alpha)
+    h = scale_mixture_half_width(est.variance, margin, alpha)
     lower, upper = est.d - h, est.d + h
     to_unit = math.exp if kind.unit == "ratio" else float
     result.estimate, result.lower, result.upper = to_unit(est.d), to_unit(lower), to_unit(upper)

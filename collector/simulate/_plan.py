@@ -14,7 +14,7 @@ what the gates of `collector._gates` will see.
   judge_sd²(1/n0 + 1/n1). Stratified: V = Σ W_i² V_i / (Σ W_i)².
 - **Detectable regression**: the smallest true harm δ with d - h > 0 with probability `power`
   at the gate's alpha: δ - z_power·√V(δ) >= h(V(δ)), h the mSPRT half-width with the gate's
-  margin as mixing scale (`normal_mixture_detectable_effect` for means). It is a one-look
+  margin as the base of the mixing scales (`scale_mixture_detectable_effect` for means). It is a one-look
   bound at the end of the stage: the gate also gets every earlier look, so it is conservative.
 - **Time to a decision**: an earlier stage advances at max(min_duration, min_samples / (R·w));
   the last stage also waits until an identical candidate is shown non-inferior on every gate
@@ -35,7 +35,7 @@ import numpy as np
 from collector._gates import METRICS, margin_scale
 from collector._spec import NO_MARGIN, Gate, RolloutSpec
 from collector.simulate._traffic import Traffic
-from collector.stats import DEFAULT_RATIOS, msprt_half_width, normal_mixture_detectable_effect
+from collector.stats import DEFAULT_RATIOS, scale_mixture_detectable_effect, scale_mixture_half_width
 
 PLANNED_POWER = 0.975
 MAX_PLAN_S = 365 * 86400.0  # a last stage that needs longer than this "never" decides
@@ -173,12 +173,12 @@ def detectable(model: _Model, strata: Strata, tau: float, alpha: float, power: f
     if not math.isfinite(v) or v <= 0:
         return None
     if model.test == "mean":
-        return normal_mixture_detectable_effect(v, tau, alpha, power)
+        return scale_mixture_detectable_effect(v, tau, alpha, power)
     z = NormalDist().inv_cdf(power)
 
     def ok(delta: float) -> bool:
         v_test, v_true = _variances(model, strata, delta)
-        return delta - z * math.sqrt(v_true) >= msprt_half_width(v_test, tau, alpha)
+        return delta - z * math.sqrt(v_true) >= scale_mixture_half_width(v_test, tau, alpha)
 
     lo, hi = 0.0, 1.0 - model.p - 1e-9
     if hi <= 0 or not ok(hi):
@@ -194,7 +194,7 @@ def non_inferior(model: _Model, strata: Strata, margin: float, alpha: float, pow
     v, _ = _variances(model, strata, 0.0)
     if not math.isfinite(v) or v <= 0:
         return False
-    return msprt_half_width(v, margin, alpha) + NormalDist().inv_cdf(power) * math.sqrt(v) <= margin
+    return scale_mixture_half_width(v, margin, alpha) + NormalDist().inv_cdf(power) * math.sqrt(v) <= margin
 
 
 def safety_detectable(p0: float, strata: Strata, alpha: float, power: float) -> float | None:

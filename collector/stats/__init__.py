@@ -12,6 +12,12 @@ from collector.stats._fixed import (
     two_proportion_ztest,
     welch_ttest,
 )
+from collector.stats._scales import (
+    SCALE_WEIGHTS,
+    scale_grid,
+    scale_mixture_detectable_effect,
+    scale_mixture_half_width,
+)
 from collector.stats._sequential import (
     DEFAULT_RATIOS,
     CountEProcess,
@@ -26,6 +32,7 @@ from collector.stats._sequential import (
 
 __all__ = [
     "DEFAULT_RATIOS",
+    "SCALE_WEIGHTS",
     "CountEProcess",
     "Interval",
     "confidence_sequence",
@@ -38,6 +45,9 @@ __all__ = [
     "proportion_difference_variance",
     "ratio_mean_variance",
     "samples_to_detect",
+    "scale_grid",
+    "scale_mixture_detectable_effect",
+    "scale_mixture_half_width",
     "two_proportion_ztest",
     "welch_ttest",
 ]

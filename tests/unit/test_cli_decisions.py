@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from collector._spec import load_spec_file, load_spec_text
 from collector.simulate import Traffic, plan
 from collector.simulate._plan import detectable, metric_model, non_inferior, safety_detectable
-from collector.stats import normal_mixture_detectable_effect
+from collector.stats import scale_mixture_detectable_effect
 from devstack.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,7 +253,7 @@ def test_mean_gate_matches_the_library_bound() -> None:
     model = metric_model("latency_p95_ms", traffic)
     strata = [(1000.0, 0.05), (4000.0, 0.5)]
     weight = 1000 * 0.05 * 0.95 + 4000 * 0.25
-    expected = normal_mixture_detectable_effect(0.16 / weight, math.log(1.1), 0.004, 0.975)
+    expected = scale_mixture_detectable_effect(0.16 / weight, math.log(1.1), 0.004, 0.975)
     assert detectable(model, strata, math.log(1.1), 0.004, 0.975) == pytest.approx(expected)
 
 
@@ -263,7 +263,7 @@ def test_proportion_bound_reduces_to_p_times_1_minus_p_without_an_effect() -> No
     strata = [(10_000.0, 0.5)]
     margin = 0.01
     v = 0.05 * 0.95 * (1 / 5000 + 1 / 5000)
-    bound = normal_mixture_detectable_effect(v, margin, 0.003, 0.975)
+    bound = scale_mixture_detectable_effect(v, margin, 0.003, 0.975)
     assert non_inferior(model, [(10_000.0 * (bound / margin) ** 2 * 1.05, 0.5)], margin, 0.003, 0.975)
     assert not non_inferior(model, [(10_000.0 * (bound / margin) ** 2 * 0.95, 0.5)], margin, 0.003, 0.975)
     harm = detectable(model, strata, margin, 0.003, 0.975)

@@ -66,7 +66,7 @@ def test_example_spec_loads() -> None:
     assert [s.min_duration for s in spec.steps] == [60.0, 300.0, 600.0]
     assert [s.min_samples for s in spec.steps] == [100, 1000, 0]
     assert spec.steps[-1].max_duration == 24 * 3600.0  # the last stage confirms, then NO_DATA
-    assert (spec.alpha, spec.look_interval, spec.sticky_by) == (0.02, 10.0, "session")
+    assert (spec.alpha, spec.look_interval, spec.sticky_by) == (0.02, 30.0, "session")
     # every gate of the design but quality, with the margins of the issue
     assert {g.metric: g.limit for g in spec.gates} == {
         "task_failure_rate": 0.025,
