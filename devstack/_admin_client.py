@@ -17,8 +17,6 @@ from typing import TypeVar
 import click
 import grpc
 
-from outrider.v1 import admin_pb2_grpc
-
 ENV_ADMIN_TOKEN = "OUTRIDER_ADMIN_TOKEN"
 ENV_ADMIN_TOKEN_FILE = "OUTRIDER_ADMIN_TOKEN_FILE"
 DEV_DIR = Path(".outrider/dev")
@@ -49,20 +47,6 @@ class AdminTarget:
             certificate_chain=self.tls_cert.read_bytes() if self.tls_cert else None,
         )
         return grpc.secure_channel(self.address, credentials)
-
-    def call(self, call: Callable[[admin_pb2_grpc.AdminStub, tuple[tuple[str, str], ...]], T]) -> T:
-        with self.channel() as channel:
-            stub = admin_pb2_grpc.AdminStub(channel)
-            try:
-                return call(stub, self.metadata())
-            except grpc.RpcError as exc:
-                code = exc.code()
-                detail = exc.details()
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    detail = f"no collector admin API at {self.address} ({detail})"
-                elif code == grpc.StatusCode.UNAUTHENTICATED:
-                    detail = f"{detail} (set {ENV_ADMIN_TOKEN} or pass --token-file)"
-                raise click.ClickException(f"{code.name}: {detail}") from exc
 
 
 def resolve_token(token_file: Path | None, env_token: str | None) -> str | None:
