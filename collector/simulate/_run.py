@@ -187,7 +187,7 @@ def run_once(scenario: Scenario, seed: int | np.random.SeedSequence) -> RunResul
             if new is not None:
                 ctl.apply(new)
                 book.sync(new, spec)
-                result = _ended(new, ctl, t, candidate_calls, spec)
+                result = _ended(new, ctl, t, candidate_calls)
                 if result is None:  # after the end, traffic goes on at the last split for the baselines
                     weight = new.candidate_weight
         if result is not None and (fixed is not None or result.outcome == "held"):
@@ -210,9 +210,7 @@ def _track(side: _Side, key: str | None, drawn: tuple[Drawn, Drawn]) -> None:
         side.ss[arm] += float((x * x).sum())
 
 
-def _ended(
-    state: control_pb2.RolloutState, ctl: RolloutController, t: float, calls: int, spec: RolloutSpec
-) -> RunResult | None:
+def _ended(state: control_pb2.RolloutState, ctl: RolloutController, t: float, calls: int) -> RunResult | None:
     if state.phase == ROLLED_BACK:
         harmed = [r for r in ctl.evaluation if r.verdict == "harm" and r.action == "rollback"]
         first = harmed[0] if harmed else None
