@@ -11,24 +11,32 @@ control-topic write that failed UNAVAILABLE.
 
 Who asked is decided in one place, `_requester`: the authenticated identity, never the client's
 `requested_by`.
+
+Rollout calls are answered by the replica that owns the agent (`collector._ownership`): any
+other replica authenticates and authorizes the caller, then relays the call through
+`outrider.commands` (`collector._commands`) and returns the owner's answer as its own. A call
+with no owner to answer it within `relay_timeout_s` is UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
+from aiokafka.errors import KafkaError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from collector._auth import AuthInterceptor, TokenBook, current_identity
+from collector._commands import NOT_OWNER, CommandBus, NoAnswer
 from collector._config_errors import SpecError
-from collector._errors import NoRollout, RolloutConflict, RolloutError, WrongPhase
+from collector._errors import NoRollout, NotOwner, RolloutConflict, RolloutError, WrongPhase
 from collector._manager import PublishError, RolloutManager
-from collector._spec import load_spec_text
+from collector._spec import RolloutSpec, load_spec_text
 from outrider.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -45,9 +53,16 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
 }
 
 
+_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+DEFAULT_RELAY_TIMEOUT_S = 20.0
+
+
+def status_code(exc: Exception) -> grpc.StatusCode:
+    return next((c for t, c in _CODES.items() if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
+
+
 async def _fail(context: grpc.aio.ServicerContext[object, object], exc: Exception) -> NoReturn:
-    code = next((c for t, c in _CODES.items() if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
-    await context.abort(code, str(exc))
+    await context.abort(status_code(exc), str(exc))
     raise AssertionError("unreachable")  # context.abort raises
 
 
@@ -74,87 +89,175 @@ _Verb = (
 )
 
 
-def _requester(
-    request: _Verb | admin_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext[object, object]
-) -> str:
+def _requester(request: Any) -> str:
     """Who asked for a command, recorded as the new state's `decided_by`: the authenticated
-    identity (the admin interceptor's), never the client's claim."""
-    del context  # the identity travels in the interceptor's context variable
-    return _caller(request.requested_by)
+    identity (the admin interceptor's context variable), never the client's claim."""
+    return _caller(getattr(request, "requested_by", ""))
+
+
+_REQUESTS: dict[str, Any] = {
+    "StartRollout": admin_pb2.StartRolloutRequest,
+    "GetRollout": admin_pb2.GetRolloutRequest,
+    "AbortRollout": admin_pb2.AbortRolloutRequest,
+    "PauseRollout": admin_pb2.PauseRolloutRequest,
+    "ResumeRollout": admin_pb2.ResumeRolloutRequest,
+    "PromoteRollout": admin_pb2.PromoteRolloutRequest,
+}
+_VERBS = {
+    "AbortRollout": "abort",
+    "PauseRollout": "pause",
+    "ResumeRollout": "resume",
+    "PromoteRollout": "promote",
+}
+
+
+def _spec_of(request: admin_pb2.StartRolloutRequest) -> RolloutSpec:
+    """The request's spec, validated; SpecError names the source and field."""
+    source = request.source_name or "<request>"
+    if not request.spec_yaml:
+        raise SpecError(source, ["spec_yaml: must not be empty"])
+    if len(request.spec_yaml.encode()) > MAX_SPEC_BYTES:
+        raise SpecError(source, [f"spec_yaml: larger than {MAX_SPEC_BYTES} bytes"])
+    return load_spec_text(request.spec_yaml, source)
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, manager: RolloutManager) -> None:
-        self._manager = manager
+    def __init__(
+        self,
+        manager: RolloutManager,
+        bus: CommandBus | None = None,
+        replica: str = "",
+        relay_timeout_s: float = DEFAULT_RELAY_TIMEOUT_S,
+    ) -> None:
+        self._manager, self._bus, self._replica = manager, bus, replica
+        self._relay_timeout_s = relay_timeout_s
+        if bus is not None:
+            bus.handler = self.handle_relayed
 
     async def StartRollout(
         self, request: admin_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
-        source = request.source_name or "<request>"
-        await _require(context, "spec_yaml", request.spec_yaml)
-        if len(request.spec_yaml.encode()) > MAX_SPEC_BYTES:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"spec_yaml: larger than {MAX_SPEC_BYTES} bytes"
-            )
         try:
-            spec = load_spec_text(request.spec_yaml, source)
-            self._manager.check_windows(spec, source)
-            who = _requester(request, context)
-            await self._manager.start(spec, request.spec_yaml, who)
-            log.info("rollout of %s started by %s from %s", spec.agent, who, source)
-            return self._manager.status(spec.agent)
-        except (SpecError, RolloutError, PublishError) as exc:
+            spec = _spec_of(request)
+            self._manager.check_windows(spec, request.source_name or "<request>")
+        except SpecError as exc:
             await _fail(context, exc)
+        return await self._route("StartRollout", spec.agent, request, context)
 
     async def GetRollout(
         self, request: admin_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
         await _require(context, "agent", request.agent)
-        try:
-            return self._manager.status(request.agent)
-        except RolloutError as exc:
-            await _fail(context, exc)
+        return await self._route("GetRollout", request.agent, request, context)
 
     async def AbortRollout(
         self, request: admin_pb2.AbortRolloutRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
-        return await self._verb("abort", request, context)
+        return await self._verb("AbortRollout", request, context)
 
     async def PauseRollout(
         self, request: admin_pb2.PauseRolloutRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
-        return await self._verb("pause", request, context)
+        return await self._verb("PauseRollout", request, context)
 
     async def ResumeRollout(
         self, request: admin_pb2.ResumeRolloutRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
-        return await self._verb("resume", request, context)
+        return await self._verb("ResumeRollout", request, context)
 
     async def PromoteRollout(
         self, request: admin_pb2.PromoteRolloutRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
-        return await self._verb("promote", request, context)
+        return await self._verb("PromoteRollout", request, context)
 
     async def _verb(
-        self,
-        verb: str,
-        request: _Verb,
-        context: grpc.aio.ServicerContext[object, object],
+        self, method: str, request: _Verb, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
         await _require(context, "agent", request.agent)
-        who = _requester(request, context)
-        command = {
-            "abort": self._manager.abort,
-            "pause": self._manager.pause,
-            "resume": self._manager.resume,
-            "promote": self._manager.promote,
-        }[verb]
+        return await self._route(method, request.agent, request, context)
+
+    async def _owned_here(self, agent: str) -> bool:
+        """Does this replica answer for `agent`? Waits out a first assignment or a restore."""
+        ownership = self._manager.ownership
+        if ownership is None:
+            return True
+        if not ownership.settled:
+            await ownership.wait_settled(self._relay_timeout_s)
+        return await ownership.wait_restored(agent, self._relay_timeout_s)
+
+    async def _route(
+        self, method: str, agent: str, request: Any, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        who = _requester(request)
+        if await self._owned_here(agent):
+            try:
+                return await self._run(method, request, who)
+            except NotOwner:
+                pass  # the partition moved meanwhile: relay to the new owner
+            except (SpecError, RolloutError, PublishError) as exc:
+                await _fail(context, exc)
+        if self._bus is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"this collector does not own agent {agent!r}")
         try:
-            await command(request.agent, request.reason, who)
-            log.info("rollout of %s: %s by %s: %s", request.agent, verb, who, request.reason)
-            return self._manager.status(request.agent)
-        except (RolloutError, PublishError) as exc:
-            await _fail(context, exc)
+            answer = await self._bus.forward(
+                agent, method, request.SerializeToString(), who, self._relay_timeout_s
+            )
+        except NoAnswer as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (KafkaError, TimeoutError) as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot relay the call to the owner of {agent!r}: {exc or type(exc).__name__}",
+            )
+        if answer.code != 0:
+            await context.abort(_BY_VALUE.get(answer.code, grpc.StatusCode.UNKNOWN), answer.message)
+        return admin_pb2.RolloutStatus.FromString(answer.response)
+
+    async def _run(self, method: str, request: Any, who: str) -> admin_pb2.RolloutStatus:
+        """Run one rollout call here, the agent's owner; raises what `_CODES` maps."""
+        if method == "StartRollout":
+            spec = _spec_of(request)
+            self._manager.check_windows(spec, request.source_name or "<request>")
+            await self._manager.start(spec, request.spec_yaml, who)
+            log.info(
+                "rollout of %s started by %s from %s", spec.agent, who, request.source_name or "<request>"
+            )
+            agent = spec.agent
+        elif method == "GetRollout":
+            agent = request.agent
+            if not self._manager.owns(agent):
+                raise NotOwner(agent)
+        else:
+            verb = _VERBS[method]
+            commands: dict[str, Callable[[str, str, str], Awaitable[object]]] = {
+                "abort": self._manager.abort,
+                "pause": self._manager.pause,
+                "resume": self._manager.resume,
+                "promote": self._manager.promote,
+            }
+            agent = request.agent
+            await commands[verb](agent, request.reason, who)
+            log.info("rollout of %s: %s by %s: %s", agent, verb, who, request.reason)
+        status = self._manager.status(agent)
+        status.collector_replica = self._replica
+        return status
+
+    async def handle_relayed(self, method: str, data: bytes, caller: str) -> tuple[int, str, bytes]:
+        """The owner's side of a relayed call: (status code value, message, response)."""
+        request_type = _REQUESTS.get(method)
+        if request_type is None:
+            return grpc.StatusCode.UNIMPLEMENTED.value[0], f"{method}: not a relayed Admin method", b""
+        try:
+            request = request_type.FromString(data)
+            status = await self._run(method, request, caller)
+        except NotOwner:
+            return NOT_OWNER, "", b""
+        except (SpecError, RolloutError, PublishError) as exc:
+            return status_code(exc).value[0], str(exc), b""
+        except Exception as exc:  # a bad request must not kill the relay
+            log.exception("relayed %s failed", method)
+            return grpc.StatusCode.INTERNAL.value[0], f"{method} failed: {type(exc).__name__}", b""
+        return 0, "", status.SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -171,8 +274,17 @@ class AdminAuth:
 class AdminServer:
     """grpc.aio server with Admin, health and (with `reflection`) reflection; start/stop idempotent."""
 
-    def __init__(self, manager: RolloutManager, listen: str, auth: AdminAuth | None = None) -> None:
+    def __init__(
+        self,
+        manager: RolloutManager,
+        listen: str,
+        auth: AdminAuth | None = None,
+        bus: CommandBus | None = None,
+        replica: str = "",
+        relay_timeout_s: float = DEFAULT_RELAY_TIMEOUT_S,
+    ) -> None:
         self._auth = auth or AdminAuth()
+        self._bus, self._replica, self._relay_timeout_s = bus, replica, relay_timeout_s
         self._listen = listen
         self._server: grpc.aio.Server | None = None
         self._manager = manager
@@ -191,7 +303,9 @@ class AdminServer:
                 "every admin call will be refused with UNAUTHENTICATED"
             )
         server = grpc.aio.server(interceptors=[AuthInterceptor(tokens, certs=certs)])
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self._manager), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminService(self._manager, self._bus, self._replica, self._relay_timeout_s), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if auth.reflection:
             reflection.enable_server_reflection(

@@ -7,7 +7,7 @@ windows and the offsets, so evidence is exactly-once like every other count.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from collector._evidence import DEFAULT_MAX_UNITS, RolloutEvidence, Rows
@@ -63,18 +63,35 @@ class EvidenceBook:
             self._by_agent[agent].add(batch, now)
         return used
 
-    def to_state(self) -> dict[str, Any]:
+    def to_state(self, agents: Callable[[str], bool] | None = None) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,
-            "agents": {agent: evidence.to_state() for agent, evidence in self._by_agent.items()},
+            "agents": {
+                agent: evidence.to_state()
+                for agent, evidence in self._by_agent.items()
+                if agents is None or agents(agent)
+            },
         }
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Replace everything with a `to_state` result; ValueError if it does not fit."""
+    def load_state(self, state: Mapping[str, Any], agents: Callable[[str], bool] | None = None) -> None:
+        """Replace everything with a `to_state` result (with `agents`: only those agents'
+        evidence); ValueError if it does not fit."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"evidence book format {state.get('format')!r}, expected {STATE_FORMAT}")
-        loaded = {str(a): RolloutEvidence.from_state(s) for a, s in state["agents"].items()}
-        self._by_agent = loaded
+        loaded = {
+            str(a): RolloutEvidence.from_state(s)
+            for a, s in state["agents"].items()
+            if agents is None or agents(str(a))
+        }
+        if agents is None:
+            self._by_agent = loaded
+            return
+        self.forget(agents)
+        self._by_agent.update(loaded)
+
+    def forget(self, agents: Callable[[str], bool]) -> None:
+        for agent in [a for a in self._by_agent if agents(a)]:
+            del self._by_agent[agent]
 
 
 def _critical(spec: RolloutSpec) -> tuple[str, ...]:

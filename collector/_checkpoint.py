@@ -1,10 +1,13 @@
 """Checkpoints: the window state and the totals TOGETHER with the consumed offsets.
 
-One file per consumer group in `state_dir` (`<group>.ckpt`: zlib-compressed JSON), written
-to a temporary file, fsynced and renamed over the old one, so a reader sees either the old
-checkpoint or the new one, never half of one. A checkpoint says "the state holds exactly the
-events before these offsets", so a restarted collector loads it, seeks each partition to its
-offset and re-reads what came after: nothing lost, nothing counted twice.
+One file per `outrider.events` partition in `state_dir/<group>/` (`events-<p>.ckpt`:
+zlib-compressed JSON) holding the state of the agents on that partition, written to a
+temporary file, fsynced and renamed over the old one, so a reader sees either the old
+checkpoint or the new one, never half of one. A checkpoint says "the state of these agents
+holds exactly the events before this offset", so whoever holds the partition next (this
+collector restarted, or another replica sharing `state_dir`) loads it, seeks to its offset
+and re-reads what came after: nothing lost, nothing counted twice. A single-file checkpoint
+of an earlier release (`state_dir/<group>.ckpt`) is read when a partition has no file yet.
 
 A checkpoint names the Kafka bootstrap it was taken against; one from another bootstrap (a
 dev broker on another port, say) is ignored rather than mixed into a different log.
@@ -83,48 +86,59 @@ def decode(data: bytes) -> Checkpoint:
 
 
 class CheckpointStore:
-    """The checkpoint file of one consumer group in `state_dir`."""
+    """The checkpoint files of one consumer group in `state_dir`, one per events partition."""
 
     def __init__(self, state_dir: Path, group_id: str) -> None:
         self.state_dir = state_dir
-        self.path = state_dir / (_UNSAFE.sub("_", group_id) + SUFFIX)
+        safe = _UNSAFE.sub("_", group_id)
+        self.directory = state_dir / safe
+        self.legacy_path = state_dir / (safe + SUFFIX)
 
-    def load(self, bootstrap: str) -> Checkpoint | None:
-        """The checkpoint, or None when there is none (or it was taken against another bootstrap).
+    def path(self, partition: int) -> Path:
+        return self.directory / f"events-{partition}{SUFFIX}"
+
+    def load(self, bootstrap: str, partition: int) -> Checkpoint | None:
+        """The partition's checkpoint (or the earlier release's single file), or None when
+        there is none or it was taken against another bootstrap.
 
         Raises CheckpointError for a file that is there but unusable.
         """
+        path = self.path(partition)
+        if not path.exists() and self.legacy_path.exists():
+            path = self.legacy_path
         try:
-            data = self.path.read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise CheckpointError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
         checkpoint = decode(data)
         if checkpoint.bootstrap and checkpoint.bootstrap != bootstrap:
             log.warning(
                 "ignoring checkpoint %s: taken against kafka %s, not %s",
-                self.path,
+                path,
                 checkpoint.bootstrap,
                 bootstrap,
             )
             return None
         return checkpoint
 
-    def write(self, data: bytes) -> None:
-        """Replace the checkpoint atomically with `data` (from `encode`). Blocking: run in a thread."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+    def write(self, partition: int, data: bytes) -> None:
+        """Replace the partition's checkpoint atomically with `data` (from `encode`). Blocking:
+        run in a thread."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(partition)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.state_dir)
+        _fsync_dir(self.directory)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -3,7 +3,8 @@
 - `StateCopy`: the newest signed rollout record of every agent, as published, in
   `state_dir/<group>.control.json` (written after every publish). A collector that finds
   the control topic empty or missing republishes from it. It is verified on load like a
-  record from the topic.
+  record from the topic. Replicas that share `state_dir` merge into the one file under a
+  lock, each agent's newest record winning, so none overwrites another's agents.
 - `BrokerWatch`: an incarnation marker. At start (and after each recovery) the collector
   writes `marker/collector/<group>` with a random nonce to `outrider.control` and remembers
   its offset; every `broker_check_interval_s` it reads that offset back. A missing topic,
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import secrets
 from collections.abc import Callable
@@ -53,13 +55,37 @@ class StateCopy:
             log.info("control state copy %s: %d agents", self.path, len(history.latest))
         return history
 
-    async def save(self, records: dict[str, outrider.SignedRecord]) -> None:
+    async def save(self, records: dict[str, outrider.SignedRecord], verifier: outrider.Verifier) -> None:
         if self.path is None:
             return
         try:
-            await asyncio.to_thread(outrider.save_records, self.path, list(records.values()))
+            await asyncio.to_thread(self._merge_and_write, dict(records), verifier)
         except OSError as exc:
             log.warning("cannot write the control state copy %s: %s", self.path, exc)
+
+    def _merge_and_write(
+        self, records: dict[str, outrider.SignedRecord], verifier: outrider.Verifier
+    ) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            on_disk = ControlHistory()
+            if self.path.exists():
+                try:
+                    for record in outrider.load_records(self.path)[0]:
+                        add_record(on_disk, verifier, record)
+                except ValueError as exc:
+                    log.warning("rewriting the unreadable control state copy %s: %s", self.path, exc)
+            mine = ControlHistory()
+            for record in records.values():
+                add_record(mine, verifier, record)
+            merged = dict(on_disk.latest)
+            for agent, record in mine.latest.items():
+                theirs, ours = on_disk.newest(agent), mine.newest(agent)
+                if theirs is None or ours is None or outrider.ordering(ours) >= outrider.ordering(theirs):
+                    merged[agent] = record
+            outrider.save_records(self.path, list(merged.values()))
 
 
 class BrokerWatch:

@@ -8,6 +8,7 @@ carry it across a restart.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 
@@ -47,10 +48,23 @@ class SeenIds:
             dropped += 1
         return dropped
 
-    def to_state(self) -> list[Any]:
-        return [[k, v] for k, v in self._ids.items()]
+    def to_state(self, keep: Callable[[str], bool] | None = None) -> list[Any]:
+        return [[k, v] for k, v in self._ids.items() if keep is None or keep(k)]
 
     def load_state(self, state: list[Any]) -> None:
         self._ids = OrderedDict((str(k), float(v)) for k, v in state)
+        while len(self._ids) > self.maxsize:
+            self._ids.popitem(last=False)
+
+    def discard(self, which: Callable[[str], bool]) -> None:
+        """Forget every id `which` selects."""
+        for key in [k for k in self._ids if which(k)]:
+            del self._ids[key]
+
+    def merge(self, other: SeenIds, which: Callable[[str], bool]) -> None:
+        """Take the ids `which` selects from `other`, keeping oldest-first order (expiry relies on it)."""
+        merged = [*self._ids.items(), *((k, t) for k, t in other._ids.items() if which(k))]
+        merged.sort(key=lambda item: item[1])
+        self._ids = OrderedDict(merged)
         while len(self._ids) > self.maxsize:
             self._ids.popitem(last=False)

@@ -3,8 +3,10 @@
 RolloutError
  ├─ RolloutConflict   a rollout is already running for the agent   (ALREADY_EXISTS)
  ├─ NoRollout         the agent has no rollout                      (NOT_FOUND)
- └─ WrongPhase        the command does not fit the rollout's phase  (FAILED_PRECONDITION)
-     └─ RolloutFinished   the rollout is in a terminal phase
+ ├─ WrongPhase        the command does not fit the rollout's phase  (FAILED_PRECONDITION)
+ │   └─ RolloutFinished   the rollout is in a terminal phase
+ └─ NotOwner          another collector replica owns the agent      (relayed to it; UNAVAILABLE
+                      when no owner answers)
 """
 
 from __future__ import annotations
@@ -28,3 +30,7 @@ class WrongPhase(RolloutError):
 
 class RolloutFinished(WrongPhase):
     pass
+
+
+class NotOwner(RolloutError):
+    """This replica does not hold the agent's `outrider.events` partition: the owner decides."""

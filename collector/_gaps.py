@@ -11,6 +11,7 @@ windows, so a restart neither forgets a sidecar nor counts its gap again.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 MAX_SIDECARS = 10_000  # the oldest-seen sidecar is forgotten past this
@@ -42,13 +43,35 @@ class GapTracker:
             self.missing_by_agent[agent] = self.missing_by_agent.get(agent, 0) + missing
         return missing
 
-    def to_state(self) -> dict[str, Any]:
+    def to_state(self, agents: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        def mine(agent: str) -> bool:
+            return agents is None or agents(agent)
+
         return {
-            "highest": [[s, a, q] for s, (a, q) in self._highest.items()],
-            "missing_by_agent": dict(self.missing_by_agent),
+            "highest": [[s, a, q] for s, (a, q) in self._highest.items() if mine(a)],
+            "missing_by_agent": {a: n for a, n in self.missing_by_agent.items() if mine(a)},
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        highest = OrderedDict((str(s), (str(a), int(q))) for s, a, q in state.get("highest", []))
-        missing = {str(k): int(v) for k, v in (state.get("missing_by_agent") or {}).items()}
-        self._highest, self.missing_by_agent = highest, missing
+    def load_state(self, state: dict[str, Any], agents: Callable[[str], bool] | None = None) -> None:
+        highest = OrderedDict(
+            (str(s), (str(a), int(q)))
+            for s, a, q in state.get("highest", [])
+            if agents is None or agents(str(a))
+        )
+        missing = {
+            str(k): int(v)
+            for k, v in (state.get("missing_by_agent") or {}).items()
+            if agents is None or agents(str(k))
+        }
+        if agents is None:
+            self._highest, self.missing_by_agent = highest, missing
+            return
+        self.forget(agents)
+        self._highest.update(highest)
+        self.missing_by_agent.update(missing)
+
+    def forget(self, agents: Callable[[str], bool]) -> None:
+        for sidecar in [s for s, (a, _) in self._highest.items() if agents(a)]:
+            del self._highest[sidecar]
+        for agent in [a for a in self.missing_by_agent if agents(a)]:
+            del self.missing_by_agent[agent]

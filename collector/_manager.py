@@ -3,6 +3,11 @@
 Admin commands and the tick loop share one lock, so each decision is proposed from the
 current state, written to `outrider.control`, and only then applied: a failed write leaves
 the controller where it was and the tick loop tries again.
+
+With an `Ownership` (a collector in a consumer group), only the agents this replica owns are
+decided, commanded and republished here; a command for another agent raises `NotOwner` (the
+admin API relays it to the owner). `take_over` installs the rollouts of partitions just
+assigned, `release` drops those of partitions another replica holds now.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from aiokafka.errors import KafkaError
 
 from collector._book import EvidenceBook
 from collector._config_errors import SpecError
-from collector._errors import NoRollout
+from collector._errors import NoRollout, NotOwner
 from collector._metrics import CollectorMetrics
+from collector._ownership import Ownership
 from collector._rollout import RolloutController
 from collector._sightings import VersionSightings
 from collector._spec import RolloutSpec
@@ -58,6 +64,7 @@ class RolloutManager:
         evidence: EvidenceBook | None = None,
         retention_s: float | None = None,
         listener: StateListener | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
         self._publisher, self._windows, self._metrics, self._clock = publisher, windows, metrics, clock
         self.evidence = evidence if evidence is not None else EvidenceBook()
@@ -68,6 +75,33 @@ class RolloutManager:
         self.events_missing: Callable[[str], int] = lambda agent: 0
         self._listener = listener
         self.sightings = VersionSightings()
+        self.ownership = ownership
+
+    def owns(self, agent: str) -> bool:
+        """Is this replica the one that decides for `agent`? (Always, without an Ownership.)"""
+        return self.ownership is None or self.ownership.owns(agent)
+
+    def _require_owner(self, agent: str) -> None:
+        if not self.owns(agent):
+            raise NotOwner(f"this collector replica does not own agent {agent!r}")
+
+    async def take_over(self, states: Mapping[str, Sequence[control_pb2.RolloutState]]) -> None:
+        """Install the rollouts of agents whose partition was just assigned, from the states
+        read back from the control topic (under the lock: no decision runs meanwhile)."""
+        async with self._lock:
+            for agent in states:
+                self._controllers.pop(agent, None)
+            self.restore(states)
+
+    def release(self, agents: Callable[[str], bool]) -> None:
+        """Forget the rollouts of agents another replica owns now."""
+        for agent in [a for a in self._controllers if agents(a)]:
+            del self._controllers[agent]
+
+    async def quiesce(self) -> None:
+        """Return once the decision in hand (if any) is published: the lock is free."""
+        async with self._lock:
+            pass
 
     def restore(self, states: Mapping[str, Sequence[control_pb2.RolloutState]]) -> None:
         """Take over the states read back from the control topic; generations continue from them."""
@@ -100,6 +134,8 @@ class RolloutManager:
         written = 0
         async with self._lock:
             for agent, record in list(self._publisher.latest.items()):
+                if not self.owns(agent):
+                    continue
                 try:
                     await self._publisher.send(record)
                 except (KafkaError, TimeoutError) as exc:
@@ -167,6 +203,7 @@ class RolloutManager:
 
     async def start(self, spec: RolloutSpec, spec_yaml: str, decided_by: str) -> RolloutController:
         async with self._lock:
+            self._require_owner(spec.agent)
             ctl = self._controllers.setdefault(spec.agent, RolloutController(spec.agent))
             previous = ctl.state
             state = ctl.propose_start(spec, spec_yaml, self._clock.now(), decided_by or "admin")
@@ -196,6 +233,7 @@ class RolloutManager:
     async def _command(self, agent: str, verb: str, reason: str, decided_by: str) -> RolloutController:
         """An operator's verb: propose from the current state, publish, then apply."""
         async with self._lock:
+            self._require_owner(agent)
             ctl = self._controllers.get(agent)
             if ctl is None or ctl.state is None:
                 raise NoRollout(f"agent {agent!r} has no rollout")
@@ -221,7 +259,7 @@ class RolloutManager:
             self._windows.evict(now)
             for agent, ctl in list(self._controllers.items()):
                 evidence = self.evidence.get(agent)
-                if not ctl.running or evidence is None:
+                if not ctl.running or evidence is None or not self.owns(agent):
                     continue
                 state = ctl.decide(evidence, now)
                 if state is None:

@@ -120,6 +120,13 @@ class CollectorMetrics:
             ("reason",),
             registry=self.registry,
         )
+        self.commands = Counter(
+            "outrider_collector_commands",
+            "Admin calls relayed between replicas on outrider.commands, by outcome: sent, run, "
+            "answered, not_owner, expired, rejected (bad or missing signature), duplicate, timeout",
+            ("outcome",),
+            registry=self.registry,
+        )
         self.republished = Counter(
             "outrider_collector_control_republished_total",
             "Rollout states written again (at start, periodically, after a new broker)",

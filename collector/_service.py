@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Coroutine
@@ -29,6 +30,7 @@ import outrider
 from collector._admin import AdminAuth, AdminServer
 from collector._book import EvidenceBook
 from collector._checkpoint import CheckpointStore
+from collector._commands import CommandBus
 from collector._config_errors import SpecError
 from collector._consumer import EventConsumer
 from collector._control import ControlHistory, ControlPublisher, ensure_topics, read_control_history
@@ -39,9 +41,11 @@ from collector._ingest import Ingestor
 from collector._manager import RolloutManager
 from collector._metrics import CollectorMetrics, MetricsServer
 from collector._notify import Notifier
+from collector._ownership import Ownership
 from collector._quota_book import QuotaBook
 from collector._relay import SpanRelay
 from collector._settings import CollectorSettings, otlp_endpoint
+from collector._takeover import Takeover
 from collector._windows import RollingWindows
 from outrider.clock import Clock, SystemClock
 
@@ -93,6 +97,8 @@ class Collector:
         self._watch = BrokerWatch(settings.kafka_bootstrap, settings.group_id, settings.publish_timeout_s)
         self.evidence = EvidenceBook()
         self.notifier = Notifier(settings.notify, self.metrics)
+        self.replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.ownership = Ownership()
         self.rollouts = RolloutManager(
             self._publisher,
             self.windows,
@@ -101,6 +107,24 @@ class Collector:
             self.evidence,
             settings.retention_s,
             listener=self.notifier,
+            ownership=self.ownership,
+        )
+        self.takeover = Takeover(
+            self.ownership,
+            self.rollouts,
+            self._publisher,
+            self._fresh_history,
+            settings.recovery_timeout_s + settings.recovery_idle_s,
+        )
+        # relayed admin calls are always verified, whatever control_verify says
+        self._bus = CommandBus(
+            settings.kafka_bootstrap,
+            self.signer,
+            outrider.Verifier([*trusted, self.signer.public], "enforce"),
+            self.replica,
+            self.ownership,
+            self.metrics,
+            settings.publish_timeout_s,
         )
         book = QuotaBook(settings.quotas, settings.lease_ttl_s, settings.grant_ttl_s, self.clock)
         self.quotas = QuotaGranter(book, self._publisher, self.metrics)
@@ -114,6 +138,9 @@ class Collector:
                 settings.admin_tls_client_ca,
                 settings.admin_reflection,
             ),
+            bus=self._bus,
+            replica=self.replica,
+            relay_timeout_s=settings.relay_timeout_s,
         )
         self._metrics_server = (
             MetricsServer(self.metrics.registry, settings.metrics_host, settings.metrics_port)
@@ -179,17 +206,16 @@ class Collector:
                 checkpoint_interval_s=s.checkpoint_interval_s,
                 session_timeout_ms=s.session_timeout_ms,
                 heartbeat_interval_ms=s.heartbeat_interval_ms,
+                ownership=self.ownership,
             )
-            self._consumer.restore()  # before joining: assignment seeks to the checkpoint
-            history = await self._recover_while_joining(self._consumer)
-            self._merge_copy(history)
-            self.rollouts.restore(history.rollouts)
-            self.quotas.book.restore(history.quota_generations)
-            self._publisher.epoch = max(history.max_epoch + 1, int(time.time()))
-            self._publisher.latest.update(history.latest)
+            self._consumer.on_revoked = self.takeover.revoked
+            self._consumer.on_assigned = self.takeover.assigned
+            self._consumer.on_released = self.takeover.released
+            # writers first: a takeover at the first assignment may publish
             await self._publisher.start()
             await self._deadletter.start()
-            await self.rollouts.republish()
+            await self._bus.start()
+            await self._recover_while_joining(self._consumer)
             try:
                 await self._watch.mark()
             except (KafkaError, TimeoutError) as exc:
@@ -239,20 +265,35 @@ class Collector:
         history.max_epoch = max(history.max_epoch, copy.max_epoch)
 
     async def _save_copy(self) -> None:
-        await self._copy.save(self._publisher.latest)
+        await self._copy.save(self._publisher.latest, self.verifier)
 
-    async def _recover_while_joining(self, consumer: EventConsumer) -> ControlHistory:
-        """Read the control topic back while the consumer joins its group (that takes seconds)."""
+    async def _recover_while_joining(self, consumer: EventConsumer) -> None:
+        """Read the control topic back while the consumer joins its group (that takes seconds);
+        the first assignment's takeover waits for this history, not for the join to end."""
         s = self.settings
         joining = asyncio.create_task(consumer.start())
         try:
-            return await read_control_history(
+            history = await read_control_history(
                 s.kafka_bootstrap, s.recovery_idle_s, s.recovery_timeout_s, self.verifier, self._rejected
             )
+            self._merge_copy(history)
+            self.quotas.book.restore(history.quota_generations)
+            self._publisher.epoch = max(history.max_epoch + 1, int(time.time()), self._publisher.epoch)
+            self._publisher.latest.update(history.latest)
+            self.takeover.startup(history)
         finally:
             await asyncio.wait([joining])  # settled either way before stop() may run
             if not joining.cancelled() and (error := joining.exception()) is not None:
                 raise error
+
+    async def _fresh_history(self) -> ControlHistory:
+        """The control topic read back now (a takeover), with the state copy merged in."""
+        s = self.settings
+        history = await read_control_history(
+            s.kafka_bootstrap, s.recovery_idle_s, s.recovery_timeout_s, self.verifier, self._rejected
+        )
+        self._merge_copy(history)
+        return history
 
     async def _dead_letter_span(self, record: Any, reason: str) -> None:
         """The span relay's hook: an undecodable `outrider.spans` record goes to the dead letters."""
@@ -331,7 +372,8 @@ class Collector:
         while True:
             await asyncio.sleep(max(0.0, due - loop.time()))
             try:
-                await self.quotas.tick()
+                if 0 in self.ownership.ready:  # one granter: the owner of partition 0
+                    await self.quotas.tick()
             except Exception:
                 log.exception("quota grant tick failed; trying again next interval")
             due += interval
@@ -358,6 +400,7 @@ class Collector:
             return
         self._stopped = True
         await self._admin.stop()
+        await self._bus.stop()
         await self._cancel("watch")
         await self._cancel("republish")
         await self._cancel("grant")
@@ -368,6 +411,7 @@ class Collector:
             await self._settle("consume", _CONSUME_STOP_S)
             await self._consumer.stop()  # checkpoints and commits what was processed
         await self._cancel("consume")
+        await self.takeover.stop()
         if self.relay is not None:
             await self.relay.stop()  # before the dead-letter writer its hook uses
         await self._deadletter.stop()

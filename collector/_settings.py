@@ -146,6 +146,11 @@ class CollectorSettings(BaseModel):
     shutdown_grace_s: Duration = DEFAULT_SHUTDOWN_GRACE_S  # SIGTERM ends the process within this
     # webhooks told of rollout state changes (Slack incoming webhooks work as they are)
     notify: list[NotifySettings] = Field(default_factory=list)
+    # this replica's name in the consumer group's answers (None: <hostname>-<pid>); replicas
+    # share group_id, signing key and (for takeover with evidence) state_dir
+    replica_id: str | None = Field(default=None, min_length=1)
+    # an admin call for an agent another replica owns is relayed to it; UNAVAILABLE after this
+    relay_timeout_s: Duration = 20.0
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +198,7 @@ class CollectorSettings(BaseModel):
         "republish_interval_s",
         "broker_check_interval_s",
         "shutdown_grace_s",
+        "relay_timeout_s",
     )
     @classmethod
     def _positive(cls, value: float) -> float:

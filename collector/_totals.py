@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,17 +228,26 @@ class AgentTotals:
                 hist_family.add_metric(list(values), buckets, hist.sum)
             yield hist_family
 
-    def to_state(self) -> dict[str, Any]:
+    def to_state(self, agents: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        """Everything, or the series of `agents` (every family's first label is the agent)."""
+
+        def mine(labels: Labels) -> bool:
+            return agents is None or agents(labels[0])
+
         return {
             "format": STATE_FORMAT,
-            "counters": {n: [[list(k), v] for k, v in t.items()] for n, t in self._counters.items()},
+            "counters": {
+                n: [[list(k), v] for k, v in t.items() if mine(k)] for n, t in self._counters.items()
+            },
             "histograms": {
-                n: [[list(k), h.counts, h.sum] for k, h in t.items()] for n, t in self._hists.items()
+                n: [[list(k), h.counts, h.sum] for k, h in t.items() if mine(k)]
+                for n, t in self._hists.items()
             },
         }
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Replace the totals with a `to_state` result; families no longer known are skipped."""
+    def load_state(self, state: Mapping[str, Any], agents: Callable[[str], bool] | None = None) -> None:
+        """Replace the totals with a `to_state` result (with `agents`: only those agents' series);
+        families no longer known are skipped."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"totals state format {state.get('format')!r}, expected {STATE_FORMAT}")
         counters = {
@@ -253,7 +262,23 @@ class AgentTotals:
                     continue  # the buckets changed: start that series again
                 hist = table[tuple(key)] = _Hist(len(buckets))
                 hist.counts, hist.sum = [int(c) for c in counts], float(total)
-        self._counters, self._hists = counters, hists  # all parsed: only now replace anything
+        if agents is None:
+            self._counters, self._hists = counters, hists  # all parsed: only now replace anything
+            return
+        self.forget(agents)
+        for name, loaded in counters.items():
+            self._counters[name].update((k, v) for k, v in loaded.items() if agents(k[0]))
+        for name, loaded_hists in hists.items():
+            self._hists[name].update((k, h) for k, h in loaded_hists.items() if agents(k[0]))
+
+    def forget(self, agents: Callable[[str], bool]) -> None:
+        """Drop every series of `agents`."""
+        for counters in self._counters.values():
+            for key in [k for k in counters if agents(k[0])]:
+                del counters[key]
+        for hists in self._hists.values():
+            for key in [k for k in hists if agents(k[0])]:
+                del hists[key]
 
 
 def _bound(value: float) -> str:

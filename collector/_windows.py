@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,16 @@ MAX_SESSIONS_PER_BUCKET = 10_000  # beyond this a bucket's cost still counts, no
 STATE_FORMAT = 1
 
 SeriesKey = tuple[str, str, int]  # (agent, version_id, role)
+AgentFilter = Callable[[str], bool]  # which agents a partial state covers (one partition's)
+_ID_SEP = "\x00"  # seen ids are "<agent>\x00<event id>", so a partition's ids can be told apart
+
+
+def _seen_key(agent: str, event_id: str) -> str:
+    return f"{agent}{_ID_SEP}{event_id}"
+
+
+def _seen_agent(key: str) -> str:
+    return key.partition(_ID_SEP)[0]
 
 
 @dataclass(frozen=True)
@@ -295,7 +305,7 @@ class RollingWindows:
             return Ingest.IGNORED
         self._advance(now)
         self._seen.expire(self._now)
-        if not self._seen.add(event.event_id, self._now):
+        if not self._seen.add(_seen_key(event.agent, event.event_id), self._now):
             return Ingest.DUPLICATE
         t = event.time_unix_nano / 1e9 if event.time_unix_nano > 0 else now
         # a sidecar clock ahead of ours: count it now rather than in a bucket no window reaches yet
@@ -367,8 +377,8 @@ class RollingWindows:
                     _merge(acc, bucket, session_cost)
         return _stats(acc, session_cost)
 
-    def to_state(self) -> dict[str, Any]:
-        """Everything, as plain JSON values (see `load_state`)."""
+    def to_state(self, agents: AgentFilter | None = None) -> dict[str, Any]:
+        """Everything (or the series and ids of `agents`), as plain JSON values (see `load_state`)."""
         return {
             "format": STATE_FORMAT,
             "bucket_s": self.bucket_s,
@@ -376,18 +386,22 @@ class RollingWindows:
             "series": [
                 [agent, version, role, [[index, b.to_state()] for index, b in buckets.items()]]
                 for (agent, version, role), buckets in self._series.items()
+                if agents is None or agents(agent)
             ],
-            "seen": self._seen.to_state(),
+            "seen": self._seen.to_state(None if agents is None else lambda key: agents(_seen_agent(key))),
         }
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Replace everything with a `to_state` result; ValueError if it does not fit."""
+    def load_state(self, state: Mapping[str, Any], agents: AgentFilter | None = None) -> None:
+        """Replace everything with a `to_state` result; with `agents`, replace only what is about
+        those agents (a partition taken over) and keep the rest. ValueError if it does not fit."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"window state format {state.get('format')!r}, expected {STATE_FORMAT}")
         if float(state["bucket_s"]) != self.bucket_s:
             raise ValueError(f"window state has bucket_s {state['bucket_s']}, configured {self.bucket_s}")
         series: dict[SeriesKey, dict[int, _Bucket]] = {}
         for agent, version, role, buckets in state["series"]:
+            if agents is not None and not agents(str(agent)):
+                continue
             series[(str(agent), str(version), int(role))] = {
                 int(index): _Bucket.from_state(b) for index, b in buckets
             }
@@ -395,7 +409,19 @@ class RollingWindows:
         seen.load_state(state["seen"])
         now = float(state["now"])
         # all parsed: only now replace anything, so a state that does not fit changes nothing
-        self._series, self._seen, self._now = series, seen, now
+        if agents is None:
+            self._series, self._seen, self._now = series, seen, now
+            return
+        self.forget(agents)
+        self._series.update(series)
+        self._seen.merge(seen, lambda key: agents(_seen_agent(key)))
+        self._now = max(self._now, now)
+
+    def forget(self, agents: AgentFilter) -> None:
+        """Drop the series and seen ids of `agents` (a partition this replica no longer owns)."""
+        for key in [k for k in self._series if agents(k[0])]:
+            del self._series[key]
+        self._seen.discard(lambda key: agents(_seen_agent(key)))
 
 
 def _merge(acc: _Bucket, bucket: _Bucket, session_cost: dict[str, float]) -> None:

@@ -60,7 +60,7 @@ def expected_counts() -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str,
 def checkpoint_offset(state_dir: Path) -> int:
     """The offset the collector's checkpoint covers (0 before the first)."""
     try:
-        data = (state_dir / "durable.ckpt").read_bytes()
+        data = (state_dir / "durable" / "events-0.ckpt").read_bytes()
     except FileNotFoundError:
         return 0
     return decode(data).offsets[(outrider.EVENTS_TOPIC, 0)]
@@ -168,6 +168,6 @@ async def test_sigkill_mid_stream_neither_loses_nor_double_counts(
 
     assert requests == want_requests, second.output() if second else ""
     assert errors == want_errors
-    assert "restored checkpoint" in second.output()
+    assert "restored the checkpoint" in second.output()
     # the restart read exactly what followed its checkpoint (some of it counted before the kill)
     assert consumed == N - resume_at

@@ -73,7 +73,7 @@ def make_event(i: int, rollout_id: str, rng: random.Random) -> events_pb2.Event:
 
 def checkpoint_of(state_dir: Path) -> tuple[int, RolloutEvidence | None]:
     try:
-        checkpoint = decode((state_dir / "evidence.ckpt").read_bytes())
+        checkpoint = decode((state_dir / "evidence" / "events-0.ckpt").read_bytes())
     except FileNotFoundError:
         return 0, None
     book = EvidenceBook()
@@ -159,7 +159,7 @@ async def test_evidence_checkpoint_survives_sigkill_exactly_once(
         if second is not None:
             second.stop()
 
-    assert "restored checkpoint" in second.output()
+    assert "restored the checkpoint" in second.output()
     _, restored = checkpoint_of(state_dir)
     assert restored is not None and restored.rollout_id == rollout_id
     # the same events, once each, in-process

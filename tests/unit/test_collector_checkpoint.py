@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic replace, round trip, other bootstraps ignored, corrupt files refused."""
+"""Checkpoint files, one per events partition: atomic replace, round trip, other bootstraps
+ignored, corrupt files refused, an earlier release's single file read when a partition has none."""
 
 from __future__ import annotations
 
@@ -22,38 +23,53 @@ def sample(offset: int = 42) -> Checkpoint:
 
 def test_round_trip_and_replace(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "state", "outrider collector/1")
-    assert store.load("127.0.0.1:9092") is None
-    store.write(encode(sample(42)))
-    store.write(encode(sample(43)))
-    assert store.path.name == "outrider_collector_1.ckpt"
-    loaded = store.load("127.0.0.1:9092")
+    assert store.load("127.0.0.1:9092", 0) is None
+    store.write(0, encode(sample(42)))
+    store.write(0, encode(sample(43)))
+    store.write(3, encode(sample(9)))
+    assert store.path(0) == tmp_path / "state" / "outrider_collector_1" / "events-0.ckpt"
+    loaded = store.load("127.0.0.1:9092", 0)
     assert loaded is not None and loaded.offsets == {("outrider.events", 0): 43, ("outrider.events", 3): 7}
     assert loaded.windows == {"format": 1, "series": []} and loaded.written_at == 1.5
-    assert sorted(os.listdir(store.state_dir)) == [store.path.name]  # no temporary files left
+    other = store.load("127.0.0.1:9092", 3)
+    assert other is not None and other.offsets[("outrider.events", 0)] == 9
+    assert store.load("127.0.0.1:9092", 1) is None
+    # no temporary files left
+    assert sorted(os.listdir(store.directory)) == [store.path(0).name, store.path(3).name]
+
+
+def test_an_earlier_single_file_checkpoint_is_read_for_partitions_without_one(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "g")
+    store.legacy_path.write_bytes(encode(sample(5)))
+    legacy = store.load("127.0.0.1:9092", 3)
+    assert legacy is not None and legacy.offsets[("outrider.events", 3)] == 7
+    store.write(3, encode(sample(8)))
+    newer = store.load("127.0.0.1:9092", 3)
+    assert newer is not None and newer.offsets[("outrider.events", 0)] == 8
 
 
 def test_other_bootstrap_is_ignored_and_corrupt_refused(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path, "g")
-    store.write(encode(sample()))
-    assert store.load("10.0.0.1:9092") is None
-    store.path.write_bytes(encode(sample())[:-5])
+    store.write(0, encode(sample()))
+    assert store.load("10.0.0.1:9092", 0) is None
+    store.path(0).write_bytes(encode(sample())[:-5])
     with pytest.raises(CheckpointError, match="not a checkpoint"):
-        store.load("127.0.0.1:9092")
+        store.load("127.0.0.1:9092", 0)
     with pytest.raises(CheckpointError, match="format"):
         decode(__import__("zlib").compress(b'{"format": 99}'))
 
 
 def test_a_failed_write_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = CheckpointStore(tmp_path, "g")
-    store.write(encode(sample(1)))
+    store.write(0, encode(sample(1)))
 
     def broken_replace(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError):
-        store.write(encode(sample(2)))
+        store.write(0, encode(sample(2)))
     monkeypatch.undo()
-    loaded = store.load("127.0.0.1:9092")
+    loaded = store.load("127.0.0.1:9092", 0)
     assert loaded is not None and loaded.offsets[("outrider.events", 0)] == 1
-    assert sorted(os.listdir(tmp_path)) == [store.path.name]
+    assert sorted(os.listdir(store.directory)) == [store.path(0).name]

@@ -288,6 +288,7 @@ class RolloutStatus(_message.Message):
     WARNINGS_FIELD_NUMBER: _builtins.int
     FIGURE_WINDOWS_S_FIELD_NUMBER: _builtins.int
     EVENTS_MISSING_FIELD_NUMBER: _builtins.int
+    COLLECTOR_REPLICA_FIELD_NUMBER: _builtins.int
     spec_yaml: _builtins.str
     now_unix_nano: _builtins.int
     """the collector's clock when it answered (for the figures' windows)"""
@@ -295,6 +296,8 @@ class RolloutStatus(_message.Message):
     """events that never reached the collector from this agent's sidecars (gaps in their
     per-sidecar sequence numbers): the evidence behind the gates has holes when > 0
     """
+    collector_replica: _builtins.str
+    """the collector replica that answered: the owner of the agent's `outrider.events` partition"""
     @_builtins.property
     def state(self) -> _control_pb2.RolloutState: ...
     @_builtins.property
@@ -322,10 +325,11 @@ class RolloutStatus(_message.Message):
         warnings: _abc.Iterable[_builtins.str] | None = ...,
         figure_windows_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         events_missing: _builtins.int = ...,
+        collector_replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_missing", b"events_missing", "figure_windows_s", b"figure_windows_s", "metrics", b"metrics", "now_unix_nano", b"now_unix_nano", "spec_yaml", b"spec_yaml", "state", b"state", "timeline", b"timeline", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_replica", b"collector_replica", "events_missing", b"events_missing", "figure_windows_s", b"figure_windows_s", "metrics", b"metrics", "now_unix_nano", b"now_unix_nano", "spec_yaml", b"spec_yaml", "state", b"state", "timeline", b"timeline", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
