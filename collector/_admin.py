@@ -27,6 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from collector._auth import AuthInterceptor, TokenBook, current_identity
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutError, WrongPhase
+from collector._history import DeploymentHistory
+from collector._history_admin import HistoryMethods
 from collector._manager import PublishError, RolloutManager
 from collector._spec import load_spec_text
 from outrider.v1 import admin_pb2, admin_pb2_grpc
@@ -83,9 +85,10 @@ def _requester(
     return _caller(request.requested_by)
 
 
-class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, manager: RolloutManager) -> None:
+class AdminService(HistoryMethods, admin_pb2_grpc.AdminServicer):
+    def __init__(self, manager: RolloutManager, history: DeploymentHistory | None = None) -> None:
         self._manager = manager
+        self.history = history
 
     async def StartRollout(
         self, request: admin_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext[object, object]
@@ -171,7 +174,14 @@ class AdminAuth:
 class AdminServer:
     """grpc.aio server with Admin, health and (with `reflection`) reflection; start/stop idempotent."""
 
-    def __init__(self, manager: RolloutManager, listen: str, auth: AdminAuth | None = None) -> None:
+    def __init__(
+        self,
+        manager: RolloutManager,
+        listen: str,
+        auth: AdminAuth | None = None,
+        history: DeploymentHistory | None = None,
+    ) -> None:
+        self._history = history
         self._auth = auth or AdminAuth()
         self._listen = listen
         self._server: grpc.aio.Server | None = None
@@ -191,7 +201,7 @@ class AdminServer:
                 "every admin call will be refused with UNAUTHENTICATED"
             )
         server = grpc.aio.server(interceptors=[AuthInterceptor(tokens, certs=certs)])
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self._manager), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self._manager, self._history), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if auth.reflection:
             reflection.enable_server_reflection(

@@ -35,11 +35,13 @@ from collector._control import ControlHistory, ControlPublisher, ensure_topics, 
 from collector._control_state import BrokerWatch, StateCopy
 from collector._deadletter import DeadLetter, DeadLetterWriter
 from collector._granter import QuotaGranter
+from collector._history import DeploymentHistory
 from collector._ingest import Ingestor
 from collector._manager import RolloutManager
 from collector._metrics import CollectorMetrics, MetricsServer
 from collector._notify import Notifier
 from collector._quota_book import QuotaBook
+from collector._recorder import DeploymentRecorder, fan_out
 from collector._relay import SpanRelay
 from collector._settings import CollectorSettings, otlp_endpoint
 from collector._windows import RollingWindows
@@ -93,6 +95,22 @@ class Collector:
         self._watch = BrokerWatch(settings.kafka_bootstrap, settings.group_id, settings.publish_timeout_s)
         self.evidence = EvidenceBook()
         self.notifier = Notifier(settings.notify, self.metrics)
+        # ended rollouts' records: served from here, written by the replica that ended them
+        self.history = DeploymentHistory(
+            self.verifier,
+            settings.state_dir,
+            lambda _: self.metrics.deployment_records.labels("rejected").inc(),
+        )
+        self.recorder = DeploymentRecorder(
+            self.history,
+            lambda agent: self.rollouts.get(agent),
+            self.windows,
+            self.signer,
+            settings.kafka_bootstrap,
+            settings.publish_timeout_s,
+            settings.retention_s,
+            self.metrics,
+        )
         self.rollouts = RolloutManager(
             self._publisher,
             self.windows,
@@ -100,7 +118,7 @@ class Collector:
             self.clock,
             self.evidence,
             settings.retention_s,
-            listener=self.notifier,
+            listener=fan_out(self.notifier, self.recorder),
         )
         book = QuotaBook(settings.quotas, settings.lease_ttl_s, settings.grant_ttl_s, self.clock)
         self.quotas = QuotaGranter(book, self._publisher, self.metrics)
@@ -114,6 +132,7 @@ class Collector:
                 settings.admin_tls_client_ca,
                 settings.admin_reflection,
             ),
+            history=self.history,
         )
         self._metrics_server = (
             MetricsServer(self.metrics.registry, settings.metrics_host, settings.metrics_port)
@@ -168,6 +187,7 @@ class Collector:
         s = self.settings
         try:
             await ensure_topics(s.kafka_bootstrap, s.topic_partitions)
+            self.history.load_dir()
             self._consumer = EventConsumer(
                 s.kafka_bootstrap,
                 s.group_id,
@@ -195,6 +215,8 @@ class Collector:
             except (KafkaError, TimeoutError) as exc:
                 log.warning("could not write the broker incarnation marker: %s", exc or type(exc).__name__)
             await self.notifier.start()
+            await self.recorder.start()
+            self._spawn(self.history.tail(s.kafka_bootstrap), "history")
             if self.relay is not None:
                 await self.relay.start()
             self._spawn(self._consumer.run(), "consume")
@@ -280,6 +302,7 @@ class Collector:
         while True:
             try:
                 await self.rollouts.tick()
+                self.recorder.take_baselines(self.clock.now())
             except Exception:
                 log.exception("rollout tick failed; trying again next tick")
             await asyncio.sleep(self.settings.tick_interval_s)
@@ -318,6 +341,7 @@ class Collector:
         )
         await ensure_topics(s.kafka_bootstrap, s.topic_partitions)
         await self.rollouts.republish()
+        self.recorder.republish()
         if self._consumer is not None:
             await self._consumer.reset_positions()
         await self._watch.mark()
@@ -363,6 +387,8 @@ class Collector:
         await self._cancel("grant")
         await self._cancel("tick")
         await self.notifier.stop()  # after the loop and the admin API that decide
+        await self._cancel("history")
+        await self.recorder.stop()  # saved to state_dir first; the topic gets a few seconds
         if self._consumer is not None:
             self._consumer.request_stop()
             await self._settle("consume", _CONSUME_STOP_S)
