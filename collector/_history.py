@@ -94,10 +94,11 @@ class DeploymentHistory:
         return len(self._records)
 
     def list(self, agent: str, limit: int = 0) -> list[deployment_pb2.DeploymentSummary]:
-        """The rollouts of `agent`, newest first (by start; ties by end)."""
+        """The rollouts of `agent`, newest first (by start; ties by end, then by the ending
+        state's epoch and generation, which only grow)."""
         ended = sorted(
             (r for r in self._records.values() if r.agent == agent),
-            key=lambda r: (r.started_at_unix_nano, r.ended_at_unix_nano, r.rollout_id),
+            key=lambda r: (r.started_at_unix_nano, r.ended_at_unix_nano, r.epoch, r.generation),
             reverse=True,
         )
         return [summary(r) for r in (ended[:limit] if limit > 0 else ended)]
