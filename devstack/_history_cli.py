@@ -18,7 +18,7 @@ from google.protobuf import json_format
 
 from devstack._admin_client import admin_target
 from devstack._rollout_cli import ADMIN_TIMEOUT_S, BadInput, admin_call, admin_option
-from devstack._status import bounds_text, phase_label
+from devstack._status import VERDICTS, bounds_text, phase_label
 from outrider.v1 import admin_pb2, control_pb2, deployment_pb2
 
 _STAGE_ENDS = {
@@ -75,7 +75,8 @@ def history_lines(agent: str, deployments: list[deployment_pb2.DeploymentSummary
 def _gate_line(g: control_pb2.GateResult) -> str:
     label = "trigger" if g.kind == "trigger" else "gate"
     sides = f"candidate n={g.candidate_samples}, stable n={g.baseline_samples}"
-    return f"      {label} {g.name}: {g.verdict or '-'}  {bounds_text(g) or '-'}  ({sides})"
+    verdict = VERDICTS.get(g.verdict, g.verdict or "-")
+    return f"      {label} {g.name}: {verdict}  {bounds_text(g) or '-'}  ({sides})"
 
 
 def _baseline_lines(record: deployment_pb2.DeploymentRecord) -> list[str]:
