@@ -26,6 +26,7 @@ ENDED = frozenset({PROMOTED, control_pb2.ROLLOUT_PHASE_ROLLED_BACK, control_pb2.
 _HELD = frozenset({control_pb2.ROLLOUT_PHASE_HOLD, control_pb2.ROLLOUT_PHASE_NO_DATA})
 # decisions kept per record: the first and the newest; bounds a record well below Kafka's 1 MB
 MAX_DECISIONS = 100
+MAX_RECORD_BYTES = 900_000  # below the broker's default 1 MB message limit
 CONTENT_TYPE = b"application/x-protobuf; messageType=outrider.v1.DeploymentRecord"
 REVISION_ENDED, REVISION_BASELINE = 1, 2
 
@@ -128,6 +129,9 @@ def build_record(
         generation=state.generation,
         epoch=state.epoch,
     )
+    while record.ByteSize() > MAX_RECORD_BYTES and len(record.decisions) > 2:
+        del record.decisions[1]  # a huge spec or many gates: the oldest after the start go first
+        record.decisions_dropped += 1
     if state.phase == PROMOTED and baseline_s > 0:
         record.baseline_s = baseline_s
         record.baseline_due_unix_nano = state.decided_at_unix_nano + _ns(baseline_s)

@@ -7,8 +7,8 @@ answers the same on any of them. Each record, from the topic or from disk, is ve
 Of two records of one rollout the later revision wins (the baseline after a promotion), as
 compaction keeps the last one on the topic.
 
-Nothing here relies on `end_offsets` (the embedded test broker answers it wrongly): `caught_up`
-is set once the topic has been quiet for a moment after its partitions were assigned.
+Nothing here relies on `end_offsets` (the embedded test broker answers it wrongly): the topic
+is read from the beginning and followed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 FILE_FORMAT = 1
 _POLL_MS = 500
-_IDLE_S = 1.0  # quiet this long after assignment: caught up with the topic
 _RETRY_S = 2.0  # after the broker failed the tail
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -54,7 +53,6 @@ class DeploymentHistory:
         self._records: dict[str, deployment_pb2.DeploymentRecord] = {}
         self._signed: dict[str, outrider.SignedRecord] = {}
         self.mine: set[str] = set()
-        self.caught_up = asyncio.Event()
         self._rejects = outrider.RejectLog(log)
 
     # -- the store ------------------------------------------------------------------------
@@ -160,7 +158,6 @@ class DeploymentHistory:
     async def tail(self, bootstrap: str) -> None:
         """Read `outrider.deployments` from the beginning, then follow it; runs until cancelled.
         A broker that fails is asked again (from the beginning: records are few)."""
-        loop = asyncio.get_running_loop()
         while True:
             consumer = AIOKafkaConsumer(
                 outrider.DEPLOYMENTS_TOPIC,
@@ -171,7 +168,6 @@ class DeploymentHistory:
             )
             try:
                 await consumer.start()
-                quiet_since: float | None = None
                 while True:
                     batch = await consumer.getmany(timeout_ms=_POLL_MS, max_records=500)
                     for records in batch.values():
@@ -179,10 +175,6 @@ class DeploymentHistory:
                             if r.value:
                                 signed = outrider.SignedRecord(r.key, r.value, tuple(r.headers or ()))
                                 self.offer(signed, r.offset)
-                    if batch or (consumer.assignment() and quiet_since is None):
-                        quiet_since = loop.time()
-                    if quiet_since is not None and loop.time() - quiet_since >= _IDLE_S:
-                        self.caught_up.set()
             except (KafkaError, OSError) as exc:
                 log.warning(
                     "tailing %s failed: %s; trying again",

@@ -2,7 +2,8 @@
 
 Start: create topics, load the checkpoint (windows, totals, offsets), read
 `outrider.control` back (rollout and quota generations continue from it) while joining the
-events consumer group, start the control and dead-letter producers, the notifier, the consume loop, the
+events consumer group, start the control and dead-letter producers, the notifier, the deployment
+recorder and history tail (`outrider.deployments`; state_dir copies are loaded first), the consume loop, the
 tick loop and (with quotas configured) the grant loop, serve metrics and the admin API.
 Stop (idempotent) runs the reverse: admin server, grant and tick loops, the notifier (queued
 webhooks get a few seconds), consume loop (it

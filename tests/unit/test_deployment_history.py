@@ -271,3 +271,16 @@ def test_history_renders_lines_and_json() -> None:
     assert "  steps: [{weight: 5, min_duration: 1m}" in text
     assert yaml.safe_load(json.dumps(record_json(record)))["rollout_id"] == "abc123def456"
     assert took(45) == "45s" and took(725) == "12m 5s" and took(12_000) == "3h 20m" and when(0) == "-"
+
+
+def test_history_record_stays_below_the_broker_message_limit() -> None:
+    from collector._deployments import MAX_RECORD_BYTES
+
+    many = [entry(g, P.ROLLOUT_PHASE_RUNNING, 0, 0.05, g) for g in range(1, 100)]
+    for e in many:
+        e.gate_results[0].detail = "x" * 20_000  # 99 decisions of 20 kB: about 2 MB
+    many.append(entry(100, P.ROLLOUT_PHASE_ABORTED, 0, 0.0, 100))
+    record = build_record(ending(P.ROLLOUT_PHASE_ABORTED, 100, 100), many, 0, T0 + 100)
+    assert record.ByteSize() <= MAX_RECORD_BYTES
+    assert record.decisions[0].generation == 1 and record.decisions[-1].generation == 100
+    assert record.decisions_dropped == 100 - len(record.decisions)
