@@ -352,3 +352,28 @@ async def test_history_baseline_snapshot_after_promotion_on_a_virtual_clock(
             broker.bootstrap_servers, lambda found: any(d.HasField("baseline") for d in decoded(found))
         )
         assert decoded(on_topic)[-1] == taken  # the last record of the key wins under compaction
+
+
+async def test_history_rpcs_need_a_credential_and_a_viewer_may_read(broker: EmbeddedBroker) -> None:
+    import grpc
+
+    from tests.integration.test_admin_auth import raw_call
+    from tests.support import VIEWER_TOKEN, admin_channel, bearer
+
+    async with (
+        Collector(settings_for(broker)) as collector,
+        admin_channel(collector.admin_address, None) as ch,
+    ):
+        listing = admin_pb2.ListDeploymentsRequest(agent=AGENT).SerializeToString()
+        getting = admin_pb2.GetDeploymentRequest(rollout_id="feedfacecafe").SerializeToString()
+        for method, payload in (("ListDeployments", listing), ("GetDeployment", getting)):
+            assert await raw_call(ch, method, payload) == grpc.StatusCode.UNAUTHENTICATED
+            assert await raw_call(ch, method, payload, bearer("wrong")) == grpc.StatusCode.UNAUTHENTICATED
+            # a viewer gets in; an empty request is judged, and named
+            assert await raw_call(ch, method, b"", bearer(VIEWER_TOKEN)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert await raw_call(ch, "ListDeployments", listing, bearer(VIEWER_TOKEN)) == grpc.StatusCode.OK
+        assert await raw_call(ch, "GetDeployment", getting, bearer(VIEWER_TOKEN)) == grpc.StatusCode.NOT_FOUND
+        bad_limit = admin_pb2.ListDeploymentsRequest(agent=AGENT, limit=-1).SerializeToString()
+        assert await raw_call(ch, "ListDeployments", bad_limit, bearer(VIEWER_TOKEN)) == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
