@@ -137,7 +137,7 @@ def show_lines(record: deployment_pb2.DeploymentRecord) -> list[str]:
         lines += [_gate_line(g) for g in d.gate_results]
     lines += _baseline_lines(record)
     lines.append("spec")
-    lines += [f"  {line}" for line in record.spec_yaml.rstrip().splitlines()]
+    lines += [f"  {line}" for line in record.spec_yaml.strip().splitlines()]
     return lines
 
 
