@@ -35,6 +35,8 @@ from collector._auth import AuthInterceptor, TokenBook, current_identity
 from collector._commands import NOT_OWNER, CommandBus, NoAnswer
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, NotOwner, RolloutConflict, RolloutError, WrongPhase
+from collector._history import DeploymentHistory
+from collector._history_admin import HistoryMethods
 from collector._manager import PublishError, RolloutManager
 from collector._spec import RolloutSpec, load_spec_text
 from outrider.v1 import admin_pb2, admin_pb2_grpc
@@ -121,15 +123,17 @@ def _spec_of(request: admin_pb2.StartRolloutRequest) -> RolloutSpec:
     return load_spec_text(request.spec_yaml, source)
 
 
-class AdminService(admin_pb2_grpc.AdminServicer):
+class AdminService(HistoryMethods, admin_pb2_grpc.AdminServicer):
     def __init__(
         self,
         manager: RolloutManager,
         bus: CommandBus | None = None,
         replica: str = "",
         relay_timeout_s: float = DEFAULT_RELAY_TIMEOUT_S,
+        history: DeploymentHistory | None = None,
     ) -> None:
         self._manager, self._bus, self._replica = manager, bus, replica
+        self.history = history
         self._relay_timeout_s = relay_timeout_s
         if bus is not None:
             bus.handler = self.handle_relayed
@@ -282,7 +286,9 @@ class AdminServer:
         bus: CommandBus | None = None,
         replica: str = "",
         relay_timeout_s: float = DEFAULT_RELAY_TIMEOUT_S,
+        history: DeploymentHistory | None = None,
     ) -> None:
+        self._history = history
         self._auth = auth or AdminAuth()
         self._bus, self._replica, self._relay_timeout_s = bus, replica, relay_timeout_s
         self._listen = listen
@@ -304,7 +310,8 @@ class AdminServer:
             )
         server = grpc.aio.server(interceptors=[AuthInterceptor(tokens, certs=certs)])
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(self._manager, self._bus, self._replica, self._relay_timeout_s), server
+            AdminService(self._manager, self._bus, self._replica, self._relay_timeout_s, self._history),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if auth.reflection:

@@ -35,7 +35,7 @@ CONTROL_TOPIC_CONFIGS = {"cleanup.policy": "compact"}
 
 
 async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 10.0) -> None:
-    """Create the events, spans, control and dead-letter topics if missing; a failure is
+    """Create the events, spans, control, dead-letter and deployments topics if missing; a failure is
     logged, not raised (brokers with auto-creation still work). The spans topic is made even
     when this collector does not relay it: sidecars write to it, and a topic auto-created
     under a first burst of writes stalled their producers for seconds on the embedded broker."""
@@ -47,6 +47,8 @@ async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 10.0
             NewTopic(outrider.CONTROL_TOPIC, 1, 1, topic_configs=CONTROL_TOPIC_CONFIGS),
             NewTopic(outrider.DEADLETTER_TOPIC, 1, 1),
             NewTopic(outrider.SPANS_TOPIC, partitions, 1),
+            # the last record of every rollout stays for good: its deployment record
+            NewTopic(outrider.DEPLOYMENTS_TOPIC, 1, 1, topic_configs=CONTROL_TOPIC_CONFIGS),
         ]
         response = await admin.create_topics(topics)
         for topic, code, *rest in response.topic_errors:

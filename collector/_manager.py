@@ -198,6 +198,11 @@ class RolloutManager:
             for name, t in spec.triggers.active()
             if t.window > max(self._retention_s, 3600.0)
         ]
+        if spec.baseline is not None and spec.baseline > self._retention_s:
+            problems.append(
+                f"baseline: {spec.baseline:g}s exceeds what this collector keeps "
+                f"(retention_s {self._retention_s:g}s)"
+            )
         if problems:
             raise SpecError(source, problems)
 

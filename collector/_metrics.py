@@ -109,6 +109,12 @@ class CollectorMetrics:
             ("result",),
             registry=self.registry,
         )
+        self.deployment_records = Counter(
+            "outrider_collector_deployment_records_total",
+            "Deployment records of ended rollouts, by result (saved, published, failed, dropped, rejected)",
+            ("result",),
+            registry=self.registry,
+        )
         self.publish_failures = Counter(
             "outrider_collector_control_publish_failures_total",
             "Failed writes of rollout states to outrider.control",

@@ -2,7 +2,8 @@
 
 Start: create topics, load the checkpoint (windows, totals, offsets), read
 `outrider.control` back (rollout and quota generations continue from it) while joining the
-events consumer group, start the control and dead-letter producers, the notifier, the consume loop, the
+events consumer group, start the control and dead-letter producers, the notifier, the deployment
+recorder and history tail (`outrider.deployments`; state_dir copies are loaded first), the consume loop, the
 tick loop and (with quotas configured) the grant loop, serve metrics and the admin API.
 Stop (idempotent) runs the reverse: admin server, grant and tick loops, the notifier (queued
 webhooks get a few seconds), consume loop (it
@@ -37,12 +38,14 @@ from collector._control import ControlHistory, ControlPublisher, ensure_topics, 
 from collector._control_state import BrokerWatch, StateCopy
 from collector._deadletter import DeadLetter, DeadLetterWriter
 from collector._granter import QuotaGranter
+from collector._history import DeploymentHistory
 from collector._ingest import Ingestor
 from collector._manager import RolloutManager
 from collector._metrics import CollectorMetrics, MetricsServer
 from collector._notify import Notifier
 from collector._ownership import Ownership
 from collector._quota_book import QuotaBook
+from collector._recorder import DeploymentRecorder, fan_out
 from collector._relay import SpanRelay
 from collector._settings import CollectorSettings, otlp_endpoint
 from collector._takeover import Takeover
@@ -99,6 +102,23 @@ class Collector:
         self.notifier = Notifier(settings.notify, self.metrics)
         self.replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.ownership = Ownership()
+        # ended rollouts' records: served from here, written by the replica that ended them
+        self.history = DeploymentHistory(
+            self.verifier,
+            settings.state_dir,
+            lambda _: self.metrics.deployment_records.labels("rejected").inc(),
+        )
+        self.recorder = DeploymentRecorder(
+            self.history,
+            lambda agent: self.rollouts.get(agent),
+            self.windows,
+            self.signer,
+            settings.kafka_bootstrap,
+            settings.publish_timeout_s,
+            settings.retention_s,
+            self.metrics,
+            owns=lambda agent: self.ownership.owns(agent),
+        )
         self.rollouts = RolloutManager(
             self._publisher,
             self.windows,
@@ -106,7 +126,7 @@ class Collector:
             self.clock,
             self.evidence,
             settings.retention_s,
-            listener=self.notifier,
+            listener=fan_out(self.notifier, self.recorder),
             ownership=self.ownership,
         )
         self.takeover = Takeover(
@@ -141,6 +161,7 @@ class Collector:
             bus=self._bus,
             replica=self.replica,
             relay_timeout_s=settings.relay_timeout_s,
+            history=self.history,
         )
         self._metrics_server = (
             MetricsServer(self.metrics.registry, settings.metrics_host, settings.metrics_port)
@@ -195,6 +216,7 @@ class Collector:
         s = self.settings
         try:
             await ensure_topics(s.kafka_bootstrap, s.topic_partitions)
+            self.history.load_dir()
             self._consumer = EventConsumer(
                 s.kafka_bootstrap,
                 s.group_id,
@@ -221,6 +243,8 @@ class Collector:
             except (KafkaError, TimeoutError) as exc:
                 log.warning("could not write the broker incarnation marker: %s", exc or type(exc).__name__)
             await self.notifier.start()
+            await self.recorder.start()
+            self._spawn(self.history.tail(s.kafka_bootstrap), "history")
             if self.relay is not None:
                 await self.relay.start()
             self._spawn(self._consumer.run(), "consume")
@@ -321,6 +345,7 @@ class Collector:
         while True:
             try:
                 await self.rollouts.tick()
+                self.recorder.take_baselines(self.clock.now())
             except Exception:
                 log.exception("rollout tick failed; trying again next tick")
             await asyncio.sleep(self.settings.tick_interval_s)
@@ -359,6 +384,7 @@ class Collector:
         )
         await ensure_topics(s.kafka_bootstrap, s.topic_partitions)
         await self.rollouts.republish()
+        self.recorder.republish()
         if self._consumer is not None:
             await self._consumer.reset_positions()
         await self._watch.mark()
@@ -406,6 +432,8 @@ class Collector:
         await self._cancel("grant")
         await self._cancel("tick")
         await self.notifier.stop()  # after the loop and the admin API that decide
+        await self._cancel("history")
+        await self.recorder.stop()  # saved to state_dir first; the topic gets a few seconds
         if self._consumer is not None:
             self._consumer.request_stop()
             await self._settle("consume", _CONSUME_STOP_S)

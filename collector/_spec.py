@@ -5,6 +5,7 @@ stable: 1a2b3c4d5e6f
 candidate: 9f8e7d6c5b4a
 sticky_by: session
 drain_timeout: 10m          # after a rollback or abort, candidate-pinned sessions end this much later
+baseline: 10m               # after a promotion, the new stable's metrics over this long (0: none)
 alpha: 0.02                 # family-wise false-rollback bound over every gate, trigger and look
 steps:
   - {weight: 5, min_duration: 2m, min_samples: 200}
@@ -65,6 +66,9 @@ DEFAULT_HOLDBACK = 5.0
 DEFAULT_LOOK_INTERVAL_S = 10.0
 # how long sessions pinned to a rolled-back or aborted candidate keep being served
 DEFAULT_DRAIN_TIMEOUT_S = 600.0
+# the baseline snapshot of a promoted version: its metrics over this long at full traffic
+# (capped at the collector's retention when the spec does not set it)
+DEFAULT_BASELINE_S = 600.0
 DEFAULT_MIN_SAMPLES = 30
 DEFAULT_CRITICAL = ("secret", "pii")
 DEFAULT_CRITICAL_MIN_CALLS = 1000
@@ -197,6 +201,7 @@ class RolloutSpec(_Model):
     holdback: float = Field(default=DEFAULT_HOLDBACK, gt=0, lt=50)  # % stable kept at weight 100
     look_interval: Duration = DEFAULT_LOOK_INTERVAL_S
     drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT_S
+    baseline: Duration | None = None  # None: DEFAULT_BASELINE_S, at most the collector's retention
     steps: list[Step] = Field(min_length=1, max_length=100)
     gates: list[Gate] = Field(default_factory=list, max_length=50)
     triggers: Triggers = Triggers()
@@ -205,6 +210,11 @@ class RolloutSpec(_Model):
         """The candidate's share of new sessions at step `index`, in [0, 1]."""
         weight = self.steps[index].weight
         return (100.0 - self.holdback) / 100 if weight >= 100 else weight / 100
+
+    def baseline_s(self, retention_s: float) -> float:
+        """How long the baseline after a promotion covers (0: none); a collector refuses a
+        spec that sets more than its retention (`RolloutManager.check_windows`)."""
+        return self.baseline if self.baseline is not None else min(DEFAULT_BASELINE_S, retention_s)
 
     def test_alphas(self) -> tuple[float, float]:
         """(alpha per gate, alpha per trigger): Bonferroni over the family."""

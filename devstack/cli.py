@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from devstack import _rollout_cli
+from devstack import _history_cli, _rollout_cli
 
 if TYPE_CHECKING:
     from collector._spec import RolloutSpec
@@ -309,7 +309,7 @@ def rollout() -> None:
     plan and simulate them locally."""
 
 
-for _command in _rollout_cli.COMMANDS:
+for _command in (*_rollout_cli.COMMANDS, *_history_cli.COMMANDS):
     rollout.add_command(_command)
 
 

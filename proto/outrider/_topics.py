@@ -7,6 +7,8 @@ SPANS_TOPIC = "outrider.spans"
 CONTROL_TOPIC = "outrider.control"
 COMMANDS_TOPIC = "outrider.commands"
 DEADLETTER_TOPIC = "outrider.deadletter"
+# compacted: one signed DeploymentRecord per ended rollout, keyed by its rollout id
+DEPLOYMENTS_TOPIC = "outrider.deployments"
 
 
 def agent_key(agent: str) -> bytes:
@@ -44,3 +46,10 @@ def quota_key(resource: str) -> bytes:
     if not resource:
         raise ValueError("resource must not be empty")
     return (QUOTA_KEY_PREFIX + resource).encode("utf-8")
+
+
+def deployment_key(rollout_id: str) -> bytes:
+    """The record key of a rollout's deployment record on `outrider.deployments`: its id."""
+    if not rollout_id:
+        raise ValueError("rollout id must not be empty")
+    return rollout_id.encode("utf-8")

@@ -6,6 +6,7 @@ time (`OUTRIDER_DEV_PORT_BASE`; the block's clients find it through `OUTRIDER_AD
 The 30 %-error candidate must be rolled back by the controller within 2 minutes of `rollout
 start`, with a `rollout status` that says so, on a run directory an earlier run left behind.
 The test prints the time from `rollout start` to the first status that says "rolled back".
+The block's `rollout history` must then list that rollout, rolled back by the controller.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ def test_readme_block_keeps_its_shape() -> None:
     duration = re.search(r"--duration (\d+)m\b", agents[0])
     assert duration and int(duration.group(1)) >= 10, "the agent keeps sending for at least 10 minutes"
     assert ".venv/bin/outrider rollout status support-bot" in lines
+    history = ".venv/bin/outrider rollout history support-bot"
+    assert history in lines and lines.index(history) > lines.index(
+        ".venv/bin/outrider rollout status support-bot"
+    )
     assert any("rollout start examples/rollout.yaml" in line for line in lines)
 
 
@@ -139,6 +144,7 @@ def test_readme_demo_rolls_back_the_bad_candidate(tmp_path: Path, capsys: pytest
     rolled_back_after: float | None = None
     status_line = ".venv/bin/outrider rollout status support-bot"
     last = ""
+    history = ""
     try:
         dev.wait_up()
         for line in lines:
@@ -154,6 +160,15 @@ def test_readme_demo_rolls_back_the_bad_candidate(tmp_path: Path, capsys: pytest
                         assert started_at is not None
                         rolled_back_after = time.monotonic() - started_at
                     time.sleep(min(POLL_S, max(0.0, until - time.monotonic())))
+            elif "rollout history" in line:
+                # the history lists ended rollouts: a rollback later than the sleep is waited for
+                while rolled_back_after is None and started_at is not None:
+                    assert time.monotonic() - started_at < ROLLBACK_WITHIN_S + 60, "no rollback to list"
+                    if _rolled_back(block.run(status_line)):
+                        rolled_back_after = time.monotonic() - started_at
+                    else:
+                        time.sleep(POLL_S)
+                history = block.run(line)
             else:
                 out = block.run(line)
                 if "rollout start" in line:
@@ -190,3 +205,10 @@ def test_readme_demo_rolls_back_the_bad_candidate(tmp_path: Path, capsys: pytest
     # and why: the errors gate, or latency or cost (retries also make v2 slower and dearer)
     assert any(f"gate {g} found harm" in last for g in ("errors", "latency", "cost")), last
     assert "canary" in agent_log and "stable" in agent_log, agent_log
+    # newest first: this run's rollout, rolled back by the controller (the earlier run's never ended)
+    rollout_id = re.search(r"^rollout\s+(\w+)", last, re.M)
+    assert rollout_id, last
+    rows = history.splitlines()
+    assert rows and rows[0].split()[:2] == ["ROLLOUT", "STABLE"], history
+    assert len(rows) == 2 and rows[1].startswith(rollout_id.group(1)), history
+    assert "rolled back" in rows[1] and rows[1].rstrip().endswith("controller"), history

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from outrider.v1 import admin_pb2 as outrider_dot_v1_dot_admin__pb2
+from outrider.v1 import deployment_pb2 as outrider_dot_v1_dot_deployment__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -65,6 +66,16 @@ class AdminStub:
                 request_serializer=outrider_dot_v1_dot_admin__pb2.PromoteRolloutRequest.SerializeToString,
                 response_deserializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
                 _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/outrider.v1.Admin/ListDeployments',
+                request_serializer=outrider_dot_v1_dot_admin__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_admin__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
+        self.GetDeployment = channel.unary_unary(
+                '/outrider.v1.Admin/GetDeployment',
+                request_serializer=outrider_dot_v1_dot_admin__pb2.GetDeploymentRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_deployment__pb2.DeploymentRecord.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -111,6 +122,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeployments(self, request, context):
+        """The deployment records of ended rollouts (`outrider.deployments`), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeployment(self, request, context):
+        """NOT_FOUND: no such record
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +168,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.PromoteRollout,
                     request_deserializer=outrider_dot_v1_dot_admin__pb2.PromoteRolloutRequest.FromString,
                     response_serializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=outrider_dot_v1_dot_admin__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_admin__pb2.ListDeploymentsResponse.SerializeToString,
+            ),
+            'GetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeployment,
+                    request_deserializer=outrider_dot_v1_dot_admin__pb2.GetDeploymentRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_deployment__pb2.DeploymentRecord.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +343,60 @@ class Admin:
             '/outrider.v1.Admin/PromoteRollout',
             outrider_dot_v1_dot_admin__pb2.PromoteRolloutRequest.SerializeToString,
             outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/ListDeployments',
+            outrider_dot_v1_dot_admin__pb2.ListDeploymentsRequest.SerializeToString,
+            outrider_dot_v1_dot_admin__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/GetDeployment',
+            outrider_dot_v1_dot_admin__pb2.GetDeploymentRequest.SerializeToString,
+            outrider_dot_v1_dot_deployment__pb2.DeploymentRecord.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from outrider.v1 import admin_pb2 as _admin_pb2
+from outrider.v1 import deployment_pb2 as _deployment_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -44,6 +45,10 @@ class AdminStub:
     """HOLD -> RUNNING"""
     PromoteRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PromoteRolloutRequest, _admin_pb2.RolloutStatus]
     """an override -> PROMOTED"""
+    ListDeployments: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeploymentsRequest, _admin_pb2.ListDeploymentsResponse]
+    """The deployment records of ended rollouts (`outrider.deployments`), newest first."""
+    GetDeployment: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetDeploymentRequest, _deployment_pb2.DeploymentRecord]
+    """NOT_FOUND: no such record"""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -61,6 +66,10 @@ class AdminAsyncStub(AdminStub):
     """HOLD -> RUNNING"""
     PromoteRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.PromoteRolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
     """an override -> PROMOTED"""
+    ListDeployments: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeploymentsRequest, _admin_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
+    """The deployment records of ended rollouts (`outrider.deployments`), newest first."""
+    GetDeployment: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetDeploymentRequest, _deployment_pb2.DeploymentRecord]  # type: ignore[assignment]
+    """NOT_FOUND: no such record"""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """The collector's admin API, used by the `outrider rollout` CLI and CI pipelines."""
@@ -111,5 +120,21 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]:
         """an override -> PROMOTED"""
+
+    @_abc_1.abstractmethod
+    def ListDeployments(
+        self,
+        request: _admin_pb2.ListDeploymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListDeploymentsResponse, _abc.Awaitable[_admin_pb2.ListDeploymentsResponse]]:
+        """The deployment records of ended rollouts (`outrider.deployments`), newest first."""
+
+    @_abc_1.abstractmethod
+    def GetDeployment(
+        self,
+        request: _admin_pb2.GetDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployment_pb2.DeploymentRecord, _abc.Awaitable[_deployment_pb2.DeploymentRecord]]:
+        """NOT_FOUND: no such record"""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
