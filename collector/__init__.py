@@ -7,8 +7,9 @@ from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutError, RolloutFinished, WrongPhase
 from collector._evidence import RolloutEvidence, Rows
 from collector._manager import PublishError
+from collector._process import run
 from collector._rollout import RolloutController
-from collector._service import Collector, run
+from collector._service import Collector
 from collector._settings import CollectorSettings, load_settings
 from collector._spec import Gate, RolloutSpec, Step, Trigger, load_spec_file, load_spec_text
 from collector._windows import Ingest, RollingWindows, WindowStats

@@ -1,13 +1,16 @@
-"""The collector process: wires the consumer, windows, controllers, admin API and metrics.
+"""The collector: wires the consumer, windows, controllers, admin API and metrics.
 
-Start: create topics, load the checkpoint (windows, totals, offsets), read
+Start: create topics; start the control, dead-letter and command writers; read
 `outrider.control` back (rollout and quota generations continue from it) while joining the
-events consumer group, start the control and dead-letter producers, the notifier, the deployment
-recorder and history tail (`outrider.deployments`; state_dir copies are loaded first), the consume loop, the
-tick loop and (with quotas configured) the grant loop, serve metrics and the admin API.
-Stop (idempotent) runs the reverse: admin server, grant and tick loops, the notifier (queued
-webhooks get a few seconds), consume loop (it
-finishes its batch), checkpoint and offset commit, consumer, producers, metrics server.
+events consumer group, whose first assignment restores each partition's checkpoint and then
+its rollouts (`collector._takeover`); start the notifier, the deployment recorder and history
+tail (`outrider.deployments`; state_dir copies first), the consume, tick, republish and watch
+loops and (with quotas configured, on the owner of partition 0) the grant loop; serve metrics
+and the admin API, which relays calls for agents another replica owns.
+Stop (idempotent) runs the reverse: admin server and command relay, the loops, the notifier
+(queued webhooks get a few seconds), consume loop (it finishes its batch), checkpoint and
+offset commit, consumer, producers, metrics server. `collector._process.run` runs one as a
+process.
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import socket
-import threading
 import time
 from collections.abc import Coroutine
 from types import TracebackType
@@ -456,60 +457,3 @@ class Collector:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
-
-
-async def run(settings: CollectorSettings, *, hard_exit: bool = False) -> int:
-    """Run a collector until SIGTERM or SIGINT, then stop it cleanly. The exit code.
-
-    A signal during start-up stops at once. The stop gets `shutdown_grace_s`: past it the
-    remaining steps are abandoned (exit code 1); with `hard_exit` (the command line), a
-    watchdog thread ends the process even if the event loop is stuck."""
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stopping.set)
-    collector = Collector(settings)
-    grace = settings.shutdown_grace_s
-    code = 0
-    signalled = asyncio.create_task(stopping.wait())
-    try:
-        starting = asyncio.create_task(collector.start())
-        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            log.info("collector: signalled during start-up; stopping")
-            starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting  # a start that failed raises here
-        if not starting.cancelled():
-            where = f"admin gRPC {collector.admin_address}"
-            if collector.metrics_port is not None:
-                where += f", metrics http://{settings.metrics_host}:{collector.metrics_port}/metrics"
-            log.info("collector listening: %s", where)
-            await signalled
-        log.info("collector stopping (grace %.1fs)", grace)
-    finally:
-        signalled.cancel()
-        watchdog = _watchdog(grace + 1.0) if hard_exit else None
-        try:
-            await asyncio.wait_for(collector.stop(), grace)
-        except TimeoutError:
-            log.error("collector: stop did not finish within %.1fs; exiting anyway", grace)  # noqa: TRY400
-            code = 1
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-    return code
-
-
-def _watchdog(after_s: float) -> threading.Timer:
-    def expire() -> None:
-        log.critical("collector: still stopping after %.1fs; exiting", after_s)
-        os._exit(1)
-
-    timer = threading.Timer(after_s, expire)
-    timer.daemon = True
-    timer.start()
-    return timer
