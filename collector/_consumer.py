@@ -254,6 +254,8 @@ class EventConsumer:
                         else:
                             log.warning("%d undecodable records skipped (no dead-letter writer)", len(dead))
                 self.batches += 1
+                if self._ingestor.usage_relay is not None:
+                    await self._ingestor.usage_relay.flush()
             if self._store is None:
                 if batch:
                     await self.checkpoint()  # nothing to write: commit after each batch

@@ -22,6 +22,7 @@ from collector._gaps import GapTracker
 from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
 from collector._sightings import VersionSightings
+from collector._usage_relay import GRANTER_PARTITION, UsageRelay, is_relayed
 from collector._windows import Ingest, RollingWindows
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class Ingestor:
         self.positions: Offsets = {}
         self.applied = 0  # records handled since start, decoded or not
         self.gaps = GapTracker()
+        # usage reports from other partitions, copied to the granter's (set by the collector)
+        self.usage_relay: UsageRelay | None = None
 
     def apply(self, records: Iterable[Any], now: float) -> list[DeadLetter]:
         """Apply consumed records (aiokafka ConsumerRecords) in order; the dead letters."""
@@ -100,6 +103,12 @@ class Ingestor:
                     self.quotas.observe(event)
                 else:
                     metrics.quota_reports.labels("unknown_resource").inc()
+                if (
+                    self.usage_relay is not None
+                    and record.partition != GRANTER_PARTITION
+                    and not is_relayed(record.headers)
+                ):
+                    self.usage_relay.add(event)
                 continue
             result = windows.add_event(event, now)
             if result is Ingest.COUNTED:

@@ -50,6 +50,7 @@ from collector._recorder import DeploymentRecorder, fan_out
 from collector._relay import SpanRelay
 from collector._settings import CollectorSettings, otlp_endpoint
 from collector._takeover import Takeover
+from collector._usage_relay import UsageRelay
 from collector._windows import RollingWindows
 from outrider.clock import Clock, SystemClock
 
@@ -172,6 +173,9 @@ class Collector:
         self._ingestor = Ingestor(
             self.windows, self.metrics, self.quotas, self.evidence, self.rollouts.sightings
         )
+        self._usage_relay = UsageRelay(settings.kafka_bootstrap, settings.publish_timeout_s)
+        if self.quotas.book.resources:  # every replica's usage reports reach the one granter
+            self._ingestor.usage_relay = self._usage_relay
         self.rollouts.events_missing = lambda agent: self._ingestor.gaps.missing_by_agent.get(agent, 0)
         self._deadletter = DeadLetterWriter(
             settings.kafka_bootstrap, settings.publish_timeout_s, self.metrics
@@ -441,6 +445,7 @@ class Collector:
             await self._consumer.stop()  # checkpoints and commits what was processed
         await self._cancel("consume")
         await self.takeover.stop()
+        await self._usage_relay.stop()
         if self.relay is not None:
             await self.relay.stop()  # before the dead-letter writer its hook uses
         await self._deadletter.stop()

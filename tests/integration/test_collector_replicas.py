@@ -285,3 +285,46 @@ async def test_replica_relays_verbs_to_the_owner_and_never_runs_forged_commands(
         assert ctl is not None and ctl.state is not None
         assert ctl.state.phase == control_pb2.ROLLOUT_PHASE_HOLD, "a forged command was run"
         assert one.metrics.commands.labels("rejected")._value.get() >= 2
+
+
+async def test_replica_usage_reports_of_every_partition_reach_the_granter(broker: EmbeddedBroker) -> None:
+    resource = "openai/gpt-4o"
+
+    settings = [
+        CollectorSettings.model_validate(
+            {**_settings(broker, n).model_dump(), "quotas": {resource: {"limit_tpm": 1000.0}}}
+        )
+        for n in ("one", "two")
+    ]
+    async with Collector(settings[0]) as one, Collector(settings[1]) as two:
+        await _settled(one, two)
+        granter, other = (one, two) if 0 in one.ownership.ready else (two, one)
+        agents = {
+            p: next(f"agent-{i}" for i in range(100) if partition_for(f"agent-{i}", 2) == p) for p in (0, 1)
+        }
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers, enable_idempotence=False)
+        await producer.start()
+        try:
+            deadline = time.monotonic() + 20
+            while granter.quotas.book.usage(resource).sidecars < 2:
+                assert time.monotonic() < deadline, "usage of the other partition never reached the granter"
+                for partition, agent in agents.items():
+                    e = events_pb2.Event(
+                        event_id=f"usage-{next(_ids)}",
+                        time_unix_nano=time.time_ns(),
+                        agent=agent,
+                        sidecar_id=f"sidecar-p{partition}",
+                        sequence=next(_ids) + 1,
+                    )
+                    e.usage.resource, e.usage.used_tpm, e.usage.demand_tpm = resource, 100.0, 200.0
+                    value, headers = outrider.encode_event(e)
+                    await producer.send_and_wait(
+                        outrider.EVENTS_TOPIC, value, key=outrider.agent_key(agent), headers=headers
+                    )
+                await asyncio.sleep(0.3)
+        finally:
+            await producer.stop()
+        assert granter.quotas.book.usage(resource).demand_tpm == pytest.approx(400.0)
+        # the relayed copies carry no sequence: the granter counts no gap for them
+        assert granter.metrics.events_missing.labels("sidecar-p1", agents[1])._value.get() == 0
+        assert 0 not in other.ownership.ready

@@ -1,0 +1,81 @@
+"""Usage reports from every partition reach the one granter (the owner of partition 0).
+
+Sidecars key their usage reports by agent like every event, so with several partitions each
+replica sees only the reports of its own agents. The ingest step picks out the usage reports
+it consumes from partitions other than 0; this writes a copy of each to partition 0 of
+`outrider.events` with a `outrider-usage-relayed` header (a copy is never relayed again) and
+no sequence number (the copy is not the sidecar's event, so no gap is counted for it).
+Leases are soft state: a copy lost or doubled changes one lease renewal, nothing else; the
+producer is started only when there is something to relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+import outrider
+from outrider.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+RELAYED_HEADER = "outrider-usage-relayed"
+GRANTER_PARTITION = 0
+MAX_PENDING = 10_000  # reports held for the next write; past this the oldest are dropped
+
+
+def is_relayed(headers: object) -> bool:
+    return any(k == RELAYED_HEADER for k, _ in (headers or ()))  # type: ignore[attr-defined]
+
+
+class UsageRelay:
+    def __init__(self, bootstrap: str, timeout_s: float) -> None:
+        self._bootstrap, self._timeout_s = bootstrap, timeout_s
+        self._producer: AIOKafkaProducer | None = None
+        self.pending: list[events_pb2.Event] = []
+        self.relayed = 0
+
+    def add(self, event: events_pb2.Event) -> None:
+        self.pending.append(event)
+        if len(self.pending) > MAX_PENDING:
+            del self.pending[: len(self.pending) - MAX_PENDING]
+
+    async def flush(self) -> None:
+        """Write what is pending to partition 0; what fails is dropped (the next report renews)."""
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        try:
+            if self._producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=False
+                )
+                await producer.start()
+                self._producer = producer
+            for event in batch:
+                copy = events_pb2.Event()
+                copy.CopyFrom(event)
+                copy.sequence = 0
+                value, headers = outrider.encode_event(copy)
+                await asyncio.wait_for(
+                    self._producer.send_and_wait(
+                        outrider.EVENTS_TOPIC,
+                        value,
+                        key=outrider.agent_key(event.agent),
+                        headers=[*headers, (RELAYED_HEADER, b"1")],
+                        partition=GRANTER_PARTITION,
+                    ),
+                    self._timeout_s,
+                )
+                self.relayed += 1
+        except (KafkaError, TimeoutError, OSError) as exc:
+            why = exc or type(exc).__name__
+            log.warning("relaying %d usage reports to the granter failed: %s", len(batch), why)
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
