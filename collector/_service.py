@@ -50,7 +50,7 @@ from collector._recorder import DeploymentRecorder, fan_out
 from collector._relay import SpanRelay
 from collector._settings import CollectorSettings, otlp_endpoint
 from collector._takeover import Takeover
-from collector._usage_relay import UsageRelay
+from collector._usage_relay import GRANTER_PARTITION, UsageRelay
 from collector._windows import RollingWindows
 from outrider.clock import Clock, SystemClock
 
@@ -173,7 +173,11 @@ class Collector:
         self._ingestor = Ingestor(
             self.windows, self.metrics, self.quotas, self.evidence, self.rollouts.sightings
         )
-        self._usage_relay = UsageRelay(settings.kafka_bootstrap, settings.publish_timeout_s)
+        self._usage_relay = UsageRelay(
+            settings.kafka_bootstrap,
+            settings.publish_timeout_s,
+            lambda: self.ownership.holds(GRANTER_PARTITION),
+        )
         if self.quotas.book.resources:  # every replica's usage reports reach the one granter
             self._ingestor.usage_relay = self._usage_relay
         self.rollouts.events_missing = lambda agent: self._ingestor.gaps.missing_by_agent.get(agent, 0)
@@ -403,7 +407,7 @@ class Collector:
         while True:
             await asyncio.sleep(max(0.0, due - loop.time()))
             try:
-                if 0 in self.ownership.ready:  # one granter: the owner of partition 0
+                if GRANTER_PARTITION in self.ownership.ready:  # one granter: partition 0's owner
                     await self.quotas.tick()
             except Exception:
                 log.exception("quota grant tick failed; trying again next interval")

@@ -1,8 +1,9 @@
 """Usage reports from every partition reach the one granter (the owner of partition 0).
 
 Sidecars key their usage reports by agent like every event, so with several partitions each
-replica sees only the reports of its own agents. The ingest step picks out the usage reports
-it consumes from partitions other than 0; this writes a copy of each to partition 0 of
+replica sees only the reports of its own agents. When partition 0 is held elsewhere, the
+ingest step picks out the usage reports it consumes from other partitions; this writes a copy
+of each to partition 0 of
 `outrider.events` with a `outrider-usage-relayed` header (a copy is never relayed again) and
 no sequence number (the copy is not the sidecar's event, so no gap is counted for it).
 Leases are soft state: a copy lost or doubled changes one lease renewal, nothing else; the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -32,13 +34,16 @@ def is_relayed(headers: object) -> bool:
 
 
 class UsageRelay:
-    def __init__(self, bootstrap: str, timeout_s: float) -> None:
+    def __init__(self, bootstrap: str, timeout_s: float, granter_here: Callable[[], bool]) -> None:
         self._bootstrap, self._timeout_s = bootstrap, timeout_s
+        self.granter_here = granter_here  # this replica holds partition 0: it saw the report
         self._producer: AIOKafkaProducer | None = None
         self.pending: list[events_pb2.Event] = []
         self.relayed = 0
 
     def add(self, event: events_pb2.Event) -> None:
+        if self.granter_here():
+            return
         self.pending.append(event)
         if len(self.pending) > MAX_PENDING:
             del self.pending[: len(self.pending) - MAX_PENDING]
