@@ -315,23 +315,6 @@ class RollingWindows:
         _apply(self._bucket((event.agent, event.version_id, int(event.role)), t), event, body)
         return Ingest.COUNTED
 
-    def record(
-        self, agent: str, version_id: str, role: int, t: float, latency_ms: float, error: bool, now: float
-    ) -> Ingest:
-        """Count one request that happened at `t` (no dedupe; a provider error if `error`)."""
-        self._advance(now)
-        t = min(t, now)
-        if t < now - self.retention_s:
-            return Ingest.STALE
-        bucket = self._bucket((agent, version_id, role), t)
-        bucket.requests += 1
-        bucket.calls += 1
-        if error:
-            bucket.error(classify(""))
-        if math.isfinite(latency_ms):
-            bucket.sketch.add(max(latency_ms, 0.0))
-        return Ingest.COUNTED
-
     def _advance(self, now: float) -> None:
         # the dedupe horizon must not go backwards
         self._now = max(self._now, now)
