@@ -184,6 +184,7 @@ def status_view(status: admin_pb2.RolloutStatus, labels: Mapping[str, str] | Non
         "gates": [gate_view(g, status) for g in state.gate_results],
         "versions": [version_view(m, status, labels or {}) for m in status.metrics],
         "warnings": list(status.warnings) + _missing_warning(status),
+        "collector_replica": status.collector_replica,
     }
 
 
@@ -211,7 +212,12 @@ def render_status(
     state = status.state
     lines = [
         f"agent       {view['agent']}",
-        f"rollout     {view['rollout_id']}  (generation {view['generation']})",
+        f"rollout     {view['rollout_id']}  (generation {view['generation']}"
+        + (
+            f", decided by collector replica {view['collector_replica']})"
+            if view["collector_replica"]
+            else ")"
+        ),
         f"phase       {view['phase']}  step {view['step']}/{view['step_count']}  "
         f"candidate weight {view['candidate_weight']:.0%}",
     ]

@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaProducer
 import outrider
 from collector import Collector, CollectorSettings
 from collector._ownership import partition_for
+from devstack._status import render_status
 from devstack.broker import EmbeddedBroker, free_port
 from outrider.v1 import admin_pb2, admin_pb2_grpc, commands_pb2, common_pb2, control_pb2, events_pb2
 from tests.support import SECURE_COLLECTOR, Proc, admin_channel, wait_serving
@@ -252,6 +253,7 @@ async def test_replica_relays_verbs_to_the_owner_and_never_runs_forged_commands(
             )
             assert paused.state.phase == control_pb2.ROLLOUT_PHASE_HOLD
             assert paused.state.decided_by == "token:ci" and paused.collector_replica == "one"
+            assert "decided by collector replica one" in render_status(paused)[1]  # `rollout status`
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.PauseRollout(admin_pb2.PauseRolloutRequest(agent=agent), timeout=20)
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # the owner's error, relayed
