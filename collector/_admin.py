@@ -26,8 +26,10 @@ from grpc_reflection.v1alpha import reflection
 
 from collector._auth import AuthInterceptor, TokenBook, current_identity
 from collector._config_errors import SpecError
-from collector._errors import NoRollout, RolloutConflict, RolloutError, WrongPhase
+from collector._errors import NoRollout, RolloutConflict, RolloutError, UnknownVersion, WrongPhase
 from collector._manager import PublishError, RolloutManager
+from collector._registry import RegistryView
+from collector._registry_admin import RegistryAdmin
 from collector._spec import load_spec_text
 from outrider.v1 import admin_pb2, admin_pb2_grpc
 
@@ -40,6 +42,7 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     RolloutConflict: grpc.StatusCode.ALREADY_EXISTS,
     NoRollout: grpc.StatusCode.NOT_FOUND,
     WrongPhase: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownVersion: grpc.StatusCode.FAILED_PRECONDITION,
     PublishError: grpc.StatusCode.UNAVAILABLE,
     SpecError: grpc.StatusCode.INVALID_ARGUMENT,
 }
@@ -83,9 +86,10 @@ def _requester(
     return _caller(request.requested_by)
 
 
-class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, manager: RolloutManager) -> None:
+class AdminService(RegistryAdmin, admin_pb2_grpc.AdminServicer):
+    def __init__(self, manager: RolloutManager, registry: RegistryView | None = None) -> None:
         self._manager = manager
+        self._registry = registry
 
     async def StartRollout(
         self, request: admin_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext[object, object]
@@ -100,6 +104,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             spec = load_spec_text(request.spec_yaml, source)
             self._manager.check_windows(spec, source)
             who = _requester(request, context)
+            if self._registry is not None:
+                self._registry.require(spec)  # UnknownVersion: FAILED_PRECONDITION naming the version
             await self._manager.start(spec, request.spec_yaml, who)
             log.info("rollout of %s started by %s from %s", spec.agent, who, source)
             return self._manager.status(spec.agent)
@@ -171,8 +177,15 @@ class AdminAuth:
 class AdminServer:
     """grpc.aio server with Admin, health and (with `reflection`) reflection; start/stop idempotent."""
 
-    def __init__(self, manager: RolloutManager, listen: str, auth: AdminAuth | None = None) -> None:
+    def __init__(
+        self,
+        manager: RolloutManager,
+        listen: str,
+        auth: AdminAuth | None = None,
+        registry: RegistryView | None = None,
+    ) -> None:
         self._auth = auth or AdminAuth()
+        self._registry = registry
         self._listen = listen
         self._server: grpc.aio.Server | None = None
         self._manager = manager
@@ -191,7 +204,7 @@ class AdminServer:
                 "every admin call will be refused with UNAUTHENTICATED"
             )
         server = grpc.aio.server(interceptors=[AuthInterceptor(tokens, certs=certs)])
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self._manager), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self._manager, self._registry), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if auth.reflection:
             reflection.enable_server_reflection(

@@ -35,7 +35,7 @@ CONTROL_TOPIC_CONFIGS = {"cleanup.policy": "compact"}
 
 
 async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 10.0) -> None:
-    """Create the events, spans, control and dead-letter topics if missing; a failure is
+    """Create the events, spans, control, versions and dead-letter topics if missing; a failure is
     logged, not raised (brokers with auto-creation still work). The spans topic is made even
     when this collector does not relay it: sidecars write to it, and a topic auto-created
     under a first burst of writes stalled their producers for seconds on the embedded broker."""
@@ -45,6 +45,8 @@ async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 10.0
         topics = [
             NewTopic(outrider.EVENTS_TOPIC, partitions, 1),
             NewTopic(outrider.CONTROL_TOPIC, 1, 1, topic_configs=CONTROL_TOPIC_CONFIGS),
+            # compacted too: the last record of every <agent>/<version id> stays for good
+            NewTopic(outrider.VERSIONS_TOPIC, 1, 1, topic_configs=CONTROL_TOPIC_CONFIGS),
             NewTopic(outrider.DEADLETTER_TOPIC, 1, 1),
             NewTopic(outrider.SPANS_TOPIC, partitions, 1),
         ]
@@ -230,14 +232,16 @@ class ControlPublisher:
         value, headers = outrider.encode_control(message)
         return outrider.SignedRecord(key, value, (*headers, *self._signer.sign(key, value)))
 
-    async def send(self, record: outrider.SignedRecord) -> int:
+    def sign_record(self, key: bytes, value: bytes) -> outrider.SignedRecord:
+        """A record signed with the collector's key, as it goes on the topic."""
+        return outrider.SignedRecord(key, value, tuple(self._signer.sign(key, value)))
+
+    async def send(self, record: outrider.SignedRecord, topic: str = outrider.CONTROL_TOPIC) -> int:
         """Write one record as it is (a republish sends the same bytes); its offset."""
         if self._producer is None:
             raise KafkaError("the control producer is not started")
         metadata = await asyncio.wait_for(
-            self._producer.send_and_wait(
-                outrider.CONTROL_TOPIC, record.value, key=record.key, headers=list(record.headers)
-            ),
+            self._producer.send_and_wait(topic, record.value, key=record.key, headers=list(record.headers)),
             self._timeout_s,
         )
         return int(metadata.offset)

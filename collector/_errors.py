@@ -3,8 +3,9 @@
 RolloutError
  ├─ RolloutConflict   a rollout is already running for the agent   (ALREADY_EXISTS)
  ├─ NoRollout         the agent has no rollout                      (NOT_FOUND)
- └─ WrongPhase        the command does not fit the rollout's phase  (FAILED_PRECONDITION)
-     └─ RolloutFinished   the rollout is in a terminal phase
+ ├─ WrongPhase        the command does not fit the rollout's phase  (FAILED_PRECONDITION)
+ │   └─ RolloutFinished   the rollout is in a terminal phase
+ └─ UnknownVersion    a version the spec names is neither pushed nor served (FAILED_PRECONDITION)
 """
 
 from __future__ import annotations
@@ -28,3 +29,7 @@ class WrongPhase(RolloutError):
 
 class RolloutFinished(WrongPhase):
     pass
+
+
+class UnknownVersion(RolloutError):
+    """The spec names a version that is not in the registry and that no sidecar reported."""

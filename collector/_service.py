@@ -40,6 +40,7 @@ from collector._manager import RolloutManager
 from collector._metrics import CollectorMetrics, MetricsServer
 from collector._notify import Notifier
 from collector._quota_book import QuotaBook
+from collector._registry import RegistryView
 from collector._relay import SpanRelay
 from collector._settings import CollectorSettings, otlp_endpoint
 from collector._windows import RollingWindows
@@ -104,6 +105,9 @@ class Collector:
         )
         book = QuotaBook(settings.quotas, settings.lease_ttl_s, settings.grant_ttl_s, self.clock)
         self.quotas = QuotaGranter(book, self._publisher, self.metrics)
+        self.registry = RegistryView(
+            settings.kafka_bootstrap, self._publisher, self.verifier, self.rollouts.sightings, self.metrics
+        )
         self._admin = AdminServer(
             self.rollouts,
             settings.admin_listen,
@@ -114,6 +118,7 @@ class Collector:
                 settings.admin_tls_client_ca,
                 settings.admin_reflection,
             ),
+            self.registry,
         )
         self._metrics_server = (
             MetricsServer(self.metrics.registry, settings.metrics_host, settings.metrics_port)
@@ -190,6 +195,7 @@ class Collector:
             await self._publisher.start()
             await self._deadletter.start()
             await self.rollouts.republish()
+            await self.registry.start()
             try:
                 await self._watch.mark()
             except (KafkaError, TimeoutError) as exc:
@@ -318,6 +324,7 @@ class Collector:
         )
         await ensure_topics(s.kafka_bootstrap, s.topic_partitions)
         await self.rollouts.republish()
+        await self.registry.republish()
         if self._consumer is not None:
             await self._consumer.reset_positions()
         await self._watch.mark()
@@ -358,6 +365,7 @@ class Collector:
             return
         self._stopped = True
         await self._admin.stop()
+        await self.registry.stop()
         await self._cancel("watch")
         await self._cancel("republish")
         await self._cancel("grant")

@@ -44,3 +44,14 @@ def quota_key(resource: str) -> bytes:
     if not resource:
         raise ValueError("resource must not be empty")
     return (QUOTA_KEY_PREFIX + resource).encode("utf-8")
+
+
+# `outrider.versions` (compacted): one signed record per pushed version, `<agent>/<version id>`
+VERSIONS_TOPIC = "outrider.versions"
+
+
+def version_key(agent: str, version_id: str) -> bytes:
+    """`<agent>/<version id>`: the record key of a pushed version."""
+    if not agent or not version_id:
+        raise ValueError("agent and version id must not be empty")
+    return f"{agent}/{version_id}".encode()

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from outrider.v1 import common_pb2 as outrider_dot_v1_dot_common__pb2
 from outrider.v1 import control_pb2 as outrider_dot_v1_dot_control__pb2
+from outrider.v1 import registry_pb2 as outrider_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17outrider/v1/admin.proto\x12\x0boutrider.v1\x1a\x18outrider/v1/common.proto\x1a\x19outrider/v1/control.proto\"S\n\x13StartRolloutRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x13\n\x0bsource_name\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"\"\n\x11GetRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"J\n\x13\x41\x62ortRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"J\n\x13PauseRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"K\n\x14ResumeRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"L\n\x15PromoteRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"\xd2\x01\n\x0eVersionMetrics\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.outrider.v1.Role\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x03\x12\x12\n\nerror_rate\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x06 \x01(\x01\x12\x0e\n\x06models\x18\x07 \x03(\t\x12\x1b\n\x13last_seen_unix_nano\x18\x08 \x01(\x03\x12\x10\n\x08window_s\x18\t \x01(\x01\"\xe2\x01\n\x0bStageRecord\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x12\n\nstep_index\x18\x02 \x01(\x05\x12\x18\n\x10\x63\x61ndidate_weight\x18\x03 \x01(\x01\x12(\n\x05phase\x18\x04 \x01(\x0e\x32\x19.outrider.v1.RolloutPhase\x12\x14\n\x0c\x61t_unix_nano\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\ndecided_by\x18\x07 \x01(\t\x12-\n\x0cgate_results\x18\x08 \x03(\x0b\x32\x17.outrider.v1.GateResult\"\xe8\x02\n\rRolloutStatus\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.outrider.v1.RolloutState\x12*\n\x08timeline\x18\x02 \x03(\x0b\x32\x18.outrider.v1.StageRecord\x12,\n\x07metrics\x18\x03 \x03(\x0b\x32\x1b.outrider.v1.VersionMetrics\x12\x11\n\tspec_yaml\x18\x04 \x01(\t\x12\x15\n\rnow_unix_nano\x18\x05 \x01(\x03\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12H\n\x10\x66igure_windows_s\x18\x07 \x03(\x0b\x32..outrider.v1.RolloutStatus.FigureWindowsSEntry\x12\x16\n\x0e\x65vents_missing\x18\x14 \x01(\x03\x1a\x35\n\x13\x46igureWindowsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xdd\x03\n\x05\x41\x64min\x12L\n\x0cStartRollout\x12 .outrider.v1.StartRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12H\n\nGetRollout\x12\x1e.outrider.v1.GetRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12L\n\x0c\x41\x62ortRollout\x12 .outrider.v1.AbortRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12L\n\x0cPauseRollout\x12 .outrider.v1.PauseRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12N\n\rResumeRollout\x12!.outrider.v1.ResumeRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12P\n\x0ePromoteRollout\x12\".outrider.v1.PromoteRolloutRequest\x1a\x1a.outrider.v1.RolloutStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17outrider/v1/admin.proto\x12\x0boutrider.v1\x1a\x18outrider/v1/common.proto\x1a\x19outrider/v1/control.proto\x1a\x1aoutrider/v1/registry.proto\"S\n\x13StartRolloutRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x13\n\x0bsource_name\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"\"\n\x11GetRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"J\n\x13\x41\x62ortRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"J\n\x13PauseRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"K\n\x14ResumeRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"L\n\x15PromoteRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"\xd2\x01\n\x0eVersionMetrics\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.outrider.v1.Role\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x03\x12\x12\n\nerror_rate\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x06 \x01(\x01\x12\x0e\n\x06models\x18\x07 \x03(\t\x12\x1b\n\x13last_seen_unix_nano\x18\x08 \x01(\x03\x12\x10\n\x08window_s\x18\t \x01(\x01\"\xe2\x01\n\x0bStageRecord\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x12\n\nstep_index\x18\x02 \x01(\x05\x12\x18\n\x10\x63\x61ndidate_weight\x18\x03 \x01(\x01\x12(\n\x05phase\x18\x04 \x01(\x0e\x32\x19.outrider.v1.RolloutPhase\x12\x14\n\x0c\x61t_unix_nano\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\ndecided_by\x18\x07 \x01(\t\x12-\n\x0cgate_results\x18\x08 \x03(\x0b\x32\x17.outrider.v1.GateResult\"\xe8\x02\n\rRolloutStatus\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.outrider.v1.RolloutState\x12*\n\x08timeline\x18\x02 \x03(\x0b\x32\x18.outrider.v1.StageRecord\x12,\n\x07metrics\x18\x03 \x03(\x0b\x32\x1b.outrider.v1.VersionMetrics\x12\x11\n\tspec_yaml\x18\x04 \x01(\t\x12\x15\n\rnow_unix_nano\x18\x05 \x01(\x03\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12H\n\x10\x66igure_windows_s\x18\x07 \x03(\x0b\x32..outrider.v1.RolloutStatus.FigureWindowsSEntry\x12\x16\n\x0e\x65vents_missing\x18\x14 \x01(\x03\x1a\x35\n\x13\x46igureWindowsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x84\x05\n\x05\x41\x64min\x12L\n\x0cStartRollout\x12 .outrider.v1.StartRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12H\n\nGetRollout\x12\x1e.outrider.v1.GetRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12L\n\x0c\x41\x62ortRollout\x12 .outrider.v1.AbortRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12L\n\x0cPauseRollout\x12 .outrider.v1.PauseRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12N\n\rResumeRollout\x12!.outrider.v1.ResumeRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12P\n\x0ePromoteRollout\x12\".outrider.v1.PromoteRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12P\n\x0bPushVersion\x12\x1f.outrider.v1.PushVersionRequest\x1a .outrider.v1.PushVersionResponse\x12S\n\x0cListVersions\x12 .outrider.v1.ListVersionsRequest\x1a!.outrider.v1.ListVersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._loaded_options = None
   _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._serialized_options = b'8\001'
-  _globals['_STARTROLLOUTREQUEST']._serialized_start=93
-  _globals['_STARTROLLOUTREQUEST']._serialized_end=176
-  _globals['_GETROLLOUTREQUEST']._serialized_start=178
-  _globals['_GETROLLOUTREQUEST']._serialized_end=212
-  _globals['_ABORTROLLOUTREQUEST']._serialized_start=214
-  _globals['_ABORTROLLOUTREQUEST']._serialized_end=288
-  _globals['_PAUSEROLLOUTREQUEST']._serialized_start=290
-  _globals['_PAUSEROLLOUTREQUEST']._serialized_end=364
-  _globals['_RESUMEROLLOUTREQUEST']._serialized_start=366
-  _globals['_RESUMEROLLOUTREQUEST']._serialized_end=441
-  _globals['_PROMOTEROLLOUTREQUEST']._serialized_start=443
-  _globals['_PROMOTEROLLOUTREQUEST']._serialized_end=519
-  _globals['_VERSIONMETRICS']._serialized_start=522
-  _globals['_VERSIONMETRICS']._serialized_end=732
-  _globals['_STAGERECORD']._serialized_start=735
-  _globals['_STAGERECORD']._serialized_end=961
-  _globals['_ROLLOUTSTATUS']._serialized_start=964
-  _globals['_ROLLOUTSTATUS']._serialized_end=1324
-  _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._serialized_start=1271
-  _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._serialized_end=1324
-  _globals['_ADMIN']._serialized_start=1327
-  _globals['_ADMIN']._serialized_end=1804
+  _globals['_STARTROLLOUTREQUEST']._serialized_start=121
+  _globals['_STARTROLLOUTREQUEST']._serialized_end=204
+  _globals['_GETROLLOUTREQUEST']._serialized_start=206
+  _globals['_GETROLLOUTREQUEST']._serialized_end=240
+  _globals['_ABORTROLLOUTREQUEST']._serialized_start=242
+  _globals['_ABORTROLLOUTREQUEST']._serialized_end=316
+  _globals['_PAUSEROLLOUTREQUEST']._serialized_start=318
+  _globals['_PAUSEROLLOUTREQUEST']._serialized_end=392
+  _globals['_RESUMEROLLOUTREQUEST']._serialized_start=394
+  _globals['_RESUMEROLLOUTREQUEST']._serialized_end=469
+  _globals['_PROMOTEROLLOUTREQUEST']._serialized_start=471
+  _globals['_PROMOTEROLLOUTREQUEST']._serialized_end=547
+  _globals['_VERSIONMETRICS']._serialized_start=550
+  _globals['_VERSIONMETRICS']._serialized_end=760
+  _globals['_STAGERECORD']._serialized_start=763
+  _globals['_STAGERECORD']._serialized_end=989
+  _globals['_ROLLOUTSTATUS']._serialized_start=992
+  _globals['_ROLLOUTSTATUS']._serialized_end=1352
+  _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._serialized_start=1299
+  _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._serialized_end=1352
+  _globals['_ADMIN']._serialized_start=1355
+  _globals['_ADMIN']._serialized_end=1999
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from outrider.v1 import admin_pb2 as outrider_dot_v1_dot_admin__pb2
+from outrider.v1 import registry_pb2 as outrider_dot_v1_dot_registry__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -65,6 +66,16 @@ class AdminStub:
                 request_serializer=outrider_dot_v1_dot_admin__pb2.PromoteRolloutRequest.SerializeToString,
                 response_deserializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
                 _registered_method=True)
+        self.PushVersion = channel.unary_unary(
+                '/outrider.v1.Admin/PushVersion',
+                request_serializer=outrider_dot_v1_dot_registry__pb2.PushVersionRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_registry__pb2.PushVersionResponse.FromString,
+                _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/outrider.v1.Admin/ListVersions',
+                request_serializer=outrider_dot_v1_dot_registry__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_registry__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -111,6 +122,19 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushVersion(self, request, context):
+        """The version registry: push (operator) and list (viewer) an agent's versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVersions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +167,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.PromoteRollout,
                     request_deserializer=outrider_dot_v1_dot_admin__pb2.PromoteRolloutRequest.FromString,
                     response_serializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'PushVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushVersion,
+                    request_deserializer=outrider_dot_v1_dot_registry__pb2.PushVersionRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_registry__pb2.PushVersionResponse.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=outrider_dot_v1_dot_registry__pb2.ListVersionsRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_registry__pb2.ListVersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +342,60 @@ class Admin:
             '/outrider.v1.Admin/PromoteRollout',
             outrider_dot_v1_dot_admin__pb2.PromoteRolloutRequest.SerializeToString,
             outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/PushVersion',
+            outrider_dot_v1_dot_registry__pb2.PushVersionRequest.SerializeToString,
+            outrider_dot_v1_dot_registry__pb2.PushVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/ListVersions',
+            outrider_dot_v1_dot_registry__pb2.ListVersionsRequest.SerializeToString,
+            outrider_dot_v1_dot_registry__pb2.ListVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from outrider.v1 import admin_pb2 as _admin_pb2
+from outrider.v1 import registry_pb2 as _registry_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -44,6 +45,9 @@ class AdminStub:
     """HOLD -> RUNNING"""
     PromoteRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PromoteRolloutRequest, _admin_pb2.RolloutStatus]
     """an override -> PROMOTED"""
+    PushVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PushVersionRequest, _registry_pb2.PushVersionResponse]
+    """The version registry: push (operator) and list (viewer) an agent's versions."""
+    ListVersions: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListVersionsRequest, _registry_pb2.ListVersionsResponse]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -61,6 +65,9 @@ class AdminAsyncStub(AdminStub):
     """HOLD -> RUNNING"""
     PromoteRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.PromoteRolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
     """an override -> PROMOTED"""
+    PushVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.PushVersionRequest, _registry_pb2.PushVersionResponse]  # type: ignore[assignment]
+    """The version registry: push (operator) and list (viewer) an agent's versions."""
+    ListVersions: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListVersionsRequest, _registry_pb2.ListVersionsResponse]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """The collector's admin API, used by the `outrider rollout` CLI and CI pipelines."""
@@ -111,5 +118,20 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]:
         """an override -> PROMOTED"""
+
+    @_abc_1.abstractmethod
+    def PushVersion(
+        self,
+        request: _registry_pb2.PushVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.PushVersionResponse, _abc.Awaitable[_registry_pb2.PushVersionResponse]]:
+        """The version registry: push (operator) and list (viewer) an agent's versions."""
+
+    @_abc_1.abstractmethod
+    def ListVersions(
+        self,
+        request: _registry_pb2.ListVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListVersionsResponse, _abc.Awaitable[_registry_pb2.ListVersionsResponse]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
