@@ -64,6 +64,21 @@ def registry_state_path(control_state: Path | None) -> Path | None:
     return control_state.with_name(name + ".versions.json")
 
 
+def key_sources(config: SidecarConfig) -> frozenset[str]:
+    """The API key sources (`env:NAME`, `file:PATH`) the sidecar's own config names: the only
+    ones a pushed version may use, so a push cannot send another secret of the pod (the session
+    key, say) to a URL of its choosing."""
+    sources: set[str] = set()
+    for version in config.versions.values():
+        providers = [version.provider, *(t.provider for t in version.fallback if t.provider is not None)]
+        for provider in providers:
+            if provider.api_key_env:
+                sources.add("env:" + provider.api_key_env)
+            if provider.api_key_file:
+                sources.add("file:" + provider.api_key_file)
+    return frozenset(sources)
+
+
 def _secret(
     where: str, env_name: str | None, file_name: str | None, env: Mapping[str, str]
 ) -> SecretStr | None:
@@ -83,9 +98,27 @@ def _secret(
     return None
 
 
-def resolve_keys(label: str, vc: VersionConfig, env: Mapping[str, str]) -> dict[str, SecretStr]:
-    """The API keys a version names, read from this sidecar's environment or files."""
+def resolve_keys(
+    label: str, vc: VersionConfig, env: Mapping[str, str], allowed: frozenset[str] | None = None
+) -> dict[str, SecretStr]:
+    """The API keys a version names, read from this sidecar's environment or files; with
+    `allowed`, a source outside it is a ValueError naming the field."""
     keys: dict[str, SecretStr] = {}
+    if allowed is not None:
+        providers = [("provider", vc.provider)]
+        providers += [
+            (f"fallback[{i}].provider", t.provider) for i, t in enumerate(vc.fallback) if t.provider
+        ]
+        for where, provider in providers:
+            for field, source in (
+                ("api_key_env", f"env:{provider.api_key_env}" if provider.api_key_env else ""),
+                ("api_key_file", f"file:{provider.api_key_file}" if provider.api_key_file else ""),
+            ):
+                if source and source not in allowed:
+                    raise ValueError(
+                        f"{where}.{field}: {source.partition(':')[2]} is not a key source of this "
+                        "sidecar's config (a pushed version may only use those)"
+                    )
     found = _secret("provider", vc.provider.api_key_env, vc.provider.api_key_file, env)
     if found is not None:
         keys[label] = found
@@ -96,6 +129,10 @@ def resolve_keys(label: str, vc: VersionConfig, env: Mapping[str, str]) -> dict[
             if found is not None:
                 keys[fallback_key(label, index + 1)] = found
     return keys
+
+
+class _Mismatch(ValueError):
+    """Valid content whose id, as this sidecar computes it, is not the record's."""
 
 
 class VersionRegistry:
@@ -126,6 +163,7 @@ class VersionRegistry:
         self._state_path = state_path
         self._report_interval_s = report_interval_s
         self._env = os.environ if env is None else env
+        self._key_sources = key_sources(config)
         self._rejects = outrider.RejectLog(log)
         self.sources = {vid: SOURCE_CONFIG for vid in versions}
         self.records: dict[str, outrider.SignedRecord] = {}  # verified registry records, by id
@@ -170,7 +208,8 @@ class VersionRegistry:
                 offset,
                 exc,
             )
-            self._reject(INVALID, verdict.key_id, offset, key, warn=False)
+            reason = outrider.ID_MISMATCH if isinstance(exc, _Mismatch) else INVALID
+            self._reject(reason, verdict.key_id, offset, key, warn=False)
             return False
         self._versions[version.version_id] = version
         self.sources[version.version_id] = SOURCE_REGISTRY
@@ -200,9 +239,12 @@ class VersionRegistry:
             raise ValueError(f"{source}: not JSON") from None
         if vc.version_id() != pushed.version_id:
             # valid, but not what the collector hashed: a field this sidecar reads differently
-            raise ValueError(f"{source}: content hashes to {vc.version_id()}, not {pushed.version_id}")
+            raise _Mismatch(f"{source}: content hashes to {vc.version_id()}, not {pushed.version_id}")
         label = pushed.label or pushed.version_id
-        keys = resolve_keys(label, vc, self._env)
+        try:
+            keys = resolve_keys(label, vc, self._env, self._key_sources)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
         moved = alias_version(vc, self._config.upstream_aliases)
         return build_version(self._config, label, pushed.version_id, moved, keys.get, field=source)
 

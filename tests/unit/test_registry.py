@@ -185,3 +185,31 @@ def test_registry_state_sits_beside_the_control_state() -> None:
     control = Path("/var/spill/support-bot.control.json")
     assert registry_state_path(control) == Path("/var/spill/support-bot.versions.json")
     assert registry_state_path(Path("/x/state.json")) == Path("/x/state.versions.json")
+
+
+def test_registry_pushed_versions_use_only_the_sidecars_key_sources() -> None:
+    from sidecar._config import parse_config
+    from sidecar._registry import key_sources, resolve_keys
+
+    base = document()["version"]
+    config = parse_config(
+        {
+            "agent": AGENT,
+            "stable": "v1",
+            "versions": {"v1": {**base, "provider": {**base["provider"], "api_key_env": "OPENAI_KEY"}}},
+        }
+    )
+    allowed = key_sources(config)
+    assert allowed == {"env:OPENAI_KEY"}
+    same = parse_version_file(document(provider={**base["provider"], "api_key_env": "OPENAI_KEY"})).config
+    assert resolve_keys("v9", same, {"OPENAI_KEY": "sk-1"}, allowed)["v9"].get_secret_value() == "sk-1"
+    other = parse_version_file(document(provider={**base["provider"], "api_key_env": "OUTRIDER_SESSION_KEY"}))
+    with pytest.raises(
+        ValueError, match=r"provider\.api_key_env: OUTRIDER_SESSION_KEY is not a key source"
+    ) as exc:
+        resolve_keys("v9", other.config, {"OUTRIDER_SESSION_KEY": "secret"}, allowed)
+    assert "secret" not in str(exc.value)
+    with pytest.raises(
+        ValueError, match=r"provider\.api_key_env: environment variable OPENAI_KEY is not set"
+    ):
+        resolve_keys("v9", same, {}, allowed)
