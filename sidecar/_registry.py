@@ -54,6 +54,7 @@ BACKOFF_MAX_S = 5.0
 POLL_TIMEOUT_MS = 500
 METADATA_MAX_AGE_MS = 1000
 STOP_WAIT_S = 3.0
+REPORT_RETRY_S = 0.2  # while Kafka is away, how often to look again
 
 
 def registry_state_path(control_state: Path | None) -> Path | None:
@@ -303,7 +304,13 @@ class VersionRegistry:
         self._telemetry.emit(self.report_event())
 
     async def _report_loop(self) -> None:
+        if not self._config.telemetry.enabled:
+            return
         while not self._closing.is_set():
+            if not self._telemetry.connected:
+                # a report is news only while fresh: sent once Kafka answers, never spilled
+                await self._sleep(REPORT_RETRY_S)
+                continue
             self._changed.clear()
             self.report()
             with contextlib.suppress(TimeoutError):
