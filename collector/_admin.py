@@ -34,10 +34,12 @@ from grpc_reflection.v1alpha import reflection
 from collector._auth import AuthInterceptor, TokenBook, current_identity
 from collector._commands import NOT_OWNER, CommandBus, NoAnswer
 from collector._config_errors import SpecError
-from collector._errors import NoRollout, NotOwner, RolloutConflict, RolloutError, WrongPhase
+from collector._errors import NoRollout, NotOwner, RolloutConflict, RolloutError, UnknownVersion, WrongPhase
 from collector._history import DeploymentHistory
 from collector._history_admin import HistoryMethods
 from collector._manager import PublishError, RolloutManager
+from collector._registry import RegistryView
+from collector._registry_admin import RegistryAdmin
 from collector._spec import RolloutSpec, load_spec_text
 from outrider.v1 import admin_pb2, admin_pb2_grpc
 
@@ -50,6 +52,7 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     RolloutConflict: grpc.StatusCode.ALREADY_EXISTS,
     NoRollout: grpc.StatusCode.NOT_FOUND,
     WrongPhase: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownVersion: grpc.StatusCode.FAILED_PRECONDITION,
     PublishError: grpc.StatusCode.UNAVAILABLE,
     SpecError: grpc.StatusCode.INVALID_ARGUMENT,
 }
@@ -123,7 +126,7 @@ def _spec_of(request: admin_pb2.StartRolloutRequest) -> RolloutSpec:
     return load_spec_text(request.spec_yaml, source)
 
 
-class AdminService(HistoryMethods, admin_pb2_grpc.AdminServicer):
+class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
     def __init__(
         self,
         manager: RolloutManager,
@@ -131,9 +134,11 @@ class AdminService(HistoryMethods, admin_pb2_grpc.AdminServicer):
         replica: str = "",
         relay_timeout_s: float = DEFAULT_RELAY_TIMEOUT_S,
         history: DeploymentHistory | None = None,
+        registry: RegistryView | None = None,
     ) -> None:
         self._manager, self._bus, self._replica = manager, bus, replica
         self.history = history
+        self._registry = registry
         self._relay_timeout_s = relay_timeout_s
         if bus is not None:
             bus.handler = self.handle_relayed
@@ -222,6 +227,8 @@ class AdminService(HistoryMethods, admin_pb2_grpc.AdminServicer):
         if method == "StartRollout":
             spec = _spec_of(request)
             self._manager.check_windows(spec, request.source_name or "<request>")
+            if self._registry is not None:  # on the owner: it has the agent's version reports
+                self._registry.require(spec)  # UnknownVersion: FAILED_PRECONDITION naming the version
             await self._manager.start(spec, request.spec_yaml, who)
             log.info(
                 "rollout of %s started by %s from %s", spec.agent, who, request.source_name or "<request>"
@@ -287,7 +294,9 @@ class AdminServer:
         replica: str = "",
         relay_timeout_s: float = DEFAULT_RELAY_TIMEOUT_S,
         history: DeploymentHistory | None = None,
+        registry: RegistryView | None = None,
     ) -> None:
+        self._registry = registry
         self._history = history
         self._auth = auth or AdminAuth()
         self._bus, self._replica, self._relay_timeout_s = bus, replica, relay_timeout_s
@@ -310,7 +319,9 @@ class AdminServer:
             )
         server = grpc.aio.server(interceptors=[AuthInterceptor(tokens, certs=certs)])
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(self._manager, self._bus, self._replica, self._relay_timeout_s, self._history),
+            AdminService(
+                self._manager, self._bus, self._replica, self._relay_timeout_s, self._history, self._registry
+            ),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -42,7 +42,12 @@ ROLE_URI_PREFIX = "outrider://role/"
 ADMIN_PREFIX = "/outrider.v1.Admin/"
 # methods a viewer may call; every other Admin method needs an operator
 VIEWER_METHODS = frozenset(
-    {f"{ADMIN_PREFIX}GetRollout", f"{ADMIN_PREFIX}ListDeployments", f"{ADMIN_PREFIX}GetDeployment"}
+    {
+        f"{ADMIN_PREFIX}GetRollout",
+        f"{ADMIN_PREFIX}ListDeployments",
+        f"{ADMIN_PREFIX}GetDeployment",
+        f"{ADMIN_PREFIX}ListVersions",
+    }
 )
 
 

@@ -35,8 +35,8 @@ CONTROL_TOPIC_CONFIGS = {"cleanup.policy": "compact"}
 
 
 async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 10.0) -> None:
-    """Create the events, spans, control, dead-letter and deployments topics if missing; a failure is
-    logged, not raised (brokers with auto-creation still work). The spans topic is made even
+    """Create the events, spans, control, versions, commands, dead-letter and deployments topics
+    if missing; a failure is logged, not raised (brokers with auto-creation still work). The spans topic is made even
     when this collector does not relay it: sidecars write to it, and a topic auto-created
     under a first burst of writes stalled their producers for seconds on the embedded broker."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
@@ -45,7 +45,10 @@ async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 10.0
         topics = [
             NewTopic(outrider.EVENTS_TOPIC, partitions, 1),
             NewTopic(outrider.CONTROL_TOPIC, 1, 1, topic_configs=CONTROL_TOPIC_CONFIGS),
+            # compacted too: the last record of every <agent>/<version id> stays for good
+            NewTopic(outrider.VERSIONS_TOPIC, 1, 1, topic_configs=CONTROL_TOPIC_CONFIGS),
             NewTopic(outrider.DEADLETTER_TOPIC, 1, 1),
+            NewTopic(outrider.COMMANDS_TOPIC, partitions, 1),
             NewTopic(outrider.SPANS_TOPIC, partitions, 1),
             # the last record of every rollout stays for good: its deployment record
             NewTopic(outrider.DEPLOYMENTS_TOPIC, 1, 1, topic_configs=CONTROL_TOPIC_CONFIGS),
@@ -232,14 +235,16 @@ class ControlPublisher:
         value, headers = outrider.encode_control(message)
         return outrider.SignedRecord(key, value, (*headers, *self._signer.sign(key, value)))
 
-    async def send(self, record: outrider.SignedRecord) -> int:
+    def sign_record(self, key: bytes, value: bytes) -> outrider.SignedRecord:
+        """A record signed with the collector's key, as it goes on the topic."""
+        return outrider.SignedRecord(key, value, tuple(self._signer.sign(key, value)))
+
+    async def send(self, record: outrider.SignedRecord, topic: str = outrider.CONTROL_TOPIC) -> int:
         """Write one record as it is (a republish sends the same bytes); its offset."""
         if self._producer is None:
             raise KafkaError("the control producer is not started")
         metadata = await asyncio.wait_for(
-            self._producer.send_and_wait(
-                outrider.CONTROL_TOPIC, record.value, key=record.key, headers=list(record.headers)
-            ),
+            self._producer.send_and_wait(topic, record.value, key=record.key, headers=list(record.headers)),
             self._timeout_s,
         )
         return int(metadata.offset)

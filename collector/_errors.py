@@ -5,6 +5,7 @@ RolloutError
  ├─ NoRollout         the agent has no rollout                      (NOT_FOUND)
  ├─ WrongPhase        the command does not fit the rollout's phase  (FAILED_PRECONDITION)
  │   └─ RolloutFinished   the rollout is in a terminal phase
+ ├─ UnknownVersion    a version the spec names is neither pushed nor served (FAILED_PRECONDITION)
  └─ NotOwner          another collector replica owns the agent      (relayed to it; UNAVAILABLE
                       when no owner answers)
 """
@@ -34,3 +35,7 @@ class RolloutFinished(WrongPhase):
 
 class NotOwner(RolloutError):
     """This replica does not hold the agent's `outrider.events` partition: the owner decides."""
+
+
+class UnknownVersion(RolloutError):
+    """The spec names a version that is not in the registry and that no sidecar reported."""

@@ -98,6 +98,9 @@ class Ingestor:
                     event.sequence,
                     event.sequence - missing - 1,
                 )
+            if event.WhichOneof("body") == "versions_report":
+                self.sightings.report(event, now)
+                continue
             if event.WhichOneof("body") == "usage":
                 if self.quotas is not None:
                     self.quotas.observe(event)

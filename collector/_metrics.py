@@ -133,6 +133,18 @@ class CollectorMetrics:
             ("outcome",),
             registry=self.registry,
         )
+        self.versions_rejected = Counter(
+            "outrider_collector_versions_rejected",
+            "Records of outrider.versions dropped on read: unsigned, bad_signature, unknown_key, "
+            "bad_key, undecodable, not_canonical, id_mismatch",
+            ("reason",),
+            registry=self.registry,
+        )
+        self.registry_versions = Gauge(
+            "outrider_collector_registry_versions",
+            "Verified versions in this replica's view of outrider.versions",
+            registry=self.registry,
+        )
         self.republished = Counter(
             "outrider_collector_control_republished_total",
             "Rollout states written again (at start, periodically, after a new broker)",

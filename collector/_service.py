@@ -47,6 +47,7 @@ from collector._notify import Notifier
 from collector._ownership import Ownership
 from collector._quota_book import QuotaBook
 from collector._recorder import DeploymentRecorder, fan_out
+from collector._registry import RegistryView
 from collector._relay import SpanRelay
 from collector._settings import CollectorSettings, otlp_endpoint
 from collector._takeover import Takeover
@@ -150,6 +151,9 @@ class Collector:
         )
         book = QuotaBook(settings.quotas, settings.lease_ttl_s, settings.grant_ttl_s, self.clock)
         self.quotas = QuotaGranter(book, self._publisher, self.metrics)
+        self.registry = RegistryView(
+            settings.kafka_bootstrap, self._publisher, self.verifier, self.rollouts.sightings, self.metrics
+        )
         self._admin = AdminServer(
             self.rollouts,
             settings.admin_listen,
@@ -164,6 +168,7 @@ class Collector:
             replica=self.replica,
             relay_timeout_s=settings.relay_timeout_s,
             history=self.history,
+            registry=self.registry,
         )
         self._metrics_server = (
             MetricsServer(self.metrics.registry, settings.metrics_host, settings.metrics_port)
@@ -246,6 +251,7 @@ class Collector:
             await self._publisher.start()
             await self._deadletter.start()
             await self._bus.start()
+            await self.registry.start()
             await self._recover_while_joining(self._consumer)
             try:
                 await self._watch.mark()
@@ -394,6 +400,7 @@ class Collector:
         await ensure_topics(s.kafka_bootstrap, s.topic_partitions)
         await self.rollouts.republish()
         self.recorder.republish()
+        await self.registry.republish()
         if self._consumer is not None:
             await self._consumer.reset_positions()
         await self._watch.mark()
@@ -436,6 +443,7 @@ class Collector:
         self._stopped = True
         await self._admin.stop()
         await self._bus.stop()
+        await self.registry.stop()
         await self._cancel("watch")
         await self._cancel("republish")
         await self._cancel("grant")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from devstack import _history_cli, _rollout_cli
+from devstack import _history_cli, _rollout_cli, _version_cli
 
 if TYPE_CHECKING:
     from collector._spec import RolloutSpec
@@ -311,6 +311,7 @@ def rollout() -> None:
 
 for _command in (*_rollout_cli.COMMANDS, *_history_cli.COMMANDS):
     rollout.add_command(_command)
+main.add_command(_version_cli.version)
 
 
 def _split_host_port(address: str) -> tuple[str, int]:

@@ -141,6 +141,19 @@ class DevStack:
             env=env,
         )
         self._wait_port("sidecar", HOST, ports.sidecar)
+        self._wait_reported(sidecar_config)
+
+    def _wait_reported(self, sidecar_config: Path) -> None:
+        """Up once the collector has the sidecar's report of its versions: `rollout start` refuses
+        versions that are neither pushed nor reported."""
+        import sidecar as sidecar_pkg
+        from devstack._admin_client import AdminTarget
+        from devstack._version_cli import wait_reported
+
+        config = sidecar_pkg.load_config(sidecar_config, resolve_secrets=False)
+        target = AdminTarget(f"{HOST}:{self.ports.admin}", self.token_file.read_text().strip())
+        if not wait_reported(target, config.agent, config.version_ids().values(), READY_TIMEOUT_S):
+            log.warning("the collector has no report of the sidecar's versions after %ss", READY_TIMEOUT_S)
 
     def _make_secrets(self) -> None:
         """A signing key pair and an operator token, fresh each run unless --keep-state (a kept

@@ -13,8 +13,12 @@ from sidecar._exceptions import (
 )
 from sidecar._router import Assignment, Router
 from sidecar._session import Session, SessionCodec, SessionError, SessionExpired, UnknownSession
+from sidecar._version_file import VersionFile, load_version_file, parse_version_file
 
 __all__ = [
+    "VersionFile",
+    "load_version_file",
+    "parse_version_file",
     "Assignment",
     "Clock",
     "ConfigError",

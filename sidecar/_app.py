@@ -30,6 +30,7 @@ from sidecar._global_quota import GlobalQuotas
 from sidecar._metrics import MetricsServer, SidecarMetrics
 from sidecar._policies import Safety, UserQuotas
 from sidecar._provider import ProviderClient
+from sidecar._registry import VersionRegistry, registry_state_path
 from sidecar._resilience import Executor
 from sidecar._router import Router
 from sidecar._semconv import capture_content_enabled
@@ -129,6 +130,7 @@ class Sidecar:
             verifier = config.control.verifier()
         except outrider.SigningKeyError as exc:
             raise SidecarError(f"control.public_keys: {exc}") from None
+        control_state = config.control.state_path(config.telemetry.spill_path(config.agent), config.agent)
         self.control = ControlTailer(
             config.kafka.bootstrap_servers,
             self.router,
@@ -136,7 +138,20 @@ class Sidecar:
             verifier=verifier,
             client_id=client_id,
             quotas=self.global_quotas,
-            state_path=config.control.state_path(config.telemetry.spill_path(config.agent), config.agent),
+            state_path=control_state,
+        )
+        self.registry = VersionRegistry(
+            config,
+            self.versions,
+            self.router,
+            self.metrics,
+            self.telemetry,
+            verifier=verifier,
+            clock=self._clock,
+            sidecar_id=self.sidecar_id,
+            client_id=client_id,
+            state_path=registry_state_path(control_state),
+            report_interval_s=config.control.versions_report_interval,
         )
         self._ready_task: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -231,9 +246,11 @@ class Sidecar:
             if port == 0:
                 raise SidecarError(f"listen: cannot bind {listen}")
             self.address = f"{listen.rpartition(':')[0]}:{port}"
+        await self.registry.load_persisted()  # before the control state: it may pin a pushed version
         await self.control.start()  # the persisted control state is in place before the first call
         await server.start()
         await self.telemetry.start()
+        await self.registry.start()
         await self.drain.start()
         await self.global_quotas.start()
         if config.metrics_port is not None:
@@ -313,6 +330,7 @@ class Sidecar:
         await self._stop_tracing()
         await self.drain.stop()
         await self.control.stop()
+        await self.registry.stop()
         await self.global_quotas.stop()
         await self.telemetry.stop(TELEMETRY_FLUSH_TIMEOUT_S)
         if self._http is not None:

@@ -12,7 +12,6 @@ file is, the key itself is not: the same content always has the same id.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+import outrider
 from sidecar._aliases import alias_version
 from sidecar._config_format import format_validation_error
 from sidecar._control_config import ControlConfig
@@ -305,7 +305,7 @@ class VersionConfig(_Frozen):
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def version_id(self) -> str:
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:VERSION_ID_LENGTH]
+        return outrider.version_id_of(self.canonical_json())  # the collector checks pushes with it
 
 
 _OPTIONAL_VERSION_FIELDS: dict[str, Any] = {

@@ -16,6 +16,7 @@ import outrider
 # added to `control.public_keys`
 ENV_CONTROL_PUBLIC_KEYS = "OUTRIDER_CONTROL_PUBLIC_KEYS"
 DEFAULT_READY_TIMEOUT_S = 10.0
+DEFAULT_VERSIONS_REPORT_INTERVAL_S = 30.0
 AUTO = "auto"
 
 
@@ -39,6 +40,10 @@ class ControlConfig(BaseModel):
     state_file: str | None = AUTO
     # health reports SERVING once a control state is known (persisted or replayed) or after this
     ready_timeout: Annotated[float, BeforeValidator(_duration)] = Field(default=DEFAULT_READY_TIMEOUT_S, ge=0)
+    # how often the sidecar reports the versions it serves (also at start and on every change)
+    versions_report_interval: Annotated[float, BeforeValidator(_duration)] = Field(
+        default=DEFAULT_VERSIONS_REPORT_INTERVAL_S, gt=0
+    )
 
     def key_specs(self, env: Mapping[str, str] | None = None) -> list[str]:
         env = os.environ if env is None else env

@@ -135,6 +135,18 @@ class SidecarMetrics:
             "Times health went SERVING after control.ready_timeout without a control state",
             registry=r,
         )
+        self.versions_rejected = Counter(
+            "outrider_sidecar_versions_rejected",
+            "Records of outrider.versions dropped: unsigned, bad_signature, unknown_key, bad_key, "
+            "undecodable, not_canonical, id_mismatch, invalid, full",
+            ["reason"],
+            registry=r,
+        )
+        self.registry_versions = Gauge(
+            "outrider_sidecar_registry_versions",
+            "Verified versions loaded from outrider.versions",
+            registry=r,
+        )
         self.rollout_unknown_version = Counter(
             "outrider_sidecar_rollout_unknown_version",
             "Rollout states naming a version this sidecar lacks",

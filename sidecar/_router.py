@@ -163,6 +163,19 @@ class Router:
             return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id)
         return None  # RUNNING, HOLD, NO_DATA: depends on the session
 
+    def learn(self, version_id: str) -> None:
+        """Add a version loaded at run time (the registry); a state in hand that named it while
+        it was unknown is resolved again."""
+        if version_id in self._known:
+            return
+        self._known = self._known | {version_id}
+        if self._state is not None:
+            self._fixed = self._resolve_fixed(self._state)
+
+    @property
+    def known(self) -> frozenset[str]:
+        return self._known
+
     def unit_of(self, nonce: str, user_id: str = "", tenant_id: str = "", rollout_id: str = "") -> str:
         """The hashed randomization unit of a session in the rollout that assigned it."""
         state = self._state

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+from pydantic import SecretStr
 
 from outrider.v1 import sidecar_pb2
 from sidecar._config import SidecarConfig, ToolConfig, VersionConfig, fallback_key
@@ -124,46 +126,58 @@ def _prices(config: SidecarConfig, vc: VersionConfig) -> PriceTable:
     )
 
 
+def build_version(
+    config: SidecarConfig,
+    label: str,
+    version_id: str,
+    vc: VersionConfig,
+    api_key: Callable[[str], SecretStr | None],
+    *,
+    field: str,
+) -> Version:
+    """One Version of `config.agent`. `api_key(name)` gives the key of the primary (`label`) or
+    of a fallback tier (`fallback_key(label, n)`); `field` names it in guard errors."""
+    info = _info(config.agent, label, version_id, vc)
+    key = api_key(label)
+    primary = _target(label, version_id, vc, info, key.get_secret_value() if key else None)
+    tiers = [Tier(0, SERVED_BY_PRIMARY, primary)]
+    for number, spec in enumerate(vc.fallback, start=1):
+        name = f"fallback-{number}"
+        if spec.static_response is not None:
+            tiers.append(Tier(number, name, None, spec.static_response))
+            continue
+        assert spec.provider is not None and spec.model is not None
+        tier_vc = vc.model_copy(
+            update={
+                "provider": spec.provider,
+                "model": spec.model,
+                "parameters": vc.parameters if spec.parameters is None else spec.parameters,
+            }
+        )
+        tier_key = api_key(fallback_key(label, number))
+        target = _target(label, version_id, tier_vc, info, tier_key.get_secret_value() if tier_key else None)
+        tiers.append(Tier(number, name, target))
+    return Version(
+        label=label,
+        version_id=version_id,
+        config=vc,
+        chat_url=primary.chat_url,
+        base_payload=primary.base_payload,
+        tools=primary.tools,
+        info=info,
+        headers=primary.headers,
+        tiers=tuple(tiers),
+        guards=build_policy(vc.guards, field=f"{field}.guards"),
+        prices=_prices(config, vc),
+    )
+
+
 def build_versions(config: SidecarConfig) -> dict[str, Version]:
     """Version id -> Version, for every version in the config (first label wins on equal content)."""
     versions: dict[str, Version] = {}
     for label, version_id in config.version_ids().items():
-        if version_id in versions:
-            continue
-        vc = config.versions[label]
-        info = _info(config.agent, label, version_id, vc)
-        key = config.api_key(label)
-        primary = _target(label, version_id, vc, info, key.get_secret_value() if key else None)
-        tiers = [Tier(0, SERVED_BY_PRIMARY, primary)]
-        for number, spec in enumerate(vc.fallback, start=1):
-            name = f"fallback-{number}"
-            if spec.static_response is not None:
-                tiers.append(Tier(number, name, None, spec.static_response))
-                continue
-            assert spec.provider is not None and spec.model is not None
-            tier_vc = vc.model_copy(
-                update={
-                    "provider": spec.provider,
-                    "model": spec.model,
-                    "parameters": vc.parameters if spec.parameters is None else spec.parameters,
-                }
+        if version_id not in versions:
+            versions[version_id] = build_version(
+                config, label, version_id, config.versions[label], config.api_key, field=f"versions.{label}"
             )
-            tier_key = config.api_key(fallback_key(label, number))
-            target = _target(
-                label, version_id, tier_vc, info, tier_key.get_secret_value() if tier_key else None
-            )
-            tiers.append(Tier(number, name, target))
-        versions[version_id] = Version(
-            label=label,
-            version_id=version_id,
-            config=vc,
-            chat_url=primary.chat_url,
-            base_payload=primary.base_payload,
-            tools=primary.tools,
-            info=info,
-            headers=primary.headers,
-            tiers=tuple(tiers),
-            guards=build_policy(vc.guards, field=f"versions.{label}.guards"),
-            prices=_prices(config, vc),
-        )
     return versions

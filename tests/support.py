@@ -265,3 +265,52 @@ class DevStackProc:
                         os.kill(pid, signal.SIGKILL)
         self._log.close()
         return self.proc.returncode
+
+
+async def report_versions(
+    bootstrap: str,
+    agent: str,
+    *version_ids: str,
+    admin: str | None = None,
+    token: str = ADMIN_TOKEN,
+    sidecar_id: str = "test-sidecar",
+    timeout_s: float = 20.0,
+    send: bool = True,
+) -> None:
+    """Send what a sidecar serving `version_ids` sends at start (a `VersionsReport` on
+    `outrider.events`); with `admin`, wait until that collector lists them as reported (by this
+    report or by call events: `send=False` only waits), since `rollout start` refuses versions
+    that are neither pushed nor reported."""
+    from aiokafka import AIOKafkaProducer
+
+    from outrider.v1 import admin_pb2_grpc, events_pb2, registry_pb2
+
+    event = events_pb2.Event(
+        event_id=os.urandom(8).hex(), time_unix_nano=time.time_ns(), agent=agent, sidecar_id=sidecar_id
+    )
+    for version_id in version_ids:
+        event.versions_report.versions.add(version_id=version_id, source="config")
+    value, headers = outrider.encode_event(event)
+    if send:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                outrider.EVENTS_TOPIC, value, key=outrider.agent_key(agent), headers=headers
+            )
+        finally:
+            await producer.stop()
+    if admin is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    async with admin_channel(admin, token) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        while True:
+            listing = await stub.ListVersions(registry_pb2.ListVersionsRequest(agent=agent), timeout=5)
+            reported = {v.version_id for v in listing.versions if v.sidecars or v.last_seen_unix_nano}
+            if set(version_ids) <= reported:
+                return
+            assert time.monotonic() < deadline, (
+                f"the collector has no report of {version_ids} after {timeout_s}s"
+            )
+            await asyncio.sleep(0.05)

@@ -21,6 +21,14 @@ from outrider._envelope import (
     encode_event,
 )
 from outrider._reasons import ERROR_DOMAIN, FLAG_OFF, SESSION_DRAINED, SESSION_EXPIRED, TOOL_REJECTED
+from outrider._registry import (
+    ID_MISMATCH,
+    NOT_CANONICAL,
+    canonical_form,
+    check_version,
+    open_version,
+    version_id_of,
+)
 from outrider._signing import (
     RejectLog,
     SigningKey,
@@ -39,11 +47,13 @@ from outrider._topics import (
     EVENTS_TOPIC,
     MARKER_KEY_PREFIX,
     SPANS_TOPIC,
+    VERSIONS_TOPIC,
     agent_key,
     deployment_key,
     flag_key,
     quota_key,
     rollout_key,
+    version_key,
 )
 
 __all__ = [
@@ -62,6 +72,9 @@ __all__ = [
     "SESSION_EXPIRED",
     "SPANS_TOPIC",
     "TOOL_REJECTED",
+    "VERSIONS_TOPIC",
+    "ID_MISMATCH",
+    "NOT_CANONICAL",
     "DecodeError",
     "SigningKeyError",
     "RejectLog",
@@ -71,7 +84,12 @@ __all__ = [
     "Verifier",
     "VerifyMode",
     "agent_key",
+    "canonical_form",
+    "check_version",
     "deployment_key",
+    "open_version",
+    "version_id_of",
+    "version_key",
     "flag_key",
     "is_marker",
     "key_id",

@@ -53,3 +53,14 @@ def deployment_key(rollout_id: str) -> bytes:
     if not rollout_id:
         raise ValueError("rollout id must not be empty")
     return rollout_id.encode("utf-8")
+
+
+# `outrider.versions` (compacted): one signed record per pushed version, `<agent>/<version id>`
+VERSIONS_TOPIC = "outrider.versions"
+
+
+def version_key(agent: str, version_id: str) -> bytes:
+    """`<agent>/<version id>`: the record key of a pushed version."""
+    if not agent or not version_id:
+        raise ValueError("agent and version id must not be empty")
+    return f"{agent}/{version_id}".encode()

@@ -20,11 +20,21 @@ from outrider.v1 import (
     control_pb2,
     deployment_pb2,
     events_pb2,
+    registry_pb2,
     sidecar_pb2,
 )
 
 BASELINE = Path(__file__).with_name("baseline.binpb")
-MODULES = (common_pb2, control_pb2, deployment_pb2, events_pb2, admin_pb2, sidecar_pb2, commands_pb2)
+MODULES = (
+    common_pb2,
+    control_pb2,
+    deployment_pb2,
+    events_pb2,
+    admin_pb2,
+    sidecar_pb2,
+    commands_pb2,
+    registry_pb2,
+)
 
 
 def current() -> descriptor_pb2.FileDescriptorSet:

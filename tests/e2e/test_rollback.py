@@ -33,6 +33,7 @@ from tests.support import (
     TEST_PUBLIC_KEY_FILE,
     admin_channel,
     outrider_process,
+    report_versions,
     scrape,
     wait_serving,
 )
@@ -163,6 +164,15 @@ async def test_bad_candidate_is_rolled_back(tmp_path: Path) -> None:
             ):
                 admin = admin_pb2_grpc.AdminStub(admin_ch)
                 agent = sidecar_pb2_grpc.SidecarStub(channel)
+                # the sidecar reports its versions at start; `rollout start` checks them
+                await report_versions(
+                    broker.bootstrap_servers,
+                    config.agent,
+                    stable_id,
+                    candidate_id,
+                    admin=collector_cfg["admin_listen"],
+                    send=False,
+                )
                 started = await admin.StartRollout(
                     admin_pb2.StartRolloutRequest(
                         spec_yaml=_spec(stable_id, candidate_id), source_name="e2e.yaml", requested_by="e2e"

@@ -24,18 +24,20 @@ from cryptography.x509.oid import NameOID
 
 from collector import Collector
 from devstack.broker import EmbeddedBroker
-from outrider.v1 import admin_pb2, admin_pb2_grpc
-from tests.integration.test_collector_service import settings_for, spec_yaml
+from outrider.v1 import admin_pb2, admin_pb2_grpc, registry_pb2
+from tests.integration.test_collector_service import settings_for, spec_yaml, versions_reported
 from tests.support import ADMIN_TOKEN, VIEWER_TOKEN, admin_channel, bearer
 
 pytestmark = pytest.mark.broker
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("StartRollout", "GetRollout", "AbortRollout")
+METHODS = ("StartRollout", "GetRollout", "AbortRollout", "PushVersion", "ListVersions")
 REQUESTS = {
     "StartRollout": admin_pb2.StartRolloutRequest(spec_yaml="agent: x", source_name="r.yaml"),
     "GetRollout": admin_pb2.GetRolloutRequest(agent="support-bot"),
     "AbortRollout": admin_pb2.AbortRolloutRequest(agent="support-bot"),
+    "PushVersion": registry_pb2.PushVersionRequest(agent="support-bot", canonical_json="{}"),
+    "ListVersions": registry_pb2.ListVersionsRequest(agent="support-bot"),
 }
 MALFORMED = b"\xff\xff\xff\xff"
 
@@ -69,7 +71,7 @@ async def test_unauthenticated_for_every_admin_method_and_request(
         viewer = bearer(VIEWER_TOKEN)
         for payload in (b"", MALFORMED):
             code = await raw_call(ch, method, payload, viewer)
-            if method == "GetRollout":
+            if method in ("GetRollout", "ListVersions"):
                 assert code == grpc.StatusCode.INVALID_ARGUMENT
             else:
                 assert code == grpc.StatusCode.PERMISSION_DENIED
@@ -100,6 +102,7 @@ async def test_roles_and_decided_by_is_the_caller(broker: EmbeddedBroker) -> Non
                 await viewer.StartRollout(admin_pb2.StartRolloutRequest(spec_yaml=spec_yaml()))
             assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert "watcher" in (denied.value.details() or "")
+        await versions_reported(broker, collector)
         async with admin_channel(collector.admin_address) as operator_ch:
             operator = admin_pb2_grpc.AdminStub(operator_ch)
             started = await operator.StartRollout(
@@ -224,6 +227,7 @@ async def test_mtls_role_from_ou_or_san_uri_and_unauthenticated_without_a_role(
             )
             return grpc.aio.secure_channel(f"localhost:{port}", creds)
 
+        await versions_reported(broker, collector)
         async with channel("ou-operator") as ch:
             started = await admin_pb2_grpc.AdminStub(ch).StartRollout(
                 admin_pb2.StartRolloutRequest(spec_yaml=spec_yaml(min_duration="10m"), requested_by="x")
@@ -284,6 +288,7 @@ async def test_cli_unauthenticated_without_a_token_then_env_file_and_dev_token(
             env={"OUTRIDER_ADMIN_TOKEN": VIEWER_TOKEN},
         )  # fmt: skip
         assert run.returncode == 5 and "PERMISSION_DENIED" in run.stderr, run.stderr
+        await versions_reported(broker, collector)
         token_file = tmp_path / "token"
         token_file.write_text(ADMIN_TOKEN + "\n")
         args = ("rollout", "start", str(spec), "--admin", admin, "--token-file", str(token_file), "--json")

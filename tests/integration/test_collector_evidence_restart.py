@@ -26,7 +26,7 @@ from collector import EvidenceBook, RolloutEvidence, Rows
 from collector._checkpoint import decode
 from devstack.broker import EmbeddedBroker, free_port
 from outrider.v1 import admin_pb2, admin_pb2_grpc, common_pb2, events_pb2, sidecar_pb2
-from tests.support import SECURE_COLLECTOR, Proc, admin_channel, wait_serving
+from tests.support import SECURE_COLLECTOR, Proc, admin_channel, report_versions, wait_serving
 
 pytestmark = pytest.mark.broker
 
@@ -109,6 +109,8 @@ async def test_evidence_checkpoint_survives_sigkill_exactly_once(
     produced: list[events_pb2.Event] = []
     try:
         await wait_serving(admin, first)
+        # the report of a sidecar serving both versions: event 0 of the log (rollout start needs it)
+        await report_versions(broker.bootstrap_servers, AGENT, STABLE, CANDIDATE, admin=admin)
         async with admin_channel(admin) as channel:
             started = await admin_pb2_grpc.AdminStub(channel).StartRollout(
                 admin_pb2.StartRolloutRequest(spec_yaml=SPEC, requested_by="test")
@@ -146,7 +148,7 @@ async def test_evidence_checkpoint_survives_sigkill_exactly_once(
         await wait_serving(admin, second)
         await producing
         deadline = time.monotonic() + 30
-        while checkpoint_of(state_dir)[0] < N:
+        while checkpoint_of(state_dir)[0] < N + 1:  # the events and the report before them
             assert time.monotonic() < deadline, "the second collector did not consume everything"
             await asyncio.sleep(0.1)
         assert second.stop() == 0, second.output()

@@ -23,7 +23,7 @@ import outrider
 from collector import Collector, CollectorSettings, run
 from devstack.broker import EmbeddedBroker
 from outrider.v1 import admin_pb2, admin_pb2_grpc, common_pb2, control_pb2, events_pb2
-from tests.support import SECURE_COLLECTOR, TEST_SIGNER, admin_channel
+from tests.support import SECURE_COLLECTOR, TEST_SIGNER, admin_channel, report_versions
 
 pytestmark = pytest.mark.broker
 
@@ -47,6 +47,21 @@ def settings_for(broker: EmbeddedBroker, **overrides: object) -> CollectorSettin
     }
     values.update(overrides)
     return CollectorSettings.model_validate(values)
+
+
+async def versions_reported(
+    broker: EmbeddedBroker, collector: Collector, *version_ids: str, agent: str = AGENT, send: bool = True
+) -> None:
+    """A sidecar's report of the versions (STABLE_V and CANDIDATE_V by default), consumed by
+    `collector`: `rollout start` refuses versions that are neither pushed nor reported.
+    `send=False` only waits (for call events already sent)."""
+    ids = version_ids or (STABLE_V, CANDIDATE_V)
+    if send:
+        await report_versions(broker.bootstrap_servers, agent, *ids)
+    deadline = time.monotonic() + 20
+    while not all(collector.rollouts.sightings.reported(agent, v) for v in ids):
+        assert time.monotonic() < deadline, f"the collector never consumed the report of {ids}"
+        await asyncio.sleep(0.05)
 
 
 def spec_yaml(min_duration: str = "0.3s", min_samples: int = 5, gate_samples: int = 20) -> str:
@@ -200,6 +215,7 @@ async def test_failing_candidate_is_rolled_back(broker: EmbeddedBroker) -> None:
         Collector(settings_for(broker)) as collector,
         admin_client(collector) as admin,
     ):
+        await versions_reported(broker, collector)
         started = await admin.StartRollout(
             admin_pb2.StartRolloutRequest(
                 spec_yaml=spec_yaml(min_duration="10m"), source_name="rollout.yaml", requested_by="test"
@@ -239,6 +255,7 @@ async def test_healthy_candidate_is_promoted(broker: EmbeddedBroker) -> None:
         Collector(settings_for(broker)) as collector,
         admin_client(collector) as admin,
     ):
+        await versions_reported(broker, collector)
         started = await admin.StartRollout(
             admin_pb2.StartRolloutRequest(spec_yaml=spec_yaml(), requested_by="test")
         )
@@ -280,6 +297,7 @@ async def test_admin_errors_restart_recovery_and_metrics(broker: EmbeddedBroker,
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
             slow = spec_yaml(min_duration="10m", gate_samples=10_000)
+            await versions_reported(broker, first, send=False)  # produce_mix's events name both
             started = await admin.StartRollout(
                 admin_pb2.StartRolloutRequest(spec_yaml=slow, requested_by="t")
             )
@@ -336,6 +354,9 @@ async def test_admin_errors_restart_recovery_and_metrics(broker: EmbeddedBroker,
             with pytest.raises(grpc.aio.AioRpcError) as finished:
                 await admin.AbortRollout(admin_pb2.AbortRolloutRequest(agent=AGENT))
             assert finished.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            await report_versions(
+                broker.bootstrap_servers, AGENT, STABLE_V, CANDIDATE_V, admin=address, send=False
+            )
             restarted = await admin.StartRollout(admin_pb2.StartRolloutRequest(spec_yaml=slow))
             assert restarted.state.generation == 3
         os.kill(os.getpid(), signal.SIGTERM)  # run() handles it: a clean stop, exit code 0

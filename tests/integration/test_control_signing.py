@@ -27,7 +27,7 @@ from devstack.broker import EmbeddedBroker, free_port
 from devstack.simprovider import SimProvider
 from outrider.v1 import admin_pb2, admin_pb2_grpc, common_pb2, control_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import Sidecar
-from tests.integration.test_collector_service import settings_for
+from tests.integration.test_collector_service import settings_for, versions_reported
 from tests.integration.test_sidecar_api import API_KEY, sidecar_config, sim_models
 from tests.support import TEST_SIGNER, admin_channel, outrider_process, scrape, signed_control, wait_serving
 
@@ -152,6 +152,7 @@ async def test_forged_records_change_no_routing_and_an_abort_beats_them(
             Sidecar(config) as running,
         ):
             admin = admin_pb2_grpc.AdminStub(channel)
+            await versions_reported(broker, collector, v1, v2, send=False)  # the sidecar's report at start
             started = await admin.StartRollout(admin_pb2.StartRolloutRequest(spec_yaml=rollout_spec(v1, v2)))
             legit_ordering = (started.state.epoch, started.state.generation)
             await eventually(lambda: running.router.ordering == legit_ordering, what="the legit rollout")

@@ -29,7 +29,13 @@ from devstack.broker import EmbeddedBroker
 from devstack.simprovider import SimProvider
 from outrider.v1 import admin_pb2, common_pb2, control_pb2, events_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import ManualClock, Sidecar, SidecarConfig
-from tests.integration.test_collector_service import admin_client, producer, send, settings_for
+from tests.integration.test_collector_service import (
+    admin_client,
+    producer,
+    send,
+    settings_for,
+    versions_reported,
+)
 from tests.integration.test_sidecar_api import API_KEY, USER, sidecar_config, sim_models
 
 pytestmark = pytest.mark.broker
@@ -174,6 +180,9 @@ async def test_drain_across_two_replicas_after_a_collector_rollback(
         grpc.aio.insecure_channel(b.address) as channel_b,
     ):
         stub_a, stub_b = sidecar_pb2_grpc.SidecarStub(channel_a), sidecar_pb2_grpc.SidecarStub(channel_b)
+        await versions_reported(
+            broker, collector, stable_id, candidate_id, send=False
+        )  # the replicas' reports
         started = await admin.StartRollout(
             admin_pb2.StartRolloutRequest(spec_yaml=spec(stable_id, candidate_id), requested_by="drain-test")
         )

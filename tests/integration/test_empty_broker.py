@@ -34,7 +34,7 @@ from collector import Collector
 from devstack.broker import EmbeddedBroker, free_port
 from devstack.simprovider import ModelBehavior, SimProvider
 from outrider.v1 import admin_pb2, admin_pb2_grpc, control_pb2, sidecar_pb2, sidecar_pb2_grpc
-from tests.integration.test_collector_service import settings_for
+from tests.integration.test_collector_service import settings_for, versions_reported
 from tests.integration.test_collector_service import spec_yaml as collector_spec_yaml
 from tests.integration.test_sidecar_api import API_KEY, USER, sidecar_config, sim_models
 from tests.support import (
@@ -43,6 +43,7 @@ from tests.support import (
     Proc,
     admin_channel,
     outrider_process,
+    report_versions,
     scrape,
     wait_serving,
 )
@@ -179,6 +180,8 @@ async def test_empty_broker_swapped_in_under_load_loses_no_decision(
         ):
             await wait_serving(admin_addr, collector)
             await wait_serving(a_addr, a)
+            # the sidecar's report of its versions, which `rollout start` checks
+            await report_versions(kafka, AGENT, ids["v1"], ids["v2"], admin=admin_addr, send=False)
             async with admin_channel(admin_addr) as channel:
                 admin = admin_pb2_grpc.AdminStub(channel)
                 started = await admin.StartRollout(
@@ -294,6 +297,7 @@ async def test_new_broker_a_restarted_collector_restores_rollouts_from_its_copy(
             Collector(settings_for(first, state_dir=state_dir)) as collector,
             admin_channel(collector.admin_address) as channel,
         ):
+            await versions_reported(first, collector)
             started = await admin_pb2_grpc.AdminStub(channel).StartRollout(
                 admin_pb2.StartRolloutRequest(spec_yaml=collector_spec_yaml(min_duration="10m"))
             )

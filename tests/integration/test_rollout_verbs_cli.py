@@ -34,6 +34,7 @@ from tests.integration.test_collector_service import (
     send,
     settings_for,
     spec_yaml,
+    versions_reported,
 )
 from tests.support import ADMIN_TOKEN
 
@@ -119,6 +120,7 @@ async def test_verbs_record_who_and_why_refuse_wrong_states_and_notify(
             spec = write_spec(tmp_path, min_duration="10m")
             missing = await cli("rollout", "pause", AGENT, "--reason", "x", *admin)
             assert missing.exit_code == 5 and "NOT_FOUND" in missing.output
+            await versions_reported(broker, collector)
             started = await cli("rollout", "start", spec, *admin)
             assert started.exit_code == 0, started.output
             assert "(by token:ci)" in started.output
@@ -178,6 +180,7 @@ async def test_notify_a_controller_rollback_with_gate_verdicts(broker: EmbeddedB
         Collector(settings_for(broker, notify=[{"url": f"{base}/ok"}])) as collector,
         admin_client(collector) as admin,
     ):
+        await versions_reported(broker, collector)
         started = await admin.StartRollout(
             admin_pb2.StartRolloutRequest(spec_yaml=spec_yaml(min_duration="10m"), requested_by="test")
         )
@@ -199,6 +202,7 @@ async def test_wait_exit_codes(broker: EmbeddedBroker, tmp_path: Path) -> None:
         admin_client(collector) as admin,
     ):
         admin_flag = ["--admin", collector.admin_address]
+        await versions_reported(broker, collector)
         spec = write_spec(tmp_path, min_duration="10m")
         wait = ["rollout", "start", spec, "--wait", "--poll-interval", "100ms", *admin_flag]
 
@@ -246,6 +250,7 @@ async def test_wait_exit_codes(broker: EmbeddedBroker, tmp_path: Path) -> None:
 async def test_status_and_watch_show_the_live_evaluation(broker: EmbeddedBroker, tmp_path: Path) -> None:
     async with producer(broker) as p, Collector(settings_for(broker)) as collector:
         admin = ["--admin", collector.admin_address]
+        await versions_reported(broker, collector)
         assert (
             await cli("rollout", "start", write_spec(tmp_path, min_duration="10m"), *admin)
         ).exit_code == 0
@@ -359,6 +364,7 @@ async def test_watch_in_a_real_terminal_under_tmux(broker: EmbeddedBroker, tmp_p
         return out.stdout
 
     async with Collector(settings_for(broker)) as collector, admin_client(collector) as admin:
+        await versions_reported(broker, collector)
         await admin.StartRollout(admin_pb2.StartRolloutRequest(spec_yaml=spec_yaml(min_duration="10m")))
         # the pane's own size, not the test runner's COLUMNS and LINES
         command = [

@@ -260,7 +260,10 @@ def test_public_surface() -> None:
             "UpstreamStatusError",
             "UpstreamTimeout",
             "VersionConfig",
+            "VersionFile",
             "load_config",
+            "load_version_file",
+            "parse_version_file",
             "parse_duration",
             "run",
         ]

@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from outrider.v1 import common_pb2 as outrider_dot_v1_dot_common__pb2
 from outrider.v1 import control_pb2 as outrider_dot_v1_dot_control__pb2
 from outrider.v1 import deployment_pb2 as outrider_dot_v1_dot_deployment__pb2
+from outrider.v1 import registry_pb2 as outrider_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17outrider/v1/admin.proto\x12\x0boutrider.v1\x1a\x18outrider/v1/common.proto\x1a\x19outrider/v1/control.proto\x1a\x1coutrider/v1/deployment.proto\"S\n\x13StartRolloutRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x13\n\x0bsource_name\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"\"\n\x11GetRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"J\n\x13\x41\x62ortRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"J\n\x13PauseRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"K\n\x14ResumeRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"L\n\x15PromoteRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"\xd2\x01\n\x0eVersionMetrics\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.outrider.v1.Role\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x03\x12\x12\n\nerror_rate\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x06 \x01(\x01\x12\x0e\n\x06models\x18\x07 \x03(\t\x12\x1b\n\x13last_seen_unix_nano\x18\x08 \x01(\x03\x12\x10\n\x08window_s\x18\t \x01(\x01\"\xe2\x01\n\x0bStageRecord\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x12\n\nstep_index\x18\x02 \x01(\x05\x12\x18\n\x10\x63\x61ndidate_weight\x18\x03 \x01(\x01\x12(\n\x05phase\x18\x04 \x01(\x0e\x32\x19.outrider.v1.RolloutPhase\x12\x14\n\x0c\x61t_unix_nano\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\ndecided_by\x18\x07 \x01(\t\x12-\n\x0cgate_results\x18\x08 \x03(\x0b\x32\x17.outrider.v1.GateResult\"\x83\x03\n\rRolloutStatus\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.outrider.v1.RolloutState\x12*\n\x08timeline\x18\x02 \x03(\x0b\x32\x18.outrider.v1.StageRecord\x12,\n\x07metrics\x18\x03 \x03(\x0b\x32\x1b.outrider.v1.VersionMetrics\x12\x11\n\tspec_yaml\x18\x04 \x01(\t\x12\x15\n\rnow_unix_nano\x18\x05 \x01(\x03\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12H\n\x10\x66igure_windows_s\x18\x07 \x03(\x0b\x32..outrider.v1.RolloutStatus.FigureWindowsSEntry\x12\x16\n\x0e\x65vents_missing\x18\x14 \x01(\x03\x12\x19\n\x11\x63ollector_replica\x18\x08 \x01(\t\x1a\x35\n\x13\x46igureWindowsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"6\n\x16ListDeploymentsRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"N\n\x17ListDeploymentsResponse\x12\x33\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1e.outrider.v1.DeploymentSummary\"*\n\x14GetDeploymentRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t2\x8e\x05\n\x05\x41\x64min\x12L\n\x0cStartRollout\x12 .outrider.v1.StartRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12H\n\nGetRollout\x12\x1e.outrider.v1.GetRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12L\n\x0c\x41\x62ortRollout\x12 .outrider.v1.AbortRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12L\n\x0cPauseRollout\x12 .outrider.v1.PauseRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12N\n\rResumeRollout\x12!.outrider.v1.ResumeRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12P\n\x0ePromoteRollout\x12\".outrider.v1.PromoteRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12\\\n\x0fListDeployments\x12#.outrider.v1.ListDeploymentsRequest\x1a$.outrider.v1.ListDeploymentsResponse\x12Q\n\rGetDeployment\x12!.outrider.v1.GetDeploymentRequest\x1a\x1d.outrider.v1.DeploymentRecordb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17outrider/v1/admin.proto\x12\x0boutrider.v1\x1a\x18outrider/v1/common.proto\x1a\x19outrider/v1/control.proto\x1a\x1coutrider/v1/deployment.proto\x1a\x1aoutrider/v1/registry.proto\"S\n\x13StartRolloutRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x13\n\x0bsource_name\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"\"\n\x11GetRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"J\n\x13\x41\x62ortRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"J\n\x13PauseRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"K\n\x14ResumeRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"L\n\x15PromoteRolloutRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"\xd2\x01\n\x0eVersionMetrics\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.outrider.v1.Role\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x03\x12\x12\n\nerror_rate\x18\x05 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x06 \x01(\x01\x12\x0e\n\x06models\x18\x07 \x03(\t\x12\x1b\n\x13last_seen_unix_nano\x18\x08 \x01(\x03\x12\x10\n\x08window_s\x18\t \x01(\x01\"\xe2\x01\n\x0bStageRecord\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x12\n\nstep_index\x18\x02 \x01(\x05\x12\x18\n\x10\x63\x61ndidate_weight\x18\x03 \x01(\x01\x12(\n\x05phase\x18\x04 \x01(\x0e\x32\x19.outrider.v1.RolloutPhase\x12\x14\n\x0c\x61t_unix_nano\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\ndecided_by\x18\x07 \x01(\t\x12-\n\x0cgate_results\x18\x08 \x03(\x0b\x32\x17.outrider.v1.GateResult\"\x83\x03\n\rRolloutStatus\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.outrider.v1.RolloutState\x12*\n\x08timeline\x18\x02 \x03(\x0b\x32\x18.outrider.v1.StageRecord\x12,\n\x07metrics\x18\x03 \x03(\x0b\x32\x1b.outrider.v1.VersionMetrics\x12\x11\n\tspec_yaml\x18\x04 \x01(\t\x12\x15\n\rnow_unix_nano\x18\x05 \x01(\x03\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12H\n\x10\x66igure_windows_s\x18\x07 \x03(\x0b\x32..outrider.v1.RolloutStatus.FigureWindowsSEntry\x12\x16\n\x0e\x65vents_missing\x18\x14 \x01(\x03\x12\x19\n\x11\x63ollector_replica\x18\x08 \x01(\t\x1a\x35\n\x13\x46igureWindowsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"6\n\x16ListDeploymentsRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"N\n\x17ListDeploymentsResponse\x12\x33\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1e.outrider.v1.DeploymentSummary\"*\n\x14GetDeploymentRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t2\xb5\x06\n\x05\x41\x64min\x12L\n\x0cStartRollout\x12 .outrider.v1.StartRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12H\n\nGetRollout\x12\x1e.outrider.v1.GetRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12L\n\x0c\x41\x62ortRollout\x12 .outrider.v1.AbortRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12L\n\x0cPauseRollout\x12 .outrider.v1.PauseRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12N\n\rResumeRollout\x12!.outrider.v1.ResumeRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12P\n\x0ePromoteRollout\x12\".outrider.v1.PromoteRolloutRequest\x1a\x1a.outrider.v1.RolloutStatus\x12\\\n\x0fListDeployments\x12#.outrider.v1.ListDeploymentsRequest\x1a$.outrider.v1.ListDeploymentsResponse\x12Q\n\rGetDeployment\x12!.outrider.v1.GetDeploymentRequest\x1a\x1d.outrider.v1.DeploymentRecord\x12P\n\x0bPushVersion\x12\x1f.outrider.v1.PushVersionRequest\x1a .outrider.v1.PushVersionResponse\x12S\n\x0cListVersions\x12 .outrider.v1.ListVersionsRequest\x1a!.outrider.v1.ListVersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +37,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._loaded_options = None
   _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._serialized_options = b'8\001'
-  _globals['_STARTROLLOUTREQUEST']._serialized_start=123
-  _globals['_STARTROLLOUTREQUEST']._serialized_end=206
-  _globals['_GETROLLOUTREQUEST']._serialized_start=208
-  _globals['_GETROLLOUTREQUEST']._serialized_end=242
-  _globals['_ABORTROLLOUTREQUEST']._serialized_start=244
-  _globals['_ABORTROLLOUTREQUEST']._serialized_end=318
-  _globals['_PAUSEROLLOUTREQUEST']._serialized_start=320
-  _globals['_PAUSEROLLOUTREQUEST']._serialized_end=394
-  _globals['_RESUMEROLLOUTREQUEST']._serialized_start=396
-  _globals['_RESUMEROLLOUTREQUEST']._serialized_end=471
-  _globals['_PROMOTEROLLOUTREQUEST']._serialized_start=473
-  _globals['_PROMOTEROLLOUTREQUEST']._serialized_end=549
-  _globals['_VERSIONMETRICS']._serialized_start=552
-  _globals['_VERSIONMETRICS']._serialized_end=762
-  _globals['_STAGERECORD']._serialized_start=765
-  _globals['_STAGERECORD']._serialized_end=991
-  _globals['_ROLLOUTSTATUS']._serialized_start=994
-  _globals['_ROLLOUTSTATUS']._serialized_end=1381
-  _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._serialized_start=1328
-  _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._serialized_end=1381
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1383
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1437
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1439
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1517
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1519
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1561
-  _globals['_ADMIN']._serialized_start=1564
-  _globals['_ADMIN']._serialized_end=2218
+  _globals['_STARTROLLOUTREQUEST']._serialized_start=151
+  _globals['_STARTROLLOUTREQUEST']._serialized_end=234
+  _globals['_GETROLLOUTREQUEST']._serialized_start=236
+  _globals['_GETROLLOUTREQUEST']._serialized_end=270
+  _globals['_ABORTROLLOUTREQUEST']._serialized_start=272
+  _globals['_ABORTROLLOUTREQUEST']._serialized_end=346
+  _globals['_PAUSEROLLOUTREQUEST']._serialized_start=348
+  _globals['_PAUSEROLLOUTREQUEST']._serialized_end=422
+  _globals['_RESUMEROLLOUTREQUEST']._serialized_start=424
+  _globals['_RESUMEROLLOUTREQUEST']._serialized_end=499
+  _globals['_PROMOTEROLLOUTREQUEST']._serialized_start=501
+  _globals['_PROMOTEROLLOUTREQUEST']._serialized_end=577
+  _globals['_VERSIONMETRICS']._serialized_start=580
+  _globals['_VERSIONMETRICS']._serialized_end=790
+  _globals['_STAGERECORD']._serialized_start=793
+  _globals['_STAGERECORD']._serialized_end=1019
+  _globals['_ROLLOUTSTATUS']._serialized_start=1022
+  _globals['_ROLLOUTSTATUS']._serialized_end=1409
+  _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._serialized_start=1356
+  _globals['_ROLLOUTSTATUS_FIGUREWINDOWSSENTRY']._serialized_end=1409
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1411
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1465
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1467
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1545
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1547
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1589
+  _globals['_ADMIN']._serialized_start=1592
+  _globals['_ADMIN']._serialized_end=2413
 # @@protoc_insertion_point(module_scope)

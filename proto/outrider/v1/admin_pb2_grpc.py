@@ -5,6 +5,7 @@ import warnings
 
 from outrider.v1 import admin_pb2 as outrider_dot_v1_dot_admin__pb2
 from outrider.v1 import deployment_pb2 as outrider_dot_v1_dot_deployment__pb2
+from outrider.v1 import registry_pb2 as outrider_dot_v1_dot_registry__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -76,6 +77,16 @@ class AdminStub:
                 request_serializer=outrider_dot_v1_dot_admin__pb2.GetDeploymentRequest.SerializeToString,
                 response_deserializer=outrider_dot_v1_dot_deployment__pb2.DeploymentRecord.FromString,
                 _registered_method=True)
+        self.PushVersion = channel.unary_unary(
+                '/outrider.v1.Admin/PushVersion',
+                request_serializer=outrider_dot_v1_dot_registry__pb2.PushVersionRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_registry__pb2.PushVersionResponse.FromString,
+                _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/outrider.v1.Admin/ListVersions',
+                request_serializer=outrider_dot_v1_dot_registry__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_registry__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -136,6 +147,19 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushVersion(self, request, context):
+        """The version registry: push (operator) and list (viewer) an agent's versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVersions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +202,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetDeployment,
                     request_deserializer=outrider_dot_v1_dot_admin__pb2.GetDeploymentRequest.FromString,
                     response_serializer=outrider_dot_v1_dot_deployment__pb2.DeploymentRecord.SerializeToString,
+            ),
+            'PushVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushVersion,
+                    request_deserializer=outrider_dot_v1_dot_registry__pb2.PushVersionRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_registry__pb2.PushVersionResponse.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=outrider_dot_v1_dot_registry__pb2.ListVersionsRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_registry__pb2.ListVersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +431,60 @@ class Admin:
             '/outrider.v1.Admin/GetDeployment',
             outrider_dot_v1_dot_admin__pb2.GetDeploymentRequest.SerializeToString,
             outrider_dot_v1_dot_deployment__pb2.DeploymentRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/PushVersion',
+            outrider_dot_v1_dot_registry__pb2.PushVersionRequest.SerializeToString,
+            outrider_dot_v1_dot_registry__pb2.PushVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/ListVersions',
+            outrider_dot_v1_dot_registry__pb2.ListVersionsRequest.SerializeToString,
+            outrider_dot_v1_dot_registry__pb2.ListVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 from outrider.v1 import admin_pb2 as _admin_pb2
 from outrider.v1 import deployment_pb2 as _deployment_pb2
+from outrider.v1 import registry_pb2 as _registry_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -49,6 +50,9 @@ class AdminStub:
     """The deployment records of ended rollouts (`outrider.deployments`), newest first."""
     GetDeployment: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetDeploymentRequest, _deployment_pb2.DeploymentRecord]
     """NOT_FOUND: no such record"""
+    PushVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PushVersionRequest, _registry_pb2.PushVersionResponse]
+    """The version registry: push (operator) and list (viewer) an agent's versions."""
+    ListVersions: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListVersionsRequest, _registry_pb2.ListVersionsResponse]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -70,6 +74,9 @@ class AdminAsyncStub(AdminStub):
     """The deployment records of ended rollouts (`outrider.deployments`), newest first."""
     GetDeployment: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetDeploymentRequest, _deployment_pb2.DeploymentRecord]  # type: ignore[assignment]
     """NOT_FOUND: no such record"""
+    PushVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.PushVersionRequest, _registry_pb2.PushVersionResponse]  # type: ignore[assignment]
+    """The version registry: push (operator) and list (viewer) an agent's versions."""
+    ListVersions: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListVersionsRequest, _registry_pb2.ListVersionsResponse]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """The collector's admin API, used by the `outrider rollout` CLI and CI pipelines."""
@@ -136,5 +143,20 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_deployment_pb2.DeploymentRecord, _abc.Awaitable[_deployment_pb2.DeploymentRecord]]:
         """NOT_FOUND: no such record"""
+
+    @_abc_1.abstractmethod
+    def PushVersion(
+        self,
+        request: _registry_pb2.PushVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.PushVersionResponse, _abc.Awaitable[_registry_pb2.PushVersionResponse]]:
+        """The version registry: push (operator) and list (viewer) an agent's versions."""
+
+    @_abc_1.abstractmethod
+    def ListVersions(
+        self,
+        request: _registry_pb2.ListVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListVersionsResponse, _abc.Awaitable[_registry_pb2.ListVersionsResponse]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from outrider.v1 import common_pb2 as _common_pb2
+from outrider.v1 import registry_pb2 as _registry_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -61,6 +62,7 @@ class Event(_message.Message):
     SAFETY_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     DRAINED_FIELD_NUMBER: _builtins.int
+    VERSIONS_REPORT_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     time_unix_nano: _builtins.int
@@ -92,6 +94,8 @@ class Event(_message.Message):
     def usage(self) -> Global___UsageReport: ...
     @_builtins.property
     def drained(self) -> Global___VersionDrained: ...
+    @_builtins.property
+    def versions_report(self) -> _registry_pb2.VersionsReport: ...
     def __init__(
         self,
         *,
@@ -111,13 +115,14 @@ class Event(_message.Message):
         safety: Global___SafetyRecord | None = ...,
         usage: Global___UsageReport | None = ...,
         drained: Global___VersionDrained | None = ...,
+        versions_report: _registry_pb2.VersionsReport | None = ...,
         sequence: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "feedback", b"feedback", "safety", b"safety", "tool", b"tool", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "feedback", b"feedback", "safety", b"safety", "tool", b"tool", "usage", b"usage", "versions_report", b"versions_report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "sequence", b"sequence", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "sequence", b"sequence", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id", "versions_report", b"versions_report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage", "drained"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage", "drained", "versions_report"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
