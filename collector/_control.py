@@ -37,8 +37,9 @@ CONTROL_TOPIC_CONFIGS = {"cleanup.policy": "compact"}
 async def ensure_topics(bootstrap: str, partitions: int, timeout_s: float = 10.0) -> None:
     """Create the events, spans, control, versions, commands, dead-letter and deployments topics
     if missing; a failure is logged, not raised (brokers with auto-creation still work). The
-    spans topic is made even when this collector does not relay it: sidecars write to it, and a topic auto-created
-    under a first burst of writes stalled their producers for seconds on the embedded broker."""
+    spans topic is made even when this collector does not relay it: sidecars write to it, and
+    a topic auto-created under a first burst of writes stalled their producers for seconds on
+    the embedded broker."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
     try:
         await admin.start()
