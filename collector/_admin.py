@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from aiokafka.errors import KafkaError
@@ -41,7 +41,7 @@ from collector._manager import PublishError, RolloutManager
 from collector._registry import RegistryView
 from collector._registry_admin import RegistryAdmin
 from collector._spec import RolloutSpec, load_spec_text
-from outrider.v1 import admin_pb2, admin_pb2_grpc
+from outrider.v1 import admin_pb2, admin_pb2_grpc, registry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,9 @@ _REQUESTS: dict[str, Any] = {
     "PauseRollout": admin_pb2.PauseRolloutRequest,
     "ResumeRollout": admin_pb2.ResumeRolloutRequest,
     "PromoteRollout": admin_pb2.PromoteRolloutRequest,
+    "ListVersions": registry_pb2.ListVersionsRequest,
 }
+_Answer = TypeVar("_Answer", admin_pb2.RolloutStatus, registry_pb2.ListVersionsResponse)
 _VERBS = {
     "AbortRollout": "abort",
     "PauseRollout": "pause",
@@ -151,13 +153,13 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
             self._manager.check_windows(spec, request.source_name or "<request>")
         except SpecError as exc:
             await _fail(context, exc)
-        return await self._route("StartRollout", spec.agent, request, context)
+        return await self._route("StartRollout", spec.agent, request, context, admin_pb2.RolloutStatus)
 
     async def GetRollout(
         self, request: admin_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
         await _require(context, "agent", request.agent)
-        return await self._route("GetRollout", request.agent, request, context)
+        return await self._route("GetRollout", request.agent, request, context, admin_pb2.RolloutStatus)
 
     async def AbortRollout(
         self, request: admin_pb2.AbortRolloutRequest, context: grpc.aio.ServicerContext[object, object]
@@ -179,11 +181,22 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.RolloutStatus:
         return await self._verb("PromoteRollout", request, context)
 
+    async def ListVersions(
+        self, request: registry_pb2.ListVersionsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> registry_pb2.ListVersionsResponse:
+        """The owner answers: it holds the agent's sidecars' version reports."""
+        await _require(context, "agent", request.agent)
+        if self._registry is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector has no version registry")
+        return await self._route(
+            "ListVersions", request.agent, request, context, registry_pb2.ListVersionsResponse
+        )
+
     async def _verb(
         self, method: str, request: _Verb, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
         await _require(context, "agent", request.agent)
-        return await self._route(method, request.agent, request, context)
+        return await self._route(method, request.agent, request, context, admin_pb2.RolloutStatus)
 
     async def _owned_here(self, agent: str) -> bool:
         """Does this replica answer for `agent`? Waits out a first assignment or a restore."""
@@ -195,12 +208,18 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
         return await ownership.wait_restored(agent, self._relay_timeout_s)
 
     async def _route(
-        self, method: str, agent: str, request: Any, context: grpc.aio.ServicerContext[object, object]
-    ) -> admin_pb2.RolloutStatus:
+        self,
+        method: str,
+        agent: str,
+        request: Any,
+        context: grpc.aio.ServicerContext[object, object],
+        answer_type: type[_Answer],
+    ) -> _Answer:
         who = _requester(request)
         if await self._owned_here(agent):
             try:
-                return await self._run(method, request, who)
+                result: _Answer = await self._run(method, request, who)
+                return result
             except NotOwner:
                 pass  # the partition moved meanwhile: relay to the new owner
             except (SpecError, RolloutError, PublishError) as exc:
@@ -220,10 +239,15 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
             )
         if answer.code != 0:
             await context.abort(_BY_VALUE.get(answer.code, grpc.StatusCode.UNKNOWN), answer.message)
-        return admin_pb2.RolloutStatus.FromString(answer.response)
+        return answer_type.FromString(answer.response)
 
-    async def _run(self, method: str, request: Any, who: str) -> admin_pb2.RolloutStatus:
-        """Run one rollout call here, the agent's owner; raises what `_CODES` maps."""
+    async def _run(self, method: str, request: Any, who: str) -> Any:
+        """Run one call here, the agent's owner; raises what `_CODES` maps."""
+        if method == "ListVersions":
+            if not self._manager.owns(request.agent):
+                raise NotOwner(request.agent)
+            assert self._registry is not None
+            return self._registry.listing(request.agent)
         if method == "StartRollout":
             spec = _spec_of(request)
             self._manager.check_windows(spec, request.source_name or "<request>")

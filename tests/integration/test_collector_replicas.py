@@ -33,8 +33,16 @@ from collector import Collector, CollectorSettings
 from collector._ownership import partition_for
 from devstack._status import render_status
 from devstack.broker import EmbeddedBroker, free_port
-from outrider.v1 import admin_pb2, admin_pb2_grpc, commands_pb2, common_pb2, control_pb2, events_pb2
-from tests.support import SECURE_COLLECTOR, Proc, admin_channel, wait_serving
+from outrider.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    commands_pb2,
+    common_pb2,
+    control_pb2,
+    events_pb2,
+    registry_pb2,
+)
+from tests.support import SECURE_COLLECTOR, Proc, admin_channel, report_versions, wait_serving
 
 pytestmark = pytest.mark.broker
 
@@ -161,7 +169,9 @@ async def test_takeover_two_replica_processes_kill_the_owner_mid_rollout(
     try:
         for name, (_, admin) in configs.items():
             await wait_serving(admin, procs[name])
-        # started through replica b, whoever owns the agent
+        # a sidecar of the agent reports its versions (to the owner, by the agent's partition)
+        await report_versions(broker.bootstrap_servers, agent, STABLE, CANDIDATE, admin=configs["b"][1])
+        # started through replica b, whoever owns the agent; the owner checks the versions
         async with admin_channel(configs["b"][1]) as channel:
             started = await admin_pb2_grpc.AdminStub(channel).StartRollout(
                 admin_pb2.StartRolloutRequest(spec_yaml=spec(agent), source_name="replicas.yaml"), timeout=30
@@ -242,6 +252,11 @@ async def test_replica_relays_verbs_to_the_owner_and_never_runs_forged_commands(
         # an agent the first replica owns, asked through the second
         agent = next(f"agent-{i}" for i in range(100) if one.ownership.owns(f"agent-{i}"))
         assert not two.ownership.owns(agent) and partition_for(agent, 2) in one.ownership.ready
+        await report_versions(broker.bootstrap_servers, agent, STABLE, CANDIDATE)
+        deadline = time.monotonic() + 20
+        while not one.rollouts.sightings.reported(agent, CANDIDATE):
+            assert time.monotonic() < deadline, "the owner never consumed the version report"
+            await asyncio.sleep(0.05)
         async with admin_channel(two.admin_address) as channel:
             stub = admin_pb2_grpc.AdminStub(channel)
             started = await stub.StartRollout(
@@ -257,6 +272,10 @@ async def test_replica_relays_verbs_to_the_owner_and_never_runs_forged_commands(
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.PauseRollout(admin_pb2.PauseRolloutRequest(agent=agent), timeout=20)
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # the owner's error, relayed
+            # `version list` through the non-owner: the owner's view, with the sidecar's report
+            listing = await stub.ListVersions(registry_pb2.ListVersionsRequest(agent=agent), timeout=20)
+            served = {v.version_id: len(v.sidecars) for v in listing.versions}
+            assert served.get(CANDIDATE) == 1 and served.get(STABLE) == 1, listing
         assert one.rollouts.get(agent) is not None and two.rollouts.get(agent) is None
 
         # forged aborts: unsigned, and signed by a key no collector trusts

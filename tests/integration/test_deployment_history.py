@@ -33,6 +33,7 @@ from tests.integration.test_collector_service import (
     send,
     settings_for,
     spec_yaml,
+    versions_reported,
 )
 from tests.integration.test_rollout_verbs_cli import cli
 from tests.support import ADMIN_TOKEN, TEST_SIGNER
@@ -101,6 +102,7 @@ async def test_history_after_rollback_records_spec_stages_gates_and_show_json_ro
         Collector(settings_for(broker, state_dir=tmp_path)) as collector,
         admin_client(collector) as admin,
     ):
+        await versions_reported(broker, collector)
         started = await admin.StartRollout(admin_pb2.StartRolloutRequest(spec_yaml=spec, requested_by="t"))
         rollout_id = started.state.rollout_id
         await produce_mix(p, 150, candidate_error_every=3, rollout_id=rollout_id)
@@ -157,6 +159,7 @@ async def test_history_after_abort_and_promote_newest_first(broker: EmbeddedBrok
     async with Collector(settings_for(broker)) as collector, admin_client(collector) as admin:
         addr = ["--admin", collector.admin_address]
         slow = spec_yaml(min_duration="10m", gate_samples=10_000)
+        await versions_reported(broker, collector)
         first = await admin.StartRollout(admin_pb2.StartRolloutRequest(spec_yaml=slow))
         aborted = await cli("rollout", "abort", AGENT, "--reason", "wrong build", *addr)
         assert aborted.exit_code == 0, aborted.output
@@ -212,6 +215,7 @@ async def test_history_forged_records_are_not_shown(broker: EmbeddedBroker) -> N
         Collector(settings_for(broker)) as collector,
         admin_client(collector) as admin,
     ):
+        await versions_reported(broker, collector)
         started = await admin.StartRollout(
             admin_pb2.StartRolloutRequest(spec_yaml=spec_yaml(min_duration="10m", gate_samples=10_000))
         )
@@ -265,6 +269,7 @@ async def test_history_survives_a_restart_and_an_empty_new_broker(
         admin_client(first) as admin,
     ):
         slow = with_baseline(spec_yaml(min_duration="10m", gate_samples=10_000), "30s")
+        await versions_reported(broker, first)
         aborted = await admin.StartRollout(admin_pb2.StartRolloutRequest(spec_yaml=slow))
         await admin.AbortRollout(admin_pb2.AbortRolloutRequest(agent=AGENT, reason="first"))
         promoted = await admin.StartRollout(admin_pb2.StartRolloutRequest(spec_yaml=slow))
@@ -315,6 +320,7 @@ async def test_history_baseline_snapshot_after_promotion_on_a_virtual_clock(
         admin_client(collector) as admin,
     ):
         spec = with_baseline(spec_yaml(min_duration="10m", gate_samples=10_000), "60s")
+        await versions_reported(broker, collector)
         started = await admin.StartRollout(admin_pb2.StartRolloutRequest(spec_yaml=spec))
         rollout_id = started.state.rollout_id
         await admin.PromoteRollout(admin_pb2.PromoteRolloutRequest(agent=AGENT, reason="go"))
