@@ -6,8 +6,8 @@
   record from the topic. Replicas that share `state_dir` merge into the one file under a
   lock, each agent's newest record winning, so none overwrites another's agents.
 - `BrokerWatch`: an incarnation marker. At start (and after each recovery) the collector
-  writes `marker/collector/<group>` with a random nonce to `outrider.control` and remembers
-  its offset; every `broker_check_interval_s` it reads that offset back. A missing topic,
+  writes `marker/collector/<group>/<replica>` with a random nonce to `outrider.control` and
+  remembers its offset; every `broker_check_interval_s` it reads that offset back. A missing topic,
   an offset out of range, or another record there means a new or emptied broker, which a
   quiet broker never looks like. `end_offsets` is never used.
 """
@@ -91,9 +91,9 @@ class StateCopy:
 class BrokerWatch:
     """Tells a new (or emptied) broker from a quiet one by an incarnation marker."""
 
-    def __init__(self, bootstrap: str, group_id: str, timeout_s: float) -> None:
+    def __init__(self, bootstrap: str, name: str, timeout_s: float) -> None:
         self._bootstrap, self._timeout_s = bootstrap, timeout_s
-        self.key = f"{outrider.MARKER_KEY_PREFIX}collector/{group_id}".encode()
+        self.key = f"{outrider.MARKER_KEY_PREFIX}collector/{name}".encode()
         self._nonce = b""
         self._where: TopicPartition | None = None
         self._offset = -1

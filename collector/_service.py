@@ -100,10 +100,14 @@ class Collector:
             settings.state_dir / f"{_safe(settings.group_id)}.control.json" if settings.state_dir else None
         )
         self._publisher.on_rollout = self._save_copy
-        self._watch = BrokerWatch(settings.kafka_bootstrap, settings.group_id, settings.publish_timeout_s)
+        self.replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+        # one marker key per replica: on a compacted topic a key shared by replicas keeps only
+        # the newest marker, and the others would take their compacted marker for a new broker
+        self._watch = BrokerWatch(
+            settings.kafka_bootstrap, f"{settings.group_id}/{self.replica}", settings.publish_timeout_s
+        )
         self.evidence = EvidenceBook()
         self.notifier = Notifier(settings.notify, self.metrics)
-        self.replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.ownership = Ownership()
         # ended rollouts' records: served from here, written by the replica that ended them
         self.history = DeploymentHistory(

@@ -249,6 +249,8 @@ async def test_replica_relays_verbs_to_the_owner_and_never_runs_forged_commands(
 ) -> None:
     async with Collector(_settings(broker, "one")) as one, Collector(_settings(broker, "two")) as two:
         await _settled(one, two)
+        # each replica's broker marker has its own key: compaction keeps every one of them
+        assert one._watch.key == b"marker/collector/relay/one" and two._watch.key != one._watch.key
         # an agent the first replica owns, asked through the second
         agent = next(f"agent-{i}" for i in range(100) if one.ownership.owns(f"agent-{i}"))
         assert not two.ownership.owns(agent) and partition_for(agent, 2) in one.ownership.ready
