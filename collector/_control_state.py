@@ -110,7 +110,10 @@ class BrokerWatch:
             await producer.start()
             nonce = secrets.token_hex(8).encode()
             metadata = await asyncio.wait_for(
-                producer.send_and_wait(outrider.CONTROL_TOPIC, nonce, key=self.key), self._timeout_s
+                # always partition 0, which every incarnation of the topic has, whatever the
+                # key hashes to and however many partitions a broker auto-created
+                producer.send_and_wait(outrider.CONTROL_TOPIC, nonce, key=self.key, partition=0),
+                self._timeout_s,
             )
         finally:
             await producer.stop()
@@ -136,6 +139,9 @@ class BrokerWatch:
             topics = await asyncio.wait_for(consumer.topics(), self._timeout_s)
             if outrider.CONTROL_TOPIC not in topics:
                 log.warning("%s is gone from the broker", outrider.CONTROL_TOPIC)
+                return True
+            if self._where.partition not in (consumer.partitions_for_topic(outrider.CONTROL_TOPIC) or set()):
+                log.warning("%s lacks the incarnation marker's partition", outrider.CONTROL_TOPIC)
                 return True
             consumer.assign([self._where])
             consumer.seek(self._where, self._offset)
