@@ -8,8 +8,11 @@
 - `BrokerWatch`: an incarnation marker. At start (and after each recovery) the collector
   writes `marker/collector/<group>/<replica>` with a random nonce to `outrider.control` and
   remembers its offset; every `broker_check_interval_s` it reads that offset back. A missing topic,
-  an offset out of range, or another record there means a new or emptied broker, which a
-  quiet broker never looks like. `end_offsets` is never used.
+  an offset out of range, a fetch whose high watermark is at or below the offset (a broker
+  that answers an offset past its end with an empty fetch, as Tansu does, instead of an
+  out-of-range error), or another record there means a new or emptied broker, which a
+  quiet broker never looks like. `end_offsets` (ListOffsets) is never used; the high
+  watermark comes from the fetch response itself.
 """
 
 from __future__ import annotations
@@ -152,6 +155,15 @@ class BrokerWatch:
                 return True
             records = batch.get(self._where, [])
             if not records:
+                highwater = consumer.highwater(self._where)
+                if highwater is not None and highwater <= self._offset:
+                    log.warning(
+                        "the incarnation marker's offset %d is past the end (%d) of %s[%d]",
+                        self._offset,
+                        highwater,
+                        *self._where,
+                    )
+                    return True
                 return False  # nothing came back in time: judge again next check
             record = records[0]
             if record.offset != self._offset or record.key != self.key or record.value != self._nonce:
