@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from collector._files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -126,29 +127,4 @@ class CheckpointStore:
     def write(self, partition: int, data: bytes) -> None:
         """Replace the partition's checkpoint atomically with `data` (from `encode`). Blocking:
         run in a thread."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path(partition)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.directory)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every filesystem syncs directories
-    finally:
-        os.close(fd)
+        write_atomic(self.path(partition), data)

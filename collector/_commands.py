@@ -32,6 +32,7 @@ from cachetools import TTLCache
 import outrider
 from collector._metrics import CollectorMetrics
 from collector._ownership import Ownership
+from collector._producer import start_producer
 from outrider.v1 import commands_pb2
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,6 @@ class CommandBus:
         self._rejects = outrider.RejectLog(log)
 
     async def start(self) -> None:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
-            acks="all",
-            enable_idempotence=False,  # the embedded broker lacks InitProducerId
-            request_timeout_ms=max(1000, int(self._publish_timeout_s * 1000)),
-        )
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             group_id=None,
@@ -88,8 +83,8 @@ class CommandBus:
             auto_offset_reset="latest",
         )
         consumer.subscribe([outrider.COMMANDS_TOPIC])
+        producer = await start_producer(self._bootstrap, self._publish_timeout_s)
         try:
-            await producer.start()
             await consumer.start()
         except BaseException:
             await producer.stop()

@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 import outrider
+from collector._producer import start_producer
 from outrider.v1 import control_pb2
 
 log = logging.getLogger(__name__)
@@ -201,19 +202,7 @@ class ControlPublisher:
     async def start(self) -> None:
         if self._producer is not None:
             return
-        # the embedded broker lacks InitProducerId, so no idempotent producer
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
-            acks="all",
-            enable_idempotence=False,
-            request_timeout_ms=max(1000, int(self._timeout_s * 1000)),
-        )
-        try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()
-            raise
-        self._producer = producer
+        self._producer = await start_producer(self._bootstrap, self._timeout_s)
 
     async def publish(self, state: control_pb2.RolloutState) -> None:
         """Stamp the epoch on `state` and write it, signed; raises KafkaError or TimeoutError

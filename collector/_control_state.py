@@ -24,11 +24,12 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 
 import outrider
 from collector._control import ControlHistory, add_record
+from collector._producer import start_producer
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,8 @@ class BrokerWatch:
 
     async def mark(self) -> None:
         """Write a new incarnation marker; raises KafkaError or TimeoutError."""
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
-            acks="all",
-            enable_idempotence=False,
-            request_timeout_ms=max(1000, int(self._timeout_s * 1000)),
-        )
+        producer = await start_producer(self._bootstrap, self._timeout_s)
         try:
-            await producer.start()
             nonce = secrets.token_hex(8).encode()
             metadata = await asyncio.wait_for(
                 # always partition 0, which every incarnation of the topic has, whatever the

@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 
 import outrider
 from collector._metrics import CollectorMetrics
+from collector._producer import start_producer
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +91,7 @@ class DeadLetterWriter:
     async def start(self) -> None:
         if self._producer is not None:
             return
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
-            acks="all",
-            enable_idempotence=False,  # the embedded broker lacks InitProducerId
-            request_timeout_ms=max(1000, int(self._timeout_s * 1000)),
-        )
-        try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()
-            raise
-        self._producer = producer
+        self._producer = await start_producer(self._bootstrap, self._timeout_s)
 
     async def write(self, letters: Sequence[DeadLetter]) -> int:
         """Write `letters` in order; the number written (the rest are counted as failures)."""

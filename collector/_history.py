@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from google.protobuf import json_format
 
 import outrider
 from collector._deployments import newer, open_record, summary
+from collector._files import write_atomic
 from outrider._signing import KEY_ID_HEADER
 from outrider.v1 import deployment_pb2
 
@@ -116,22 +116,12 @@ class DeploymentHistory:
         path = self.path(record.rollout_id)
         if path is None:
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
         document = {
             "format": FILE_FORMAT,
             "record": signed.to_json(),
             "readable": json_format.MessageToDict(record, preserving_proto_field_name=True),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps(document, indent=1, sort_keys=True).encode("utf-8"))
         return path
 
     def load_dir(self) -> int:

@@ -36,6 +36,7 @@ import outrider
 from collector._deployments import ENDED, baseline_pending, build_record, sign_record, with_baseline
 from collector._history import DeploymentHistory
 from collector._metrics import CollectorMetrics
+from collector._producer import start_producer
 from collector._rollout import RolloutController
 from collector._windows import RollingWindows
 from outrider.v1 import control_pb2, deployment_pb2
@@ -258,19 +259,7 @@ class DeploymentRecorder:
 
     async def _send(self, signed: outrider.SignedRecord) -> None:
         if self._producer is None:
-            # the embedded broker lacks InitProducerId, so no idempotent producer
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self._bootstrap,
-                acks="all",
-                enable_idempotence=False,
-                request_timeout_ms=max(1000, int(self._timeout_s * 1000)),
-            )
-            try:
-                await asyncio.wait_for(producer.start(), self._timeout_s)
-            except BaseException:
-                await producer.stop()
-                raise
-            self._producer = producer
+            self._producer = await start_producer(self._bootstrap, self._timeout_s)
         await asyncio.wait_for(
             self._producer.send_and_wait(
                 outrider.DEPLOYMENTS_TOPIC, signed.value, key=signed.key, headers=list(signed.headers)

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 import outrider
+from collector._producer import start_producer
 from outrider.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,7 @@ class UsageRelay:
         batch, self.pending = self.pending, []
         try:
             if self._producer is None:
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=False
-                )
-                await producer.start()
-                self._producer = producer
+                self._producer = await start_producer(self._bootstrap, self._timeout_s)
             for event in batch:
                 copy = events_pb2.Event()
                 copy.CopyFrom(event)

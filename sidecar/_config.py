@@ -492,6 +492,21 @@ def parse_config(data: object, *, source: str = "config") -> SidecarConfig:
         raise ConfigError(format_validation_error(source, exc)) from None
 
 
+def read_yaml(path: Path | str) -> tuple[Any, str]:
+    """A YAML file's data and its name for errors; ConfigError when unreadable or not YAML."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text), source
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: invalid YAML{where}") from None
+
+
 def load_config(
     path: Path | str, env: Mapping[str, str] | None = None, *, resolve_secrets: bool = True
 ) -> SidecarConfig:
@@ -500,17 +515,6 @@ def load_config(
     Raises ConfigError naming the file and field. `resolve_secrets=False` is for tools that
     only need the version ids and must work without the API keys at hand.
     """
-    path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}: invalid YAML{where}") from None
+    data, source = read_yaml(path)
     config = parse_config(data, source=source)
     return config.load_secrets(env, source=source) if resolve_secrets else config

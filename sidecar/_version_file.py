@@ -17,10 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sidecar._config import ConfigError, VersionConfig
+from sidecar._config import ConfigError, VersionConfig, read_yaml
 from sidecar._config_format import format_validation_error
 
 MAX_LABEL_LENGTH = 64
@@ -61,16 +60,5 @@ def parse_version_file(data: object, *, source: str = "version") -> VersionFile:
 
 def load_version_file(path: Path | str) -> VersionFile:
     """Read and validate a version file; ConfigError naming the file and field."""
-    path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}: invalid YAML{where}") from None
+    data, source = read_yaml(path)
     return parse_version_file(data, source=source)
