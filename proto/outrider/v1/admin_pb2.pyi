@@ -179,6 +179,8 @@ class VersionMetrics(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     LAST_SEEN_UNIX_NANO_FIELD_NUMBER: _builtins.int
     WINDOW_S_FIELD_NUMBER: _builtins.int
+    JUDGE_SCORES_FIELD_NUMBER: _builtins.int
+    JUDGE_SCORE_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     role: _common_pb2.Role.ValueType
     requests: _builtins.int
@@ -189,6 +191,10 @@ class VersionMetrics(_message.Message):
     """the newest event of this version the collector saw; 0: none"""
     window_s: _builtins.float
     """the rolling window requests..latency_p95_ms cover"""
+    judge_scores: _builtins.int
+    """judge verdicts on this version's answers over the window"""
+    judge_score: _builtins.float
+    """their mean, in [0, 1]"""
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """models seen in this version's call events (bounded)"""
@@ -205,14 +211,108 @@ class VersionMetrics(_message.Message):
         models: _abc.Iterable[_builtins.str] | None = ...,
         last_seen_unix_nano: _builtins.int = ...,
         window_s: _builtins.float = ...,
+        judge_scores: _builtins.int = ...,
+        judge_score: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "errors", b"errors", "last_seen_unix_nano", b"last_seen_unix_nano", "latency_p95_ms", b"latency_p95_ms", "models", b"models", "requests", b"requests", "role", b"role", "version_id", b"version_id", "window_s", b"window_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "errors", b"errors", "judge_score", b"judge_score", "judge_scores", b"judge_scores", "last_seen_unix_nano", b"last_seen_unix_nano", "latency_p95_ms", b"latency_p95_ms", "models", b"models", "requests", b"requests", "role", b"role", "version_id", b"version_id", "window_s", b"window_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VersionMetrics: _TypeAlias = VersionMetrics  # noqa: Y015
+
+@_typing.final
+class ShadowSummary(_message.Message):
+    """A rollout's shadow figures: every mirrored call of its candidate compared with stable's,
+    since the rollout started.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_VERSION_ID_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    TOOL_AGREEMENT_FIELD_NUMBER: _builtins.int
+    SIMILARITY_MEAN_FIELD_NUMBER: _builtins.int
+    SIMILARITY_P10_FIELD_NUMBER: _builtins.int
+    SIMILARITY_P50_FIELD_NUMBER: _builtins.int
+    JUDGED_FIELD_NUMBER: _builtins.int
+    JUDGE_SCORE_FIELD_NUMBER: _builtins.int
+    STABLE_JUDGE_SCORE_FIELD_NUMBER: _builtins.int
+    PREFER_CANDIDATE_FIELD_NUMBER: _builtins.int
+    PREFER_STABLE_FIELD_NUMBER: _builtins.int
+    PREFER_TIE_FIELD_NUMBER: _builtins.int
+    JUDGE_UNPARSED_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    STABLE_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    LATENCY_DELTA_MS_FIELD_NUMBER: _builtins.int
+    COST_DELTA_USD_FIELD_NUMBER: _builtins.int
+    INTERCEPTED_WRITES_FIELD_NUMBER: _builtins.int
+    JUDGE_COST_USD_FIELD_NUMBER: _builtins.int
+    TOKENS_DELTA_FIELD_NUMBER: _builtins.int
+    candidate_version_id: _builtins.str
+    pairs: _builtins.int
+    """mirrored calls compared"""
+    tool_agreement: _builtins.float
+    """share of pairs whose tool decisions agree"""
+    similarity_mean: _builtins.float
+    """text similarity, in [0, 1]"""
+    similarity_p10: _builtins.float
+    similarity_p50: _builtins.float
+    judged: _builtins.int
+    """pairs the judge scored (parsed)"""
+    judge_score: _builtins.float
+    """the candidate's mean judge score"""
+    stable_judge_score: _builtins.float
+    prefer_candidate: _builtins.float
+    """shares of judged pairs"""
+    prefer_stable: _builtins.float
+    prefer_tie: _builtins.float
+    judge_unparsed: _builtins.int
+    """judge answers that could not be parsed (counted, not scored)"""
+    error_rate: _builtins.float
+    """the candidate's mirrored calls"""
+    stable_error_rate: _builtins.float
+    latency_delta_ms: _builtins.float
+    """median candidate - stable"""
+    cost_delta_usd: _builtins.float
+    """mean per call, candidate - stable"""
+    intercepted_writes: _builtins.int
+    """write tools of shadow sessions not run"""
+    judge_cost_usd: _builtins.float
+    tokens_delta: _builtins.float
+    """mean per call, candidate - stable (input + output)"""
+    def __init__(
+        self,
+        *,
+        candidate_version_id: _builtins.str = ...,
+        pairs: _builtins.int = ...,
+        tool_agreement: _builtins.float = ...,
+        similarity_mean: _builtins.float = ...,
+        similarity_p10: _builtins.float = ...,
+        similarity_p50: _builtins.float = ...,
+        judged: _builtins.int = ...,
+        judge_score: _builtins.float = ...,
+        stable_judge_score: _builtins.float = ...,
+        prefer_candidate: _builtins.float = ...,
+        prefer_stable: _builtins.float = ...,
+        prefer_tie: _builtins.float = ...,
+        judge_unparsed: _builtins.int = ...,
+        error_rate: _builtins.float = ...,
+        stable_error_rate: _builtins.float = ...,
+        latency_delta_ms: _builtins.float = ...,
+        cost_delta_usd: _builtins.float = ...,
+        intercepted_writes: _builtins.int = ...,
+        judge_cost_usd: _builtins.float = ...,
+        tokens_delta: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_version_id", b"candidate_version_id", "cost_delta_usd", b"cost_delta_usd", "error_rate", b"error_rate", "intercepted_writes", b"intercepted_writes", "judge_cost_usd", b"judge_cost_usd", "judge_score", b"judge_score", "judge_unparsed", b"judge_unparsed", "judged", b"judged", "latency_delta_ms", b"latency_delta_ms", "pairs", b"pairs", "prefer_candidate", b"prefer_candidate", "prefer_stable", b"prefer_stable", "prefer_tie", b"prefer_tie", "similarity_mean", b"similarity_mean", "similarity_p10", b"similarity_p10", "similarity_p50", b"similarity_p50", "stable_error_rate", b"stable_error_rate", "stable_judge_score", b"stable_judge_score", "tokens_delta", b"tokens_delta", "tool_agreement", b"tool_agreement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowSummary: _TypeAlias = ShadowSummary  # noqa: Y015
 
 @_typing.final
 class StageRecord(_message.Message):
@@ -290,6 +390,7 @@ class RolloutStatus(_message.Message):
     FIGURE_WINDOWS_S_FIELD_NUMBER: _builtins.int
     EVENTS_MISSING_FIELD_NUMBER: _builtins.int
     COLLECTOR_REPLICA_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     spec_yaml: _builtins.str
     now_unix_nano: _builtins.int
     """the collector's clock when it answered (for the figures' windows)"""
@@ -315,6 +416,10 @@ class RolloutStatus(_message.Message):
         0: since the rollout started (every gate tests the evidence of the whole rollout)
         """
 
+    @_builtins.property
+    def shadow(self) -> Global___ShadowSummary:
+        """set once the rollout has a shadow phase"""
+
     def __init__(
         self,
         *,
@@ -327,10 +432,11 @@ class RolloutStatus(_message.Message):
         figure_windows_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         events_missing: _builtins.int = ...,
         collector_replica: _builtins.str = ...,
+        shadow: Global___ShadowSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_replica", b"collector_replica", "events_missing", b"events_missing", "figure_windows_s", b"figure_windows_s", "metrics", b"metrics", "now_unix_nano", b"now_unix_nano", "spec_yaml", b"spec_yaml", "state", b"state", "timeline", b"timeline", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_replica", b"collector_replica", "events_missing", b"events_missing", "figure_windows_s", b"figure_windows_s", "metrics", b"metrics", "now_unix_nano", b"now_unix_nano", "shadow", b"shadow", "spec_yaml", b"spec_yaml", "state", b"state", "timeline", b"timeline", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,6 +39,10 @@ class _RolloutPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutP
     """frozen at `candidate_weight` until an operator resumes or aborts"""
     ROLLOUT_PHASE_NO_DATA: _RolloutPhase.ValueType  # 6
     """a stage passed its max_duration without its evidence: held, alerting"""
+    ROLLOUT_PHASE_SHADOW: _RolloutPhase.ValueType  # 7
+    """the candidate serves no user: `shadow_sample` of stable sessions' calls are mirrored to it in
+    the background and compared; shadow gates passing opens the first canary step
+    """
 
 class RolloutPhase(_RolloutPhase, metaclass=_RolloutPhaseEnumTypeWrapper): ...
 
@@ -55,6 +59,10 @@ ROLLOUT_PHASE_HOLD: RolloutPhase.ValueType  # 5
 """frozen at `candidate_weight` until an operator resumes or aborts"""
 ROLLOUT_PHASE_NO_DATA: RolloutPhase.ValueType  # 6
 """a stage passed its max_duration without its evidence: held, alerting"""
+ROLLOUT_PHASE_SHADOW: RolloutPhase.ValueType  # 7
+"""the candidate serves no user: `shadow_sample` of stable sessions' calls are mirrored to it in
+the background and compared; shadow gates passing opens the first canary step
+"""
 Global___RolloutPhase: _TypeAlias = RolloutPhase  # noqa: Y015
 
 @_typing.final
@@ -175,6 +183,7 @@ class RolloutState(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     RETIRED_FIELD_NUMBER: _builtins.int
     DRAIN_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    SHADOW_SAMPLE_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     generation: _builtins.int
     rollout_id: _builtins.str
@@ -203,6 +212,10 @@ class RolloutState(_message.Message):
     """
     drain_timeout_s: _builtins.float
     """this rollout's drain timeout (spec drain_timeout)"""
+    shadow_sample: _builtins.float
+    """SHADOW: the share of stable sessions' Chat and ChatStream calls mirrored to the candidate,
+    in [0, 1]; also whether whole-trajectory shadow sessions (`shadow_of`) may open
+    """
     @_builtins.property
     def gate_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateResult]: ...
     @_builtins.property
@@ -236,10 +249,11 @@ class RolloutState(_message.Message):
         epoch: _builtins.int = ...,
         retired: _abc.Iterable[Global___RetiredVersion] | None = ...,
         drain_timeout_s: _builtins.float = ...,
+        shadow_sample: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "alpha", b"alpha", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "decided_at_unix_nano", b"decided_at_unix_nano", "decided_by", b"decided_by", "drain_timeout_s", b"drain_timeout_s", "epoch", b"epoch", "gate_results", b"gate_results", "generation", b"generation", "phase", b"phase", "reason", b"reason", "release", b"release", "retired", b"retired", "rollout_id", b"rollout_id", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "started_at_unix_nano", b"started_at_unix_nano", "step_count", b"step_count", "step_index", b"step_index", "step_started_at_unix_nano", b"step_started_at_unix_nano", "sticky_by", b"sticky_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "alpha", b"alpha", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "decided_at_unix_nano", b"decided_at_unix_nano", "decided_by", b"decided_by", "drain_timeout_s", b"drain_timeout_s", "epoch", b"epoch", "gate_results", b"gate_results", "generation", b"generation", "phase", b"phase", "reason", b"reason", "release", b"release", "retired", b"retired", "rollout_id", b"rollout_id", "shadow_sample", b"shadow_sample", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "started_at_unix_nano", b"started_at_unix_nano", "step_count", b"step_count", "step_index", b"step_index", "step_started_at_unix_nano", b"step_started_at_unix_nano", "sticky_by", b"sticky_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

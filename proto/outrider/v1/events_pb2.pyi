@@ -63,6 +63,8 @@ class Event(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     DRAINED_FIELD_NUMBER: _builtins.int
     VERSIONS_REPORT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    JUDGE_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     time_unix_nano: _builtins.int
@@ -96,6 +98,10 @@ class Event(_message.Message):
     def drained(self) -> Global___VersionDrained: ...
     @_builtins.property
     def versions_report(self) -> _registry_pb2.VersionsReport: ...
+    @_builtins.property
+    def shadow(self) -> Global___ShadowRecord: ...
+    @_builtins.property
+    def judge(self) -> Global___JudgeRecord: ...
     def __init__(
         self,
         *,
@@ -116,13 +122,15 @@ class Event(_message.Message):
         usage: Global___UsageReport | None = ...,
         drained: Global___VersionDrained | None = ...,
         versions_report: _registry_pb2.VersionsReport | None = ...,
+        shadow: Global___ShadowRecord | None = ...,
+        judge: Global___JudgeRecord | None = ...,
         sequence: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "feedback", b"feedback", "safety", b"safety", "tool", b"tool", "usage", b"usage", "versions_report", b"versions_report"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "feedback", b"feedback", "judge", b"judge", "safety", b"safety", "shadow", b"shadow", "tool", b"tool", "usage", b"usage", "versions_report", b"versions_report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "event_id", b"event_id", "feedback", b"feedback", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "sequence", b"sequence", "session_id", b"session_id", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id", "versions_report", b"versions_report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "event_id", b"event_id", "feedback", b"feedback", "judge", b"judge", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "sequence", b"sequence", "session_id", b"session_id", "shadow", b"shadow", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id", "versions_report", b"versions_report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage", "drained", "versions_report"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage", "drained", "versions_report", "shadow", "judge"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -218,6 +226,9 @@ class ToolRecord(_message.Message):
     STATUS_CODE_FIELD_NUMBER: _builtins.int
     INTERCEPTED_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_SHA256_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    SIDE_EFFECTS_FIELD_NUMBER: _builtins.int
     tool_name: _builtins.str
     latency_ms: _builtins.float
     outcome: Global___Outcome.ValueType
@@ -225,6 +236,13 @@ class ToolRecord(_message.Message):
     status_code: _builtins.int
     intercepted: _builtins.bool
     attempts: _builtins.int
+    arguments_sha256: _builtins.str
+    """the intended action of a call (recorded for intercepted writes): a canonical hash of the
+    arguments, and the arguments themselves only when content capture is opted in
+    """
+    arguments_json: _builtins.str
+    side_effects: _builtins.str
+    """"read" or "write" """
     def __init__(
         self,
         *,
@@ -235,14 +253,182 @@ class ToolRecord(_message.Message):
         status_code: _builtins.int = ...,
         intercepted: _builtins.bool = ...,
         attempts: _builtins.int = ...,
+        arguments_sha256: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+        side_effects: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error_class", b"error_class", "intercepted", b"intercepted", "latency_ms", b"latency_ms", "outcome", b"outcome", "status_code", b"status_code", "tool_name", b"tool_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "arguments_sha256", b"arguments_sha256", "attempts", b"attempts", "error_class", b"error_class", "intercepted", b"intercepted", "latency_ms", b"latency_ms", "outcome", b"outcome", "side_effects", b"side_effects", "status_code", b"status_code", "tool_name", b"tool_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ToolRecord: _TypeAlias = ToolRecord  # noqa: Y015
+
+@_typing.final
+class ShadowRecord(_message.Message):
+    """One mirrored call of a stable session, answered by the candidate in the background and
+    compared with stable's answer. The event's version_id is the candidate's, its role SHADOW.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STABLE_VERSION_ID_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_CLASS_FIELD_NUMBER: _builtins.int
+    STABLE_OUTCOME_FIELD_NUMBER: _builtins.int
+    TOOLS_AGREE_FIELD_NUMBER: _builtins.int
+    DIFFERING_FIELDS_FIELD_NUMBER: _builtins.int
+    STABLE_TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    CANDIDATE_TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TEXT_SIMILARITY_FIELD_NUMBER: _builtins.int
+    SIMILARITY_MEASURE_FIELD_NUMBER: _builtins.int
+    EMBEDDING_SIMILARITY_FIELD_NUMBER: _builtins.int
+    HAS_EMBEDDING_SIMILARITY_FIELD_NUMBER: _builtins.int
+    DIVERGENT_FIELD_NUMBER: _builtins.int
+    STABLE_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    CANDIDATE_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    STABLE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    STABLE_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CANDIDATE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CANDIDATE_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    STABLE_COST_USD_FIELD_NUMBER: _builtins.int
+    CANDIDATE_COST_USD_FIELD_NUMBER: _builtins.int
+    PAIR_ID_FIELD_NUMBER: _builtins.int
+    stable_version_id: _builtins.str
+    operation: _builtins.str
+    """"chat" or "chat_stream" """
+    outcome: Global___Outcome.ValueType
+    """the candidate's call"""
+    error_class: _builtins.str
+    stable_outcome: Global___Outcome.ValueType
+    tools_agree: _builtins.bool
+    """tool decisions: the same tools in the same order, arguments equal after canonical JSON"""
+    stable_tool_calls: _builtins.int
+    candidate_tool_calls: _builtins.int
+    text_similarity: _builtins.float
+    """in [0, 1]"""
+    similarity_measure: _builtins.str
+    """e.g. "token_set_ratio", "embedding_cosine" """
+    embedding_similarity: _builtins.float
+    """in [-1, 1]; with has_embedding_similarity"""
+    has_embedding_similarity: _builtins.bool
+    divergent: _builtins.bool
+    """the measures flagged it: the judge always scores it"""
+    stable_latency_ms: _builtins.float
+    candidate_latency_ms: _builtins.float
+    stable_input_tokens: _builtins.int
+    stable_output_tokens: _builtins.int
+    candidate_input_tokens: _builtins.int
+    candidate_output_tokens: _builtins.int
+    stable_cost_usd: _builtins.float
+    candidate_cost_usd: _builtins.float
+    pair_id: _builtins.str
+    """a JudgeRecord of this pair carries the same id"""
+    @_builtins.property
+    def differing_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """e.g. "tool_calls[0].name", "tool_calls[1].arguments.order_id" """
+
+    def __init__(
+        self,
+        *,
+        stable_version_id: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        outcome: Global___Outcome.ValueType = ...,
+        error_class: _builtins.str = ...,
+        stable_outcome: Global___Outcome.ValueType = ...,
+        tools_agree: _builtins.bool = ...,
+        differing_fields: _abc.Iterable[_builtins.str] | None = ...,
+        stable_tool_calls: _builtins.int = ...,
+        candidate_tool_calls: _builtins.int = ...,
+        text_similarity: _builtins.float = ...,
+        similarity_measure: _builtins.str = ...,
+        embedding_similarity: _builtins.float = ...,
+        has_embedding_similarity: _builtins.bool = ...,
+        divergent: _builtins.bool = ...,
+        stable_latency_ms: _builtins.float = ...,
+        candidate_latency_ms: _builtins.float = ...,
+        stable_input_tokens: _builtins.int = ...,
+        stable_output_tokens: _builtins.int = ...,
+        candidate_input_tokens: _builtins.int = ...,
+        candidate_output_tokens: _builtins.int = ...,
+        stable_cost_usd: _builtins.float = ...,
+        candidate_cost_usd: _builtins.float = ...,
+        pair_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_cost_usd", b"candidate_cost_usd", "candidate_input_tokens", b"candidate_input_tokens", "candidate_latency_ms", b"candidate_latency_ms", "candidate_output_tokens", b"candidate_output_tokens", "candidate_tool_calls", b"candidate_tool_calls", "differing_fields", b"differing_fields", "divergent", b"divergent", "embedding_similarity", b"embedding_similarity", "error_class", b"error_class", "has_embedding_similarity", b"has_embedding_similarity", "operation", b"operation", "outcome", b"outcome", "pair_id", b"pair_id", "similarity_measure", b"similarity_measure", "stable_cost_usd", b"stable_cost_usd", "stable_input_tokens", b"stable_input_tokens", "stable_latency_ms", b"stable_latency_ms", "stable_outcome", b"stable_outcome", "stable_output_tokens", b"stable_output_tokens", "stable_tool_calls", b"stable_tool_calls", "stable_version_id", b"stable_version_id", "text_similarity", b"text_similarity", "tools_agree", b"tools_agree"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowRecord: _TypeAlias = ShadowRecord  # noqa: Y015
+
+@_typing.final
+class JudgeRecord(_message.Message):
+    """A judge's verdict. "pair": a mirrored pair, shown blind in random order; `score` is the
+    candidate's, `stable_score` stable's. "single": continuous evaluation of one production
+    answer of the event's version and role. The event's version_id is the judged version's.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    JUDGE_FIELD_NUMBER: _builtins.int
+    PARSED_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    STABLE_SCORE_FIELD_NUMBER: _builtins.int
+    PREFERENCE_FIELD_NUMBER: _builtins.int
+    PAIR_ID_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_CLASS_FIELD_NUMBER: _builtins.int
+    DIVERGENT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"pair" or "single" """
+    judge: _builtins.str
+    """"<provider>/<model>" """
+    parsed: _builtins.bool
+    """false: the judge's answer could not be parsed, and nothing is guessed"""
+    score: _builtins.float
+    """in [0, 1]"""
+    stable_score: _builtins.float
+    preference: _builtins.str
+    """pair: "candidate", "stable" or "tie" """
+    pair_id: _builtins.str
+    cost_usd: _builtins.float
+    """the judge call's cost, counted apart from the agent's"""
+    latency_ms: _builtins.float
+    outcome: Global___Outcome.ValueType
+    """the judge call itself"""
+    error_class: _builtins.str
+    divergent: _builtins.bool
+    """scored because the measures flagged the pair (not by sampling)"""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        judge: _builtins.str = ...,
+        parsed: _builtins.bool = ...,
+        score: _builtins.float = ...,
+        stable_score: _builtins.float = ...,
+        preference: _builtins.str = ...,
+        pair_id: _builtins.str = ...,
+        cost_usd: _builtins.float = ...,
+        latency_ms: _builtins.float = ...,
+        outcome: Global___Outcome.ValueType = ...,
+        error_class: _builtins.str = ...,
+        divergent: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "divergent", b"divergent", "error_class", b"error_class", "judge", b"judge", "kind", b"kind", "latency_ms", b"latency_ms", "outcome", b"outcome", "pair_id", b"pair_id", "parsed", b"parsed", "preference", b"preference", "score", b"score", "stable_score", b"stable_score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JudgeRecord: _TypeAlias = JudgeRecord  # noqa: Y015
 
 @_typing.final
 class FeedbackRecord(_message.Message):

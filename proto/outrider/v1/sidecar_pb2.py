@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from outrider.v1 import common_pb2 as outrider_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19outrider/v1/sidecar.proto\x12\x0boutrider.v1\x1a\x18outrider/v1/common.proto\"G\n\x12OpenSessionRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"\x90\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.outrider.v1.Role\x12\x1c\n\x14\x65xpires_at_unix_nano\x18\x04 \x01(\x03\x12\x12\n\nrollout_id\x18\x05 \x01(\t\"_\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.outrider.v1.ChatMessage\x12\x10\n\x08priority\x18\x03 \x01(\x08\"\xc6\x02\n\x0c\x43hatResponse\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.outrider.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.outrider.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x04 \x01(\x01\x12\x12\n\nversion_id\x18\x05 \x01(\t\x12\x1f\n\x04role\x18\x06 \x01(\x0e\x32\x11.outrider.v1.Role\x12\x11\n\tserved_by\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x13\n\x0bresponse_id\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x15\n\rfallback_tier\x18\x0b \x01(\x05\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x18\n\x10session_cost_usd\x18\r \x01(\x01\"w\n\tChatChunk\x12\x15\n\rcontent_delta\x18\x01 \x01(\t\x12)\n\ntool_calls\x18\x02 \x03(\x0b\x32\x15.outrider.v1.ToolCall\x12(\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.outrider.v1.ChatResponse\"a\n\x0f\x43\x61llToolRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\"\x8b\x01\n\x10\x43\x61llToolResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12\x13\n\x0bstatus_code\x18\x02 \x01(\x05\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x13\n\x0bintercepted\x18\x04 \x01(\x08\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\"]\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.outrider.v1.FeedbackKind\x12\r\n\x05score\x18\x03 \x01(\x01\"\x12\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\";\n\x11GetVersionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\"\x8a\x01\n\x08ToolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\x12\x14\n\x0cside_effects\x18\x04 \x01(\t\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x12\n\nidempotent\x18\x06 \x01(\x08\"\x9a\x02\n\x0bVersionInfo\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rsystem_prompt\x18\x06 \x01(\t\x12\x45\n\x0fparameters_json\x18\x07 \x03(\x0b\x32,.outrider.v1.VersionInfo.ParametersJsonEntry\x12$\n\x05tools\x18\x08 \x03(\x0b\x32\x15.outrider.v1.ToolInfo\x1a\x35\n\x13ParametersJsonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xc2\x01\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_KIND_THUMBS_UP\x10\x01\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_THUMBS_DOWN\x10\x02\x12\x1e\n\x1a\x46\x45\x45\x44\x42\x41\x43K_KIND_TASK_SUCCESS\x10\x03\x12\x1e\n\x1a\x46\x45\x45\x44\x42\x41\x43K_KIND_TASK_FAILURE\x10\x04\x12\x17\n\x13\x46\x45\x45\x44\x42\x41\x43K_KIND_SCORE\x10\x05\x32\xb4\x03\n\x07Sidecar\x12P\n\x0bOpenSession\x12\x1f.outrider.v1.OpenSessionRequest\x1a .outrider.v1.OpenSessionResponse\x12;\n\x04\x43hat\x12\x18.outrider.v1.ChatRequest\x1a\x19.outrider.v1.ChatResponse\x12@\n\nChatStream\x12\x18.outrider.v1.ChatRequest\x1a\x16.outrider.v1.ChatChunk0\x01\x12G\n\x08\x43\x61llTool\x12\x1c.outrider.v1.CallToolRequest\x1a\x1d.outrider.v1.CallToolResponse\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.outrider.v1.FeedbackRequest\x1a\x1d.outrider.v1.FeedbackResponse\x12\x46\n\nGetVersion\x12\x1e.outrider.v1.GetVersionRequest\x1a\x18.outrider.v1.VersionInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19outrider/v1/sidecar.proto\x12\x0boutrider.v1\x1a\x18outrider/v1/common.proto\"Z\n\x12OpenSessionRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x11\n\tshadow_of\x18\x04 \x01(\t\"\x90\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.outrider.v1.Role\x12\x1c\n\x14\x65xpires_at_unix_nano\x18\x04 \x01(\x03\x12\x12\n\nrollout_id\x18\x05 \x01(\t\"_\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.outrider.v1.ChatMessage\x12\x10\n\x08priority\x18\x03 \x01(\x08\"\xc6\x02\n\x0c\x43hatResponse\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.outrider.v1.ChatMessage\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.outrider.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x04 \x01(\x01\x12\x12\n\nversion_id\x18\x05 \x01(\t\x12\x1f\n\x04role\x18\x06 \x01(\x0e\x32\x11.outrider.v1.Role\x12\x11\n\tserved_by\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x13\n\x0bresponse_id\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x15\n\rfallback_tier\x18\x0b \x01(\x05\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x18\n\x10session_cost_usd\x18\r \x01(\x01\"w\n\tChatChunk\x12\x15\n\rcontent_delta\x18\x01 \x01(\t\x12)\n\ntool_calls\x18\x02 \x03(\x0b\x32\x15.outrider.v1.ToolCall\x12(\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.outrider.v1.ChatResponse\"a\n\x0f\x43\x61llToolRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\"\x8b\x01\n\x10\x43\x61llToolResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12\x13\n\x0bstatus_code\x18\x02 \x01(\x05\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x13\n\x0bintercepted\x18\x04 \x01(\x08\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\"]\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.outrider.v1.FeedbackKind\x12\r\n\x05score\x18\x03 \x01(\x01\"\x12\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\";\n\x11GetVersionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\"\x8a\x01\n\x08ToolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\x12\x14\n\x0cside_effects\x18\x04 \x01(\t\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x12\n\nidempotent\x18\x06 \x01(\x08\"\x9a\x02\n\x0bVersionInfo\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rsystem_prompt\x18\x06 \x01(\t\x12\x45\n\x0fparameters_json\x18\x07 \x03(\x0b\x32,.outrider.v1.VersionInfo.ParametersJsonEntry\x12$\n\x05tools\x18\x08 \x03(\x0b\x32\x15.outrider.v1.ToolInfo\x1a\x35\n\x13ParametersJsonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xc2\x01\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_KIND_THUMBS_UP\x10\x01\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_THUMBS_DOWN\x10\x02\x12\x1e\n\x1a\x46\x45\x45\x44\x42\x41\x43K_KIND_TASK_SUCCESS\x10\x03\x12\x1e\n\x1a\x46\x45\x45\x44\x42\x41\x43K_KIND_TASK_FAILURE\x10\x04\x12\x17\n\x13\x46\x45\x45\x44\x42\x41\x43K_KIND_SCORE\x10\x05\x32\xb4\x03\n\x07Sidecar\x12P\n\x0bOpenSession\x12\x1f.outrider.v1.OpenSessionRequest\x1a .outrider.v1.OpenSessionResponse\x12;\n\x04\x43hat\x12\x18.outrider.v1.ChatRequest\x1a\x19.outrider.v1.ChatResponse\x12@\n\nChatStream\x12\x18.outrider.v1.ChatRequest\x1a\x16.outrider.v1.ChatChunk0\x01\x12G\n\x08\x43\x61llTool\x12\x1c.outrider.v1.CallToolRequest\x1a\x1d.outrider.v1.CallToolResponse\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.outrider.v1.FeedbackRequest\x1a\x1d.outrider.v1.FeedbackResponse\x12\x46\n\nGetVersion\x12\x1e.outrider.v1.GetVersionRequest\x1a\x18.outrider.v1.VersionInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERSIONINFO_PARAMETERSJSONENTRY']._loaded_options = None
   _globals['_VERSIONINFO_PARAMETERSJSONENTRY']._serialized_options = b'8\001'
-  _globals['_FEEDBACKKIND']._serialized_start=1679
-  _globals['_FEEDBACKKIND']._serialized_end=1873
+  _globals['_FEEDBACKKIND']._serialized_start=1698
+  _globals['_FEEDBACKKIND']._serialized_end=1892
   _globals['_OPENSESSIONREQUEST']._serialized_start=68
-  _globals['_OPENSESSIONREQUEST']._serialized_end=139
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=142
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=286
-  _globals['_CHATREQUEST']._serialized_start=288
-  _globals['_CHATREQUEST']._serialized_end=383
-  _globals['_CHATRESPONSE']._serialized_start=386
-  _globals['_CHATRESPONSE']._serialized_end=712
-  _globals['_CHATCHUNK']._serialized_start=714
-  _globals['_CHATCHUNK']._serialized_end=833
-  _globals['_CALLTOOLREQUEST']._serialized_start=835
-  _globals['_CALLTOOLREQUEST']._serialized_end=932
-  _globals['_CALLTOOLRESPONSE']._serialized_start=935
-  _globals['_CALLTOOLRESPONSE']._serialized_end=1074
-  _globals['_FEEDBACKREQUEST']._serialized_start=1076
-  _globals['_FEEDBACKREQUEST']._serialized_end=1169
-  _globals['_FEEDBACKRESPONSE']._serialized_start=1171
-  _globals['_FEEDBACKRESPONSE']._serialized_end=1189
-  _globals['_GETVERSIONREQUEST']._serialized_start=1191
-  _globals['_GETVERSIONREQUEST']._serialized_end=1250
-  _globals['_TOOLINFO']._serialized_start=1253
-  _globals['_TOOLINFO']._serialized_end=1391
-  _globals['_VERSIONINFO']._serialized_start=1394
-  _globals['_VERSIONINFO']._serialized_end=1676
-  _globals['_VERSIONINFO_PARAMETERSJSONENTRY']._serialized_start=1623
-  _globals['_VERSIONINFO_PARAMETERSJSONENTRY']._serialized_end=1676
-  _globals['_SIDECAR']._serialized_start=1876
-  _globals['_SIDECAR']._serialized_end=2312
+  _globals['_OPENSESSIONREQUEST']._serialized_end=158
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=161
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=305
+  _globals['_CHATREQUEST']._serialized_start=307
+  _globals['_CHATREQUEST']._serialized_end=402
+  _globals['_CHATRESPONSE']._serialized_start=405
+  _globals['_CHATRESPONSE']._serialized_end=731
+  _globals['_CHATCHUNK']._serialized_start=733
+  _globals['_CHATCHUNK']._serialized_end=852
+  _globals['_CALLTOOLREQUEST']._serialized_start=854
+  _globals['_CALLTOOLREQUEST']._serialized_end=951
+  _globals['_CALLTOOLRESPONSE']._serialized_start=954
+  _globals['_CALLTOOLRESPONSE']._serialized_end=1093
+  _globals['_FEEDBACKREQUEST']._serialized_start=1095
+  _globals['_FEEDBACKREQUEST']._serialized_end=1188
+  _globals['_FEEDBACKRESPONSE']._serialized_start=1190
+  _globals['_FEEDBACKRESPONSE']._serialized_end=1208
+  _globals['_GETVERSIONREQUEST']._serialized_start=1210
+  _globals['_GETVERSIONREQUEST']._serialized_end=1269
+  _globals['_TOOLINFO']._serialized_start=1272
+  _globals['_TOOLINFO']._serialized_end=1410
+  _globals['_VERSIONINFO']._serialized_start=1413
+  _globals['_VERSIONINFO']._serialized_end=1695
+  _globals['_VERSIONINFO_PARAMETERSJSONENTRY']._serialized_start=1642
+  _globals['_VERSIONINFO_PARAMETERSJSONENTRY']._serialized_end=1695
+  _globals['_SIDECAR']._serialized_start=1895
+  _globals['_SIDECAR']._serialized_end=2331
 # @@protoc_insertion_point(module_scope)

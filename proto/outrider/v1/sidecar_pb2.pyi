@@ -50,20 +50,27 @@ class OpenSessionRequest(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
+    SHADOW_OF_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """empty: the sidecar's only agent"""
     user_id: _builtins.str
     tenant_id: _builtins.str
+    shadow_of: _builtins.str
+    """A whole-trajectory shadow session: pinned to the running rollout's candidate in role
+    SHADOW, for the same task as session `shadow_of` (of the same agent). Its write tools are
+    intercepted: not run, answered `intercepted: true`, the intended action recorded.
+    """
     def __init__(
         self,
         *,
         agent: _builtins.str = ...,
         user_id: _builtins.str = ...,
         tenant_id: _builtins.str = ...,
+        shadow_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "shadow_of", b"shadow_of", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
