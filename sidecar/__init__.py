@@ -4,16 +4,16 @@ upstream clients and the telemetry producer. `outrider sidecar --config FILE` ru
 from outrider.clock import Clock, ManualClock, SystemClock
 from sidecar._app import Sidecar, SidecarError, run
 from sidecar._config import ConfigError, SidecarConfig, ToolConfig, VersionConfig, load_config, parse_duration
-from sidecar._exceptions import (
+from sidecar._version_file import VersionFile, load_version_file, parse_version_file
+from sidecar.routing._router import Assignment, Router
+from sidecar.routing._session import Session, SessionCodec, SessionError, SessionExpired, UnknownSession
+from sidecar.upstream._exceptions import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamInvalidResponse,
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from sidecar._router import Assignment, Router
-from sidecar._session import Session, SessionCodec, SessionError, SessionExpired, UnknownSession
-from sidecar._version_file import VersionFile, load_version_file, parse_version_file
 
 __all__ = [
     "VersionFile",

@@ -24,25 +24,25 @@ import outrider
 from outrider.clock import Clock, SystemClock
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._config import SidecarConfig
-from sidecar._control import ControlTailer
-from sidecar._drain import DrainTracker
-from sidecar._global_quota import GlobalQuotas
-from sidecar._metrics import MetricsServer, SidecarMetrics
 from sidecar._policies import Safety, UserQuotas
-from sidecar._provider import ProviderClient
-from sidecar._registry import VersionRegistry, registry_state_path
-from sidecar._resilience import Executor
-from sidecar._router import Router
-from sidecar._semconv import capture_content_enabled
 from sidecar._server import SidecarService
-from sidecar._session import SessionCodec
-from sidecar._span_export import build_tracer_provider
-from sidecar._span_queue import SpanQueueProcessor
-from sidecar._telemetry import TelemetryProducer
-from sidecar._tools import ToolClient
-from sidecar._tracing import Tracing
-from sidecar._upstreams import Upstreams
-from sidecar._versions import build_versions
+from sidecar.resilience._executor import Executor
+from sidecar.resilience._global_quota import GlobalQuotas
+from sidecar.resilience._upstreams import Upstreams
+from sidecar.routing._control import ControlTailer
+from sidecar.routing._drain import DrainTracker
+from sidecar.routing._registry import VersionRegistry, registry_state_path
+from sidecar.routing._router import Router
+from sidecar.routing._session import SessionCodec
+from sidecar.routing._versions import build_versions
+from sidecar.telemetry._metrics import MetricsServer, SidecarMetrics
+from sidecar.telemetry._producer import TelemetryProducer
+from sidecar.telemetry._semconv import capture_content_enabled
+from sidecar.telemetry._span_queue import SpanQueueProcessor
+from sidecar.telemetry._span_records import build_tracer_provider
+from sidecar.telemetry._tracing import Tracing
+from sidecar.upstream._provider import ProviderClient
+from sidecar.upstream._tools import ToolClient
 
 log = logging.getLogger(__name__)
 

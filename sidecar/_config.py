@@ -265,7 +265,7 @@ class VersionConfig(_Frozen):
     @field_validator("guards")
     @classmethod
     def _guards(cls, value: list[dict[str, Any]] | dict[str, Any] | None) -> Any:
-        from sidecar._guards import GuardConfigError, build_policy
+        from sidecar.guards import GuardConfigError, build_policy
 
         try:
             build_policy(value, field="")

@@ -22,13 +22,13 @@ from grpc_status import rpc_status
 
 from outrider.clock import Clock
 from outrider.v1 import common_pb2, events_pb2
-from sidecar._buckets import KeyedLimiter
 from sidecar._config import QuotaLimits
-from sidecar._cost import SessionCostTracker
-from sidecar._guards import GuardPolicy, Hit
-from sidecar._metrics import SidecarMetrics
-from sidecar._session import Session
-from sidecar._telemetry import TelemetryProducer
+from sidecar.guards import GuardPolicy, Hit
+from sidecar.resilience._buckets import KeyedLimiter
+from sidecar.routing._session import Session
+from sidecar.telemetry._metrics import SidecarMetrics
+from sidecar.telemetry._producer import TelemetryProducer
+from sidecar.upstream._cost import SessionCostTracker
 
 MAX_RETRY_AFTER_S = 3600.0
 

@@ -9,7 +9,7 @@ field), calls the upstream and maps `UpstreamError` to a status:
     other, not retriable           -> INTERNAL
 
 Sessions that are expired or drained (their version retired by a rollback or abort, past
-its drain deadline: see sidecar._drain) get FAILED_PRECONDITION with an ErrorInfo reason,
+its drain deadline: see sidecar.routing._drain) get FAILED_PRECONDITION with an ErrorInfo reason,
 SESSION_EXPIRED or SESSION_DRAINED. Feedback still counts on them: it is late evidence.
 
 Every Chat, ChatStream, CallTool and Feedback that gets past validation emits exactly one
@@ -35,18 +35,18 @@ import grpc
 from outrider import SESSION_DRAINED, SESSION_EXPIRED
 from outrider.clock import Clock
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2, sidecar_pb2_grpc
-from sidecar._drain import DrainTracker, drained_status, precondition_status
-from sidecar._exceptions import UpstreamError
-from sidecar._guards import Hit, StreamRedactor
-from sidecar._metrics import SidecarMetrics
 from sidecar._policies import Refusal, Safety, UserQuotas, UserTicket
-from sidecar._provider import ChatResult
-from sidecar._resilience import ChatFailed, Executor, Served, estimate_tokens, upstream_status
-from sidecar._router import Router
-from sidecar._session import Session, SessionCodec, SessionExpired, UnknownSession, new_nonce
-from sidecar._telemetry import TelemetryProducer
-from sidecar._tracing import ChatSpan, Tracing
-from sidecar._versions import SERVED_BY_PRIMARY, Version
+from sidecar.guards import Hit, StreamRedactor
+from sidecar.resilience._executor import ChatFailed, Executor, Served, estimate_tokens, upstream_status
+from sidecar.routing._drain import DrainTracker, drained_status, precondition_status
+from sidecar.routing._router import Router
+from sidecar.routing._session import Session, SessionCodec, SessionExpired, UnknownSession, new_nonce
+from sidecar.routing._versions import SERVED_BY_PRIMARY, Version
+from sidecar.telemetry._metrics import SidecarMetrics
+from sidecar.telemetry._producer import TelemetryProducer
+from sidecar.telemetry._tracing import ChatSpan, Tracing
+from sidecar.upstream._exceptions import UpstreamError
+from sidecar.upstream._provider import ChatResult
 
 _ROLES = frozenset({"user", "assistant", "tool", "system"})
 _OK = events_pb2.OUTCOME_OK

@@ -24,8 +24,8 @@ from devstack.broker import free_port
 from devstack.simprovider import Fault, ModelBehavior, SimProvider
 from outrider.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import Sidecar
-from sidecar._breaker import BreakerState
 from sidecar._config import parse_config
+from sidecar.resilience._breaker import BreakerState
 
 USER = [common_pb2.ChatMessage(role="user", content="Where is my order?")]
 

@@ -24,8 +24,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 import outrider
 from collector._relay import SpanBatch, SpanRelay, decode_spans_record
 from devstack.broker import EmbeddedBroker
-from sidecar._span_export import KafkaSpanExporter, SpanRecord
-from sidecar._tracing import Tracing
+from sidecar.telemetry._span_records import KafkaSpanExporter, SpanRecord
+from sidecar.telemetry._tracing import Tracing
 
 pytestmark = pytest.mark.broker
 

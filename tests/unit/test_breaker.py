@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outrider.clock import ManualClock
-from sidecar._breaker import (
+from sidecar.resilience._breaker import (
     MAX_PENDING_TRANSITIONS,
     BreakerConfig,
     BreakerState,

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outrider.clock import ManualClock
-from sidecar._buckets import Admission, KeyedLimiter, TokenBucket
+from sidecar.resilience._buckets import Admission, KeyedLimiter, TokenBucket
 
 EPS = 1e-6
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from outrider.clock import ManualClock
-from sidecar._cost import (
+from sidecar.upstream._cost import (
     Price,
     PriceConfigError,
     PriceTable,

@@ -483,7 +483,7 @@ def test_signals_dashboard_uses_the_collectors_metric_set() -> None:
     served |= {n for n in METRICS if n.startswith(("outrider_collector_", "outrider_rollout_"))}
     # and the counters the collector and the sidecar register (issue 10's control-plane metrics)
     from collector._metrics import CollectorMetrics
-    from sidecar._metrics import SidecarMetrics
+    from sidecar.telemetry._metrics import SidecarMetrics
 
     for registry in (CollectorMetrics().registry, SidecarMetrics().registry):
         served |= {f"{m.name}_total" for m in registry.collect() if m.type == "counter"}

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar._guards import (
+from sidecar.guards import (
     BUILTIN_GUARDS,
     Action,
     CardGuard,
@@ -582,7 +582,7 @@ def test_adversarial_inputs_do_not_backtrack(text: str) -> None:
 
 
 def test_public_surface() -> None:
-    import sidecar._guards as guards
+    import sidecar.guards as guards
 
     expected = [
         "BUILTIN_GUARDS",

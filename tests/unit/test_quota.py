@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from collector._quota import LeaseAllocator, add_headroom, water_fill
 from outrider.clock import ManualClock
 from outrider.clock import ManualClock as CollectorClock
-from sidecar._quota import BoundedWaitQueue, GlobalQuota, Verdict
+from sidecar.resilience._quota import BoundedWaitQueue, GlobalQuota, Verdict
 
 EPS = 1e-6
 

@@ -21,7 +21,7 @@ from collector._spec import load_spec_text
 from devstack.cli import main
 from outrider.v1 import events_pb2, registry_pb2
 from sidecar import ConfigError, load_config, load_version_file, parse_version_file
-from sidecar._registry import registry_state_path
+from sidecar.routing._registry import registry_state_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGNER = outrider.SigningKey.generate()
@@ -189,7 +189,7 @@ def test_registry_state_sits_beside_the_control_state() -> None:
 
 def test_registry_pushed_versions_use_only_the_sidecars_key_sources() -> None:
     from sidecar._config import parse_config
-    from sidecar._registry import key_sources, resolve_keys
+    from sidecar.routing._registry import key_sources, resolve_keys
 
     base = document()["version"]
     config = parse_config(

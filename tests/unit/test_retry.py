@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tenacity import AsyncRetrying, RetryError, Retrying
 
-from sidecar._retry import (
+from sidecar.resilience._retry import (
     AttemptFailure,
     FailureKind,
     RetryBudget,

@@ -179,7 +179,7 @@ def test_secret_never_appears(tmp_path: Path) -> None:
     ]
     for text in rendered:
         assert SECRET not in text and "sess-k" not in text
-    from sidecar._versions import build_versions
+    from sidecar.routing._versions import build_versions
 
     versions = build_versions(config)
     assert all(SECRET not in repr(v) for v in versions.values())

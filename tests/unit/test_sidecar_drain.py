@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from outrider import SESSION_DRAINED, SESSION_EXPIRED
 from outrider.v1 import control_pb2, events_pb2
 from sidecar import ManualClock, Router, SessionCodec, SessionExpired
-from sidecar._drain import DEFAULT_ACTIVE_WINDOW_S, DrainTracker, drained_status, precondition_status
-from sidecar._metrics import SidecarMetrics
-from sidecar._session import Session
+from sidecar.routing._drain import DEFAULT_ACTIVE_WINDOW_S, DrainTracker, drained_status, precondition_status
+from sidecar.routing._session import Session
+from sidecar.telemetry._metrics import SidecarMetrics
 
 STABLE, CANDIDATE = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
 T0 = 1_700_000_000.0

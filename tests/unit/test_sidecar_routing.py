@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from outrider.v1 import common_pb2, control_pb2
 from sidecar import ManualClock, Router, SessionCodec, SessionExpired, UnknownSession
-from sidecar._router import sticky_fraction
-from sidecar._session import new_nonce
+from sidecar.routing._router import sticky_fraction
+from sidecar.routing._session import new_nonce
 
 STABLE, CANDIDATE, OTHER = "aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"
 KNOWN = (STABLE, CANDIDATE, OTHER)

@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar._exceptions import (
+from sidecar.upstream._exceptions import (
     UpstreamConnectError,
     UpstreamInvalidResponse,
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from sidecar._provider import StreamAssembler, StreamError, parse_completion
-from sidecar._sse import SSEDecoder, SSEError
+from sidecar.upstream._provider import StreamAssembler, StreamError, parse_completion
+from sidecar.upstream._sse import SSEDecoder, SSEError
 
 
 def chunk(delta: dict[str, object], finish: str | None = None, **extra: object) -> str:

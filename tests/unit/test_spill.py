@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from sidecar._spill import (
+from sidecar.telemetry._spill import (
     FRAME_HEADER_BYTES,
     SEGMENT_HEADER_BYTES,
     SpillBatch,
@@ -321,7 +321,7 @@ def test_writer_and_reader_threads_share_the_buffer(tmp_path: Path) -> None:
 
 _CHILD = """
 import sys
-from sidecar._spill import SpillBuffer, SpillRecord
+from sidecar.telemetry._spill import SpillBuffer, SpillRecord
 buf = SpillBuffer(sys.argv[1], segment_bytes=64 * 1024)
 buf.open()
 i = 0
@@ -449,7 +449,7 @@ TestSpillMachine = SpillMachine.TestCase
 
 
 def test_module_exports() -> None:
-    import sidecar._spill as mod
+    import sidecar.telemetry._spill as mod
 
     assert set(mod.__all__) >= {"SpillBuffer", "SpillRecord", "SpillBatch", "SpillStats", "SpillError"}
     assert all(hasattr(mod, name) for name in mod.__all__)

@@ -20,8 +20,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import outrider
 from outrider.v1 import common_pb2
-from sidecar import _semconv as sc
-from sidecar._span_export import (
+from sidecar.telemetry import _semconv as sc
+from sidecar.telemetry._span_records import (
     KafkaSpanExporter,
     LoopSink,
     SpanRecord,
@@ -29,7 +29,7 @@ from sidecar._span_export import (
     encode_span_records,
     trace_key,
 )
-from sidecar._tracing import Tracing
+from sidecar.telemetry._tracing import Tracing
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"

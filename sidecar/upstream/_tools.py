@@ -1,7 +1,7 @@
 """The tool client: `POST` the call's JSON arguments to the tool's HTTP endpoint.
 
 A 2xx answer's body (which must be JSON) is the result, returned as text; anything else is
-mapped into the `sidecar._exceptions` tree with kind "tool".
+mapped into the `sidecar.upstream._exceptions` tree with kind "tool".
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from sidecar._config import ToolConfig
-from sidecar._exceptions import UpstreamError, UpstreamInvalidResponse, UpstreamStatusError
-from sidecar._provider import RETRY_HEADERS, map_client_error
+from sidecar.upstream._exceptions import UpstreamError, UpstreamInvalidResponse, UpstreamStatusError
+from sidecar.upstream._provider import RETRY_HEADERS, map_client_error
 
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 

@@ -9,12 +9,12 @@ import uuid
 
 from outrider.clock import Clock
 from outrider.v1 import events_pb2
-from sidecar._breaker import BreakerConfig, BreakerState, CircuitBreaker
 from sidecar._config import BreakerSettings, RetryBudgetSettings
-from sidecar._metrics import SidecarMetrics
-from sidecar._retry import RetryBudget
-from sidecar._telemetry import TelemetryProducer
-from sidecar._versions import Tier
+from sidecar.resilience._breaker import BreakerConfig, BreakerState, CircuitBreaker
+from sidecar.resilience._retry import RetryBudget
+from sidecar.routing._versions import Tier
+from sidecar.telemetry._metrics import SidecarMetrics
+from sidecar.telemetry._producer import TelemetryProducer
 
 log = logging.getLogger(__name__)
 

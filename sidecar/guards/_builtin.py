@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
-from sidecar._guards_base import Category, Guard, GuardScan, Match, Pattern, RegexGuard
+from sidecar.guards._base import Category, Guard, GuardScan, Match, Pattern, RegexGuard
 
 _I = re.IGNORECASE
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from outrider.clock import Clock
 from outrider.v1 import control_pb2, events_pb2
 from sidecar._config import GlobalQuotaConfig
-from sidecar._metrics import SidecarMetrics
-from sidecar._quota import BoundedWaitQueue, GlobalQuota, Verdict
-from sidecar._telemetry import TelemetryProducer
+from sidecar.resilience._quota import BoundedWaitQueue, GlobalQuota, Verdict
+from sidecar.telemetry._metrics import SidecarMetrics
+from sidecar.telemetry._producer import TelemetryProducer
 
 log = logging.getLogger(__name__)
 

@@ -49,9 +49,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 import outrider
 from outrider.v1 import events_pb2
-from sidecar._metrics import SidecarMetrics, SpanCounts
-from sidecar._span_export import encode_span_records
-from sidecar._spill import (
+from sidecar.telemetry._metrics import SidecarMetrics, SpanCounts
+from sidecar.telemetry._span_records import encode_span_records
+from sidecar.telemetry._spill import (
     DEFAULT_MAX_BYTES,
     DEFAULT_SEGMENT_BYTES,
     SpillBatch,

@@ -1,21 +1,21 @@
 """Guardrails: prompt-injection patterns on input, PII and secrets on output, per version.
 
-The implementation is split by concern; this module is the one to import from:
+The implementation is split by concern; this package is the one to import from:
 
-- `_guards_base`: the `Guard` seam (`Match`, `GuardScan`, `Action`, `Category`) and the
+- `_base`: the `Guard` seam (`Match`, `GuardScan`, `Action`, `Category`) and the
   regex machinery (`RegexGuard`, `Pattern`);
-- `_guards_builtin`: `InjectionGuard`, `EmailGuard`, `PhoneGuard`, `CardGuard`,
+- `_builtin`: `InjectionGuard`, `EmailGuard`, `PhoneGuard`, `CardGuard`,
   `NationalIdGuard`, `SecretGuard`;
-- `_guards_policy`: `GuardRule`, `GuardPolicy` (`scan_input`, `scan_output`),
+- `_policy`: `GuardRule`, `GuardPolicy` (`scan_input`, `scan_output`),
   `GuardOutcome`, `Hit`, `build_policy`;
-- `_guards_stream`: `StreamRedactor` for streamed replies.
+- `_stream`: `StreamRedactor` for streamed replies.
 
 Nothing here does I/O; a hit never carries the text it matched.
 """
 
 from __future__ import annotations
 
-from sidecar._guards_base import (
+from sidecar.guards._base import (
     DEFAULT_MAX_MATCH_LEN,
     Action,
     Category,
@@ -26,7 +26,7 @@ from sidecar._guards_base import (
     Pattern,
     RegexGuard,
 )
-from sidecar._guards_builtin import (
+from sidecar.guards._builtin import (
     BUILTIN_GUARDS,
     CardGuard,
     EmailGuard,
@@ -36,7 +36,7 @@ from sidecar._guards_builtin import (
     SecretGuard,
     luhn_valid,
 )
-from sidecar._guards_policy import (
+from sidecar.guards._policy import (
     PII_GROUP,
     GuardConfigError,
     GuardFactory,
@@ -48,7 +48,7 @@ from sidecar._guards_policy import (
     parse_action,
     redaction_marker,
 )
-from sidecar._guards_stream import DEFAULT_MAX_PENDING, StreamOutput, StreamRedactor
+from sidecar.guards._stream import DEFAULT_MAX_PENDING, StreamOutput, StreamRedactor
 
 __all__ = [
     "BUILTIN_GUARDS",

@@ -24,8 +24,8 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sidecar._guards_base import Action
-from sidecar._guards_policy import GuardPolicy, Hit, RuleMatch, hits_from, redact
+from sidecar.guards._base import Action
+from sidecar.guards._policy import GuardPolicy, Hit, RuleMatch, hits_from, redact
 
 #: Characters of un-emitted text the redactor keeps before it forces a cut.
 DEFAULT_MAX_PENDING = 16_384

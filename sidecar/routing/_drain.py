@@ -31,10 +31,10 @@ from grpc_status import rpc_status
 from outrider import ERROR_DOMAIN, SESSION_DRAINED
 from outrider.clock import Clock
 from outrider.v1 import control_pb2, events_pb2
-from sidecar._metrics import SidecarMetrics
-from sidecar._router import Router
-from sidecar._session import Session
-from sidecar._telemetry import TelemetryProducer
+from sidecar.routing._router import Router
+from sidecar.routing._session import Session
+from sidecar.telemetry._metrics import SidecarMetrics
+from sidecar.telemetry._producer import TelemetryProducer
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ so that thread competes with the request path for the GIL and showed up as a p99
 milliseconds in `scripts/bench sidecar-telemetry`. Our spans end on the loop thread (the
 request handlers end them), so `on_end` just puts the span on the telemetry queue
 (`put_nowait`: bounded, dropped and counted when full) and the telemetry task encodes in
-small chunks between requests (`sidecar._span_export.encode_span_records`: OTLP protobuf,
+small chunks between requests (`sidecar.telemetry._span_records.encode_span_records`: OTLP protobuf,
 one record per trace id, keyed by trace id) and sends or spills with the events.
 """
 
@@ -17,7 +17,7 @@ import threading
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
-from sidecar._telemetry import TelemetryProducer
+from sidecar.telemetry._producer import TelemetryProducer
 
 
 class SpanQueueProcessor(SpanProcessor):

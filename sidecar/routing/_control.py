@@ -32,9 +32,9 @@ from aiokafka.errors import KafkaError
 
 import outrider
 from outrider.v1 import control_pb2
-from sidecar._global_quota import GlobalQuotas
-from sidecar._metrics import SidecarMetrics
-from sidecar._router import Router
+from sidecar.resilience._global_quota import GlobalQuotas
+from sidecar.routing._router import Router
+from sidecar.telemetry._metrics import SidecarMetrics
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Streaming asks for `stream_options.include_usage` and parses the SSE stream with
 `SSEDecoder` and `StreamAssembler`; a stream is complete only with a finish_reason *and*
 `[DONE]`, anything less is `UpstreamInvalidResponse`, never a clean end.
 
-Every aiohttp, timeout and JSON failure is mapped here into the `sidecar._exceptions` tree.
+Every aiohttp, timeout and JSON failure is mapped here into the `sidecar.upstream._exceptions` tree.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 import aiohttp
 
 from outrider.v1 import common_pb2
-from sidecar._exceptions import (
+from sidecar.routing._versions import Version
+from sidecar.upstream._exceptions import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamInvalidResponse,
@@ -28,8 +29,7 @@ from sidecar._exceptions import (
     UpstreamStreamStall,
     UpstreamTimeout,
 )
-from sidecar._sse import SSEDecoder, SSEError
-from sidecar._versions import Version
+from sidecar.upstream._sse import SSEDecoder, SSEError
 
 DONE = "[DONE]"
 RETRY_HEADERS = frozenset({"retry-after", "retry-after-ms"})

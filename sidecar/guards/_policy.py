@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sidecar._guards_base import Action, Direction, Guard, Match, merge_overlaps
-from sidecar._guards_builtin import BUILTIN_GUARDS
+from sidecar.guards._base import Action, Direction, Guard, Match, merge_overlaps
+from sidecar.guards._builtin import BUILTIN_GUARDS
 
 #: A policy-spec name that stands for every built-in PII guard.
 PII_GROUP = "pii"

@@ -26,7 +26,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from outrider.v1 import common_pb2, control_pb2
-from sidecar._session import Session
+from sidecar.routing._session import Session
 
 log = logging.getLogger(__name__)
 

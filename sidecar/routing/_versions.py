@@ -12,8 +12,8 @@ from pydantic import SecretStr
 
 from outrider.v1 import sidecar_pb2
 from sidecar._config import SidecarConfig, ToolConfig, VersionConfig, fallback_key
-from sidecar._cost import Price, PriceTable
-from sidecar._guards import GuardPolicy, build_policy
+from sidecar.guards import GuardPolicy, build_policy
+from sidecar.upstream._cost import Price, PriceTable
 
 SERVED_BY_PRIMARY = "primary"
 

@@ -24,15 +24,8 @@ from tenacity import AsyncRetrying
 
 from outrider.v1 import common_pb2
 from sidecar._config import ResilienceConfig, RetrySettings, ToolConfig
-from sidecar._exceptions import (
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamStatusError,
-    UpstreamTimeout,
-)
-from sidecar._global_quota import GlobalQuotas, QuotaRefusal, QuotaTicket
-from sidecar._provider import ChatResult, ProviderClient
-from sidecar._retry import (
+from sidecar.resilience._global_quota import GlobalQuotas, QuotaRefusal, QuotaTicket
+from sidecar.resilience._retry import (
     AttemptFailure,
     FailureKind,
     RetryPolicy,
@@ -41,10 +34,17 @@ from sidecar._retry import (
     TenacityWait,
     parse_retry_after,
 )
-from sidecar._tools import ToolClient, ToolResult
-from sidecar._tracing import ChatSpan, ToolSpan
-from sidecar._upstreams import Upstreams
-from sidecar._versions import Tier, Version
+from sidecar.resilience._upstreams import Upstreams
+from sidecar.routing._versions import Tier, Version
+from sidecar.telemetry._tracing import ChatSpan, ToolSpan
+from sidecar.upstream._exceptions import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from sidecar.upstream._provider import ChatResult, ProviderClient
+from sidecar.upstream._tools import ToolClient, ToolResult
 
 T = TypeVar("T")
 DEFAULT_MAX_TOKENS = 256

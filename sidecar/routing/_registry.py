@@ -37,10 +37,10 @@ from outrider.v1 import events_pb2, registry_pb2
 from sidecar._aliases import alias_version
 from sidecar._config import SidecarConfig, VersionConfig, fallback_key
 from sidecar._config_format import format_validation_error
-from sidecar._metrics import SidecarMetrics
-from sidecar._router import Router
-from sidecar._telemetry import TelemetryProducer
-from sidecar._versions import Version, build_version
+from sidecar.routing._router import Router
+from sidecar.routing._versions import Version, build_version
+from sidecar.telemetry._metrics import SidecarMetrics
+from sidecar.telemetry._producer import TelemetryProducer
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from sidecar import _semconv as sc
+from sidecar.telemetry import _semconv as sc
 
 log = logging.getLogger(__name__)
 
