@@ -24,11 +24,12 @@ import outrider
 from outrider.clock import Clock, SystemClock
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._config import SidecarConfig
-from sidecar._policies import Safety, UserQuotas
 from sidecar._server import SidecarService
+from sidecar.guards._safety import Safety
 from sidecar.resilience._executor import Executor
 from sidecar.resilience._global_quota import GlobalQuotas
 from sidecar.resilience._upstreams import Upstreams
+from sidecar.resilience._user_quotas import UserQuotas
 from sidecar.routing._control import ControlTailer
 from sidecar.routing._drain import DrainTracker
 from sidecar.routing._registry import VersionRegistry, registry_state_path
@@ -285,7 +286,6 @@ class Sidecar:
             return None
         loop = asyncio.get_running_loop()
         provider = build_tracer_provider(
-            None,
             resource_attributes={
                 "outrider.agent": self.config.agent,
                 "service.version": _package_version(),

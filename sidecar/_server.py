@@ -35,9 +35,10 @@ import grpc
 from outrider import SESSION_DRAINED, SESSION_EXPIRED
 from outrider.clock import Clock
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2, sidecar_pb2_grpc
-from sidecar._policies import Refusal, Safety, UserQuotas, UserTicket
 from sidecar.guards import Hit, StreamRedactor
+from sidecar.guards._safety import Safety
 from sidecar.resilience._executor import ChatFailed, Executor, Served, estimate_tokens, upstream_status
+from sidecar.resilience._user_quotas import Refusal, UserQuotas, UserTicket
 from sidecar.routing._drain import DrainTracker, drained_status, precondition_status
 from sidecar.routing._router import Router
 from sidecar.routing._session import Session, SessionCodec, SessionExpired, UnknownSession, new_nonce

@@ -8,7 +8,9 @@ The implementation is split by concern; this package is the one to import from:
   `NationalIdGuard`, `SecretGuard`;
 - `_policy`: `GuardRule`, `GuardPolicy` (`scan_input`, `scan_output`),
   `GuardOutcome`, `Hit`, `build_policy`;
-- `_stream`: `StreamRedactor` for streamed replies.
+- `_stream`: `StreamRedactor` for streamed replies;
+- `_safety`: hits to `safety` events and metrics, input scanning, session costs (import it
+  from its module: it needs the telemetry producer, which this package does not).
 
 Nothing here does I/O; a hit never carries the text it matched.
 """

@@ -1,8 +1,7 @@
 """Events and spans to Kafka without ever making a request wait for Kafka, and without losing
 them while Kafka is away.
 
-`emit` (events), `emit_span` (finished spans, see `_span_queue`) and `emit_records`
-(ready-made Kafka records, e.g. from a `KafkaSpanExporter` sink) put items on one bounded
+`emit` (events) and `emit_span` (finished spans, see `_span_queue`) put items on one bounded
 asyncio.Queue with `put_nowait`; when the queue is full the item is dropped and counted
 (`outrider_sidecar_telemetry_dropped_total{reason="queue_full"}`), with a rate-limited log
 line. Everything else happens in one owned background task, which encodes (events to
@@ -35,7 +34,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
@@ -190,11 +189,6 @@ class TelemetryProducer:
             self._sequence += 1
             event.sequence = self._sequence
         return self._put(event)
-
-    def emit_records(self, records: Iterable[RawRecord]) -> int:
-        """Queue ready-made (topic, key, value, headers) records; never blocks. Returns how many
-        were queued (the rest were dropped and counted). Call on the event loop's thread."""
-        return sum(1 for record in records if self._put(record))
 
     def emit_span(self, span: ReadableSpan) -> bool:
         """Queue a finished span for `outrider.spans`; never blocks (see `SpanQueueProcessor`).

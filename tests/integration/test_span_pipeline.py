@@ -1,4 +1,4 @@
-"""Spans end to end: SDK -> KafkaSpanExporter -> `outrider.spans` on the embedded broker ->
+"""Spans end to end: SDK -> OTLP records (`encode_span_records`) -> `outrider.spans` on the embedded broker ->
 SpanRelay -> a real OTLP gRPC TraceService on loopback. Parent links and gen_ai.*
 attributes survive; garbage is counted and skipped; a receiver that is briefly down gets
 everything once it is back; offsets are committed only for what was delivered."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, overload
 
 import grpc
 import pytest
@@ -20,11 +20,12 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import outrider
 from collector._relay import SpanBatch, SpanRelay, decode_spans_record
 from devstack.broker import EmbeddedBroker
-from sidecar.telemetry._span_records import KafkaSpanExporter, SpanRecord
+from sidecar.telemetry._span_records import SpanRecord, encode_span_records
 from sidecar.telemetry._tracing import Tracing
 
 pytestmark = pytest.mark.broker
@@ -91,13 +92,34 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
         await server.stop(None)
 
 
+class EncodedSpans(Sequence[SpanRecord]):
+    """The `outrider.spans` records of every finished span so far, each span encoded on its own
+    (as the sidecar's queue would, had it taken one span per slice)."""
+
+    def __init__(self, memory: InMemorySpanExporter) -> None:
+        self._memory = memory
+
+    def _records(self) -> list[SpanRecord]:
+        return [r for span in self._memory.get_finished_spans() for r in encode_span_records([span])[0]]
+
+    def __len__(self) -> int:
+        return len(self._records())
+
+    @overload
+    def __getitem__(self, index: int) -> SpanRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[SpanRecord]: ...
+    def __getitem__(self, index: int | slice) -> SpanRecord | list[SpanRecord]:
+        return self._records()[index]
+
+
 @pytest.fixture
-def traced() -> Iterator[tuple[Tracing, list[SpanRecord]]]:
-    """A Tracing whose spans land, encoded, in a list (what the sidecar's queue would get)."""
-    records: list[SpanRecord] = []
+def traced() -> Iterator[tuple[Tracing, EncodedSpans]]:
+    """A Tracing whose spans are encoded as the sidecar's queue encodes them."""
+    memory = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": "outrider-sidecar"}))
-    provider.add_span_processor(SimpleSpanProcessor(KafkaSpanExporter(records.extend)))
-    yield Tracing(provider), records
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    yield Tracing(provider), EncodedSpans(memory)
     provider.shutdown()
 
 
@@ -119,7 +141,7 @@ async def produce(bootstrap: str, records: list[tuple[bytes | None, bytes, list[
         await producer.stop()
 
 
-async def produce_spans(bootstrap: str, spans: list[SpanRecord]) -> None:
+async def produce_spans(bootstrap: str, spans: Sequence[SpanRecord]) -> None:
     await produce(bootstrap, [(r.key, r.value, r.headers) for r in spans])
 
 
@@ -143,7 +165,7 @@ def agent_call(tracing: Tracing, n: int) -> None:
         pass
 
 
-def one_record(records: list[SpanRecord]) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+def one_record(records: Sequence[SpanRecord]) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
     """Records of one trace merged into one (serialized protobuf messages concatenate)."""
     assert len({r.key for r in records}) == 1
     return records[0].key, b"".join(r.value for r in records), records[0].headers
@@ -182,7 +204,7 @@ def attrs(span: trace_pb2.Span) -> dict[str, Any]:
 
 
 async def test_spans_reach_the_otlp_receiver_with_parents_and_attributes(
-    broker: EmbeddedBroker, receiver: tuple[Receiver, str], traced: tuple[Tracing, list[SpanRecord]]
+    broker: EmbeddedBroker, receiver: tuple[Receiver, str], traced: tuple[Tracing, EncodedSpans]
 ) -> None:
     recv, address = receiver
     tracing, records = traced
@@ -248,7 +270,7 @@ async def test_spans_reach_the_otlp_receiver_with_parents_and_attributes(
 
 
 async def test_unavailable_twice_then_ok_is_retried_and_delivered(
-    broker: EmbeddedBroker, receiver: tuple[Receiver, str], traced: tuple[Tracing, list[SpanRecord]]
+    broker: EmbeddedBroker, receiver: tuple[Receiver, str], traced: tuple[Tracing, EncodedSpans]
 ) -> None:
     recv, address = receiver
     # the first failure carries a server retry hint (short), the second does not (backoff)
@@ -271,7 +293,7 @@ async def test_unavailable_twice_then_ok_is_retried_and_delivered(
 
 
 async def test_a_receiver_down_past_the_deadline_gets_everything_later(
-    broker: EmbeddedBroker, receiver: tuple[Receiver, str], traced: tuple[Tracing, list[SpanRecord]]
+    broker: EmbeddedBroker, receiver: tuple[Receiver, str], traced: tuple[Tracing, EncodedSpans]
 ) -> None:
     recv, address = receiver
     recv.fail_with = [grpc.StatusCode.UNAVAILABLE] * 8
@@ -289,7 +311,7 @@ async def test_a_receiver_down_past_the_deadline_gets_everything_later(
 
 
 async def test_a_batch_the_receiver_calls_malformed_is_skipped(
-    broker: EmbeddedBroker, receiver: tuple[Receiver, str], traced: tuple[Tracing, list[SpanRecord]]
+    broker: EmbeddedBroker, receiver: tuple[Receiver, str], traced: tuple[Tracing, EncodedSpans]
 ) -> None:
     recv, address = receiver
     recv.fail_with = [grpc.StatusCode.INVALID_ARGUMENT]
@@ -335,7 +357,7 @@ def test_bad_settings_name_the_field() -> None:
 # --- the relay's pure parts --------------------------------------------------------------
 
 
-def test_decode_spans_record(traced: tuple[Tracing, list[SpanRecord]]) -> None:
+def test_decode_spans_record(traced: tuple[Tracing, EncodedSpans]) -> None:
     tracing, records = traced
     agent_call(tracing, 0)
     record = records[0]

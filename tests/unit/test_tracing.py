@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -22,8 +22,6 @@ import outrider
 from outrider.v1 import common_pb2
 from sidecar.telemetry import _semconv as sc
 from sidecar.telemetry._span_records import (
-    KafkaSpanExporter,
-    LoopSink,
     SpanRecord,
     build_tracer_provider,
     encode_span_records,
@@ -378,13 +376,11 @@ def _spans_in_two_traces(t: Traced) -> list[ReadableSpan]:
     return t.spans()
 
 
-def test_kafka_exporter_writes_one_record_per_trace(traced: Traced) -> None:
+def test_span_records_are_one_per_trace_in_otlp_protobuf(traced: Traced) -> None:
     spans = _spans_in_two_traces(traced)
     assert len(spans) == 4
-    batches: list[list[SpanRecord]] = []
-    exporter = KafkaSpanExporter(batches.append)
-    assert exporter.export(spans) is SpanExportResult.SUCCESS
-    (records,) = batches
+    records, dropped = encode_span_records(spans)
+    assert dropped == 0
     assert sorted(r.key for r in records) == sorted([b"1" * 32, TRACE_ID.encode()])
     for record in records:
         assert record.topic == outrider.SPANS_TOPIC
@@ -401,20 +397,7 @@ def test_kafka_exporter_writes_one_record_per_trace(traced: Traced) -> None:
         chat_attrs = {kv.key: kv.value for kv in by_name["chat m"].attributes}
         assert chat_attrs["gen_ai.provider.name"].string_value == "openai"
         assert chat_attrs["gen_ai.usage.output_tokens"].int_value == 4
-    assert exporter.exported_spans == 4 and exporter.exported_records == 2
-
-
-def test_kafka_exporter_never_raises(traced: Traced) -> None:
-    spans = _spans_in_two_traces(traced)
-
-    def broken(records: list[SpanRecord]) -> None:
-        raise RuntimeError("queue gone")
-
-    exporter = KafkaSpanExporter(broken)
-    assert exporter.export(spans) is SpanExportResult.FAILURE
-    assert exporter.failed_spans == 4
-    exporter.shutdown()
-    assert exporter.export(spans) is SpanExportResult.FAILURE
+    assert len(records) == 2
 
 
 def test_a_big_trace_is_split_and_an_oversize_span_dropped(traced: Traced) -> None:
@@ -464,25 +447,8 @@ def test_records_partition_spans_by_trace(trace_choices: list[int]) -> None:
         provider.shutdown()
 
 
-async def test_loop_sink_hops_onto_the_loop_from_the_batch_thread() -> None:
-    got: asyncio.Queue[list[SpanRecord]] = asyncio.Queue(maxsize=10)
-    sink = LoopSink(asyncio.get_running_loop(), got.put_nowait)
-    provider = build_tracer_provider(sink, environ={}, otlp_from_env=False)
-    tracing = Tracing(provider)
-    with tracing.chat_span(None, model="m", provider="openai"):
-        pass
-    await asyncio.to_thread(provider.force_flush)
-    records = await asyncio.wait_for(got.get(), 5)
-    provider.shutdown()
-    (record,) = records
-    request = ExportTraceServiceRequest.FromString(record.value)
-    resource = {kv.key: kv.value.string_value for kv in request.resource_spans[0].resource.attributes}
-    assert resource["service.name"] == "outrider-sidecar"
-
-
 def test_otlp_exporter_from_the_standard_env() -> None:
     provider = build_tracer_provider(
-        None,
         environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
     )
     try:
@@ -492,9 +458,8 @@ def test_otlp_exporter_from_the_standard_env() -> None:
         provider.shutdown()
     with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
         build_tracer_provider(
-            None,
             environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "x", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"},
         )
-    no_otlp = build_tracer_provider(None, environ={})
+    no_otlp = build_tracer_provider(environ={})
     assert no_otlp._active_span_processor._span_processors == ()
     no_otlp.shutdown()
