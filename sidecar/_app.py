@@ -24,7 +24,9 @@ import outrider
 from outrider.clock import Clock, SystemClock
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._config import SidecarConfig
-from sidecar._server import SidecarService
+from sidecar._grpc import SidecarService
+from sidecar._pipeline import CallPipeline
+from sidecar._record import Recorder
 from sidecar.guards._safety import Safety
 from sidecar.resilience._executor import Executor
 from sidecar.resilience._global_quota import GlobalQuotas
@@ -197,7 +199,7 @@ class Sidecar:
         self.executor = Executor(
             ProviderClient(self._http), ToolClient(self._http), self.upstreams, self.global_quotas
         )
-        service = SidecarService(
+        pipeline = CallPipeline(
             agent=config.agent,
             versions=self.versions,
             router=self.router,
@@ -212,13 +214,18 @@ class Sidecar:
                 telemetry=self.telemetry,
             ),
             metrics=self.metrics,
-            telemetry=self.telemetry,
-            clock=self._clock,
-            sidecar_id=self.sidecar_id,
+            recorder=Recorder(
+                agent=config.agent,
+                sidecar_id=self.sidecar_id,
+                router=self.router,
+                telemetry=self.telemetry,
+                tracing=tracing,
+                clock=self._clock,
+            ),
             max_request_bytes=config.max_request_bytes,
-            tracing=tracing,
             drain=self.drain,
         )
+        service = SidecarService(pipeline)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_request_bytes + RECEIVE_SLACK_BYTES),
