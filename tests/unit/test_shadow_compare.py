@@ -177,7 +177,8 @@ def test_paths_for_nested_values_lists_and_non_objects() -> None:
         "tool_calls[2].arguments",
     ]
     odd = [ToolDecision("t", '{"a.b": 1, "n": 1}')]
-    assert tool_differences(odd, [ToolDecision("t", '{"a.b": 2, "n": 1.0}')]) == ['tool_calls[0].arguments["a.b"]']
+    odd_changed = [ToolDecision("t", '{"a.b": 2, "n": 1.0}')]
+    assert tool_differences(odd, odd_changed) == ['tool_calls[0].arguments["a.b"]']
     assert tool_differences([ToolDecision("t", '{"a": true}')], [ToolDecision("t", '{"a": 1}')]) == [
         "tool_calls[0].arguments.a"
     ]
