@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from collector._config_errors import SpecError, parse_yaml_model
-from collector._duration import Duration, parse_duration
+from outrider.durations import Duration, parse_duration
 
 DEFAULT_KAFKA = "127.0.0.1:9092"
 DEFAULT_GROUP_ID = "outrider-collector"

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from collector._config_errors import SpecError, parse_yaml_model
-from collector._duration import Duration
+from outrider.durations import Duration
 
 Metric = Literal[
     "error_rate",

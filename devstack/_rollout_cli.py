@@ -114,7 +114,7 @@ def version_labels(sidecar_config: Path | None) -> dict[str, str]:
 
 
 def _seconds(value: str | None, flag: str) -> float | None:
-    from collector._duration import parse_duration  # the one duration parser, pure
+    from outrider.durations import parse_duration  # the one duration parser, pure
 
     if value is None:
         return None

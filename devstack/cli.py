@@ -405,8 +405,8 @@ def rollout_simulate(
     import os
     import time
 
-    from collector._duration import parse_duration
     from collector.simulate import Scenario, apply_effect, simulate, summarize
+    from outrider.durations import parse_duration
 
     _local_spec(spec)
     base = _local_traffic(baseline)

@@ -19,13 +19,13 @@ import collections
 import contextlib
 import itertools
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 import grpc
 
+from outrider.durations import parse_positive_duration
 from outrider.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
 
 ENV_SIDECAR = "OUTRIDER_SIDECAR_ADDR"
@@ -37,11 +37,10 @@ BACKOFF_S = 1.0  # after the sidecar itself failed (restarting, overloaded)
 
 
 def parse_duration(text: str) -> float:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration such as 90s, 15m or 1h")
-    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
-    return float(match.group(1)) * scale
+    try:
+        return parse_positive_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class Agent:

@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 import outrider
+from outrider.durations import PositiveDuration, parse_positive_duration
 from sidecar._aliases import alias_version
 from sidecar._config_format import format_validation_error
 from sidecar._control_config import ControlConfig
@@ -72,8 +73,6 @@ VERSION_ID_LENGTH = 12
 
 # request fields the sidecar sets itself; a version's `parameters` may not override them
 _RESERVED_PARAMETERS = frozenset({"model", "messages", "stream", "stream_options", "tools"})
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -82,23 +81,11 @@ class ConfigError(ValueError):
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a string such as "500ms", "30s", "5m", "1h"."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 500ms, 30s, 5m, 1h or a number of seconds")  # noqa: TRY004
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    else:
-        raise ValueError(
-            f"expected a duration such as 500ms, 30s, 5m, 1h or a number of seconds, got {value!r}"
-        )
-    if seconds <= 0:
-        raise ValueError("must be greater than zero")
-    return seconds
+    """Seconds from a number or a string such as "500ms", "30s", "5m", "1h" (zero refused)."""
+    return parse_positive_duration(value)
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = PositiveDuration
 
 
 def _check_http_url(value: str) -> str:
@@ -240,6 +227,9 @@ class ToolConfig(_Frozen):
     side_effects: Literal["read", "write"] = "read"
     idempotent: bool = False
     retry: RetrySettings | None = None  # overrides the version's resilience.retry for this tool
+    # what a write tool answers in a shadow session, where it is intercepted and not run (JSON;
+    # None: an empty success, "{}")
+    shadow_response: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
     @field_validator("name")
@@ -247,6 +237,20 @@ class ToolConfig(_Frozen):
     def _name(cls, value: str) -> str:
         if not _TOOL_NAME_RE.match(value):
             raise ValueError(f"expected 1-64 letters, digits, '_' or '-', got {value!r}")
+        return value
+
+    @field_validator("shadow_response", mode="before")
+    @classmethod
+    def _shadow_response(cls, value: Any) -> Any:
+        """A YAML mapping or list becomes its JSON; a string must already be JSON."""
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            return json.dumps(value, sort_keys=True, separators=(",", ":"))
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON: {exc}") from None
         return value
 
 
@@ -300,8 +304,9 @@ class VersionConfig(_Frozen):
             if data.get(key) == default:
                 del data[key]
         for tool in data.get("tools", ()):
-            if tool.get("retry") is None:
-                tool.pop("retry", None)
+            for key in ("retry", "shadow_response"):
+                if tool.get(key) is None:
+                    tool.pop(key, None)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def version_id(self) -> str:

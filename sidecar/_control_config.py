@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 import outrider
+from outrider.durations import Duration
 
 # comma-separated public keys (PEM file paths, directories of *.pub, or `ed25519:<base64>`),
 # added to `control.public_keys`
@@ -18,14 +19,6 @@ ENV_CONTROL_PUBLIC_KEYS = "OUTRIDER_CONTROL_PUBLIC_KEYS"
 DEFAULT_READY_TIMEOUT_S = 10.0
 DEFAULT_VERSIONS_REPORT_INTERVAL_S = 30.0
 AUTO = "auto"
-
-
-def _duration(value: object) -> Any:
-    from sidecar._config import parse_duration
-
-    if value in (0, "0", "0s"):
-        return 0.0  # no wait
-    return parse_duration(value)
 
 
 class ControlConfig(BaseModel):
@@ -39,11 +32,9 @@ class ControlConfig(BaseModel):
     # (`<spill dir>.control.json`), null: not kept
     state_file: str | None = AUTO
     # health reports SERVING once a control state is known (persisted or replayed) or after this
-    ready_timeout: Annotated[float, BeforeValidator(_duration)] = Field(default=DEFAULT_READY_TIMEOUT_S, ge=0)
+    ready_timeout: Duration = Field(default=DEFAULT_READY_TIMEOUT_S, ge=0)
     # how often the sidecar reports the versions it serves (also at start and on every change)
-    versions_report_interval: Annotated[float, BeforeValidator(_duration)] = Field(
-        default=DEFAULT_VERSIONS_REPORT_INTERVAL_S, gt=0
-    )
+    versions_report_interval: Duration = Field(default=DEFAULT_VERSIONS_REPORT_INTERVAL_S, gt=0)
 
     def key_specs(self, env: Mapping[str, str] | None = None) -> list[str]:
         env = os.environ if env is None else env

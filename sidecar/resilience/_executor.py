@@ -257,11 +257,11 @@ class Executor:
         raise AssertionError("unreachable: tenacity reraises")
 
     async def _admit(
-        self, tier: Tier, tokens: int, priority: bool, deadline: float
+        self, tier: Tier, tokens: int, priority: bool, deadline: float, shadow: bool
     ) -> QuotaTicket | QuotaRefusal | None:
         if self._quotas is None or tier.resource not in self._quotas:
             return None
-        return await self._quotas.admit(tier.resource, tokens, priority, deadline)
+        return await self._quotas.admit(tier.resource, tokens, priority, deadline, shadow=shadow)
 
     def settle(self, served: Served) -> None:
         if served.ticket is not None and self._quotas is not None:
@@ -277,6 +277,7 @@ class Executor:
         priority: bool,
         run: Callable[[Tier, list[int]], Awaitable[Any]],
         span: ChatSpan | None = None,
+        shadow: bool = False,
     ) -> tuple[Tier, Any, list[int], float, QuotaTicket | None]:
         reasons: list[str] = []
         counter = [0]
@@ -297,7 +298,7 @@ class Executor:
                 )
             if tier.target is None:
                 return tier, static_result(tier), counter, waited, None
-            admission = await self._admit(tier, tokens, priority, deadline)
+            admission = await self._admit(tier, tokens, priority, deadline, shadow)
             if isinstance(admission, QuotaRefusal):
                 reasons.append(f"{tier.name}: {admission.reason}")
                 retry_after = max(retry_after, admission.retry_after_s)
@@ -344,7 +345,11 @@ class Executor:
         deadline: float,
         priority: bool,
         span: ChatSpan | None = None,
+        *,
+        shadow: bool = False,
     ) -> Served:
+        """One unary chat through the fallback chain. ``shadow``: a mirrored call, admitted by
+        the global quotas only within the shadow budget (never queued)."""
         resilience = version.config.resilience
 
         async def run(tier: Tier, counter: list[int]) -> ChatResult:
@@ -367,7 +372,7 @@ class Executor:
             )
 
         tier, result, counter, waited, ticket = await self._walk(
-            version, messages, deadline, priority, run, span
+            version, messages, deadline, priority, run, span, shadow
         )
         self.upstreams.served(tier)
         return Served(result, tier, counter[0], waited * 1000.0, ticket)

@@ -40,6 +40,7 @@ class QuotaTicket:
     resource: str
     reserved: float
     waited_s: float
+    shadow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +61,10 @@ class GlobalQuotas:
         metrics: SidecarMetrics,
         telemetry: TelemetryProducer,
         report_interval_s: float,
+        shadow_max_share: float = 0.2,
     ) -> None:
         self.sidecar_id = sidecar_id
+        self._shadow_max_share = shadow_max_share  # of each quota, for mirrored calls
         self._epochs: dict[str, int] = {}  # the writer epoch of the last grant, by resource
         self._agent = agent
         self._clock = clock
@@ -89,10 +92,15 @@ class GlobalQuotas:
         return resource in self.quotas
 
     async def admit(
-        self, resource: str, tokens: float, priority: bool, deadline: float
+        self, resource: str, tokens: float, priority: bool, deadline: float, *, shadow: bool = False
     ) -> QuotaTicket | QuotaRefusal:
-        """Reserve ``tokens`` of ``resource`` (``deadline``: time.monotonic() of the call's end)."""
+        """Reserve ``tokens`` of ``resource`` (``deadline``: time.monotonic() of the call's end).
+        A mirrored call (``shadow``) is admitted at once or refused, never queued."""
         quota = self.quotas[resource]
+        if shadow:
+            if quota.admit_shadow(tokens, self._shadow_max_share).verdict is Verdict.ADMIT:
+                return QuotaTicket(resource, tokens, 0.0, shadow=True)
+            return QuotaRefusal(resource, 0.0, f"global quota {resource}: no room for mirrored calls")
         start = time.monotonic()
         decision = quota.admit(tokens, priority)
         if decision.verdict is Verdict.ADMIT:
@@ -120,7 +128,7 @@ class GlobalQuotas:
             queue.remove(waiter)
 
     def reconcile(self, ticket: QuotaTicket, actual_tokens: float) -> None:
-        self.quotas[ticket.resource].reconcile(ticket.reserved, max(0.0, actual_tokens))
+        self.quotas[ticket.resource].reconcile(ticket.reserved, max(0.0, actual_tokens), shadow=ticket.shadow)
 
     def apply(self, grant: control_pb2.QuotaGrant) -> bool:
         """Adopt our share from a grant record; False if not ours to apply, stale or out of order."""

@@ -23,6 +23,12 @@ which puts the bucket in debt, so big calls are slowed, never starved.
   again with ``requeued=True``; a full queue or a timeout becomes a refusal.
 - ADMIT otherwise; settle later with ``reconcile(reserved, actual)``.
 
+``admit_shadow(tokens, max_share)`` is for mirrored (shadow) calls, which no user waits for:
+ADMIT only when the bucket covers them now, the non-priority room has them (so above the
+priority threshold they are the first refused, before any user call waits) and the shadow
+calls of the window stay within ``max_share`` of this sidecar's part of the limit; REFUSE
+otherwise, never QUEUE. Their unmet demand is not reported: the collector grants for users.
+
 ``usage_report()`` gives ``(used_tpm, demand_tpm)`` over the window, per minute; demand is
 used plus unmet (refused and queued tokens, a requeued call counted once), so the
 collector sees what the sidecar would have used.
@@ -130,6 +136,7 @@ class GlobalQuota:
         self._global: tuple[float, float] | None = None  # (limit, all grants), tpm, of the grant
         self._used = _RollingSum(window_s)
         self._unmet = _RollingSum(window_s)
+        self._shadow_used = _RollingSum(window_s)
 
     @property
     def tpm(self) -> float:
@@ -209,7 +216,29 @@ class GlobalQuota:
         hint = wait if wait > 0 else self._used.until_oldest_leaves(now)
         return QuotaDecision(Verdict.QUEUE, min(hint, MAX_RETRY_AFTER_S), util)
 
-    def reconcile(self, reserved: float, actual: float) -> None:
+    def admit_shadow(self, estimated_tokens: float, max_share: float) -> QuotaDecision:
+        """Decide for one mirrored call (see the module docstring): ADMIT or REFUSE."""
+        if not (math.isfinite(estimated_tokens) and estimated_tokens >= 0):
+            raise ValueError("estimated_tokens must be a finite number >= 0")
+        now = self._clock.now()
+        self._refresh(now)
+        used = self._used.total(now)
+        util = self._utilisation(used)
+        part = self._part_tpm() * self._window_s / PER_MINUTE
+        fits = (
+            estimated_tokens <= self._bucket.capacity
+            and self._bucket.time_until(estimated_tokens) == 0
+            and used + estimated_tokens <= self._non_priority_room()
+            and self._shadow_used.total(now) + estimated_tokens <= max_share * part
+        )
+        if not fits:
+            return QuotaDecision(Verdict.REFUSE, 0.0, util)
+        self._bucket.force_take(estimated_tokens)
+        self._used.add(now, estimated_tokens)
+        self._shadow_used.add(now, estimated_tokens)
+        return QuotaDecision(Verdict.ADMIT, 0.0, util)
+
+    def reconcile(self, reserved: float, actual: float, *, shadow: bool = False) -> None:
         """Settle an admitted call: refund the unused part, or charge the excess."""
         if not (math.isfinite(reserved) and reserved >= 0):
             raise ValueError("reserved must be a finite number >= 0")
@@ -221,6 +250,8 @@ class GlobalQuota:
         else:
             self._bucket.force_take(actual - reserved)
         self._used.add(now, actual - reserved)
+        if shadow:
+            self._shadow_used.add(now, actual - reserved)
 
     def usage_report(self) -> tuple[float, float]:
         """(used_tpm, demand_tpm) over the window, as per-minute rates."""

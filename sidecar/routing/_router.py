@@ -5,6 +5,8 @@ Pure and synchronous: the control tailer feeds `apply`, OpenSession calls `assig
 - no state                  -> the config's stable version, role STABLE
 - RUNNING, HOLD, NO_DATA    -> sticky hash of (rollout id, key) in [0, 1): below the
                                candidate weight -> candidate (CANARY), else stable (STABLE)
+- SHADOW                    -> stable, role STABLE (the candidate only answers mirrored calls
+                               and `shadow_of` sessions: see `shadow_target`)
 - PROMOTED                  -> candidate, role STABLE
 - ROLLED_BACK / ABORTED     -> the state's stable version, role STABLE
 - a version this config lacks -> the config's stable version (warned once, counted)
@@ -39,7 +41,19 @@ _SPLIT = (
     control_pb2.ROLLOUT_PHASE_NO_DATA,
 )
 _PROMOTED = control_pb2.ROLLOUT_PHASE_PROMOTED
+_SHADOW = control_pb2.ROLLOUT_PHASE_SHADOW
 _BACK_TO_STABLE = (control_pb2.ROLLOUT_PHASE_ROLLED_BACK, control_pb2.ROLLOUT_PHASE_ABORTED)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowTarget:
+    """A rollout in its shadow phase whose candidate this sidecar has."""
+
+    rollout_id: str
+    generation: int
+    stable_version_id: str
+    candidate_version_id: str
+    sample: float  # the share of stable sessions mirrored, in [0, 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +149,8 @@ class Router:
             needed = (state.stable_version_id, state.candidate_version_id)
         elif state.phase == _PROMOTED:
             needed = (state.candidate_version_id,)
+        elif state.phase == _SHADOW:
+            needed = (state.stable_version_id,)  # a candidate we lack is not mirrored, see shadow_target
         elif state.phase in _BACK_TO_STABLE:
             needed = (state.stable_version_id,)
         else:
@@ -159,7 +175,7 @@ class Router:
             return self._config_stable
         if state.phase == _PROMOTED:
             return Assignment(state.candidate_version_id, ROLE_STABLE, state.rollout_id)
-        if state.phase in _BACK_TO_STABLE:
+        if state.phase in _BACK_TO_STABLE or state.phase == _SHADOW:
             return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id)
         return None  # RUNNING, HOLD, NO_DATA: depends on the session
 
@@ -171,6 +187,19 @@ class Router:
         self._known = self._known | {version_id}
         if self._state is not None:
             self._fixed = self._resolve_fixed(self._state)
+
+    def shadow_target(self) -> ShadowTarget | None:
+        """The rollout in its shadow phase, when this sidecar has both of its versions."""
+        state = self._state
+        if state is None or state.phase != _SHADOW:
+            return None
+        if state.stable_version_id not in self._known or state.candidate_version_id not in self._known:
+            return None
+        sample = state.shadow_sample
+        sample = 0.0 if math.isnan(sample) else min(max(sample, 0.0), 1.0)
+        return ShadowTarget(
+            state.rollout_id, state.generation, state.stable_version_id, state.candidate_version_id, sample
+        )
 
     @property
     def known(self) -> frozenset[str]:

@@ -209,6 +209,37 @@ class SidecarMetrics:
         self.cost_usd = Counter(
             "outrider_sidecar_cost_usd", "USD spent on model calls", ["model"], registry=r
         )
+        # shadow mode and the judge: background work, off every user's path
+        self.shadow_calls = Counter(
+            "outrider_sidecar_shadow_calls",
+            "Calls mirrored to a shadow candidate and compared, by the candidate's outcome (ok, error)",
+            ["outcome"],
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "outrider_sidecar_shadow_dropped",
+            "Shadow work not done, by reason (queue_full, quota, rollout_ended, shutdown)",
+            ["reason"],
+            registry=r,
+        )
+        self.shadow_queue_depth = Gauge(
+            "outrider_sidecar_shadow_queue_depth", "Shadow work waiting for a worker", registry=r
+        )
+        self.shadow_intercepted = Counter(
+            "outrider_sidecar_shadow_intercepted",
+            "Write-tool calls of shadow sessions answered without running the tool",
+            ["tool"],
+            registry=r,
+        )
+        self.judge_calls = Counter(
+            "outrider_sidecar_judge_calls",
+            "Judge verdicts, by kind (pair, single) and result (parsed, unparsed, error, refused)",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.judge_cost_usd = Counter(
+            "outrider_sidecar_judge_cost_usd", "USD spent on judge calls (apart from the agent's)", registry=r
+        )
 
     def watch_spans(self, source: Callable[[], SpanCounts] | None) -> None:
         """Read span counts from `source` at each scrape (None: report zeros)."""

@@ -104,7 +104,7 @@ def test_registry_version_file_errors_name_the_file_and_field(tmp_path: Path) ->
         load_version_file(bad)
     message = str(error.value)
     assert f"{bad}: version.model: Field required" in message
-    assert f"{bad}: version.tools[0].timeout: expected a duration" in message
+    assert f"{bad}: version.tools[0].timeout: 'soon' is not a duration" in message
     assert f"{bad}: version.temprature: Extra inputs are not permitted" in message
     runner = CliRunner()
     result = runner.invoke(main, ["version", "push", str(bad), "--admin", "127.0.0.1:1"])
