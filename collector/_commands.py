@@ -24,10 +24,12 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from cachetools import TTLCache
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
 import outrider
 from collector._metrics import CollectorMetrics
@@ -44,6 +46,11 @@ _MAX_RUNNING = 16  # commands run at once here (they queue on the rollout lock a
 
 # method, request bytes, caller -> (gRPC status code value, message, response bytes)
 Handler = Callable[[str, bytes, str], Awaitable[tuple[int, str, bytes]]]
+
+
+def _read_failed(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else "?"
+    log.warning("reading %s failed: %s; retrying", outrider.COMMANDS_TOPIC, exc)
 
 
 class NoAnswer(Exception):
@@ -165,17 +172,27 @@ class CommandBus:
         )
 
     async def _read(self) -> None:
-        assert self._consumer is not None
         while True:
-            try:
-                batch = await self._consumer.getmany(timeout_ms=_POLL_MS, max_records=500)
-            except KafkaError as exc:
-                log.warning("reading %s failed: %s; retrying", outrider.COMMANDS_TOPIC, exc)
-                await asyncio.sleep(RESEND_S)
-                continue
-            for records in batch.values():
+            for records in (await self._fetch()).values():
                 for record in records:
                     self._take(record)
+
+    async def _fetch(self) -> dict[Any, list[Any]]:
+        """getmany, retried through tenacity every `RESEND_S` while Kafka fails (until stop
+        cancels the reader)."""
+        assert self._consumer is not None
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(KafkaError),
+            wait=wait_fixed(RESEND_S),
+            before_sleep=_read_failed,
+            reraise=True,
+        ):
+            with attempt:
+                batch: dict[Any, list[Any]] = await self._consumer.getmany(
+                    timeout_ms=_POLL_MS, max_records=500
+                )
+                return batch
+        raise AssertionError("unreachable: tenacity without a stop returns or raises")
 
     def _take(self, record: object) -> None:
         key, value = getattr(record, "key", None), getattr(record, "value", None) or b""

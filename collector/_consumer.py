@@ -25,10 +25,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
 import outrider
 from collector._book import EvidenceBook
@@ -46,6 +48,10 @@ _ERROR_BACKOFF_S = 1.0
 
 
 PartitionHook = Callable[[set[int]], Awaitable[None]]
+
+
+def _fetch_failed(state: RetryCallState) -> None:
+    log.warning("fetching events failed: %s; retrying", state.outcome.exception() if state.outcome else "?")
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -235,12 +241,9 @@ class EventConsumer:
         loop = asyncio.get_running_loop()
         next_checkpoint = loop.time() + self._checkpoint_interval_s
         while not self._stopping.is_set():
-            try:
-                batch = await self._consumer.getmany(timeout_ms=_POLL_MS, max_records=self._max_records)
-            except KafkaError as exc:
-                log.warning("fetching events failed: %s; retrying", exc)
-                await asyncio.sleep(_ERROR_BACKOFF_S)
-                continue
+            batch = await self._fetch()
+            if batch is None:
+                break
             if batch:
                 async with self._lock:
                     dead = []
@@ -262,6 +265,24 @@ class EventConsumer:
             elif loop.time() >= next_checkpoint:
                 await self.checkpoint()
                 next_checkpoint = loop.time() + self._checkpoint_interval_s
+
+    async def _fetch(self) -> dict[TopicPartition, list[Any]] | None:
+        """getmany, retried through tenacity every `_ERROR_BACKOFF_S` while Kafka fails;
+        None when stop was asked while waiting to retry."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(KafkaError),
+            wait=wait_fixed(_ERROR_BACKOFF_S),
+            before_sleep=_fetch_failed,
+            reraise=True,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1 and self._stopping.is_set():
+                    return None
+                batch: dict[TopicPartition, list[Any]] = await self._consumer.getmany(
+                    timeout_ms=_POLL_MS, max_records=self._max_records
+                )
+                return batch
+        raise AssertionError("unreachable: tenacity without a stop returns or raises")
 
     def request_stop(self) -> None:
         """Ask `run` to return after the batch in hand."""

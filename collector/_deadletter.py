@@ -8,19 +8,21 @@ Each goes to `outrider.deadletter` with its original key, value and headers, plu
     outrider-dlq-source-partition
     outrider-dlq-source-offset
 
-and is counted in `outrider_collector_deadletter_total{reason}`. A write is retried a few
-times; one that still fails is counted and logged, and the collector moves on.
+and is counted in `outrider_collector_deadletter_total{reason}`. A write is retried through
+tenacity, `ATTEMPTS` attempts in all, waiting `_BACKOFF_S` times the attempts made; one that
+still fails is counted and logged, and the collector moves on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 import outrider
 from collector._metrics import CollectorMetrics
@@ -84,8 +86,16 @@ class DeadLetter:
 class DeadLetterWriter:
     """Produces dead letters and waits for the broker's ack; start/stop idempotent."""
 
-    def __init__(self, bootstrap: str, timeout_s: float, metrics: CollectorMetrics) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        timeout_s: float,
+        metrics: CollectorMetrics,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._bootstrap, self._timeout_s, self._metrics = bootstrap, timeout_s, metrics
+        self._sleep = sleep  # tenacity's wait between attempts (tests pass a recorder)
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
@@ -105,42 +115,48 @@ class DeadLetterWriter:
         return written
 
     async def _write_one(self, letter: DeadLetter) -> bool:
-        for attempt in range(1, ATTEMPTS + 1):
-            producer = self._producer
-            if producer is None:
-                log.error("dead-letter producer not started; dropping %s@%d", letter.topic, letter.offset)
-                return False
-            try:
-                await asyncio.wait_for(
-                    producer.send_and_wait(
-                        outrider.DEADLETTER_TOPIC,
-                        letter.value,
-                        key=letter.key,
-                        headers=letter.record_headers(),
-                    ),
-                    self._timeout_s,
-                )
-                log.info(
-                    "dead-lettered %s[%d]@%d: %s",
-                    letter.topic,
-                    letter.partition,
-                    letter.offset,
-                    letter.reason,
-                )
-                return True
-            except (KafkaError, TimeoutError) as exc:
-                if attempt == ATTEMPTS:
-                    log.error(  # noqa: TRY400 - the reason is in the message
-                        "could not dead-letter %s[%d]@%d (%s): %s",
-                        letter.topic,
-                        letter.partition,
-                        letter.offset,
-                        letter.reason,
-                        exc or type(exc).__name__,
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(ATTEMPTS),
+                wait=wait_incrementing(start=_BACKOFF_S, increment=_BACKOFF_S),
+                retry=retry_if_exception_type((KafkaError, TimeoutError)),
+                sleep=self._sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    producer = self._producer
+                    if producer is None:
+                        log.error(
+                            "dead-letter producer not started; dropping %s@%d", letter.topic, letter.offset
+                        )
+                        return False
+                    await asyncio.wait_for(
+                        producer.send_and_wait(
+                            outrider.DEADLETTER_TOPIC,
+                            letter.value,
+                            key=letter.key,
+                            headers=letter.record_headers(),
+                        ),
+                        self._timeout_s,
                     )
-                    return False
-                await asyncio.sleep(_BACKOFF_S * attempt)
-        return False
+        except (KafkaError, TimeoutError) as exc:
+            log.error(  # noqa: TRY400 - the reason is in the message
+                "could not dead-letter %s[%d]@%d (%s): %s",
+                letter.topic,
+                letter.partition,
+                letter.offset,
+                letter.reason,
+                exc or type(exc).__name__,
+            )
+            return False
+        log.info(
+            "dead-lettered %s[%d]@%d: %s",
+            letter.topic,
+            letter.partition,
+            letter.offset,
+            letter.reason,
+        )
+        return True
 
     async def stop(self) -> None:
         producer, self._producer = self._producer, None

@@ -13,7 +13,6 @@ is read from the beginning and followed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from google.protobuf import json_format
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
 import outrider
 from collector._deployments import newer, open_record, summary
@@ -147,33 +147,45 @@ class DeploymentHistory:
 
     async def tail(self, bootstrap: str) -> None:
         """Read `outrider.deployments` from the beginning, then follow it; runs until cancelled.
-        A broker that fails is asked again (from the beginning: records are few)."""
-        while True:
-            consumer = AIOKafkaConsumer(
-                outrider.DEPLOYMENTS_TOPIC,
-                bootstrap_servers=bootstrap,
-                group_id=None,
-                auto_offset_reset="earliest",
-                enable_auto_commit=False,
-            )
-            try:
-                await consumer.start()
-                while True:
-                    batch = await consumer.getmany(timeout_ms=_POLL_MS, max_records=500)
-                    for records in batch.values():
-                        for r in records:
-                            if r.value:
-                                signed = outrider.SignedRecord(r.key, r.value, tuple(r.headers or ()))
-                                self.offer(signed, r.offset)
-            except (KafkaError, OSError) as exc:
-                log.warning(
-                    "tailing %s failed: %s; trying again",
-                    outrider.DEPLOYMENTS_TOPIC,
-                    exc or type(exc).__name__,
-                )
-            finally:
-                await consumer.stop()
-            await asyncio.sleep(_RETRY_S)
+        A broker that fails is asked again through tenacity every `_RETRY_S` (from the
+        beginning: records are few)."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((KafkaError, OSError)),
+            wait=wait_fixed(_RETRY_S),
+            before_sleep=_tail_failed,
+            reraise=True,
+        ):
+            with attempt:
+                await self._follow(bootstrap)
+
+    async def _follow(self, bootstrap: str) -> None:
+        consumer = AIOKafkaConsumer(
+            outrider.DEPLOYMENTS_TOPIC,
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        try:
+            await consumer.start()
+            while True:
+                batch = await consumer.getmany(timeout_ms=_POLL_MS, max_records=500)
+                for records in batch.values():
+                    for r in records:
+                        if r.value:
+                            signed = outrider.SignedRecord(r.key, r.value, tuple(r.headers or ()))
+                            self.offer(signed, r.offset)
+        finally:
+            await consumer.stop()
+
+
+def _tail_failed(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "tailing %s failed: %s; trying again",
+        outrider.DEPLOYMENTS_TOPIC,
+        exc or type(exc).__name__,
+    )
 
 
 def _read(path: Path) -> outrider.SignedRecord:

@@ -14,6 +14,14 @@ back to its first record and, after a pause, reads it again: nothing is skipped 
 receiver is down. Only a batch the receiver rejects as malformed (INVALID_ARGUMENT) is
 skipped, counted in `rejected_batches`.
 
+This module is the consumer side (joining the group, fetching, batching, committing,
+rewinding); `collector._otlp_export` is the exporter side (decoding records, the gRPC
+channel, the export and its retries). Every retry goes through tenacity with the same
+jittered exponential backoff (`backoff_initial_s` doubling up to `backoff_max_s`, ±20 %),
+each wait cut short by stop: joining the group while Kafka is unreachable, a fetch that
+failed, a batch that was not delivered (the failure count starts again after a round that
+went through), and the export inside its deadline.
+
 Records that are not OTLP trace requests are counted in `undecodable`, handed to the
 `on_undecodable(record, reason)` hook (for a dead-letter topic) and skipped. A batch re-read
 after a failure passes its undecodable records to the hook again.
@@ -26,28 +34,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import inspect
 import logging
 import random
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self, cast
+from typing import Any, Final, Self
 
 import grpc
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
-from google.protobuf.message import DecodeError as ProtoDecodeError
-from google.protobuf.unknown_fields import UnknownFieldSet
-from google.rpc.error_details_pb2 import RetryInfo  # type: ignore[import-untyped]
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 import outrider
+from collector._otlp_export import (
+    RETRYABLE_CODES,
+    ExportOutcome,
+    JitteredBackoff,
+    OtlpTraceExporter,
+    decode_spans_record,
+    pause,
+)
+
+__all__ = [
+    "DEFAULT_BATCH_MAX_BYTES",
+    "DEFAULT_GROUP_ID",
+    "RETRYABLE_CODES",
+    "SpanBatch",
+    "SpanRelay",
+    "UndecodableHook",
+    "decode_spans_record",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,59 +75,15 @@ DEFAULT_GROUP_ID: Final = "outrider-span-relay"
 DEFAULT_BATCH_MAX_BYTES: Final = 3 * 1024 * 1024
 _POLL_MS: Final = 200
 _FINAL_FLUSH_TIMEOUT_S: Final = 2.0
-_CONTENT_TYPE: Final = b"application/x-protobuf"
-
-# the OTLP exporters' retryable set (opentelemetry-exporter-otlp-proto-grpc)
-RETRYABLE_CODES: Final = frozenset(
-    {
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
-# the receiver says the data is at fault: sending it again cannot help
-_SKIP_CODES: Final = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
 
 UndecodableHook = Callable[[Any, str], Awaitable[None] | None]
 
 
-# --- decoding (pure) ---------------------------------------------------------------------
+class _Undelivered(Exception):
+    """A batch was not delivered; the consumer has been rewound to it."""
 
 
-def decode_spans_record(
-    value: bytes | None, headers: Sequence[tuple[str, bytes]] | None = None
-) -> tuple[ExportTraceServiceRequest, int]:
-    """Parse an `outrider.spans` value; returns the request and its span count.
-
-    Raises outrider.DecodeError (with the reason) for anything that is not a non-empty OTLP
-    trace request: another content type, bytes that do not parse, unknown top-level fields,
-    no spans, or ids of the wrong length.
-    """
-    for name, header in headers or ():
-        if name.lower() == outrider.CONTENT_TYPE_HEADER and not header.startswith(_CONTENT_TYPE):
-            raise outrider.DecodeError(f"unexpected content type {header!r}")
-    if not value:
-        raise outrider.DecodeError("empty record")
-    try:
-        request = ExportTraceServiceRequest.FromString(value)
-    except ProtoDecodeError as exc:
-        raise outrider.DecodeError(f"not an OTLP ExportTraceServiceRequest: {exc}") from None
-    if len(UnknownFieldSet(request)):
-        raise outrider.DecodeError("not an OTLP ExportTraceServiceRequest: unknown fields")
-    spans = 0
-    for resource_spans in request.resource_spans:
-        for scope_spans in resource_spans.scope_spans:
-            for span in scope_spans.spans:
-                if len(span.trace_id) != 16 or len(span.span_id) != 8:
-                    raise outrider.DecodeError("span with a malformed trace or span id")
-                spans += 1
-    if spans == 0:
-        raise outrider.DecodeError("no spans")
-    return request, spans
+# --- batching (pure) ---------------------------------------------------------------------
 
 
 @dataclass
@@ -166,35 +141,6 @@ class SpanBatch:
         return merged
 
 
-class _Outcome(enum.Enum):
-    DELIVERED = "delivered"
-    REJECTED = "rejected"  # the receiver refused the data itself: skip it
-    FAILED = "failed"  # not delivered: read it again
-    STOPPED = "stopped"
-
-
-def _target(endpoint: str, credentials: grpc.ChannelCredentials | None) -> tuple[str, bool]:
-    """`host:port` and whether to use TLS, from `host:port`, `http://…` or `https://…`."""
-    if endpoint.startswith("https://"):
-        return endpoint.removeprefix("https://").rstrip("/"), True
-    if endpoint.startswith("http://"):
-        return endpoint.removeprefix("http://").rstrip("/"), credentials is not None
-    if not endpoint or "/" in endpoint:
-        raise ValueError(f"otlp_endpoint: expected host:port or http(s)://host:port, got {endpoint!r}")
-    return endpoint, credentials is not None
-
-
-def _retry_hint(exc: grpc.aio.AioRpcError) -> float | None:
-    # grpc.aio yields (key, value) pairs here, whatever the stubs say
-    metadata = cast(Iterable[tuple[str, str | bytes]], exc.trailing_metadata() or ())
-    for key, value in metadata:
-        if key == "google.rpc.retryinfo-bin" and isinstance(value, bytes):
-            with contextlib.suppress(ProtoDecodeError):
-                delay = RetryInfo.FromString(value).retry_delay
-                return float(delay.seconds + delay.nanos / 1e9)
-    return None
-
-
 # --- the relay ---------------------------------------------------------------------------
 
 
@@ -230,8 +176,16 @@ class SpanRelay:
         ):
             if number <= 0:
                 raise ValueError(f"{name} must be positive, got {number!r}")
-        self._target, self._tls = _target(otlp_endpoint, credentials)
-        self._credentials = credentials
+        self._stopping = asyncio.Event()
+        self._backoff = JitteredBackoff(backoff_initial_s, backoff_max_s, rng or random.Random())
+        self._exporter = OtlpTraceExporter(
+            otlp_endpoint,
+            headers=otlp_headers,
+            credentials=credentials,
+            backoff=self._backoff,
+            stopping=self._stopping,
+            counters=self,
+        )
         self._bootstrap = bootstrap_servers
         self._group_id = group_id
         self._topic = topic
@@ -239,17 +193,10 @@ class SpanRelay:
         self._batch_max_bytes = batch_max_bytes
         self._flush_interval_s = flush_interval_s
         self._export_timeout_s = export_timeout_s
-        self._backoff_initial_s = backoff_initial_s
-        self._backoff_max_s = backoff_max_s
-        self._metadata = tuple((k.lower(), v) for k, v in otlp_headers)
         self._on_undecodable = on_undecodable
         self._stop_timeout_s = stop_timeout_s
-        self._rng = rng or random.Random()
         self._consumer: AIOKafkaConsumer | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: Any = None
         self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
         self._batch = SpanBatch()
         # counters
         self.exported_spans = 0
@@ -273,13 +220,7 @@ class SpanRelay:
         if self._task is not None:
             return
         self._stopping.clear()
-        if self._tls:
-            self._channel = grpc.aio.secure_channel(
-                self._target, self._credentials or grpc.ssl_channel_credentials()
-            )
-        else:
-            self._channel = grpc.aio.insecure_channel(self._target)
-        self._stub = TraceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._exporter.open()
         self._task = asyncio.create_task(self._main(), name="outrider-span-relay")
         self._task.add_done_callback(self._log_crash)
 
@@ -305,9 +246,7 @@ class SpanRelay:
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             await consumer.stop()
-        if self._channel is not None:
-            channel, self._channel = self._channel, None
-            await channel.close(None)
+        await self._exporter.close()
         self._batch = SpanBatch()
 
     async def __aenter__(self) -> Self:
@@ -329,63 +268,81 @@ class SpanRelay:
     async def _main(self) -> None:
         await self._connect()
         if self._consumer is not None:
-            log.info("relaying %s to OTLP endpoint %s", self._topic, self._target)
+            log.info("relaying %s to OTLP endpoint %s", self._topic, self._exporter.target)
             await self._run()
 
+    def _retrying(
+        self,
+        retry: type[BaseException] | tuple[type[BaseException], ...],
+        before_sleep: Callable[[RetryCallState], None] | None = None,
+    ) -> AsyncRetrying:
+        """Retry forever with the relay's backoff, each wait cut short by stop (an attempt
+        that starts after stop returns at once)."""
+        return AsyncRetrying(
+            retry=retry_if_exception_type(retry),
+            wait=self._backoff,
+            sleep=lambda seconds: pause(self._stopping, seconds),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
     async def _connect(self) -> None:
-        failures = 0
-        while not self._stopping.is_set():
-            consumer = AIOKafkaConsumer(
-                self._topic,
-                bootstrap_servers=self._bootstrap,
-                group_id=self._group_id,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-            )
-            try:
-                await consumer.start()
-            except KafkaError as exc:
-                await consumer.stop()
-                delay = self._backoff(failures)
-                failures += 1
-                log.warning("span relay cannot reach Kafka (%s); retrying in %.1fs", exc, delay)
-                await self._pause(delay)
-                continue
-            except BaseException:
-                await consumer.stop()
-                raise
-            self._consumer = consumer
-            return
+        async for attempt in self._retrying(KafkaError, self._cannot_connect):
+            with attempt:
+                if not self._stopping.is_set():
+                    self._consumer = await self._start_consumer()
+
+    async def _start_consumer(self) -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer(
+            self._topic,
+            bootstrap_servers=self._bootstrap,
+            group_id=self._group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        try:
+            await consumer.start()
+        except BaseException:
+            await consumer.stop()
+            raise
+        return consumer
+
+    @staticmethod
+    def _cannot_connect(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        log.warning("span relay cannot reach Kafka (%s); retrying in %.1fs", exc, state.upcoming_sleep)
 
     async def _run(self) -> None:
         assert self._consumer is not None
-        loop = asyncio.get_running_loop()
-        failures = 0
+        rounds = self._retrying((KafkaError, _Undelivered))
         while not self._stopping.is_set():
-            left = self._batch.time_left(loop.time(), self._flush_interval_s)
-            timeout_ms = _POLL_MS if left is None else min(_POLL_MS, int(left * 1000))
-            try:
-                fetched = await self._fetch(timeout_ms)
-            except KafkaError as exc:
-                log.warning("fetching %s failed: %s; retrying", self._topic, exc)
-                await self._pause(self._backoff(failures))
-                failures += 1
-                continue
-            items = [(tp, record) for tp, records in fetched.items() for record in records]
-            ok = await self._take(items)
-            if ok and self._batch.due(
-                loop.time(), self._batch_max, self._batch_max_bytes, self._flush_interval_s
-            ):
-                ok = await self._flush(retry=True)
-                if not ok:
-                    self._rewind([])
-            if ok:
-                failures = 0
-            else:
-                await self._pause(self._backoff(failures))
-                failures += 1
+            # a fresh count of failures (so the shortest backoff) once a round goes through
+            async for attempt in rounds:
+                with attempt:
+                    await self._round()
         if self._batch.records:
             await self._flush(retry=False)
+
+    async def _round(self) -> None:
+        """One fetch, and the sends it makes due. Raises KafkaError when the fetch failed and
+        _Undelivered when a batch was not delivered (the consumer rewound to it)."""
+        if self._stopping.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        left = self._batch.time_left(loop.time(), self._flush_interval_s)
+        timeout_ms = _POLL_MS if left is None else min(_POLL_MS, int(left * 1000))
+        try:
+            fetched = await self._fetch(timeout_ms)
+        except KafkaError as exc:
+            log.warning("fetching %s failed: %s; retrying", self._topic, exc)
+            raise
+        items = [(tp, record) for tp, records in fetched.items() for record in records]
+        if not await self._take(items):
+            raise _Undelivered
+        due = self._batch.due(loop.time(), self._batch_max, self._batch_max_bytes, self._flush_interval_s)
+        if due and not await self._flush(retry=True):
+            self._rewind([])
+            raise _Undelivered
 
     async def _fetch(self, timeout_ms: int) -> dict[Any, list[Any]]:
         """getmany, abandoned when stop is asked (a first group join can take seconds);
@@ -428,14 +385,14 @@ class SpanRelay:
         """Send the batch; commit its offsets if it was delivered (or rejected as malformed).
         False if it was not delivered: the batch is kept for the caller to rewind to."""
         batch = self._batch
-        outcome = _Outcome.DELIVERED
+        outcome = ExportOutcome.DELIVERED
         if batch.spans:
             timeout = self._export_timeout_s if retry else min(self._export_timeout_s, _FINAL_FLUSH_TIMEOUT_S)
-            outcome = await self._export(batch.request(), timeout_s=timeout, retry=retry)
-        if outcome is _Outcome.DELIVERED:
+            outcome = await self._exporter.export(batch.request(), timeout_s=timeout, retry=retry)
+        if outcome is ExportOutcome.DELIVERED:
             self.exported_spans += batch.spans
             self.exported_batches += 1 if batch.spans else 0
-        elif outcome is _Outcome.REJECTED:
+        elif outcome is ExportOutcome.REJECTED:
             self.rejected_batches += 1
         else:
             self.failed_batches += 1
@@ -482,59 +439,3 @@ class SpanRelay:
                 await result
         except Exception:
             log.exception("the on_undecodable hook failed")
-
-    # export with retry --------------------------------------------------------------------
-
-    async def _export(self, request: ExportTraceServiceRequest, *, timeout_s: float, retry: bool) -> _Outcome:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        attempt = 0
-        while True:
-            try:
-                response: ExportTraceServiceResponse = await self._stub.Export(
-                    request, timeout=max(0.001, deadline - loop.time()), metadata=self._metadata
-                )
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code in _SKIP_CODES:
-                    log.error(  # noqa: TRY400 - a status, not a bug: no traceback
-                        "OTLP endpoint %s rejected a batch: %s %s", self._target, code.name, exc.details()
-                    )
-                    return _Outcome.REJECTED
-                hint = _retry_hint(exc)
-                delay = hint if hint is not None else self._backoff(attempt)
-                if not retry or code not in RETRYABLE_CODES or delay >= deadline - loop.time():
-                    log.warning(
-                        "exporting %d span batch to %s failed: %s %s",
-                        len(request.resource_spans),
-                        self._target,
-                        code.name,
-                        exc.details(),
-                    )
-                    return _Outcome.FAILED
-                self.retries += 1
-                log.debug("export to %s: %s, retrying in %.2fs", self._target, code.name, delay)
-                if await self._pause(delay):
-                    return _Outcome.STOPPED
-                attempt += 1
-                continue
-            rejected = response.partial_success.rejected_spans
-            if rejected:
-                self.rejected_spans += rejected
-                log.warning(
-                    "OTLP endpoint %s dropped %d span(s): %s",
-                    self._target,
-                    rejected,
-                    response.partial_success.error_message,
-                )
-            return _Outcome.DELIVERED
-
-    def _backoff(self, attempt: int) -> float:
-        base = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(attempt, 30))
-        return float(base * self._rng.uniform(0.8, 1.2))
-
-    async def _pause(self, seconds: float) -> bool:
-        """Sleep, cut short by stop; True if stopping."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        return self._stopping.is_set()
