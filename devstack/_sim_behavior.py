@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +18,10 @@ import yaml
 
 DEFAULT_MODEL = "sim-fast"
 DEFAULT_MODEL_LATENCY_MS = 5.0
+JUDGE_MODEL = "sim-judge"  # answers judge prompts with scripted scores
+DIVERGENT_MODEL = "sim-divergent"  # a shadow candidate that disagrees with sim-fast
+REPLY_STYLES = ("echo", "reworded")
+DEFAULT_JUDGE_SCORE = 0.5
 BUILTIN_TOOLS = ("lookup_order", "echo")
 
 
@@ -55,15 +59,56 @@ def _check_status(field: str, value: object) -> None:
         raise BehaviorError(field, f"must be an HTTP error status in [400, 599], got {value}")
 
 
+def _check_bool(field: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise BehaviorError(field, f"must be true or false, got {value!r}")
+
+
+def _check_str(field: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise BehaviorError(field, f"must be a string, got {value!r}")
+
+
+def _check_names(field: str, value: object, check: Any) -> dict[str, Any]:
+    """A mapping of non-empty names to values that `check` accepts; returns a private copy."""
+    if not isinstance(value, Mapping):
+        raise BehaviorError(field, f"must be a mapping of name -> value, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise BehaviorError(field, f"names must be non-empty strings, got {key!r}")
+        check(f"{field}.{key}", item)
+    return dict(value)
+
+
+def _check_tool_name(field: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise BehaviorError(field, f"must be a non-empty tool name, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelBehavior:
-    """How one simulated model answers."""
+    """How one simulated model answers.
+
+    Shadow candidates differ from stable through `tool_rename` (the tool a ``/tool NAME``
+    command calls is renamed), `ignore_tools` (answer in text even when tools are offered),
+    `reply_style` ("echo": the usual reply; "reworded": a reply that shares few words with it)
+    and `reply_prefix`. A `judge` model answers judge prompts (``[Answer A]``/``[Answer B]``
+    sections, or one ``[Answer]``) with JSON scores: each answer scores `judge_scores` of the
+    model named in its "Simulated reply from <model>", else `judge_default_score`.
+    """
 
     latency_ms: float = 0.0  # added before the response (or before the first SSE chunk)
     latency_jitter_ms: float = 0.0  # uniform +- jitter, from the server's seeded random source
     error_rate: float = 0.0  # probability that a request answers with error_status
     error_status: int = 500
     chunk_delay_ms: float = 0.0  # delay between SSE chunks
+    tool_rename: dict[str, str] = field(default_factory=dict)
+    ignore_tools: bool = False
+    reply_style: str = "echo"
+    reply_prefix: str = ""
+    judge: bool = False
+    judge_scores: dict[str, float] = field(default_factory=dict)
+    judge_default_score: float = DEFAULT_JUDGE_SCORE
 
     def __post_init__(self) -> None:
         _check_ms("latency_ms", self.latency_ms)
@@ -71,6 +116,19 @@ class ModelBehavior:
         _check_rate("error_rate", self.error_rate)
         _check_status("error_status", self.error_status)
         _check_ms("chunk_delay_ms", self.chunk_delay_ms)
+        # private copies, so a caller's later change to its dict cannot change a frozen behavior
+        object.__setattr__(
+            self, "tool_rename", _check_names("tool_rename", self.tool_rename, _check_tool_name)
+        )
+        _check_bool("ignore_tools", self.ignore_tools)
+        if self.reply_style not in REPLY_STYLES:
+            raise BehaviorError(
+                "reply_style", f"must be one of {', '.join(REPLY_STYLES)}, got {self.reply_style!r}"
+            )
+        _check_str("reply_prefix", self.reply_prefix)
+        _check_bool("judge", self.judge)
+        object.__setattr__(self, "judge_scores", _check_names("judge_scores", self.judge_scores, _check_rate))
+        _check_rate("judge_default_score", self.judge_default_score)
 
 
 @dataclass(frozen=True)
@@ -112,7 +170,21 @@ def behavior_to_dict(behavior: ModelBehavior | ToolBehavior) -> dict[str, Any]:
 
 
 def default_models() -> dict[str, ModelBehavior]:
-    return {DEFAULT_MODEL: ModelBehavior(latency_ms=DEFAULT_MODEL_LATENCY_MS)}
+    """sim-fast; sim-divergent, a shadow candidate that calls another tool and words its
+    replies differently; sim-judge, which prefers sim-fast's answers to sim-divergent's."""
+    return {
+        DEFAULT_MODEL: ModelBehavior(latency_ms=DEFAULT_MODEL_LATENCY_MS),
+        DIVERGENT_MODEL: ModelBehavior(
+            latency_ms=DEFAULT_MODEL_LATENCY_MS,
+            tool_rename={"lookup_order": "search_orders"},
+            reply_style="reworded",
+        ),
+        JUDGE_MODEL: ModelBehavior(
+            latency_ms=DEFAULT_MODEL_LATENCY_MS,
+            judge=True,
+            judge_scores={DEFAULT_MODEL: 0.8, DIVERGENT_MODEL: 0.3},
+        ),
+    }
 
 
 def default_tools() -> dict[str, ToolBehavior]:

@@ -189,30 +189,55 @@ def word_pieces(text: str) -> list[str]:
     return [p for p in _WORD_BOUNDARY.split(text) if p]
 
 
-def plan_reply(req: ChatRequest, call_id: str) -> Reply:
-    """The deterministic answer to a request: a tool call, or text derived from the last message."""
+def reworded(model: str) -> str:
+    """The "reworded" reply style: names the model but shares few words with the echo reply."""
+    return f"Simulated reply from {model}: sorry, I cannot confirm anything about this right now."
+
+
+def text_reply(text: str, p_tokens: int, max_tokens: int | None) -> Reply:
+    """A text reply, cut to `max_tokens` words (finish_reason "length") when longer."""
+    pieces = word_pieces(text)
+    finish = "stop"
+    if max_tokens is not None and len(pieces) > max_tokens:
+        text = "".join(pieces[:max_tokens]).rstrip()
+        finish = "length"
+    return Reply(text, None, finish, p_tokens, count_tokens(text))
+
+
+def plan_reply(
+    req: ChatRequest,
+    call_id: str,
+    *,
+    tool_rename: Mapping[str, str] | None = None,
+    ignore_tools: bool = False,
+    reply_style: str = "echo",
+    reply_prefix: str = "",
+) -> Reply:
+    """The deterministic answer to a request: a tool call, or text derived from the last message.
+
+    The keywords make a shadow candidate that differs: it renames the tool it calls, ignores
+    the tools offered, or words its text differently ("reworded") or with a prefix.
+    """
     p_tokens = prompt_tokens(req.messages)
     last = req.messages[-1]
     last_text = message_text(last)
-    if req.tools_offered and last.get("role") == "user":
+    if req.tools_offered and not ignore_tools and last.get("role") == "user":
         match = _TOOL_COMMAND.match(last_text.strip())
         if match:
             arguments = match.group(2).strip() or "{}"
-            call = ToolCall(id=call_id, name=match.group(1), arguments=arguments)
+            name = (tool_rename or {}).get(match.group(1), match.group(1))
+            call = ToolCall(id=call_id, name=name, arguments=arguments)
             c_tokens = 1 + max(1, len(arguments) // 4)
             return Reply(None, call, "tool_calls", p_tokens, c_tokens)
-    if last.get("role") == "tool":
+    if reply_style == "reworded":
+        text = reworded(req.model)
+    elif last.get("role") == "tool":
         text = f"Simulated reply from {req.model} to tool result: {last_text[:SNIPPET_CHARS]}"
     else:
         user_texts = [message_text(m) for m in req.messages if m.get("role") == "user"]
         snippet = user_texts[-1][:SNIPPET_CHARS] if user_texts else ""
         text = f"Simulated reply from {req.model} to: {snippet}"
-    pieces = word_pieces(text)
-    finish = "stop"
-    if req.max_tokens is not None and len(pieces) > req.max_tokens:
-        text = "".join(pieces[: req.max_tokens]).rstrip()
-        finish = "length"
-    return Reply(text, None, finish, p_tokens, count_tokens(text))
+    return text_reply(reply_prefix + text, p_tokens, req.max_tokens)
 
 
 def completion_body(completion_id: str, created: int, model: str, reply: Reply) -> dict[str, Any]:

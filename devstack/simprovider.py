@@ -3,7 +3,10 @@
 It stands in for real providers in `outrider dev`, demos and tests. Each model and tool has
 a behavior (latency, jitter, error rate and status, SSE chunk delay) that can change at run
 time, through `set_model`/`set_tool` or ``PUT /_sim/models/{model}``. All randomness comes
-from one `random.Random(seed)`, so a test run is reproducible.
+from one `random.Random(seed)`, so a test run is reproducible. For shadow mode, a behavior
+can make a candidate that differs (tool_rename, ignore_tools, reply_style, reply_prefix) and a
+judge model with scripted scores (judge, judge_scores, judge_default_score): `sim-divergent`
+and `sim-judge` are served by default.
 
 Endpoints: ``POST /v1/chat/completions`` (unary and SSE), ``GET /v1/models[/{model}]``,
 ``POST /tools/{name}``, ``PUT|PATCH /_sim/models/{model}``, ``PUT|PATCH /_sim/tools/{name}``
@@ -66,10 +69,10 @@ from ._sim_openai import (
     model_object,
     models_list,
     parse_chat_request,
-    plan_reply,
     sse_event,
     stream_chunks,
 )
+from ._sim_replies import reply_for
 from ._sim_state import RECEIVED_MAX, B, ReceivedRequest, SimState
 from ._sim_tools import run_tool
 
@@ -135,7 +138,8 @@ def refused_tool_url(name: str, host: str = "127.0.0.1") -> str:
 class SimProvider:
     """The simulated provider; an async context manager, `start`/`stop` idempotent.
 
-    Without `models`, it serves `sim-fast` (5 ms); without `tools`, `lookup_order` and `echo`.
+    Without `models`, it serves `sim-fast`, `sim-divergent` and `sim-judge` (5 ms each); without
+    `tools`, `lookup_order` and `echo`.
     """
 
     def __init__(
@@ -474,7 +478,7 @@ class SimProvider:
             _cut(request)
             return web.Response()
         completion_id, call_id = self._state.next_ids()
-        reply = plan_reply(req, call_id)
+        reply = reply_for(req, call_id, behavior)
         created = int(time.time())
         # malformed_json answers a JSON body whatever `stream` asked for
         if not req.stream or (fault is not None and fault.kind == "malformed_json"):
@@ -607,7 +611,7 @@ async def serve(
     seed: int = 0,
     on_ready: Callable[[SimProvider], None] | None = None,
 ) -> None:
-    """Run a simulated provider until cancelled: the default `sim-fast` model and built-in tools,
+    """Run a simulated provider until cancelled: the default models and built-in tools,
     plus (overridden by) whatever the config file has. Without `api_key`, the key is read from
     the OUTRIDER_SIM_API_KEY environment variable; unset or empty means no auth.
 

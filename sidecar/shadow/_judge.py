@@ -179,7 +179,11 @@ class OpenAIChatCompletion:
 
 
 class JudgeBudget:
-    """Sliding-window limits on judge calls per minute and judge spend per hour."""
+    """Sliding-window limits on judge calls per minute and judge spend per hour.
+
+    A call's cost is known only when it returns, so the spend limit can be passed by the
+    calls already in flight when it is reached: at most `max_concurrency` calls' cost.
+    """
 
     def __init__(
         self, max_calls_per_minute: int | None, max_usd_per_hour: float | None, clock: Clock

@@ -30,6 +30,8 @@ PAIR_INSTRUCTIONS = (
     '"preference": "A" | "B" | "tie"}'
 )
 SINGLE_INSTRUCTIONS = 'Reply with JSON only: {"score": <number 0..1>}'
+MAX_VERDICT_CHARS = 16_000  # a verdict is a few dozen characters; longer answers are cut
+MAX_OBJECT_STARTS = 64  # at most this many "{" in prose are tried as the start of the verdict
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 _HIDDEN_ROLES = frozenset({"system", "developer"})
 
@@ -113,7 +115,9 @@ def build_single_prompt(
 
 
 def _objects(text: str) -> list[dict[str, Any]]:
-    """JSON objects in the text: the whole text, then fenced blocks, then any embedded in prose."""
+    """JSON objects in the text: the whole text, then fenced blocks, then any embedded in prose.
+    Bounded (MAX_VERDICT_CHARS, MAX_OBJECT_STARTS) so a rambling judge costs little to parse."""
+    text = text[:MAX_VERDICT_CHARS]
     candidates = [text.strip(), *(m.group(1).strip() for m in _FENCE.finditer(text))]
     found: list[dict[str, Any]] = []
     for chunk in candidates:
@@ -124,9 +128,8 @@ def _objects(text: str) -> list[dict[str, Any]]:
         if isinstance(value, dict):
             found.append(value)
     decoder = json.JSONDecoder()
-    for i, ch in enumerate(text):
-        if ch != "{":
-            continue
+    starts = [i for i, ch in enumerate(text) if ch == "{"][:MAX_OBJECT_STARTS]
+    for i in starts:
         try:
             value, _ = decoder.raw_decode(text, i)
         except ValueError:

@@ -179,6 +179,12 @@ def test_parse_single_verdict(text: str, expected: float | None) -> None:
     assert parse_single_verdict(text) == expected
 
 
+def test_parsing_is_bounded() -> None:
+    assert parse_pair_verdict("{" * 200_000) is None
+    assert parse_single_verdict("x" * 20_000 + '{"score": 0.5}') is None  # past the bound: not read
+    assert parse_single_verdict("{ " * 100 + '{"score": 0.5}') is None  # past the tried starts
+
+
 async def test_unparsed_answers_are_counted_not_guessed() -> None:
     judge = Judge(CONFIG, Scripted("Answer A, clearly.", cost=0.001))
     result = await judge.judge_pair(CONVERSATION, "a", "b")
