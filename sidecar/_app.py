@@ -27,6 +27,7 @@ from sidecar._config import SidecarConfig
 from sidecar._grpc import SidecarService
 from sidecar._pipeline import CallPipeline
 from sidecar._record import Recorder
+from sidecar._tool_calls import ToolCalls
 from sidecar.guards._safety import Safety
 from sidecar.resilience._executor import Executor
 from sidecar.resilience._global_quota import GlobalQuotas
@@ -38,9 +39,11 @@ from sidecar.routing._registry import VersionRegistry, registry_state_path
 from sidecar.routing._router import Router
 from sidecar.routing._session import SessionCodec
 from sidecar.routing._versions import build_versions
+from sidecar.shadow._judge import Judge
+from sidecar.shadow._runner import ShadowRunner
 from sidecar.telemetry._metrics import MetricsServer, SidecarMetrics
 from sidecar.telemetry._producer import TelemetryProducer
-from sidecar.telemetry._semconv import capture_content_enabled
+from sidecar.telemetry._semconv import CAPTURE_CONTENT_ENV, capture_content_enabled
 from sidecar.telemetry._span_queue import SpanQueueProcessor
 from sidecar.telemetry._span_records import build_tracer_provider
 from sidecar.telemetry._tracing import Tracing
@@ -128,7 +131,9 @@ class Sidecar:
             metrics=self.metrics,
             telemetry=self.telemetry,
             report_interval_s=config.usage_report_interval,
+            shadow_max_share=config.shadow.max_tpm_share,
         )
+        self.shadow: ShadowRunner | None = None
         try:
             verifier = config.control.verifier()
         except outrider.SigningKeyError as exc:
@@ -199,6 +204,25 @@ class Sidecar:
         self.executor = Executor(
             ProviderClient(self._http), ToolClient(self._http), self.upstreams, self.global_quotas
         )
+        recorder = Recorder(
+            agent=config.agent,
+            sidecar_id=self.sidecar_id,
+            router=self.router,
+            telemetry=self.telemetry,
+            tracing=tracing,
+            clock=self._clock,
+        )
+        self.shadow = ShadowRunner(
+            config=config.shadow,
+            router=self.router,
+            versions=self.versions,
+            executor=self.executor,
+            recorder=recorder,
+            metrics=self.metrics,
+            judge=self._judge(tracing.capture_content),
+        )
+        self.control.listeners.append(self.shadow.on_state)
+        await self.shadow.start()
         pipeline = CallPipeline(
             agent=config.agent,
             versions=self.versions,
@@ -214,16 +238,17 @@ class Sidecar:
                 telemetry=self.telemetry,
             ),
             metrics=self.metrics,
-            recorder=Recorder(
-                agent=config.agent,
-                sidecar_id=self.sidecar_id,
-                router=self.router,
-                telemetry=self.telemetry,
-                tracing=tracing,
-                clock=self._clock,
+            recorder=recorder,
+            tools=ToolCalls(
+                executor=self.executor,
+                recorder=recorder,
+                metrics=self.metrics,
+                max_request_bytes=config.max_request_bytes,
+                capture_content=tracing.capture_content,
             ),
             max_request_bytes=config.max_request_bytes,
             drain=self.drain,
+            shadow=self.shadow,
         )
         service = SidecarService(pipeline)
         server = grpc.aio.server(
@@ -285,6 +310,21 @@ class Sidecar:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    def _judge(self, capture_content: bool) -> Judge | None:
+        """The configured judge; it sees prompts and answers, so only with content capture on."""
+        settings = self.config.shadow.judge
+        if settings is None:
+            return None
+        if not capture_content:
+            log.warning(
+                "shadow.judge is configured but content capture is off (%s): the judge stays off, "
+                "since it would send prompts and answers to %s",
+                CAPTURE_CONTENT_ENV,
+                settings.judge_name,
+            )
+            return None
+        return Judge(settings)
+
     def _start_tracing(self) -> TracerProvider | None:
         """A TracerProvider whose spans go to `outrider.spans` through the telemetry queue (so
         they share its spill) and, when OTEL_EXPORTER_OTLP_*ENDPOINT is set, straight over
@@ -334,6 +374,8 @@ class Sidecar:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self.shadow is not None:
+            await self.shadow.stop()
         await self._stop_tracing()
         await self.drain.stop()
         await self.control.stop()

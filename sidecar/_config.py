@@ -40,6 +40,7 @@ from outrider.durations import PositiveDuration, parse_positive_duration
 from sidecar._aliases import alias_version
 from sidecar._config_format import format_validation_error
 from sidecar._control_config import ControlConfig
+from sidecar.shadow._settings import ShadowConfig
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9464
@@ -368,6 +369,7 @@ class SidecarConfig(_Frozen):
     usage_report_interval: Duration = DEFAULT_USAGE_REPORT_INTERVAL_S
     control: ControlConfig = Field(default_factory=ControlConfig)
     upstream_aliases: dict[str, str] = Field(default_factory=dict)  # see sidecar._aliases
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)  # see sidecar.shadow._settings
 
     _version_ids: dict[str, str] = PrivateAttr(default_factory=dict)
     _api_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)

@@ -10,7 +10,9 @@ from typing import Any, NoReturn
 import grpc
 
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
-from sidecar._pipeline import CallError, CallPipeline, ChatCall, ToolCall
+from sidecar._call_errors import CallError
+from sidecar._pipeline import CallPipeline, ChatCall
+from sidecar._tool_calls import ToolCall
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -41,7 +43,9 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         self, request: sidecar_pb2.OpenSessionRequest, context: Context
     ) -> sidecar_pb2.OpenSessionResponse:
         try:
-            return self._pipeline.open_session(request.agent, request.user_id, request.tenant_id)
+            return self._pipeline.open_session(
+                request.agent, request.user_id, request.tenant_id, request.shadow_of
+            )
         except CallError as exc:
             await _abort(context, exc)
 

@@ -24,8 +24,6 @@ reached a version and emit none.
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -35,36 +33,24 @@ import grpc
 
 from outrider import SESSION_DRAINED, SESSION_EXPIRED
 from outrider.v1 import common_pb2, sidecar_pb2
-from sidecar._record import ERROR, OK, ChatState, Recorder, TraceCarrier, chat_response, elapsed_ms
+from sidecar._call_errors import CallError, deadline_of, fail
+from sidecar._record import ChatState, Recorder, TraceCarrier, chat_response, elapsed_ms
+from sidecar._tool_calls import ToolCall, ToolCalls
 from sidecar.guards import Hit, StreamRedactor
 from sidecar.guards._safety import Safety
 from sidecar.resilience._executor import ChatFailed, Executor, Served, estimate_tokens, upstream_status
 from sidecar.resilience._user_quotas import Refusal, UserQuotas
 from sidecar.routing._drain import DrainTracker, drained_status, precondition_status
-from sidecar.routing._router import Router
+from sidecar.routing._router import Assignment, Router
 from sidecar.routing._session import Session, SessionCodec, SessionExpired, UnknownSession, new_nonce
 from sidecar.routing._versions import Version
+from sidecar.shadow._runner import ShadowRunner
 from sidecar.telemetry._metrics import SidecarMetrics
 from sidecar.upstream._exceptions import UpstreamError
 from sidecar.upstream._provider import ChatResult
 
 _ROLES = frozenset({"user", "assistant", "tool", "system"})
 _FEEDBACK_KINDS = frozenset(v for v in sidecar_pb2.FeedbackKind.values() if v != 0)
-
-
-class CallError(Exception):
-    """A refused or failed call: a status code, a message naming what was wrong, and a rich
-    status (ErrorInfo, RetryInfo) to send instead of code + message when there is one."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, status: grpc.Status | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-
-
-def _fail(code: grpc.StatusCode, message: str) -> NoReturn:
-    raise CallError(code, message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,15 +64,6 @@ class ChatCall:
     time_remaining: float | None = None
     trace: TraceCarrier = None
     request_bytes: int = 0  # the request's size on the wire, for max_request_bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    session_token: str
-    tool_name: str
-    arguments_json: str
-    time_remaining: float | None = None
-    trace: TraceCarrier = None
 
 
 class _GuardBlocked(Exception):
@@ -120,8 +97,10 @@ class CallPipeline:
         safety: Safety,
         metrics: SidecarMetrics,
         recorder: Recorder,
+        tools: ToolCalls,
         max_request_bytes: int,
         drain: DrainTracker | None = None,
+        shadow: ShadowRunner | None = None,
     ) -> None:
         self.agent = agent
         self._versions = versions
@@ -132,19 +111,26 @@ class CallPipeline:
         self._safety = safety
         self._metrics = metrics
         self._recorder = recorder
+        self._tools = tools
         self._max_bytes = max_request_bytes
         self._drain = drain
+        self._shadow = shadow
 
     # sessions and versions
 
-    def open_session(self, agent: str, user_id: str, tenant_id: str) -> sidecar_pb2.OpenSessionResponse:
+    def open_session(
+        self, agent: str, user_id: str, tenant_id: str, shadow_of: str = ""
+    ) -> sidecar_pb2.OpenSessionResponse:
         if agent and agent != self.agent:
-            _fail(
+            fail(
                 grpc.StatusCode.NOT_FOUND,
                 f"agent: unknown agent {agent!r}; this sidecar serves {self.agent!r}",
             )
         nonce = new_nonce()
-        assignment = self._router.assign(nonce, user_id, tenant_id)
+        if shadow_of:
+            assignment = self._shadow_assignment(shadow_of)
+        else:
+            assignment = self._router.assign(nonce, user_id, tenant_id)
         token, session = self._codec.issue(
             nonce=nonce,
             version_id=assignment.version_id,
@@ -161,10 +147,27 @@ class CallPipeline:
             rollout_id=session.rollout_id,
         )
 
+    def _shadow_assignment(self, shadow_of: str) -> Assignment:
+        """A whole-trajectory shadow session: the candidate of the rollout in its shadow phase."""
+        try:
+            self._codec.decode(shadow_of)
+        except (UnknownSession, SessionExpired) as exc:
+            raise CallError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"shadow_of: not a live session: {exc}"
+            ) from None
+        target = self._router.shadow_target()
+        if target is None:
+            fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"shadow_of: no rollout of {self.agent!r} is in its shadow phase with versions "
+                "this sidecar has",
+            )
+        return Assignment(target.candidate_version_id, common_pb2.ROLE_SHADOW, target.rollout_id)
+
     def resolve(self, token: str, *, allow_expired: bool = False) -> tuple[Session, Version]:
         """The session a token carries and the version it is pinned to."""
         if not token:
-            _fail(grpc.StatusCode.INVALID_ARGUMENT, "session_id: must not be empty")
+            fail(grpc.StatusCode.INVALID_ARGUMENT, "session_id: must not be empty")
         try:
             session = self._codec.decode(token, allow_expired=allow_expired)
         except UnknownSession:
@@ -182,7 +185,7 @@ class CallPipeline:
             raise CallError(status.code, status.details, status)
         version = self._versions.get(session.version_id)
         if version is None:
-            _fail(
+            fail(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"session_id: pinned version {session.version_id} is not served by this sidecar; "
                 "open a new session",
@@ -193,40 +196,30 @@ class CallPipeline:
         if session_token:
             return self.resolve(session_token)[1].info
         if not version_id:
-            _fail(grpc.StatusCode.INVALID_ARGUMENT, "session_id or version_id: set one")
+            fail(grpc.StatusCode.INVALID_ARGUMENT, "session_id or version_id: set one")
         found = self._versions.get(version_id)
         if found is None:
-            _fail(grpc.StatusCode.NOT_FOUND, f"version_id: unknown version {version_id!r}")
+            fail(grpc.StatusCode.NOT_FOUND, f"version_id: unknown version {version_id!r}")
         return found.info
 
     # chat
 
     def _check_chat(self, call: ChatCall) -> None:
         if not call.messages:
-            _fail(grpc.StatusCode.INVALID_ARGUMENT, "messages: must not be empty")
+            fail(grpc.StatusCode.INVALID_ARGUMENT, "messages: must not be empty")
         for index, message in enumerate(call.messages):
             if message.role not in _ROLES:
-                _fail(
+                fail(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"messages[{index}].role: must be one of user, assistant, tool, system; "
                     f"got {message.role!r}",
                 )
         size = call.request_bytes or sum(m.ByteSize() for m in call.messages)
         if size > self._max_bytes:
-            _fail(
+            fail(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"messages: request of {size} bytes exceeds max_request_bytes ({self._max_bytes})",
             )
-
-    @staticmethod
-    def _deadline(time_remaining: float | None, version: Version) -> float:
-        """The call's single deadline, as time.monotonic(): the caller's, else resilience.deadline."""
-        remaining = time_remaining
-        if remaining is None:
-            remaining = version.config.resilience.deadline
-        elif remaining <= 0:
-            _fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
-        return time.monotonic() + remaining
 
     def _refuse(self, session: Session, version: Version, state: ChatState, error_class: str) -> None:
         state.error_class = error_class
@@ -238,7 +231,7 @@ class CallPipeline:
         """Validate, scan input, check the user/tenant quotas: everything before the executor."""
         session, version = self.resolve(call.session_token)
         self._check_chat(call)
-        deadline = self._deadline(call.time_remaining, version)
+        deadline = deadline_of(call.time_remaining, version)
         state = ChatState(operation, priority=call.priority)
         self._recorder.start_chat_span(call.trace, session, version, state)
         messages, state.guard_hits, blocked = self._safety.scan_input(
@@ -248,7 +241,9 @@ class CallPipeline:
             state.span.set_input_messages(messages)
         if blocked is not None:
             self._refuse(session, version, state, "guard_blocked_input")
-            _fail(blocked.code, blocked.message)
+            fail(blocked.code, blocked.message)
+        if session.role == common_pb2.ROLE_SHADOW:  # not the user's call: not the user's quota
+            return session, version, deadline, state, messages
         ticket = self._user_quotas.admit(session, estimate_tokens(version, messages))
         if isinstance(ticket, Refusal):
             self._metrics.quota_refused.labels(ticket.message.split(" ", 1)[0]).inc()
@@ -269,7 +264,7 @@ class CallPipeline:
         if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             refusal = Refusal(exc.code, exc.message, exc.retry_after_s)
             raise CallError(exc.code, exc.message, refusal.status())
-        _fail(exc.code, exc.message)
+        fail(exc.code, exc.message)
 
     def _cancelled(self, session: Session, version: Version, state: ChatState) -> None:
         self._release(state)
@@ -295,8 +290,11 @@ class CallPipeline:
 
     async def chat(self, call: ChatCall) -> sidecar_pb2.ChatResponse:
         session, version, deadline, state, messages = self._admit(call, "chat")
+        shadow = session.role == common_pb2.ROLE_SHADOW
         try:
-            state.served = await self._executor.chat(version, messages, deadline, call.priority, state.span)
+            state.served = await self._executor.chat(
+                version, messages, deadline, call.priority and not shadow, state.span, shadow=shadow
+            )
         except ChatFailed as exc:
             self._failed(session, version, state, exc)
         except asyncio.CancelledError:
@@ -311,9 +309,11 @@ class CallPipeline:
             if outcome.blocked:
                 self._refuse(session, version, state, "guard_blocked_output")
                 category = next(h.category for h in outcome.hits if h.action.value == "block")
-                _fail(grpc.StatusCode.PERMISSION_DENIED, f"reply blocked by guardrail {category}")
+                fail(grpc.StatusCode.PERMISSION_DENIED, f"reply blocked by guardrail {category}")
             result.content = outcome.text
         self._recorder.chat(session, version, state)
+        if self._shadow is not None:
+            self._shadow.after_chat(session, version, messages, state)
         return chat_response(session, version, state)
 
     async def chat_stream(self, call: ChatCall) -> AsyncGenerator[sidecar_pb2.ChatChunk, None]:
@@ -321,8 +321,9 @@ class CallPipeline:
         tool calls, then the final response."""
         session, version, deadline, state, messages = self._admit(call, "chat_stream")
         try:
+            shadow = session.role == common_pb2.ROLE_SHADOW
             served, stream, first = await self._executor.chat_stream(
-                version, messages, deadline, call.priority, state.span
+                version, messages, deadline, call.priority and not shadow, state.span, shadow=shadow
             )
         except ChatFailed as exc:
             self._failed(session, version, state, exc)
@@ -340,6 +341,8 @@ class CallPipeline:
         if not state.ttft_ms:
             state.ttft_ms = elapsed_ms(state.start)
         self._recorder.chat(session, version, state)
+        if self._shadow is not None:
+            self._shadow.after_chat(session, version, messages, state)
         response = chat_response(session, version, state)
         if state.result.tool_calls:
             yield sidecar_pb2.ChatChunk(tool_calls=response.message.tool_calls)
@@ -390,12 +393,12 @@ class CallPipeline:
             self._executor.stream_done(version, served, exc)
             settled = True
             self._stream_failed(session, version, state, exc.error_class)
-            _fail(upstream_status(exc), f"stream from {served.tier.name} failed after the first delta: {exc}")
+            fail(upstream_status(exc), f"stream from {served.tier.name} failed after the first delta: {exc}")
         except _GuardBlocked as blocked:
             self._executor.stream_done(version, served, None)
             settled = True
             self._stream_failed(session, version, state, "guard_blocked_output")
-            _fail(grpc.StatusCode.PERMISSION_DENIED, f"reply blocked by guardrail {blocked.category}")
+            fail(grpc.StatusCode.PERMISSION_DENIED, f"reply blocked by guardrail {blocked.category}")
         finally:
             if stream is not None:
                 await stream.aclose()
@@ -413,76 +416,15 @@ class CallPipeline:
 
     async def call_tool(self, call: ToolCall) -> sidecar_pb2.CallToolResponse:
         session, version = self.resolve(call.session_token)
-        if not call.tool_name:
-            _fail(grpc.StatusCode.INVALID_ARGUMENT, "tool_name: must not be empty")
-        tool = version.tools.get(call.tool_name)
-        if tool is None:
-            _fail(
-                grpc.StatusCode.NOT_FOUND,
-                f"tool_name: version {version.label} ({version.version_id}) has no tool {call.tool_name!r}",
-            )
-        arguments = call.arguments_json or "{}"
-        if len(arguments) > self._max_bytes:
-            _fail(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"arguments_json: {len(arguments)} bytes exceeds max_request_bytes ({self._max_bytes})",
-            )
-        try:
-            parsed = json.loads(arguments)
-        except ValueError as exc:
-            raise CallError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"arguments_json: not valid JSON: {exc}"
-            ) from None
-        if not isinstance(parsed, dict):
-            _fail(grpc.StatusCode.INVALID_ARGUMENT, "arguments_json: must be a JSON object")
-        deadline = self._deadline(call.time_remaining, version)
-        start = time.perf_counter()
-        event = self._recorder.event(session)
-        record = event.tool
-        record.tool_name = tool.name
-        with self._recorder.tool_span(call.trace, session, version, tool.name, tool.endpoint) as span:
-            span.set_arguments(arguments)
-            try:
-                result, attempts = await self._executor.call_tool(version, tool, arguments, deadline, span)
-            except (ChatFailed, UpstreamError, asyncio.CancelledError) as exc:
-                record.latency_ms = elapsed_ms(start)
-                record.outcome = ERROR
-                if isinstance(exc, asyncio.CancelledError):
-                    record.error_class = "cancelled"
-                else:
-                    record.error_class = exc.error_class
-                if isinstance(exc, UpstreamError):
-                    record.status_code = exc.status or 0
-                    record.attempts = getattr(exc, "attempts", 1)
-                self._recorder.emit(event)
-                span.set_error(record.error_class)
-                if isinstance(exc, ChatFailed):
-                    _fail(exc.code, exc.message)
-                if isinstance(exc, UpstreamError):
-                    _fail(upstream_status(exc), str(exc))
-                raise
-            span.set_result(result.result_json)
-        latency = elapsed_ms(start)
-        record.latency_ms = latency
-        record.outcome = OK
-        record.status_code = result.status
-        record.attempts = attempts
-        self._recorder.emit(event)
-        return sidecar_pb2.CallToolResponse(
-            result_json=result.result_json,
-            status_code=result.status,
-            version_id=version.version_id,
-            latency_ms=latency,
-            attempts=attempts,
-        )
+        return await self._tools.call(session, version, call)
 
     def feedback(self, session_token: str, kind: int, score: float) -> None:
         # feedback often arrives after the conversation: an expired (but genuine) session counts
         session, _ = self.resolve(session_token, allow_expired=True)
         if kind not in _FEEDBACK_KINDS:
-            _fail(grpc.StatusCode.INVALID_ARGUMENT, f"kind: unknown feedback kind {kind}")
+            fail(grpc.StatusCode.INVALID_ARGUMENT, f"kind: unknown feedback kind {kind}")
         if kind == sidecar_pb2.FEEDBACK_KIND_SCORE and not 0.0 <= score <= 1.0:
-            _fail(grpc.StatusCode.INVALID_ARGUMENT, f"score: must be in [0, 1], got {score}")
+            fail(grpc.StatusCode.INVALID_ARGUMENT, f"score: must be in [0, 1], got {score}")
         event = self._recorder.event(session)
         event.feedback.kind = kind
         event.feedback.score = score

@@ -384,6 +384,8 @@ class Executor:
         deadline: float,
         priority: bool,
         span: ChatSpan | None = None,
+        *,
+        shadow: bool = False,
     ) -> tuple[Served, AsyncGenerator[str | ChatResult, None] | None, str | ChatResult]:
         """Open a stream on the first tier that yields its first item.
 
@@ -424,7 +426,7 @@ class Executor:
             )
 
         tier, value, counter, waited, ticket = await self._walk(
-            version, messages, deadline, priority, run, span
+            version, messages, deadline, priority, run, span, shadow
         )
         self.upstreams.served(tier)
         if tier.target is None:

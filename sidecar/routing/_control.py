@@ -25,6 +25,7 @@ import contextlib
 import logging
 import random
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -73,6 +74,8 @@ class ControlTailer:
         self._pending_markers: dict[int, bytes] = {}
         self._to_persist: outrider.SignedRecord | None = None  # written by the task, off the loop
         self.ready = asyncio.Event()
+        # called with every state applied, after the router took it (e.g. shadow work ending)
+        self.listeners: list[Callable[[control_pb2.RolloutState], None]] = []
         self.records_seen = 0
         self.rejected = 0
         self.state_source = ""  # "disk" or "topic" once ready
@@ -168,6 +171,8 @@ class ControlTailer:
             state.candidate_weight,
             state.reason or "no reason given",
         )
+        for listener in self.listeners:
+            listener(state)
         return True
 
     # -- persisted state -------------------------------------------------------------------

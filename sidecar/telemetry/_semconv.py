@@ -58,6 +58,11 @@ GEN_AI_INPUT_MESSAGES: Final = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
 GEN_AI_TOOL_CALL_ARGUMENTS: Final = "gen_ai.tool.call.arguments"
 GEN_AI_TOOL_CALL_RESULT: Final = "gen_ai.tool.call.result"
+# the GenAI proposal for what happened to a tool call: executed, or simulated (not run)
+GEN_AI_TOOL_CALL_DISPOSITION: Final = "gen_ai.tool.call.disposition"
+TOOL_DISPOSITION_EXECUTE: Final = "execute"
+TOOL_DISPOSITION_SIMULATE: Final = "simulate"
+OUTRIDER_TOOL_INTERCEPTED: Final = "outrider.tool.intercepted"
 
 # general conventions
 ERROR_TYPE: Final = "error.type"

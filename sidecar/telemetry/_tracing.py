@@ -286,6 +286,12 @@ class ToolSpan(_RetryingHandle):
         if self._tracing.capture_content:
             self.span.set_attribute(sc.GEN_AI_TOOL_CALL_RESULT, result)
 
+    def set_disposition(self, disposition: str) -> None:
+        """`execute` (the tool ran) or `simulate` (a shadow session's write, intercepted)."""
+        self.span.set_attribute(sc.GEN_AI_TOOL_CALL_DISPOSITION, disposition)
+        if disposition == sc.TOOL_DISPOSITION_SIMULATE:
+            self.span.set_attribute(sc.OUTRIDER_TOOL_INTERCEPTED, True)
+
 
 _H = TypeVar("_H", bound=_Handle)
 
