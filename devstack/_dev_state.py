@@ -90,6 +90,9 @@ def write_configs(
     sidecar = _load(sidecar_config)
     if ports.sim_url != _EXAMPLE_SIM_URL:  # aliased, not rewritten: the version ids stay put
         sidecar.setdefault("upstream_aliases", {})[_EXAMPLE_SIM_URL] = ports.sim_url
+    judge = (sidecar.get("shadow") or {}).get("judge")
+    if isinstance(judge, dict) and str(judge.get("base_url", "")).startswith(_EXAMPLE_SIM_URL):
+        judge["base_url"] = ports.sim_url + judge["base_url"][len(_EXAMPLE_SIM_URL) :]  # not in any id
     sidecar["listen"] = f"{HOST}:{ports.sidecar}"
     sidecar["metrics_port"] = ports.sidecar_metrics
     telemetry = sidecar.setdefault("telemetry", {}) or {}

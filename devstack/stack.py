@@ -130,6 +130,10 @@ class DevStack:
         self._wait_port("collector", HOST, ports.admin)
         # one key per run (kept with --keep-state) unless the caller brings its own
         env = {ENV_SESSION_KEY: session_key} if not os.environ.get(ENV_SESSION_KEY) else {}
+        from sidecar.telemetry._semconv import CAPTURE_CONTENT_ENV
+
+        # the dev stack's data is simulated: content capture on, so the shadow judge runs
+        env.setdefault(CAPTURE_CONTENT_ENV, os.environ.get(CAPTURE_CONTENT_ENV, "true"))
         self._spawn(
             "sidecar",
             f"gRPC {HOST}:{ports.sidecar}, metrics http://{HOST}:{ports.sidecar_metrics}/metrics",

@@ -1,5 +1,6 @@
-"""A toy agent: concurrent sessions on the sidecar, each a few chat turns, with a summary of
-which role served and how it went every few seconds.
+"""A toy agent: concurrent sessions on the sidecar, each a few chat turns (the first one
+calling the `lookup_order` tool through the sidecar), with a summary of which role served and
+how it went every few seconds.
 
     .venv/bin/python examples/agent.py [--sidecar 127.0.0.1:50051] [--concurrency 8]
         [--duration 15m] [--sessions N] [--turns 3] [--log FILE] [--verbose]
@@ -68,12 +69,36 @@ class Agent:
         self.versions[role] = opened.version_id
         self.seen[f"{role}:sessions"] += 1
         for turn in range(self.turns):
-            request = sidecar_pb2.ChatRequest(
-                session_id=opened.session_id,
-                messages=[common_pb2.ChatMessage(role="user", content=f"Where is order {i}-{turn}?")],
-            )
+            # the first turn of a session looks the order up with the tool (the simulator calls
+            # a tool when the message is "/tool NAME ARGS"), the others ask in words
+            text = f'/tool lookup_order {{"order_id": "{i}"}}' if turn == 0 else f"Where is order {i}-{turn}?"
+            messages = [common_pb2.ChatMessage(role="user", content=text)]
             try:
-                reply = await self.stub.Chat(request, timeout=CALL_TIMEOUT_S)
+                reply = await self.stub.Chat(
+                    sidecar_pb2.ChatRequest(session_id=opened.session_id, messages=messages),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                if reply.message.tool_calls:
+                    messages.append(reply.message)
+                    for call in reply.message.tool_calls:
+                        result = await self.stub.CallTool(
+                            sidecar_pb2.CallToolRequest(
+                                session_id=opened.session_id,
+                                tool_name=call.name,
+                                arguments_json=call.arguments_json,
+                                call_id=call.id,
+                            ),
+                            timeout=CALL_TIMEOUT_S,
+                        )
+                        messages.append(
+                            common_pb2.ChatMessage(
+                                role="tool", tool_call_id=call.id, content=result.result_json
+                            )
+                        )
+                    reply = await self.stub.Chat(
+                        sidecar_pb2.ChatRequest(session_id=opened.session_id, messages=messages),
+                        timeout=CALL_TIMEOUT_S,
+                    )
             except grpc.aio.AioRpcError as exc:
                 self.seen[f"{role}:{exc.code().name}"] += 1
                 if self.verbose:
