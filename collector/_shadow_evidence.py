@@ -50,11 +50,14 @@ _PREFERENCE = {"stable": 1.0, "candidate": -1.0, "tie": 0.0}
 
 @dataclass
 class ShadowRows:
-    """Pair observations to add: one row per event, FS columns of counts and values."""
+    """Pair observations to add: one row per event, FS columns of counts and values. A row may
+    hold several pairs of its unit (the simulator's one row per session): then `dq` carries
+    their Σ value² (without `dq`, each row is one pair and Σ value² is ds²)."""
 
     keys: list[Any] = field(default_factory=list)
     dn: list[list[float]] = field(default_factory=list)
     ds: list[list[float]] = field(default_factory=list)
+    dq: list[list[float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -185,7 +188,8 @@ class ShadowEvidence:
         slots = np.fromiter((self._slot(k, now) for k in rows.keys), dtype=np.int64, count=len(rows))
         dn = np.asarray(rows.dn, dtype=np.float64).reshape(len(rows), FS)
         ds = np.asarray(rows.ds, dtype=np.float64).reshape(len(rows), FS)
-        self.sums[:, Q] += (ds * ds).sum(axis=0)
+        dq = np.asarray(rows.dq, dtype=np.float64).reshape(len(rows), FS) if rows.dq else ds * ds
+        self.sums[:, Q] += dq.sum(axis=0)
         unique, inverse = np.unique(slots, return_inverse=True)
         if len(unique) < len(slots):  # a unit twice in the batch: add its rows up first
             agg_n, agg_s = np.zeros((len(unique), FS)), np.zeros((len(unique), FS))
