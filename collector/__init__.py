@@ -11,6 +11,8 @@ from collector._process import run
 from collector._rollout import RolloutController
 from collector._service import Collector
 from collector._settings import CollectorSettings, load_settings
+from collector._shadow_evidence import ShadowEvidence, ShadowRows
+from collector._shadow_spec import Shadow, ShadowGate
 from collector._spec import Gate, RolloutSpec, Step, Trigger, load_spec_file, load_spec_text
 from collector._windows import Ingest, RollingWindows, WindowStats
 from outrider.clock import Clock, ManualClock, SystemClock
@@ -33,6 +35,10 @@ __all__ = [
     "RolloutFinished",
     "RolloutSpec",
     "Rows",
+    "Shadow",
+    "ShadowEvidence",
+    "ShadowGate",
+    "ShadowRows",
     "SpecError",
     "Step",
     "SystemClock",

@@ -208,6 +208,12 @@ class RolloutEvidence:
                 trig[T_SCORES], trig[T_SCORE], trig[T_SCORE2] = 1.0, score, score * score
             else:
                 return True
+        elif body == "judge":
+            judge = event.judge  # a judge's score of one production answer counts as a score
+            if judge.kind != "single" or not judge.parsed or not math.isfinite(judge.score):
+                return True
+            dn[SCORE], ds[SCORE] = 1.0, judge.score
+            trig[T_SCORES], trig[T_SCORE], trig[T_SCORE2] = 1.0, judge.score, judge.score * judge.score
         elif body == "safety":
             safety = event.safety
             critical = safety.direction == "output" and safety.category.startswith(self.critical)

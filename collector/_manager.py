@@ -35,6 +35,8 @@ from outrider.v1 import admin_pb2, common_pb2, control_pb2
 log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_WINDOW_S = 60.0
+# judge verdicts are sampled and slow: status shows them over at least this long
+JUDGE_WINDOW_S = 900.0
 
 
 class PublishError(Exception):
@@ -266,7 +268,7 @@ class RolloutManager:
                 evidence = self.evidence.get(agent)
                 if not ctl.running or evidence is None or not self.owns(agent):
                     continue
-                state = ctl.decide(evidence, now)
+                state = ctl.decide(evidence, now, self.evidence.shadow(agent))
                 if state is None:
                     continue
                 try:
@@ -299,6 +301,7 @@ class RolloutManager:
             (state.candidate_version_id, common_pb2.ROLE_CANARY),
         ):
             stats = self._windows.snapshot(agent, version, role, window, now)
+            judged = self._windows.snapshot(agent, version, role, max(window, JUDGE_WINDOW_S), now)
             seen = self.sightings.get(agent, version)
             metrics.append(
                 admin_pb2.VersionMetrics(
@@ -311,6 +314,8 @@ class RolloutManager:
                     models=seen.models if seen is not None else [],
                     last_seen_unix_nano=round(seen.last_seen * 1e9) if seen is not None else 0,
                     window_s=window,
+                    judge_scores=judged.judge_scores,
+                    judge_score=judged.judge_score,
                 )
             )
             if ctl.running and (seen is None or seen.last_seen < started):
@@ -328,6 +333,9 @@ class RolloutManager:
             now_unix_nano=round(now * 1e9),
             warnings=warnings,
         )
+        shadow = self.evidence.shadow(agent)
+        if shadow is not None and shadow.rollout_id == state.rollout_id:
+            live.shadow.CopyFrom(shadow.summary())
         if ctl.spec is not None:
             for gate in ctl.spec.gates:
                 live.figure_windows_s[gate.name] = 0.0

@@ -6,7 +6,7 @@ Each Collector has its own CollectorRegistry, so several can live in one process
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from aiohttp import web
@@ -18,11 +18,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from collector._shadow_evidence import ShadowEvidence
 from collector._totals import LATENCY_BUCKETS_S, AgentTotals, AgentTotalsCollector, role_label
-from outrider.v1 import control_pb2, events_pb2
+from outrider.v1 import admin_pb2, control_pb2, events_pb2
 
 __all__ = ["LATENCY_BUCKETS_S", "CollectorMetrics", "MetricsServer", "role_label"]
 
@@ -220,6 +221,10 @@ class CollectorMetrics:
         """Count an event the windows counted (so exactly once)."""
         self.totals.add_event(event)
 
+    def watch_shadow(self, shadows: Callable[[], list[tuple[str, ShadowEvidence]]]) -> None:
+        """Show each current rollout's shadow figures (gauges of the evidence since it started)."""
+        self.registry.register(_ShadowCollector(shadows))
+
     def watch_relay(self, relay: SpanRelayStats) -> None:
         """Show the span relay's counters on /metrics."""
         self.registry.register(_RelayCollector(relay))
@@ -284,6 +289,58 @@ class _RelayCollector(Collector):
             "Records on outrider.spans that were not OTLP trace requests",
             value=r.undecodable,
         )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class _ShadowCollector(Collector):
+    """Gauges of every current rollout's mirrored pairs, labelled agent and (candidate) version."""
+
+    def __init__(self, shadows: Callable[[], list[tuple[str, ShadowEvidence]]]) -> None:
+        self._shadows = shadows
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["agent", "version"]
+        agreement = GaugeMetricFamily(
+            "outrider_shadow_tool_agreement_ratio",
+            "Share of mirrored calls whose tool decisions agree",
+            labels=labels,
+        )
+        similarity = GaugeMetricFamily(
+            "outrider_shadow_text_similarity_ratio", "Mean text similarity of mirrored answers", labels=labels
+        )
+        judge = GaugeMetricFamily(
+            "outrider_shadow_judge_score", "Mean pair judge score, by side", labels=[*labels, "side"]
+        )
+        preference = GaugeMetricFamily(
+            "outrider_shadow_judge_preference_ratio",
+            "Share of judged pairs preferring each side",
+            labels=[*labels, "preference"],
+        )
+        errors = GaugeMetricFamily(
+            "outrider_shadow_error_ratio",
+            "Error rate of the mirrored calls, by side",
+            labels=[*labels, "side"],
+        )
+        for agent, evidence in self._shadows():
+            summary: admin_pb2.ShadowSummary = evidence.summary()
+            key = [agent, evidence.candidate]
+            if summary.pairs:
+                agreement.add_metric(key, summary.tool_agreement)
+                similarity.add_metric(key, summary.similarity_mean)
+                errors.add_metric([*key, "candidate"], summary.error_rate)
+                errors.add_metric([*key, "stable"], summary.stable_error_rate)
+            if summary.judged:
+                judge.add_metric([*key, "candidate"], summary.judge_score)
+                judge.add_metric([*key, "stable"], summary.stable_judge_score)
+                for side, share in (
+                    ("candidate", summary.prefer_candidate),
+                    ("stable", summary.prefer_stable),
+                    ("tie", summary.prefer_tie),
+                ):
+                    preference.add_metric([*key, side], share)
+        yield from (agreement, similarity, judge, preference, errors)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -1,6 +1,7 @@
 """The rollout controller of one agent: pure, synchronous, clock passed in.
 
-States: RUNNING, HOLD (frozen at its weight: a gate or trigger with `hold` found harm; an
+States: SHADOW (the candidate serves no user; mirrored pairs are tested: collector._shadow_phase),
+RUNNING, HOLD (frozen at its weight: a gate or trigger with `hold` found harm; an
 operator releases it), NO_DATA (a stage passed its `max_duration` without its evidence; it
 keeps evaluating and never promotes without evidence), PROMOTED, ROLLED_BACK, ABORTED.
 Rollback tests run in RUNNING, HOLD and NO_DATA alike. Each look (every `look_interval`):
@@ -21,9 +22,10 @@ entry at its deadline would let a still-valid token of that version be served ag
 Every decision is a new `RolloutState` with the next generation. The `propose_*` and
 `decide` methods only compute it; `apply` makes it current.
 
-Operators steer with `propose_pause` (RUNNING or NO_DATA -> HOLD), `propose_resume` (HOLD ->
-RUNNING) and `propose_promote` (an override from any active phase -> PROMOTED); each records
-the operator in `decided_by` and their reason. A resume keeps the evidence: a gate with
+Operators steer with `propose_pause` (SHADOW, RUNNING or NO_DATA -> HOLD), `propose_resume` (HOLD ->
+RUNNING, or SHADOW for a hold of the shadow phase) and `propose_promote` (an override from
+any active phase, SHADOW included -> PROMOTED); each records the operator in `decided_by`
+and their reason. A resume keeps the evidence: a gate with
 `on_failure: hold` that still shows harm holds again at the next look, so resuming is for a
 hold whose cause was fixed or judged harmless, and a promote is the explicit override. The service publishes a
 proposal to `outrider.control` first and applies it only once the write succeeded, so
@@ -40,65 +42,44 @@ from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutFinished, WrongPhase
 from collector._evidence import RolloutEvidence
 from collector._gates import HARM, blocks_promotion, evaluate_gate
+from collector._rollout_state import (
+    ABORTED,
+    ACTIVE,
+    CONTROLLER,
+    HOLD,
+    MAX_RETIRED,
+    MAX_TIMELINE,
+    NO_DATA,
+    PROMOTED,
+    RELEASE_HOLD,
+    RELEASE_PAUSE,
+    RETIRED_REASON,
+    RETIRED_RETENTION_S,
+    ROLLED_BACK,
+    RUNNING,
+    SHADOW,
+    STICKY,
+    TERMINAL,
+    retired_after,
+)
+from collector._rollout_state import ns as _ns
+from collector._rollout_state import stage_record as _stage
+from collector._shadow_evidence import ShadowEvidence
+from collector._shadow_phase import decide_shadow, in_shadow, shadow_start_reason, shadow_waiting
 from collector._spec import RolloutSpec, load_spec_text
 from collector._triggers import evaluate_triggers
-from outrider.v1 import admin_pb2, common_pb2, control_pb2
+from outrider.v1 import admin_pb2, control_pb2
 
-CONTROLLER = "controller"
-RUNNING = control_pb2.ROLLOUT_PHASE_RUNNING
-PROMOTED = control_pb2.ROLLOUT_PHASE_PROMOTED
-ROLLED_BACK = control_pb2.ROLLOUT_PHASE_ROLLED_BACK
-ABORTED = control_pb2.ROLLOUT_PHASE_ABORTED
-HOLD = control_pb2.ROLLOUT_PHASE_HOLD
-NO_DATA = control_pb2.ROLLOUT_PHASE_NO_DATA
-TERMINAL = frozenset({PROMOTED, ROLLED_BACK, ABORTED})
-ACTIVE = frozenset({RUNNING, HOLD, NO_DATA})
-RELEASE_HOLD = "an operator's resume (or abort)"
-RELEASE_PAUSE = "an operator's resume"
-MAX_TIMELINE = 1000
-# a retired entry stays listed this long past its drain deadline (> a sidecar's max session duration)
-RETIRED_RETENTION_S = 86_400.0
-MAX_RETIRED = 32  # newest first kept; bounds the state however many rollouts end
-_RETIRED_REASON = {ROLLED_BACK: "rolled_back", ABORTED: "aborted"}
-_STICKY = {
-    "session": common_pb2.STICKY_BY_SESSION,
-    "user": common_pb2.STICKY_BY_USER,
-    "tenant": common_pb2.STICKY_BY_TENANT,
-}
-
-
-def _ns(t: float) -> int:
-    return round(t * 1e9)
-
-
-def retired_after(
-    previous: Iterable[control_pb2.RetiredVersion],
-    now: float,
-    added: control_pb2.RetiredVersion | None = None,
-) -> list[control_pb2.RetiredVersion]:
-    """The retired list of a new state: `added` first, then `previous` entries still retained."""
-    keep = [] if added is None else [added]
-    seen = {(e.version_id, e.rollout_id) for e in keep}
-    horizon = _ns(now - RETIRED_RETENTION_S)
-    for entry in previous:
-        key = (entry.version_id, entry.rollout_id)
-        if entry.drain_deadline_unix_nano > horizon and key not in seen:
-            seen.add(key)
-            keep.append(entry)
-    return keep[:MAX_RETIRED]
-
-
-def _stage(state: control_pb2.RolloutState) -> admin_pb2.StageRecord:
-    return admin_pb2.StageRecord(
-        generation=state.generation,
-        step_index=state.step_index,
-        candidate_weight=state.candidate_weight,
-        phase=state.phase,
-        at_unix_nano=state.decided_at_unix_nano,
-        reason=state.reason,
-        decided_by=state.decided_by,
-        gate_results=state.gate_results,
-    )
+__all__ = [
+    "HOLD",
+    "MAX_RETIRED",
+    "NO_DATA",
+    "PROMOTED",
+    "RETIRED_RETENTION_S",
+    "ROLLED_BACK",
+    "RolloutController",
+    "retired_after",
+]
 
 
 class RolloutController:
@@ -189,21 +170,26 @@ class RolloutController:
         rollout_id = hashlib.sha256(f"{self.agent}|{_ns(now)}|{generation}|{spec_yaml}".encode()).hexdigest()[
             :12
         ]
-        first = spec.steps[0]
         gate_alpha, _ = spec.test_alphas()
+        shadow = spec.shadow
+        if shadow is not None:
+            reason = shadow_start_reason(spec)
+        else:
+            reason = f"started: step 1 of {len(spec.steps)} at {spec.steps[0].weight:g}%"
         return control_pb2.RolloutState(
             agent=self.agent,
             generation=generation,
             rollout_id=rollout_id,
             stable_version_id=spec.stable,
             candidate_version_id=spec.candidate,
-            candidate_weight=spec.effective_weight(0),
-            phase=RUNNING,
+            candidate_weight=0.0 if shadow is not None else spec.effective_weight(0),
+            phase=SHADOW if shadow is not None else RUNNING,
+            shadow_sample=shadow.sample / 100 if shadow is not None else 0.0,
             alpha=spec.alpha,
             step_index=0,
             step_count=len(spec.steps),
-            sticky_by=_STICKY[spec.sticky_by],
-            reason=f"started: step 1 of {len(spec.steps)} at {first.weight:g}%",
+            sticky_by=STICKY[spec.sticky_by],
+            reason=reason,
             decided_by=decided_by,
             decided_at_unix_nano=_ns(now),
             step_started_at_unix_nano=_ns(now),
@@ -224,8 +210,9 @@ class RolloutController:
                     verdict="waiting",
                     detail="not evaluated yet",
                 )
-                for g in spec.gates
-            ],
+                for g in ([] if shadow is not None else spec.gates)
+            ]
+            + shadow_waiting(spec, gate_alpha),
         )
 
     def propose_abort(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
@@ -262,7 +249,8 @@ class RolloutController:
         )
 
     def propose_resume(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
-        """HOLD -> RUNNING; the evidence stays, so a hold gate still showing harm holds again."""
+        """HOLD -> RUNNING (SHADOW for a hold of the shadow phase); the evidence stays, so a hold
+        gate still showing harm holds again."""
         state = self._require_active()
         if state.phase != HOLD:
             raise WrongPhase(
@@ -273,7 +261,7 @@ class RolloutController:
             state,
             now,
             decided_by,
-            phase=RUNNING,
+            phase=SHADOW if in_shadow(state) else RUNNING,
             reason=f"resumed by {decided_by}: {reason or 'no reason given'}",
             release="",
         )
@@ -287,7 +275,8 @@ class RolloutController:
             decided_by,
             phase=PROMOTED,
             weight=1.0,
-            reason=f"promoted by {decided_by} (operator override at step {state.step_index + 1}): "
+            reason=f"promoted by {decided_by} (operator override "
+            f"{'in the shadow phase' if in_shadow(state) else f'at step {state.step_index + 1}'}): "
             f"{reason or 'no reason given'}",
             release="",
         )
@@ -296,10 +285,13 @@ class RolloutController:
         """The last look's proposal was not published: the next tick looks again at once."""
         self._last_look = -float("inf")
 
-    def decide(self, evidence: RolloutEvidence, now: float) -> control_pb2.RolloutState | None:
+    def decide(
+        self, evidence: RolloutEvidence, now: float, shadow: ShadowEvidence | None = None
+    ) -> control_pb2.RolloutState | None:
         """The next state if the tests or the stage timing call for one; None otherwise.
 
-        Looks are spaced by the spec's `look_interval`; between them this returns None.
+        Looks are spaced by the spec's `look_interval`; between them this returns None. In the
+        shadow phase only the shadow gates look, at `shadow` (collector._shadow_phase).
         """
         state, spec = self._state, self._spec
         if state is None or spec is None or state.phase not in ACTIVE:
@@ -308,6 +300,9 @@ class RolloutController:
             return None
         self._last_look = now
         gate_alpha, trigger_alpha = spec.test_alphas()
+        if spec.shadow is not None and in_shadow(state):
+            self.evaluation, change = decide_shadow(state, spec, shadow, now, gate_alpha)
+            return None if change is None else self._next(state, now, CONTROLLER, self.evaluation, **change)
         gates = [evaluate_gate(g, evidence, gate_alpha) for g in spec.gates]
         results = gates + evaluate_triggers(spec, evidence, now, trigger_alpha)
         self.evaluation = results
@@ -403,7 +398,7 @@ class RolloutController:
             raise ValueError(f"generation {state.generation} is not after {self.generation}")
         if self._state is None or state.rollout_id != self._state.rollout_id:
             self._timeline = []
-            if state.phase == RUNNING:
+            if state.phase in (RUNNING, SHADOW):
                 self._spec = spec or load_spec_text(
                     state.spec_yaml, f"{self.agent} rollout {state.rollout_id}"
                 )
@@ -423,8 +418,10 @@ class RolloutController:
         self.apply(state, spec)
         return state
 
-    def evaluate(self, evidence: RolloutEvidence, now: float) -> control_pb2.RolloutState | None:
-        state = self.decide(evidence, now)
+    def evaluate(
+        self, evidence: RolloutEvidence, now: float, shadow: ShadowEvidence | None = None
+    ) -> control_pb2.RolloutState | None:
+        state = self.decide(evidence, now, shadow)
         if state is not None:
             self.apply(state)
         return state
@@ -471,6 +468,8 @@ class RolloutController:
         new.reason = reason
         if phase is not None:
             new.phase = phase
+        if new.phase not in (HOLD, NO_DATA, SHADOW):
+            new.shadow_sample = 0.0  # mirroring ends with the shadow phase
         if weight is not None:
             new.candidate_weight = weight
         if release is not None:
@@ -482,13 +481,13 @@ class RolloutController:
             del new.gate_results[:]
             new.gate_results.extend(results)
         added = None
-        if new.phase in _RETIRED_REASON and state.phase not in TERMINAL:
+        if new.phase in RETIRED_REASON and state.phase not in TERMINAL:
             # the spec's own value first: a state written before drain_timeout_s existed reads 0
             drain_s = self._spec.drain_timeout if self._spec is not None else state.drain_timeout_s
             added = control_pb2.RetiredVersion(
                 version_id=state.candidate_version_id,
                 drain_deadline_unix_nano=_ns(now + drain_s),
-                reason=_RETIRED_REASON[new.phase],
+                reason=RETIRED_REASON[new.phase],
                 rollout_id=state.rollout_id,
             )
         del new.retired[:]

@@ -107,6 +107,7 @@ class Collector:
             settings.kafka_bootstrap, f"{settings.group_id}/{self.replica}", settings.publish_timeout_s
         )
         self.evidence = EvidenceBook()
+        self.metrics.watch_shadow(self.evidence.shadows)
         self.notifier = Notifier(settings.notify, self.metrics)
         self.ownership = Ownership()
         # ended rollouts' records: served from here, written by the replica that ended them

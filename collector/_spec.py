@@ -16,6 +16,21 @@ gates:
 Each gate is a test on the evidence accumulated since the rollout started (collector._evidence);
 its `window` serves its dashboards and absolute trigger only. A step of weight 100 runs at
 100 - `holdback` % so the last stage keeps a concurrent stable baseline.
+
+An optional `shadow:` phase runs before the steps (collector._shadow_spec): the candidate serves
+no user, `sample` % of stable's calls are mirrored to it and compared, and its own gates decide
+whether the first step opens. A spec with `shadow:` may leave out `steps`: a pure shadow run,
+which ends ABORTED by the controller ("shadow run complete") once its gates pass, ROLLED_BACK on
+harm, never PROMOTED (the candidate never served).
+
+shadow:
+  sample: 20                  # % of stable's calls mirrored, in (0, 100]
+  min_duration: 10m
+  min_pairs: 500              # compared calls before the first step may open
+  max_duration: 6h            # past it without a decision: NO_DATA
+  gates:
+    - {name: tools, metric: tool_agreement, min: 0.9}
+    - {name: quality, metric: judge_score, max_decrease: 0.05}
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from collector._config_errors import SpecError, parse_yaml_model
+from collector._shadow_spec import Shadow
 from outrider.durations import Duration
 
 Metric = Literal[
@@ -202,12 +218,20 @@ class RolloutSpec(_Model):
     look_interval: Duration = DEFAULT_LOOK_INTERVAL_S
     drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT_S
     baseline: Duration | None = None  # None: DEFAULT_BASELINE_S, at most the collector's retention
-    steps: list[Step] = Field(min_length=1, max_length=100)
+    shadow: Shadow | None = None
+    steps: list[Step] = Field(default_factory=list, max_length=100)  # empty only with `shadow`
     gates: list[Gate] = Field(default_factory=list, max_length=50)
     triggers: Triggers = Triggers()
 
+    @property
+    def shadow_only(self) -> bool:
+        """A pure shadow run: no canary step follows the shadow phase."""
+        return self.shadow is not None and not self.steps
+
     def effective_weight(self, index: int) -> float:
         """The candidate's share of new sessions at step `index`, in [0, 1]."""
+        if not self.steps:
+            return 0.0
         weight = self.steps[index].weight
         return (100.0 - self.holdback) / 100 if weight >= 100 else weight / 100
 
@@ -217,16 +241,20 @@ class RolloutSpec(_Model):
         return self.baseline if self.baseline is not None else min(DEFAULT_BASELINE_S, retention_s)
 
     def test_alphas(self) -> tuple[float, float]:
-        """(alpha per gate, alpha per trigger): Bonferroni over the family."""
+        """(alpha per gate, alpha per trigger): Bonferroni over the family, shadow gates included
+        (each shadow gate gets the alpha of one gate too)."""
         triggers = len(self.triggers.active())
         share = self.trigger_alpha_share if triggers else 0.0
-        gate_alpha = self.alpha * (1 - share) / max(1, len(self.gates))
+        shadow_gates = len(self.shadow.gates) if self.shadow is not None else 0
+        gate_alpha = self.alpha * (1 - share) / max(1, len(self.gates) + shadow_gates)
         return gate_alpha, (self.alpha * share / triggers if triggers else 0.0)
 
     @model_validator(mode="after")
     def _cross_field(self) -> RolloutSpec:
         if self.stable == self.candidate:
             raise ValueError("candidate: must differ from stable")
+        if not self.steps and self.shadow is None:
+            raise ValueError("steps: at least one step is required (or a shadow phase)")
         for i in range(1, len(self.steps)):
             if self.steps[i].weight <= self.steps[i - 1].weight:
                 raise ValueError(
@@ -238,6 +266,10 @@ class RolloutSpec(_Model):
             if gate.name in seen:
                 raise ValueError(f"gates[{i}].name: duplicate gate name {gate.name!r}")
             seen.add(gate.name)
+        for i, shadow_gate in enumerate(self.shadow.gates if self.shadow is not None else ()):
+            if shadow_gate.name in seen:
+                raise ValueError(f"shadow.gates[{i}].name: duplicate gate name {shadow_gate.name!r}")
+            seen.add(shadow_gate.name)
         return self
 
 

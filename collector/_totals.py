@@ -23,6 +23,12 @@ labels agent, version, role (never session or trace ids), some a bounded extra l
     outrider_feedback_total{kind}                counter    thumbs_up, thumbs_down, task_success, ...
     outrider_feedback_score                      histogram  scores given
     outrider_breaker_transitions_total{upstream,new_state}  counter
+    outrider_shadow_pairs_total                  counter    mirrored calls compared (role shadow)
+    outrider_shadow_tool_disagreements_total     counter    pairs whose tool decisions differ
+    outrider_shadow_intercepted_writes_total     counter    write tools of shadow sessions not run
+    outrider_judge_verdicts_total{kind,result}   counter    kind pair|single, result parsed|unparsed
+    outrider_judge_cost_usd_total                counter    the judge calls' own cost
+    outrider_judge_score{kind}                   histogram  parsed scores (pair: the candidate's)
 """
 
 from __future__ import annotations
@@ -86,6 +92,12 @@ _FAMILIES = {
             "Circuit breaker state changes",
             ("upstream", "new_state"),
         ),
+        _Family("outrider_shadow_pairs_total", "Mirrored calls compared with stable's (shadow)"),
+        _Family("outrider_shadow_tool_disagreements_total", "Mirrored calls whose tool decisions differ"),
+        _Family("outrider_shadow_intercepted_writes_total", "Write tools of shadow sessions intercepted"),
+        _Family("outrider_judge_verdicts_total", "LLM-as-judge verdicts", ("kind", "result")),
+        _Family("outrider_judge_cost_usd_total", "Cost of the judge calls in US dollars"),
+        _Family("outrider_judge_score", "LLM-as-judge scores", ("kind",), SCORE_BUCKETS),
     )
 }
 FAMILY_NAMES = tuple(_FAMILIES)
@@ -208,6 +220,22 @@ class AgentTotals:
             breaker = event.breaker
             labels = (*series, breaker.upstream or "unknown", breaker.new_state or "unknown")
             self.inc("outrider_breaker_transitions_total", labels)
+        elif body == "shadow":
+            self.inc("outrider_shadow_pairs_total", series)
+            if not event.shadow.tools_agree:
+                self.inc("outrider_shadow_tool_disagreements_total", series)
+        elif body == "judge":
+            self._judge(event.judge, series)
+        if body == "tool" and event.tool.intercepted and event.role == common_pb2.ROLE_SHADOW:
+            self.inc("outrider_shadow_intercepted_writes_total", series)
+
+    def _judge(self, judge: events_pb2.JudgeRecord, series: Labels) -> None:
+        kind = judge.kind if judge.kind in ("pair", "single") else "unknown"
+        self.inc("outrider_judge_verdicts_total", (*series, kind, "parsed" if judge.parsed else "unparsed"))
+        if math.isfinite(judge.cost_usd) and judge.cost_usd > 0:
+            self.inc("outrider_judge_cost_usd_total", series, judge.cost_usd)
+        if judge.parsed:
+            self.observe("outrider_judge_score", (*series, kind), judge.score)
 
     def families(self) -> Iterator[Metric]:
         """The Prometheus metric families, cumulative."""

@@ -12,7 +12,9 @@ What each body adds to its bucket:
   session), fallback, degraded, quota wait or refusal;
 - tool: a request and a tool call (and a failure by class), latency;
 - feedback: thumbs up/down, task success/failure, score;
-- safety: safety events by category; breaker: a state change.
+- safety: safety events by category; breaker: a state change;
+- judge: a parsed "single" verdict on one answer of the series (pair verdicts and shadow
+  records are counted once here, for the duplicates, and go to the shadow evidence).
 Usage reports are not about a version and are left to the quota book.
 """
 
@@ -98,6 +100,8 @@ class WindowStats:
     scores: int = 0
     mean_score: float = 0.0
     breaker_changes: int = 0
+    judge_scores: int = 0  # parsed judge verdicts on single answers
+    judge_score: float = 0.0  # their mean
 
     @property
     def feedback_thumbs(self) -> int:
@@ -148,8 +152,9 @@ _INT_FIELDS = (
     "task_failures",
     "scores",
     "breaker_changes",
+    "judge_scores",
 )
-_FLOAT_FIELDS = ("cost_usd", "quota_wait_ms", "score_sum")
+_FLOAT_FIELDS = ("cost_usd", "quota_wait_ms", "score_sum", "judge_score_sum")
 
 
 @dataclass
@@ -172,9 +177,11 @@ class _Bucket:
     task_failures: int = 0
     scores: int = 0
     breaker_changes: int = 0
+    judge_scores: int = 0
     cost_usd: float = 0.0
     quota_wait_ms: float = 0.0
     score_sum: float = 0.0
+    judge_score_sum: float = 0.0
     errors_by_class: dict[str, int] = field(default_factory=dict)
     safety: dict[str, int] = field(default_factory=dict)
     session_cost: dict[str, float] = field(default_factory=dict)
@@ -265,9 +272,14 @@ def _apply(bucket: _Bucket, event: events_pb2.Event, body: str) -> None:
         bucket.safety[category] = bucket.safety.get(category, 0) + max(event.safety.count, 1)
     elif body == "breaker":
         bucket.breaker_changes += 1
+    elif body == "judge":
+        judge = event.judge
+        if judge.kind == "single" and judge.parsed and math.isfinite(judge.score):
+            bucket.judge_scores += 1
+            bucket.judge_score_sum += judge.score
 
 
-_COUNTED_BODIES = frozenset({"call", "tool", "feedback", "safety", "breaker"})
+_COUNTED_BODIES = frozenset({"call", "tool", "feedback", "safety", "breaker", "shadow", "judge"})
 
 
 class RollingWindows:
@@ -472,6 +484,8 @@ def _stats(acc: _Bucket, session_cost: Mapping[str, float]) -> WindowStats:
         scores=acc.scores,
         mean_score=_rate(acc.score_sum, acc.scores),
         breaker_changes=acc.breaker_changes,
+        judge_scores=acc.judge_scores,
+        judge_score=_rate(acc.judge_score_sum, acc.judge_scores),
     )
 
 

@@ -32,6 +32,7 @@ ADMIN_TIMEOUT_S = 10.0
 DEFAULT_POLL = "2s"
 EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_ABORTED, EXIT_TIMEOUT, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
+SHADOW_COMPLETE = "shadow run complete"  # collector._shadow_phase: how a pure shadow run ends
 WAIT_EXITS = {
     control_pb2.ROLLOUT_PHASE_PROMOTED: EXIT_PROMOTED,
     control_pb2.ROLLOUT_PHASE_ROLLED_BACK: EXIT_ROLLED_BACK,
@@ -210,6 +211,9 @@ def wait_for_end(
                     click.echo(f"waiting: {agent} {phase_label(phase)} at {where}: {state.reason}", err=True)
                 if phase in ENDED:
                     print_status(status, as_json)
+                    shadow_done = state.reason.startswith(SHADOW_COMPLETE)
+                    if phase == control_pb2.ROLLOUT_PHASE_ABORTED and shadow_done:
+                        return EXIT_PROMOTED  # a pure shadow run whose gates passed: a success
                     return WAIT_EXITS[phase]
             if deadline is not None and clock() >= deadline:
                 click.echo(f"timed out: {agent} still {phase_label(phase)} after {timeout_s:g}s", err=True)

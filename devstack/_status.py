@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from outrider.v1 import admin_pb2, common_pb2, control_pb2
 
 PHASES = {
+    control_pb2.ROLLOUT_PHASE_SHADOW: "shadow",
     control_pb2.ROLLOUT_PHASE_RUNNING: "running",
     control_pb2.ROLLOUT_PHASE_HOLD: "on hold",
     control_pb2.ROLLOUT_PHASE_NO_DATA: "no data (held)",
@@ -30,11 +31,19 @@ ENDED = frozenset(
         control_pb2.ROLLOUT_PHASE_ABORTED,
     }
 )
+_UNITS = {"pts": "% points", "ratio": "ratio", "score": "score", "events": "events", "share": "share"}
 VERDICTS = {"harm": "harm", "no_harm": "no harm", "undecided": "undecided", "waiting": "waiting"}
 TIMES = "\u00d7"  # the multiplication sign, before a ratio
 _ROLES = {common_pb2.ROLE_STABLE: "stable", common_pb2.ROLE_CANARY: "candidate"}
 # what the controller's own words become while a rollout is still running
 _NEUTRAL = (("rolled back", "reverted"), ("promoted", "advanced"))
+
+
+def in_shadow(state: control_pb2.RolloutState) -> bool:
+    """The shadow phase, running or held (a held shadow keeps its `shadow_sample`)."""
+    held = (control_pb2.ROLLOUT_PHASE_HOLD, control_pb2.ROLLOUT_PHASE_NO_DATA)
+    shadow = control_pb2.ROLLOUT_PHASE_SHADOW
+    return state.phase == shadow or (state.phase in held and state.shadow_sample > 0)
 
 
 def phase_label(phase: int) -> str:
@@ -97,6 +106,8 @@ def bounds_text(g: control_pb2.GateResult) -> str:
     if g.unit == "ratio":
         text = f"{TIMES}{g.estimate:.3f} [{TIMES}{g.lower:.3f}, {TIMES}{g.upper:.3f}]"
         return text + (f", margin {TIMES}{g.margin:.3f}" if g.kind != "trigger" else "")
+    if g.unit == "share":
+        return f"{g.estimate:.3f} [{g.lower:.3f}, {g.upper:.3f}], min {g.margin:.3f}"
     if g.unit == "score":
         return f"score drop {g.estimate:+.4f} [{g.lower:+.4f}, {g.upper:+.4f}], margin {g.margin:.4f}"
     if g.unit == "events":
@@ -133,9 +144,7 @@ def gate_view(g: control_pb2.GateResult, status: admin_pb2.RolloutStatus) -> dic
         "lower": g.lower if finite else None,
         "upper": g.upper if finite else None,
         "margin": g.margin,
-        "unit": {"pts": "% points", "ratio": "ratio", "score": "score", "events": "events"}.get(
-            g.unit, g.unit
-        ),
+        "unit": _UNITS.get(g.unit, g.unit),
         "bounds": bounds_text(g) if g.verdict not in ("waiting", "") and finite else "",
         "candidate": {"value": g.candidate_value, "samples": g.candidate_samples, "unit": unit},
         "stable": {"value": g.baseline_value, "samples": g.baseline_samples, "unit": unit},
@@ -176,6 +185,9 @@ def status_view(status: admin_pb2.RolloutStatus, labels: Mapping[str, str] | Non
         "phase": phase_label(state.phase),
         "ended": state.phase in ENDED,
         "step": state.step_index + 1,
+        "shadow_phase": in_shadow(state),
+        "shadow_sample": state.shadow_sample,
+        "shadow": shadow_view(status.shadow) if status.HasField("shadow") else None,
         "step_count": state.step_count,
         "candidate_weight": state.candidate_weight,
         "reason": _neutral(state.reason, state.phase),
@@ -186,6 +198,34 @@ def status_view(status: admin_pb2.RolloutStatus, labels: Mapping[str, str] | Non
         "warnings": list(status.warnings) + _missing_warning(status),
         "collector_replica": status.collector_replica,
     }
+
+
+def shadow_view(s: admin_pb2.ShadowSummary) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def shadow_lines(s: admin_pb2.ShadowSummary) -> list[str]:
+    """The shadow section of the text: every mirrored pair since the rollout started."""
+    lines = [
+        f"shadow      {s.pairs} pairs of {s.candidate_version_id} vs stable: tool agreement "
+        f"{s.tool_agreement:.1%}, text similarity p10 {s.similarity_p10:.2f} p50 {s.similarity_p50:.2f} "
+        f"(mean {s.similarity_mean:.2f})",
+    ]
+    if s.judged or s.judge_unparsed:
+        lines.append(
+            f"{'':<11} judge: {s.judged} pairs, score {s.judge_score:.3f} vs stable "
+            f"{s.stable_judge_score:.3f}; prefers candidate {s.prefer_candidate:.0%}, stable "
+            f"{s.prefer_stable:.0%}, tie {s.prefer_tie:.0%}; "
+            f"{s.judge_unparsed} unparsed; judge cost ${s.judge_cost_usd:.4g}"
+        )
+    lines.append(
+        f"{'':<11} errors {s.error_rate:.2%} vs stable {s.stable_error_rate:.2%}; latency "
+        f"{s.latency_delta_ms:+.0f} ms (median); cost {s.cost_delta_usd:+.4g} USD/call; tokens "
+        f"{s.tokens_delta:+.0f}/call; {s.intercepted_writes} intercepted writes"
+    )
+    return lines
 
 
 def _missing_warning(status: admin_pb2.RolloutStatus) -> list[str]:
@@ -210,6 +250,11 @@ def render_status(
     """The text of `outrider rollout status`."""
     view = status_view(status, labels)
     state = status.state
+    where = (
+        f"shadow phase ({view['shadow_sample']:.0%} of calls mirrored)"
+        if view["shadow_phase"]
+        else f"step {view['step']}/{view['step_count']}"
+    )
     lines = [
         f"agent       {view['agent']}",
         f"rollout     {view['rollout_id']}  (generation {view['generation']}"
@@ -218,8 +263,7 @@ def render_status(
             if view["collector_replica"]
             else ")"
         ),
-        f"phase       {view['phase']}  step {view['step']}/{view['step_count']}  "
-        f"candidate weight {view['candidate_weight']:.0%}",
+        f"phase       {view['phase']}  {where}  candidate weight {view['candidate_weight']:.0%}",
     ]
     if view["reason"]:
         lines.append(f"reason      {view['reason']}  (by {view['decided_by']})")
@@ -235,10 +279,12 @@ def render_status(
             f"{v['role']:<11} {version}  ({models}; {seen})  last {_duration(v['window_s'] or 60)}: "
             f"{v['requests']} requests, {v['error_rate']:.2%} errors, p95 {v['latency_p95_ms']:.0f} ms"
         )
+    if status.HasField("shadow"):
+        lines.extend(shadow_lines(status.shadow))
     for warning in view["warnings"]:
         lines.append(f"WARNING     {warning}")
     for g in view["gates"]:
-        label = "trigger" if g["kind"] == "trigger" else "gate"
+        label = g["kind"] if g["kind"] in ("trigger", "shadow") else "gate"
         name = g["name"].removeprefix("trigger:")
         c, s = g["candidate"], g["stable"]
         lines.append(f"{label:<11} {name:<16} {g['verdict'].upper():<10} {g['bounds'] or '-'}")

@@ -45,6 +45,10 @@ def test_public_surface() -> None:
             "RolloutFinished",
             "RolloutSpec",
             "Rows",
+            "Shadow",
+            "ShadowEvidence",
+            "ShadowGate",
+            "ShadowRows",
             "SpecError",
             "Step",
             "SystemClock",
@@ -167,7 +171,9 @@ def test_bad_spec_names_file_and_field(old: str, new: str, expected: str) -> Non
 
 
 def test_empty_steps_and_bad_yaml() -> None:
-    with pytest.raises(SpecError, match=r"^r.yaml: steps: List should have at least 1 item"):
+    with pytest.raises(
+        SpecError, match=r"^r.yaml: steps: at least one step is required \(or a shadow phase\)"
+    ):
         load_spec_text("agent: a\nstable: a1\ncandidate: b2\nsteps: []\n", "r.yaml")
     with pytest.raises(SpecError, match=r"^r.yaml: not valid YAML at line 1"):
         load_spec_text("agent: [", "r.yaml")
