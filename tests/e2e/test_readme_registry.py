@@ -32,14 +32,18 @@ VERSION_FILE = ROOT / "examples" / "version-v3.yaml"
 SPEC_FILE = ROOT / "examples" / "rollout-v3.yaml"
 
 
-def readme_registry_block() -> list[str]:
-    """The first ```sh block under the heading."""
+def readme_block_under(title: str) -> list[str]:
+    """The lines of the first ```sh block under the README heading containing `title`."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    heading = re.search(rf"^#+ .*{re.escape(HEADING)}.*$", text, re.M)
-    assert heading, f'README.md has no heading containing "{HEADING}"'
+    heading = re.search(rf"^#+ .*{re.escape(title)}.*$", text, re.M)
+    assert heading, f'README.md has no heading containing "{title}"'
     block = re.search(r"^```(?:sh|bash|shell)\n(.*?)^```", text[heading.end() :], re.M | re.S)
-    assert block, f"no shell block under the {HEADING} heading"
+    assert block, f"no shell block under the {title} heading"
     return [line.strip() for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+
+
+def readme_registry_block() -> list[str]:
+    return readme_block_under(HEADING)
 
 
 def test_readme_registry_block_and_examples_agree() -> None:
