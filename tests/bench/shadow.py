@@ -13,7 +13,9 @@ sidecar's `outrider_sidecar_rollout_generation` shows it and its shadow queue is
    (the issue's target: on - off within +0.2 ms);
 2. saturation: `--concurrency` clients without pause, alternating blocks of `--seconds`:
    calls/s at each setting and the shadow counters of the "on" blocks (mirrored by outcome,
-   dropped by reason) with the default `shadow:` settings (queue 64, 4 workers);
+   dropped by reason) with the default `shadow:` settings (queue 64, 4 workers); and again
+   (`saturation_slow_candidate`) with the candidate taking 50 ms, where 4 workers mirror at
+   most 80 calls/s and the rest must be dropped (and counted), not slow the user;
 3. capacity: a second sidecar with `shadow.queue_size` 100000 and `shadow.concurrency` 64 at
    100% under the same load: mirrored ok calls per second during the window (and with the
    queue left at its end drained).
@@ -52,6 +54,7 @@ PARAMETERS = {"temperature": 0.2, "max_tokens": 64}
 USER_TEXT = "Where is my order 1234?"
 WARMUP_CALLS = 200
 SATURATION_ROUNDS = 3  # blocks of each setting at saturation
+SLOW_CANDIDATE_MS, SLOW_ROUNDS = 50, 2  # the saturation run again, with a slow candidate
 CAPACITY_QUEUE, CAPACITY_CONCURRENCY = 100_000, 64
 WIDE = {"queue_size": CAPACITY_QUEUE, "concurrency": CAPACITY_CONCURRENCY}  # the capacity sidecar
 APPLY_TIMEOUT_S = 20.0
@@ -361,6 +364,11 @@ async def capacity(sidecar: BenchSidecar, concurrency: int, seconds: float) -> d
     }
 
 
+async def _set_latency(http: aiohttp.ClientSession, sim_url: str, model: str, latency_ms: float) -> None:
+    async with http.patch(f"{sim_url}/_sim/models/{model}", json={"latency_ms": latency_ms}) as response:
+        response.raise_for_status()
+
+
 async def run(
     calls: int, block: int, gap_ms: float, seconds: float, concurrency: int, workdir: Path
 ) -> dict[str, Any]:
@@ -368,7 +376,8 @@ async def run(
     sim_yaml = workdir / "sim.yaml"
     models = {"sim-fast": {"latency_ms": 0}, "sim-divergent": {"latency_ms": 0, "reply_style": "reworded"}}
     sim_yaml.write_text(yaml.safe_dump({"models": models}))
-    base_url = f"http://127.0.0.1:{sim_port}/v1"
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    base_url = f"{sim_url}/v1"
     log = ("--log-level", "WARNING")
     result: dict[str, Any] = {}
     async with EmbeddedBroker() as broker, aiohttp.ClientSession() as http:
@@ -416,6 +425,14 @@ async def run(
             try:
                 result["latency"] = await latency(default, calls, block, gap_ms / 1000)
                 result["saturation"] = await saturation(default, concurrency, seconds, SATURATION_ROUNDS)
+                # the same with a candidate that takes SLOW_CANDIDATE_MS: the 4 workers cannot keep
+                # up, so the queue fills and mirrors are dropped instead of slowing the user
+                await _set_latency(http, sim_url, "sim-divergent", SLOW_CANDIDATE_MS)
+                result["saturation_slow_candidate"] = {
+                    "candidate_latency_ms": SLOW_CANDIDATE_MS,
+                    **await saturation(default, concurrency, seconds, SLOW_ROUNDS),
+                }
+                await _set_latency(http, sim_url, "sim-divergent", 0)
             finally:
                 await stop(default)
             wide = await start("wide")

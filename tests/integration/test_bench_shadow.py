@@ -31,6 +31,13 @@ async def test_bench_shadow_measures_each_setting(tmp_path: Path) -> None:
     assert mirrored + on["shadow"].get("dropped.queue_full", 0.0) <= on["calls"]
     assert "calls.error" not in on["shadow"]
 
+    # a slow candidate: mirrors beyond what the workers do are dropped and counted, never queued long
+    slow = result["saturation_slow_candidate"]["on"]
+    assert (
+        slow["shadow"].get("calls.ok", 0.0) + slow["shadow"].get("dropped.queue_full", 0.0) <= slow["calls"]
+    )
+    assert result["saturation_slow_candidate"]["queue_depth_max"] <= 64
+
     # capacity: the wide queue drops nothing, and everything offered was mirrored once drained
     assert capacity["mirrored_ok_per_s"] > 0 and capacity["drained"]
     assert capacity["shadow_with_drain"] == {"calls.ok": float(capacity["user"]["calls"])}
