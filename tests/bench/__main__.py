@@ -9,6 +9,7 @@ from tests.bench import (
     decisions,
     global_quota,
     resilience,
+    shadow,
     sidecar_latency,
     sidecar_telemetry,
 )
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "resilience": resilience.main,
     "global-quota": global_quota.main,
     "decisions": decisions.main,
+    "shadow": shadow.main,
 }
 
 
