@@ -37,6 +37,7 @@ from sidecar.routing._session import Session
 from sidecar.routing._versions import Version
 from sidecar.shadow._compare import Answer, ToolDecision, compare
 from sidecar.shadow._judge import Judge, JudgeResult
+from sidecar.shadow._load import LoopLoad
 from sidecar.shadow._settings import ShadowConfig
 from sidecar.shadow._work import BackgroundWork, Job
 from sidecar.telemetry._metrics import SidecarMetrics
@@ -90,7 +91,11 @@ class ShadowRunner:
         self.judge = judge
         self._rng = rng or random.Random()
         self.work = BackgroundWork(
-            queue_size=config.queue_size, concurrency=config.concurrency, metrics=metrics
+            queue_size=config.queue_size,
+            concurrency=config.concurrency,
+            metrics=metrics,
+            load=LoopLoad(),
+            max_busy=config.max_busy,
         )
         self._shadowing: str | None = None  # the rollout in its shadow phase, as last seen
 

@@ -5,6 +5,8 @@ shadow:
   concurrency: 4          # of them running at once
   max_tpm_share: 0.2      # of each global quota, for mirrored calls (never queued, refused first)
   deadline: 30s           # of one mirrored call, through the candidate's whole fallback chain
+  max_busy: 0.7           # the event loop busy (on the CPU) more than this share of the time:
+                          # shadow work is shed (reason overload) before user calls slow down
   divergence: {min_similarity: 0.6}   # which pairs count as divergent (and are always judged)
   judge:                  # optional: LLM-as-judge on any OpenAI-compatible provider
     base_url: https://api.openai.com/v1
@@ -30,6 +32,7 @@ DEFAULT_QUEUE_SIZE = 64
 DEFAULT_CONCURRENCY = 4
 DEFAULT_MAX_TPM_SHARE = 0.2
 DEFAULT_DEADLINE_S = 30.0
+DEFAULT_MAX_BUSY = 0.7
 
 
 class ShadowConfig(BaseModel):
@@ -39,5 +42,6 @@ class ShadowConfig(BaseModel):
     concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, le=256)
     max_tpm_share: float = Field(default=DEFAULT_MAX_TPM_SHARE, gt=0.0, le=1.0)
     deadline: PositiveDuration = DEFAULT_DEADLINE_S
+    max_busy: float = Field(default=DEFAULT_MAX_BUSY, gt=0.0, le=1.0)
     divergence: DivergenceRule = Field(default_factory=DivergenceRule)
     judge: JudgeConfig | None = None

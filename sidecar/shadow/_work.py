@@ -1,6 +1,8 @@
 """Shadow work off every user's path: a bounded queue and a fixed number of workers.
 
-`offer` never waits: a job that does not fit is dropped and counted. Each job belongs to a
+`offer` never waits: a job that does not fit is dropped and counted, and so is every job while
+the event loop is busy (`LoopLoad` above `max_busy`: the sidecar is near saturation, and its
+users come first), offered or queued. Each job belongs to a
 rollout; `end(rollout_id)` drops its queued jobs and cancels its running ones at once (the
 rollout ended, so its candidate must stop getting calls). `stop()` is the shutdown path.
 """
@@ -14,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.shadow._load import LoopLoad
 from sidecar.telemetry._metrics import SidecarMetrics
 
 log = logging.getLogger(__name__)
@@ -27,7 +30,16 @@ class Job:
 
 
 class BackgroundWork:
-    def __init__(self, *, queue_size: int, concurrency: int, metrics: SidecarMetrics) -> None:
+    def __init__(
+        self,
+        *,
+        queue_size: int,
+        concurrency: int,
+        metrics: SidecarMetrics,
+        load: LoopLoad | None = None,
+        max_busy: float = 1.0,
+    ) -> None:
+        self._load, self._max_busy = load, max_busy
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
         self._concurrency = concurrency
         self._metrics = metrics
@@ -38,9 +50,15 @@ class BackgroundWork:
     def start(self) -> None:
         if self._workers:
             return
+        if self._load is not None:
+            self._load.start()
         self._workers = [
             asyncio.create_task(self._work(), name=f"shadow-worker-{i}") for i in range(self._concurrency)
         ]
+
+    @property
+    def overloaded(self) -> bool:
+        return self._load is not None and self._load.busy > self._max_busy
 
     @property
     def depth(self) -> int:
@@ -54,6 +72,9 @@ class BackgroundWork:
         """Queue `job` unless the queue is full or stopped; never blocks."""
         if self._stopped:
             self._metrics.shadow_dropped.labels("shutdown").inc()
+            return False
+        if self.overloaded:
+            self._metrics.shadow_dropped.labels("overload").inc()
             return False
         try:
             self._queue.put_nowait(job)
@@ -89,6 +110,10 @@ class BackgroundWork:
         while True:
             job = await self._queue.get()
             self._metrics.shadow_queue_depth.set(self._queue.qsize())
+            if self.overloaded:  # it waited while the loop fell behind: the users come first
+                self._metrics.shadow_dropped.labels("overload").inc()
+                self._queue.task_done()
+                continue
             task: asyncio.Task[None] = asyncio.create_task(
                 job.run()
             )  # its own task, so `end` can cancel it alone
@@ -120,4 +145,6 @@ class BackgroundWork:
         for worker in workers:
             worker.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+        if self._load is not None:
+            await self._load.stop()
         self._metrics.shadow_queue_depth.set(0)

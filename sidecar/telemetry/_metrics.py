@@ -218,7 +218,7 @@ class SidecarMetrics:
         )
         self.shadow_dropped = Counter(
             "outrider_sidecar_shadow_dropped",
-            "Shadow work not done, by reason (queue_full, quota, rollout_ended, shutdown)",
+            "Shadow work not done, by reason (queue_full, overload, quota, rollout_ended, shutdown)",
             ["reason"],
             registry=r,
         )

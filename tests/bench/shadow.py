@@ -11,14 +11,15 @@ sidecar's `outrider_sidecar_rollout_generation` shows it and its shadow queue is
 1. latency: unary Chat at c=1, calls at least `--gap-ms` apart, the two settings in
    alternating blocks of `--block` calls: median and p95 of each, the median delta and ratio
    (the issue's target: on - off within +0.2 ms);
-2. saturation: `--concurrency` clients without pause, alternating blocks of `--seconds`:
+2. saturation: `--concurrency` clients without pause, alternating blocks of `--seconds`
+   (the default `shadow:` settings shed mirrored work while the loop is busy, `max_busy`):
    calls/s at each setting and the shadow counters of the "on" blocks (mirrored by outcome,
    dropped by reason) with the default `shadow:` settings (queue 64, 4 workers); and again
    (`saturation_slow_candidate`) with the candidate taking 50 ms, where 4 workers mirror at
    most 80 calls/s and the rest must be dropped (and counted), not slow the user;
-3. capacity: a second sidecar with `shadow.queue_size` 100000 and `shadow.concurrency` 64 at
-   100% under the same load: mirrored ok calls per second during the window (and with the
-   queue left at its end drained).
+3. capacity: a second sidecar with `shadow.queue_size` 100000, `shadow.concurrency` 64 and
+   no shedding for a busy loop (`shadow.max_busy` 1) at 100% under the same load: mirrored ok
+   calls per second during the window (and with the queue left at its end drained).
 
     scripts/bench shadow [--calls 1000] [--block 100] [--seconds 5] [--concurrency 16]
 """
@@ -56,7 +57,9 @@ WARMUP_CALLS = 200
 SATURATION_ROUNDS = 3  # blocks of each setting at saturation
 SLOW_CANDIDATE_MS, SLOW_ROUNDS = 50, 2  # the saturation run again, with a slow candidate
 CAPACITY_QUEUE, CAPACITY_CONCURRENCY = 100_000, 64
-WIDE = {"queue_size": CAPACITY_QUEUE, "concurrency": CAPACITY_CONCURRENCY}  # the capacity sidecar
+# the capacity sidecar: room for every mirror, and no shedding for a busy loop (`max_busy` 1),
+# so what it measures is how many mirrored calls the sidecar can run, not how many it chose to
+WIDE = {"queue_size": CAPACITY_QUEUE, "concurrency": CAPACITY_CONCURRENCY, "max_busy": 1.0}
 APPLY_TIMEOUT_S = 20.0
 DRAIN_TIMEOUT_S = 30.0
 DEPTH_EVERY_S = 0.5  # how often the shadow queue depth is sampled at saturation
