@@ -104,9 +104,12 @@ class ShadowRunner:
 
     def on_state(self, state: control_pb2.RolloutState) -> None:
         """A rollout state was applied: if the rollout in shadow left its shadow phase (or another
-        rollout took over), its mirrored work stops now."""
-        target = self._router.shadow_target()
-        current = target.rollout_id if target is not None else None
+        rollout took over), its mirrored work stops now.
+
+        A rollout is in shadow from its SHADOW state on, whether or not this sidecar has its
+        candidate yet: the registry may teach the router the candidate later (no new state), and
+        the work mirrored from then on must stop with the phase too."""
+        current = state.rollout_id if state.phase == control_pb2.ROLLOUT_PHASE_SHADOW else None
         if self._shadowing is not None and self._shadowing != current:
             ended = self.work.end(self._shadowing)
             log.info(
