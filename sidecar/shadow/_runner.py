@@ -28,6 +28,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from outrider.v1 import common_pb2, control_pb2, events_pb2
 from sidecar._record import ChatState, Recorder, elapsed_ms, role_name
@@ -188,9 +189,13 @@ class ShadowRunner:
                 if target_model is not None
                 else 0.0
             )
+            blocked = False
             if candidate.guards.rules_for("output") and result.content:
-                result.content = candidate.guards.scan_output(result.content).text
+                outcome = candidate.guards.scan_output(result.content)
+                blocked, result.content = outcome.blocked, outcome.text
             answer = answer_of(result, latency_ms=elapsed_ms(start), cost_usd=cost)
+            if blocked:  # what a user would have got: an error, not an empty answer (nor judged)
+                answer = replace(answer, ok=False, error_class="guard_blocked_output", text="", tool_calls=())
         comparison = compare(stable, answer, divergence=self.config.divergence)
         pair_id = uuid.uuid4().hex[:16]
         event = self._event(session, candidate.version_id, common_pb2.ROLE_SHADOW, target.rollout_id)
