@@ -74,7 +74,12 @@ def _version(sim: SimProvider, model: str, prompt: str) -> dict[str, Any]:
 
 
 def shadow_config(
-    sim: SimProvider, kafka: str, *, top: dict[str, Any] | None = None, **shadow: Any
+    sim: SimProvider,
+    kafka: str,
+    *,
+    top: dict[str, Any] | None = None,
+    guards: dict[str, list[dict[str, str]]] | None = None,
+    **shadow: Any,
 ) -> SidecarConfig:
     """v1 (stable) on sim-fast, v2 (the candidate) on sim-divergent, both with a read tool and
     two write tools (one with a scripted shadow_response)."""
@@ -93,6 +98,8 @@ def shadow_config(
         "shadow": shadow,
         **(top or {}),
     }
+    for name, rules in (guards or {}).items():
+        data["versions"][name]["guards"] = rules
     return parse_config(data, source="test.yaml").load_secrets({"TEST_SIM_KEY": API_KEY})
 
 
@@ -688,6 +695,50 @@ async def test_judge_always_scores_divergent_pairs(
     assert verdict.judge.kind == "pair" and verdict.judge.divergent
     assert verdict.judge.pair_id == pair.shadow.pair_id
     assert sim.requests("sim-judge") == 1
+
+
+async def test_judge_sees_answers_only_as_each_versions_guards_leave_them(
+    broker: EmbeddedBroker, sim: SimProvider, tail: EventTail, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both versions redact e-mail addresses and the candidate blocks secrets: the judge gets no
+    answer with an address in it, and a candidate answer its guards block is the candidate's error (as it
+    would be for a user), not an empty success, and is not judged."""
+    monkeypatch.setenv(CAPTURE_CONTENT_ENV, "true")
+    monkeypatch.setenv(JUDGE_KEY_ENV, API_KEY)
+    sim.set_model("sim-divergent", ModelBehavior(reply_prefix="Sure. "))  # echoes like stable
+    redact = {"guard": "pii.email", "action": "redact"}
+    guards = {"v1": [redact], "v2": [redact, {"guard": "secret", "action": "block"}]}
+    config = shadow_config(
+        sim, broker.bootstrap_servers, guards=guards, judge=judge_settings(sim) | {"evaluation_share": 0.0}
+    )
+    secret = "sk-abcdefghijklmnopqrstuvwxyz0123456789"
+    async with running(config) as run:
+        await publish(run.sidecar, rollout(config, control_pb2.ROLLOUT_PHASE_SHADOW, 1))
+        session = await run.stub.OpenSession(sidecar_pb2.OpenSessionRequest())
+        mail = [common_pb2.ChatMessage(role="user", content="mail me at jane.doe@example.com please")]
+        reply = await chat(run.stub, session.session_id, mail)
+        assert "jane.doe" not in reply.message.content
+        await tail.until(lambda t: len(t.of("judge")) >= 1, what="the pair's verdict")
+        leaky = [common_pb2.ChatMessage(role="user", content=f"my key is {secret}")]
+        reply = await chat(run.stub, session.session_id, leaky)  # stable has no secret guard
+        assert secret in reply.message.content
+        await tail.until(lambda t: len(t.of("shadow")) >= 2, what="two ShadowRecords")
+        shadow = run.sidecar.shadow
+        assert shadow is not None
+        await eventually(lambda: shadow.work.running == 0 and shadow.work.depth == 0, what="idle")
+        await tail.settle(0.5)
+    judge_bodies = [json.dumps(r.body) for r in sim.received if r.body.get("model") == "sim-judge"]
+    assert len(judge_bodies) == 1  # the e-mail pair; the blocked one is not judged
+    # PII guards watch the output: the conversation is as stable's provider got it, each answer
+    # as its version's guards left it
+    answers = judge_bodies[0].split("[End of Conversation]", 1)[1]
+    assert "jane.doe" not in answers and answers.count("[REDACTED:pii.email]") == 2
+    emailed, blocked = sorted(tail.of("shadow"), key=lambda e: e.sequence)
+    assert emailed.shadow.outcome == events_pb2.OUTCOME_OK
+    assert blocked.shadow.outcome == events_pb2.OUTCOME_ERROR
+    assert blocked.shadow.error_class == "guard_blocked_output"
+    assert blocked.shadow.candidate_output_tokens > 0  # it was answered (and paid for), then blocked
+    assert sample(run.sidecar, "outrider_sidecar_shadow_calls_total", outcome="error") == 1
 
 
 async def test_judge_stays_off_without_content_capture(
