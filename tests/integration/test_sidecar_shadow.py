@@ -393,6 +393,7 @@ async def test_shadow_mirroring_stops_when_the_rollout_leaves_shadow(
         for _ in range(4):
             await chat(run.stub, session.session_id, QUESTION)
         await eventually(lambda: shadow.work.running == 1, what="one mirrored call running")
+        await eventually(lambda: sim.requests("sim-divergent") == 1, what="it reached the candidate")
         assert shadow.work.depth == 3
         await publish(run.sidecar, rollout(config, phase, 2))
         # the listener ran with the state: nothing waits any more, the running call is cancelled
