@@ -28,6 +28,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from outrider.v1 import common_pb2, control_pb2, events_pb2
 from sidecar._record import ChatState, Recorder, elapsed_ms, role_name
@@ -109,9 +110,12 @@ class ShadowRunner:
 
     def on_state(self, state: control_pb2.RolloutState) -> None:
         """A rollout state was applied: if the rollout in shadow left its shadow phase (or another
-        rollout took over), its mirrored work stops now."""
-        target = self._router.shadow_target()
-        current = target.rollout_id if target is not None else None
+        rollout took over), its mirrored work stops now.
+
+        A rollout is in shadow from its SHADOW state on, whether or not this sidecar has its
+        candidate yet: the registry may teach the router the candidate later (no new state), and
+        the work mirrored from then on must stop with the phase too."""
+        current = state.rollout_id if state.phase == control_pb2.ROLLOUT_PHASE_SHADOW else None
         if self._shadowing is not None and self._shadowing != current:
             ended = self.work.end(self._shadowing)
             log.info(
@@ -190,9 +194,13 @@ class ShadowRunner:
                 if target_model is not None
                 else 0.0
             )
+            blocked = False
             if candidate.guards.rules_for("output") and result.content:
-                result.content = candidate.guards.scan_output(result.content).text
+                outcome = candidate.guards.scan_output(result.content)
+                blocked, result.content = outcome.blocked, outcome.text
             answer = answer_of(result, latency_ms=elapsed_ms(start), cost_usd=cost)
+            if blocked:  # what a user would have got: an error, not an empty answer (nor judged)
+                answer = replace(answer, ok=False, error_class="guard_blocked_output", text="", tool_calls=())
         comparison = compare(stable, answer, divergence=self.config.divergence)
         pair_id = uuid.uuid4().hex[:16]
         event = self._event(session, candidate.version_id, common_pb2.ROLE_SHADOW, target.rollout_id)
