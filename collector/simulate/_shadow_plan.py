@@ -1,7 +1,8 @@
 """The shadow phase of `outrider rollout plan`: how fast pairs arrive and when each shadow gate
 can pass, from the plan's traffic (collector.simulate._traffic).
 
-Pairs arrive at calls_per_second x sample / 100; the judge scores `judge_share` of them. Each
+Pairs arrive at calls_per_second x sample / 100; the judge scores `judge_share` of them (the
+judge gates count judged pairs). Each
 gate is the one-sample test of collector._shadow_gates on n pairs, with the per-pair variance
 of an identical candidate (a paired difference of two independent draws: twice one draw's
 variance; the session design effect for errors) and, for the fixed-bound gates, an assumed
@@ -27,7 +28,8 @@ MAX_PAIRS = 10**9
 class ShadowGatePlan:
     name: str
     metric: str
-    pairs: float | None  # pairs for an identical (or, for a bound, a halfway) candidate to pass
+    pairs: float | None  # pairs (judged pairs for a judge gate) for an identical (or, for a
+    # bound, a halfway) candidate to pass
     assumed: str  # what the estimate assumes
 
 
@@ -95,7 +97,9 @@ def plan_shadow(
     for gate in shadow.gates:
         pairs, assumed = _pairs_to_pass(gate, traffic, alpha, power)
         gates.append(ShadowGatePlan(gate.name, gate.metric, pairs, assumed))
-        waits.append((math.inf if pairs is None else pairs / rate, f"shadow gate {gate.name}"))
+        judged = gate.metric in ("judge_score", "judge_preference")
+        gate_rate = rate * traffic.judge_share if judged else rate
+        waits.append((math.inf if pairs is None else pairs / gate_rate, f"shadow gate {gate.name}"))
     duration, decided_by = max(waits, key=lambda w: w[0])
     return ShadowPlan(
         shadow.sample,
@@ -118,6 +122,7 @@ def format_shadow(plan: ShadowPlan, duration: str) -> list[str]:
         f"{plan.decided_by}" + (" - NO_DATA after its max_duration" if plan.no_data else ""),
     ]
     for g in plan.gates:
-        needed = "never" if g.pairs is None else f"{g.pairs:.0f} pairs"
+        judged = "judged " if g.metric in ("judge_score", "judge_preference") else ""
+        needed = "never" if g.pairs is None else f"{g.pairs:.0f} {judged}pairs"
         lines.append(f"  shadow gate {g.name:<12} {g.metric:<18} passes after {needed} ({g.assumed})")
     return [*lines, ""]
