@@ -250,11 +250,12 @@ def render_status(
     """The text of `outrider rollout status`."""
     view = status_view(status, labels)
     state = status.state
-    where = (
-        f"shadow phase ({view['shadow_sample']:.0%} of calls mirrored)"
-        if view["shadow_phase"]
-        else f"step {view['step']}/{view['step_count']}"
-    )
+    if view["shadow_phase"]:
+        where = f"shadow phase ({view['shadow_sample']:.0%} of calls mirrored)"
+    elif not view["step_count"]:
+        where = "a pure shadow run"
+    else:
+        where = f"step {view['step']}/{view['step_count']}"
     lines = [
         f"agent       {view['agent']}",
         f"rollout     {view['rollout_id']}  (generation {view['generation']}"

@@ -106,3 +106,17 @@ def test_plan_shows_the_shadow_phase_before_the_stages() -> None:
     assert any("shadow gate tools" in line and "passes after" in line for line in lines)
     pure = plan(load_spec_text(PURE), 10.0)
     assert pure.stages == () and pure.shadow is not None
+
+
+def test_status_of_an_ended_pure_shadow_run() -> None:
+    from outrider.v1 import admin_pb2
+
+    state = control_pb2.RolloutState(
+        agent=AGENT,
+        phase=control_pb2.ROLLOUT_PHASE_ABORTED,
+        step_count=0,
+        reason="shadow run complete: 900 pairs in 700s, every shadow gate passed",
+        decided_by="controller",
+    )
+    text = "\n".join(render_status(admin_pb2.RolloutStatus(state=state)))
+    assert "phase       aborted  a pure shadow run" in text and "shadow run complete" in text
