@@ -62,6 +62,7 @@ async def test_status_has_the_shadow_summary_and_judge_scores() -> None:
     assert "judge: 10 pairs, score 0.700 vs stable 0.800; prefers candidate 0%, stable 100%" in text
     assert "1 intercepted writes" in text
     assert "shadow      tools" in text  # the shadow gate, under its own label
+    assert "candidate 0.750 over 40 pairs" in text  # against its bound: no stable side
 
 
 async def test_metrics_show_the_shadow_figures() -> None:
