@@ -58,13 +58,7 @@ class EvidenceBook:
         if evidence is None or evidence.rollout_id != state.rollout_id or after_shadow:
             if spec is None:
                 return evidence
-            if spec.shadow is not None and (
-                (current := self._shadow.get(state.agent)) is None or current.rollout_id != state.rollout_id
-            ):
-                self._shadow[state.agent] = ShadowEvidence(
-                    state.rollout_id, state.stable_version_id, state.candidate_version_id, self.max_units
-                )
-            elif spec.shadow is None:
+            if spec.shadow is None:
                 self._shadow.pop(state.agent, None)
             evidence = RolloutEvidence(
                 state.rollout_id,
@@ -77,6 +71,15 @@ class EvidenceBook:
                 max_units=self.max_units,
             )
             self._by_agent[state.agent] = evidence
+        current = self._shadow.get(state.agent)
+        if (
+            spec is not None
+            and spec.shadow is not None
+            and (current is None or current.rollout_id != state.rollout_id)
+        ):
+            self._shadow[state.agent] = ShadowEvidence(
+                state.rollout_id, state.stable_version_id, state.candidate_version_id, self.max_units
+            )
         if state.step_index > evidence.stage:
             evidence.begin_stage(state.step_index, state.step_started_at_unix_nano / 1e9)
         return evidence

@@ -216,6 +216,8 @@ class CollectorMetrics:
             registry=self.registry,
         )
         self._granted_sidecars: dict[str, set[str]] = {}
+        self._shadow = _ShadowCollector(lambda: [])
+        self.registry.register(self._shadow)
 
     def observe_event(self, event: events_pb2.Event) -> None:
         """Count an event the windows counted (so exactly once)."""
@@ -223,7 +225,7 @@ class CollectorMetrics:
 
     def watch_shadow(self, shadows: Callable[[], list[tuple[str, ShadowEvidence]]]) -> None:
         """Show each current rollout's shadow figures (gauges of the evidence since it started)."""
-        self.registry.register(_ShadowCollector(shadows))
+        self._shadow.source = shadows
 
     def watch_relay(self, relay: SpanRelayStats) -> None:
         """Show the span relay's counters on /metrics."""
@@ -297,8 +299,8 @@ class _RelayCollector(Collector):
 class _ShadowCollector(Collector):
     """Gauges of every current rollout's mirrored pairs, labelled agent and (candidate) version."""
 
-    def __init__(self, shadows: Callable[[], list[tuple[str, ShadowEvidence]]]) -> None:
-        self._shadows = shadows
+    def __init__(self, source: Callable[[], list[tuple[str, ShadowEvidence]]]) -> None:
+        self.source = source
 
     def collect(self) -> Iterator[Metric]:
         labels = ["agent", "version"]
@@ -323,7 +325,7 @@ class _ShadowCollector(Collector):
             "Error rate of the mirrored calls, by side",
             labels=[*labels, "side"],
         )
-        for agent, evidence in self._shadows():
+        for agent, evidence in self.source():
             summary: admin_pb2.ShadowSummary = evidence.summary()
             key = [agent, evidence.candidate]
             if summary.pairs:

@@ -72,8 +72,8 @@ def decide_shadow(
     """(the shadow gates' results, the next state's fields or None) at one look."""
     assert spec.shadow is not None
     shadow = spec.shadow
-    empty = ShadowEvidence(state.rollout_id, state.stable_version_id, state.candidate_version_id)
-    evidence = evidence if evidence is not None else empty
+    if evidence is None:  # nothing consumed yet: no pairs
+        evidence = ShadowEvidence(state.rollout_id, state.stable_version_id, state.candidate_version_id)
     results = evaluate_shadow_gates(list(shadow.gates), evidence, alpha)
     harmed = [r for r in results if r.verdict == HARM]
     for result in harmed:

@@ -250,11 +250,12 @@ def render_status(
     """The text of `outrider rollout status`."""
     view = status_view(status, labels)
     state = status.state
-    where = (
-        f"shadow phase ({view['shadow_sample']:.0%} of calls mirrored)"
-        if view["shadow_phase"]
-        else f"step {view['step']}/{view['step_count']}"
-    )
+    if view["shadow_phase"]:
+        where = f"shadow phase ({view['shadow_sample']:.0%} of calls mirrored)"
+    elif not view["step_count"]:
+        where = "a pure shadow run"
+    else:
+        where = f"step {view['step']}/{view['step_count']}"
     lines = [
         f"agent       {view['agent']}",
         f"rollout     {view['rollout_id']}  (generation {view['generation']}"
@@ -288,10 +289,15 @@ def render_status(
         name = g["name"].removeprefix("trigger:")
         c, s = g["candidate"], g["stable"]
         lines.append(f"{label:<11} {name:<16} {g['verdict'].upper():<10} {g['bounds'] or '-'}")
-        lines.append(
-            f"{'':<11}   candidate {_side(c['value'], c['unit'])} (n={c['samples']})  "
-            f"stable {_side(s['value'], s['unit'])} (n={s['samples']})  window: {g['window']}"
-        )
+        if g["kind"] == "shadow" and g["unit"] == "share":  # against a fixed bound: no stable side
+            lines.append(
+                f"{'':<11}   candidate {c['value']:.3f} over {c['samples']} pairs  window: {g['window']}"
+            )
+        else:
+            lines.append(
+                f"{'':<11}   candidate {_side(c['value'], c['unit'])} (n={c['samples']})  "
+                f"stable {_side(s['value'], s['unit'])} (n={s['samples']})  window: {g['window']}"
+            )
         if g["waiting_for"]:
             lines.append(f"{'':<11}   waits for {g['waiting_for']}")
         elif g["verdict"] == "harm" and g["on_harm"]:

@@ -408,7 +408,10 @@ def rollout_simulate(
     from collector.simulate import Scenario, apply_effect, simulate, summarize
     from outrider.durations import parse_duration
 
-    _local_spec(spec)
+    if _local_spec(spec).shadow_only:
+        raise click.UsageError(
+            "a pure shadow run has no canary stages to simulate: see `outrider rollout plan`"
+        )
     base = _local_traffic(baseline)
     try:
         candidate = apply_effect(base, effect, "--effect")

@@ -34,6 +34,7 @@ import numpy as np
 
 from collector._gates import METRICS, margin_scale
 from collector._spec import NO_MARGIN, Gate, RolloutSpec
+from collector.simulate._shadow_plan import ShadowPlan, format_shadow, plan_shadow
 from collector.simulate._traffic import Traffic
 from collector.stats import DEFAULT_RATIOS, scale_mixture_detectable_effect, scale_mixture_half_width
 
@@ -95,6 +96,7 @@ class Plan:
     power: float
     stages: tuple[StagePlan, ...]
     notes: tuple[str, ...]
+    shadow: ShadowPlan | None = None  # the shadow phase before the stages
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -315,7 +317,11 @@ def plan(
     requests_per_call = 2.0 if traffic.tool_failure_rate > 0 else 1.0
     quality = any(g.metric == "judge_score" for g in spec.gates)
     done: list[tuple[float, float]] = []  # (duration, weight) of the stages so far
-    elapsed: float | None = 0.0
+    shadow = None
+    if spec.shadow is not None:
+        shadow = plan_shadow(spec.shadow, calls_per_second, traffic, gate_alpha, power)
+    # the stages begin when the shadow phase ends
+    elapsed: float | None = 0.0 if shadow is None else shadow.duration_s
     stages: list[StagePlan] = []
     for i, step in enumerate(spec.steps):
         w = spec.effective_weight(i)
@@ -368,6 +374,7 @@ def plan(
         power,
         tuple(stages),
         tuple(_notes(spec, calls_per_second, done)),
+        shadow,
     )
 
 
@@ -415,9 +422,14 @@ def format_plan(result: Plan, source: str) -> list[str]:
         f"alpha {result.alpha:g} family-wise: {result.gate_alpha:.3g} per gate{triggers}; "
         f"power {result.power:.1%}",
         "",
-        f"{'stage':<6} {'weight':>7} {'effective':>9} {'decides after':>13} {'ends at':>9}  "
-        f"{'cand. calls':>11}  waits for",
     ]
+    if result.shadow is not None:
+        lines += format_shadow(result.shadow, format_duration(result.shadow.duration_s))
+    if result.stages:
+        lines.append(
+            f"{'stage':<6} {'weight':>7} {'effective':>9} {'decides after':>13} {'ends at':>9}  "
+            f"{'cand. calls':>11}  waits for"
+        )
     for st in result.stages:
         waits = st.decided_by
         if st.no_data:

@@ -51,7 +51,14 @@ class Scenario:
 
     @property
     def spec(self) -> RolloutSpec:
-        return load_spec_text(self.spec_yaml, "<simulated spec>")
+        """The spec's canary stages: a shadow phase has no synthetic pairs here, so it is left
+        out (its gates' share of alpha goes to the canary gates: conservative for false rollbacks)."""
+        spec = load_spec_text(self.spec_yaml, "<simulated spec>")
+        if spec.shadow is None:
+            return spec
+        if not spec.steps:
+            raise ValueError("a pure shadow run has no canary stages to simulate (see `rollout plan`)")
+        return spec.model_copy(update={"shadow": None})
 
     @property
     def effect_key(self) -> str | None:

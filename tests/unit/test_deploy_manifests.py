@@ -87,6 +87,14 @@ METRICS = {
     "outrider_control_rejected_total",
     "outrider_collector_new_broker_total",
     "outrider_sidecar_control_wait_expired_total",
+    # issue 12: the shadow comparison and the judge
+    "outrider_shadow_pairs_total",
+    "outrider_shadow_intercepted_writes_total",
+    "outrider_shadow_tool_agreement_ratio",
+    "outrider_shadow_text_similarity_ratio",
+    "outrider_shadow_judge_score",
+    "outrider_shadow_judge_preference_ratio",
+    "outrider_judge_cost_usd_total",
 }
 
 
@@ -487,6 +495,7 @@ def test_signals_dashboard_uses_the_collectors_metric_set() -> None:
 
     for registry in (CollectorMetrics().registry, SidecarMetrics().registry):
         served |= {f"{m.name}_total" for m in registry.collect() if m.type == "counter"}
+    served |= {m.name for m in CollectorMetrics().registry.collect() if m.name.startswith("outrider_shadow_")}
     assert served >= METRICS, METRICS - served
 
 

@@ -109,3 +109,18 @@ def test_shadow_gate_names_are_unique_across_both_kinds() -> None:
 def test_steps_are_required_without_shadow() -> None:
     with pytest.raises(SpecError, match=r"steps: at least one step is required \(or a shadow phase\)"):
         load_spec_text(HEAD, "r.yaml")
+
+
+def test_shadow_example_loads_and_plans() -> None:
+    from pathlib import Path
+
+    from collector import load_spec_file
+    from collector.simulate import plan
+
+    spec = load_spec_file(Path(__file__).resolve().parents[2] / "examples" / "rollout-shadow.yaml")
+    assert spec.shadow is not None and len(spec.shadow.gates) == 7 and len(spec.steps) == 2
+    shadow = plan(spec, 10.0).shadow
+    assert shadow is not None and shadow.duration_s is not None
+    # the judge gates wait for judged pairs: a tenth of the pairs with the default judge_share
+    quality = next(g for g in shadow.gates if g.name == "quality")
+    assert quality.pairs is not None and shadow.duration_s >= quality.pairs / (shadow.pairs_per_second * 0.1)
