@@ -302,7 +302,8 @@ class Executor:
             if isinstance(admission, QuotaRefusal):
                 reasons.append(f"{tier.name}: {admission.reason}")
                 retry_after = max(retry_after, admission.retry_after_s)
-                self.upstreams.metrics.quota_refused.labels("global").inc()
+                if not shadow:  # a mirrored call's refusal is counted as shadow work dropped
+                    self.upstreams.metrics.quota_refused.labels("global").inc()
                 continue
             if admission is not None:
                 waited += admission.waited_s

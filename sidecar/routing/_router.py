@@ -6,7 +6,8 @@ Pure and synchronous: the control tailer feeds `apply`, OpenSession calls `assig
 - RUNNING, HOLD, NO_DATA    -> sticky hash of (rollout id, key) in [0, 1): below the
                                candidate weight -> candidate (CANARY), else stable (STABLE)
 - SHADOW                    -> stable, role STABLE (the candidate only answers mirrored calls
-                               and `shadow_of` sessions: see `shadow_target`)
+                               and `shadow_of` sessions: see `shadow_target`; HOLD and NO_DATA
+                               with a `shadow_sample` are a held shadow phase: weight 0)
 - PROMOTED                  -> candidate, role STABLE
 - ROLLED_BACK / ABORTED     -> the state's stable version, role STABLE
 - a version this config lacks -> the config's stable version (warned once, counted)
@@ -42,6 +43,7 @@ _SPLIT = (
 )
 _PROMOTED = control_pb2.ROLLOUT_PHASE_PROMOTED
 _SHADOW = control_pb2.ROLLOUT_PHASE_SHADOW
+_HELD = (control_pb2.ROLLOUT_PHASE_HOLD, control_pb2.ROLLOUT_PHASE_NO_DATA)
 _BACK_TO_STABLE = (control_pb2.ROLLOUT_PHASE_ROLLED_BACK, control_pb2.ROLLOUT_PHASE_ABORTED)
 
 
@@ -61,6 +63,11 @@ class Assignment:
     version_id: str
     role: int  # outrider.v1.Role
     rollout_id: str = ""
+
+
+def in_shadow(state: control_pb2.RolloutState) -> bool:
+    """In its shadow phase, or held there (HOLD or NO_DATA keep mirroring, at their sample)."""
+    return state.phase == _SHADOW or (state.phase in _HELD and state.shadow_sample > 0)
 
 
 def sticky_fraction(rollout_id: str, key: str) -> float:
@@ -189,9 +196,10 @@ class Router:
             self._fixed = self._resolve_fixed(self._state)
 
     def shadow_target(self) -> ShadowTarget | None:
-        """The rollout in its shadow phase, when this sidecar has both of its versions."""
+        """The rollout in its shadow phase (or held in it: HOLD or NO_DATA with a shadow sample),
+        when this sidecar has both of its versions."""
         state = self._state
-        if state is None or state.phase != _SHADOW:
+        if state is None or not in_shadow(state):
             return None
         if state.stable_version_id not in self._known or state.candidate_version_id not in self._known:
             return None

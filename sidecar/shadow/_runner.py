@@ -33,7 +33,7 @@ from dataclasses import replace
 from outrider.v1 import common_pb2, control_pb2, events_pb2
 from sidecar._record import ChatState, Recorder, elapsed_ms, role_name
 from sidecar.resilience._executor import ChatFailed, Executor
-from sidecar.routing._router import Router, ShadowTarget, sticky_fraction
+from sidecar.routing._router import Router, ShadowTarget, in_shadow, sticky_fraction
 from sidecar.routing._session import Session
 from sidecar.routing._versions import Version
 from sidecar.shadow._compare import Answer, ToolDecision, compare
@@ -115,7 +115,7 @@ class ShadowRunner:
         A rollout is in shadow from its SHADOW state on, whether or not this sidecar has its
         candidate yet: the registry may teach the router the candidate later (no new state), and
         the work mirrored from then on must stop with the phase too."""
-        current = state.rollout_id if state.phase == control_pb2.ROLLOUT_PHASE_SHADOW else None
+        current = state.rollout_id if in_shadow(state) else None
         if self._shadowing is not None and self._shadowing != current:
             ended = self.work.end(self._shadowing)
             log.info(

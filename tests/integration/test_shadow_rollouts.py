@@ -62,6 +62,9 @@ def shadow_sidecar(
     data["versions"]["v2"]["system_prompt"] = "You are a friendly support agent."
     data["versions"]["v1"]["system_prompt"] = "You are a helpful support agent."
     data["telemetry"] = {"spill_dir": None}
+    # the sidecar shares this test's event loop with the collector and the agents, so the loop
+    # is busy for reasons no production sidecar has: no shedding for a busy loop here
+    data["shadow"] = {"max_busy": 1.0, **over.pop("shadow", {})}
     data.update(over)
     return type(config).model_validate(data).load_secrets({"TEST_SIM_KEY": API_KEY})
 

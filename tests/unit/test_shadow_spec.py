@@ -117,10 +117,10 @@ def test_shadow_example_loads_and_plans() -> None:
     from collector import load_spec_file
     from collector.simulate import plan
 
-    spec = load_spec_file(Path(__file__).resolve().parents[2] / "examples" / "rollout-shadow.yaml")
-    assert spec.shadow is not None and len(spec.shadow.gates) == 7 and len(spec.steps) == 2
+    spec = load_spec_file(Path(__file__).resolve().parents[2] / "examples" / "shadow-rollout.yaml")
+    assert spec.shadow is not None and len(spec.shadow.gates) == 4 and len(spec.steps) == 3
     shadow = plan(spec, 10.0).shadow
     assert shadow is not None and shadow.duration_s is not None
     # the judge gates wait for judged pairs: a tenth of the pairs with the default judge_share
-    quality = next(g for g in shadow.gates if g.name == "quality")
+    quality = next(g for g in shadow.gates if g.name == "judge")
     assert quality.pairs is not None and shadow.duration_s >= quality.pairs / (shadow.pairs_per_second * 0.1)
