@@ -266,12 +266,7 @@ class RolloutEvidence:
         )
         dn = np.asarray(rows.dn, dtype=np.float64).reshape(len(rows), F)
         ds = np.asarray(rows.ds, dtype=np.float64).reshape(len(rows), F)
-        unique, inverse = np.unique(slots, return_inverse=True)
-        if len(unique) < len(slots):  # a unit twice in the batch: add its rows up first
-            agg_n, agg_s = np.zeros((len(unique), F)), np.zeros((len(unique), F))
-            np.add.at(agg_n, inverse, dn)
-            np.add.at(agg_s, inverse, ds)
-            slots, dn, ds = unique, agg_n, agg_s
+        slots, dn, ds = sum_by_unit(slots, dn, ds)
         old_n, old_s = self._n[slots], self._s[slots]
         new_n, new_s = old_n + dn, old_s + ds
         self._n[slots], self._s[slots] = new_n, new_s
@@ -442,6 +437,19 @@ class RolloutEvidence:
             evidence._slots = {key: i for i, key in enumerate(keys)}
             evidence._free = list(range(size - 1, count - 1, -1))
         return evidence
+
+
+def sum_by_unit(
+    slots: npt.NDArray[Any], dn: npt.NDArray[np.float64], ds: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """A batch's rows with a unit twice added up first (fancy assignment keeps only the last)."""
+    unique, inverse = np.unique(slots, return_inverse=True)
+    if len(unique) == len(slots):
+        return slots, dn, ds
+    agg_n, agg_s = np.zeros((len(unique), dn.shape[1])), np.zeros((len(unique), ds.shape[1]))
+    np.add.at(agg_n, inverse, dn)
+    np.add.at(agg_s, inverse, ds)
+    return unique, agg_n, agg_s
 
 
 def _b64(array: npt.NDArray[Any]) -> str:

@@ -35,6 +35,7 @@ from ddsketch.pb.ddsketch_pb2 import DDSketch as DDSketchMessage
 from ddsketch.pb.proto import DDSketchProto
 
 from collector._errclass import NOT_CAUSED, classify
+from collector._evidence import sum_by_unit
 from outrider.v1 import admin_pb2, common_pb2, events_pb2
 
 STATE_FORMAT = 1
@@ -190,12 +191,7 @@ class ShadowEvidence:
         ds = np.asarray(rows.ds, dtype=np.float64).reshape(len(rows), FS)
         dq = np.asarray(rows.dq, dtype=np.float64).reshape(len(rows), FS) if rows.dq else ds * ds
         self.sums[:, Q] += dq.sum(axis=0)
-        unique, inverse = np.unique(slots, return_inverse=True)
-        if len(unique) < len(slots):  # a unit twice in the batch: add its rows up first
-            agg_n, agg_s = np.zeros((len(unique), FS)), np.zeros((len(unique), FS))
-            np.add.at(agg_n, inverse, dn)
-            np.add.at(agg_s, inverse, ds)
-            slots, dn, ds = unique, agg_n, agg_s
+        slots, dn, ds = sum_by_unit(slots, dn, ds)
         old_n, old_s = self._n[slots], self._s[slots]
         new_n, new_s = old_n + dn, old_s + ds
         self._n[slots], self._s[slots] = new_n, new_s

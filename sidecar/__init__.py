@@ -1,5 +1,13 @@
-"""The Outrider sidecar (data plane): the agent-facing gRPC API, session pinning, routing,
-upstream clients and the telemetry producer. `outrider sidecar --config FILE` runs `run`."""
+"""The Outrider sidecar (data plane). `outrider sidecar --config FILE` runs `run`.
+
+Every agent call goes through one transport-independent pipeline (`_pipeline`: session, input
+guards, quotas, execution, output guards, price, one record, response); the gRPC servicer
+(`_grpc`) only maps its messages onto it. The seams are sub-packages: `routing/` (sessions,
+router, versions, control and registry tailers, drain), `upstream/` (provider, SSE, tools,
+prices), `resilience/` (executor, breakers, retries, budgets, buckets, quotas), `guards/`,
+`shadow/` (mirroring, comparison, the judge) and `telemetry/` (queue, spill, spans, metrics).
+What is importable from here is the public surface, pinned by tests/unit/test_sidecar_config.py.
+"""
 
 from outrider.clock import Clock, ManualClock, SystemClock
 from sidecar._app import Sidecar, SidecarError, run
