@@ -3,7 +3,8 @@ upstream clients and the telemetry producer. `outrider sidecar --config FILE` ru
 
 from outrider.clock import Clock, ManualClock, SystemClock
 from sidecar._app import Sidecar, SidecarError, run
-from sidecar._config import ConfigError, SidecarConfig, ToolConfig, VersionConfig, load_config, parse_duration
+from sidecar._config import ConfigError, SidecarConfig, load_config, parse_duration
+from sidecar._version_config import ToolConfig, VersionConfig
 from sidecar._version_file import VersionFile, load_version_file, parse_version_file
 from sidecar.routing._router import Assignment, Router
 from sidecar.routing._session import Session, SessionCodec, SessionError, SessionExpired, UnknownSession
