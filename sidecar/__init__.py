@@ -11,7 +11,8 @@ What is importable from here is the public surface, pinned by tests/unit/test_si
 
 from outrider.clock import Clock, ManualClock, SystemClock
 from sidecar._app import Sidecar, SidecarError, run
-from sidecar._config import ConfigError, SidecarConfig, ToolConfig, VersionConfig, load_config, parse_duration
+from sidecar._config import ConfigError, SidecarConfig, load_config, parse_duration
+from sidecar._version_config import ToolConfig, VersionConfig
 from sidecar._version_file import VersionFile, load_version_file, parse_version_file
 from sidecar.routing._router import Assignment, Router
 from sidecar.routing._session import Session, SessionCodec, SessionError, SessionExpired, UnknownSession

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sidecar._config import FallbackTier, ProviderConfig, ToolConfig, VersionConfig
+    from sidecar._version_config import FallbackTier, ProviderConfig, ToolConfig, VersionConfig
 
 
 def alias_url(url: str, aliases: Mapping[str, str]) -> str:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sidecar._config import ConfigError, VersionConfig, read_yaml
+from sidecar._config import ConfigError, read_yaml
 from sidecar._config_format import format_validation_error
+from sidecar._version_config import VersionConfig
 
 MAX_LABEL_LENGTH = 64
 

@@ -23,7 +23,7 @@ import grpc
 from tenacity import AsyncRetrying
 
 from outrider.v1 import common_pb2
-from sidecar._config import ResilienceConfig, RetrySettings, ToolConfig
+from sidecar._version_config import ResilienceConfig, RetrySettings, ToolConfig
 from sidecar.resilience._global_quota import GlobalQuotas, QuotaRefusal, QuotaTicket
 from sidecar.resilience._retry import (
     AttemptFailure,

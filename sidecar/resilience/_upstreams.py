@@ -9,7 +9,7 @@ import uuid
 
 from outrider.clock import Clock
 from outrider.v1 import events_pb2
-from sidecar._config import BreakerSettings, RetryBudgetSettings
+from sidecar._version_config import BreakerSettings, RetryBudgetSettings
 from sidecar.resilience._breaker import BreakerConfig, BreakerState, CircuitBreaker
 from sidecar.resilience._retry import RetryBudget
 from sidecar.routing._versions import Tier

@@ -35,8 +35,9 @@ import outrider
 from outrider.clock import Clock
 from outrider.v1 import events_pb2, registry_pb2
 from sidecar._aliases import alias_version
-from sidecar._config import SidecarConfig, VersionConfig, fallback_key
+from sidecar._config import SidecarConfig, fallback_key
 from sidecar._config_format import format_validation_error
+from sidecar._version_config import VersionConfig
 from sidecar.routing._router import Router
 from sidecar.routing._versions import Version, build_version
 from sidecar.telemetry._metrics import SidecarMetrics

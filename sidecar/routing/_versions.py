@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import SecretStr
 
 from outrider.v1 import sidecar_pb2
-from sidecar._config import SidecarConfig, ToolConfig, VersionConfig, fallback_key
+from sidecar._config import SidecarConfig, fallback_key
+from sidecar._version_config import ToolConfig, VersionConfig
 from sidecar.guards import GuardPolicy, build_policy
 from sidecar.upstream._cost import Price, PriceTable
 

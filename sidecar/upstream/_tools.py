@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from sidecar._config import ToolConfig
+from sidecar._version_config import ToolConfig
 from sidecar.upstream._exceptions import UpstreamError, UpstreamInvalidResponse, UpstreamStatusError
 from sidecar.upstream._provider import RETRY_HEADERS, map_client_error
 
