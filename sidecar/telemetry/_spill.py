@@ -33,8 +33,6 @@ Guarantees
   `close()` and `sync()` fsync it. With `fsync=True` every append, new segment and cursor
   update is fsynced before the call returns.
 
-Errors::
-
 Errors: see `_spill_errors` (`SpillError`, `SpillClosedError`, `SpillLockedError`). Bad input
 (a record of the wrong type or too large, bad limits) raises TypeError or ValueError naming the
 field.

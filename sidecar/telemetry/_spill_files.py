@@ -33,7 +33,7 @@ from sidecar.telemetry._spill_format import (
 )
 from sidecar.telemetry._spill_models import Segment, SpillPosition, SpillRecord
 
-log = logging.getLogger("sidecar.telemetry._spill")
+log = logging.getLogger("sidecar.telemetry._spill")  # the spill logs as one, as before the split
 
 _SCAN_CHUNK: Final = 1024 * 1024
 
