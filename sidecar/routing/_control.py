@@ -15,7 +15,7 @@ the replay reached its markers.
 
 No consumer group (every sidecar reads everything), so a new replica catches up by
 replaying the topic. While Kafka is unreachable the task retries with backoff and the
-sidecar keeps serving with the last state it applied.
+sidecar keeps serving with the last state it applied (tenacity, `BACKOFF`, cut short by stop).
 """
 
 from __future__ import annotations
@@ -23,13 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential,
+    wait_random_exponential,
+)
 
 import outrider
 from outrider.v1 import control_pb2
@@ -46,6 +52,11 @@ POLL_TIMEOUT_MS = 500
 METADATA_MAX_AGE_MS = 1000
 MARKER_TIMEOUT_S = 10.0
 STOP_WAIT_S = 3.0
+# after the nth failure in a row: min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2**(n - 1)) times a
+# uniform 0.5 to 1.0 jitter (half of it fixed, the other half tenacity's full jitter)
+BACKOFF = wait_exponential(multiplier=BACKOFF_INITIAL_S / 2, max=BACKOFF_MAX_S / 2) + wait_random_exponential(
+    multiplier=BACKOFF_INITIAL_S / 2, max=BACKOFF_MAX_S / 2
+)
 
 
 class ControlTailer:
@@ -72,6 +83,8 @@ class ControlTailer:
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._pending_markers: dict[int, bytes] = {}
+        self._consumer: AIOKafkaConsumer | None = None  # while connected
+        self._producer: AIOKafkaProducer | None = None  # writes the markers; None on an empty topic
         self._to_persist: outrider.SignedRecord | None = None  # written by the task, off the loop
         self.ready = asyncio.Event()
         # called with every state applied, after the router took it (e.g. shadow work ending)
@@ -264,58 +277,100 @@ class ControlTailer:
             log.info("control: %s does not exist yet; nothing to replay", outrider.CONTROL_TOPIC)
         self._set_ready()
 
+    # -- the connection -------------------------------------------------------------------
+
     async def _run(self) -> None:
-        backoff = BACKOFF_INITIAL_S
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((KafkaError, TimeoutError)),
+            wait=BACKOFF,
+            sleep=self._sleep,
+            before_sleep=self._unavailable,
+            reraise=True,
+        )
+        try:
+            while not self._closing.is_set():
+                # a fresh count of failures (so the shortest backoff) once connected
+                async for attempt in retrying:
+                    with attempt:
+                        await self._step()
+        finally:
+            await self._disconnect()
+
+    async def _sleep(self, seconds: float) -> None:
+        """tenacity ``sleep=``: the backoff, cut short by stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
+    def _unavailable(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        log.warning(
+            "control: Kafka at %s unavailable (%s); serving generation %d, retrying",
+            self._bootstrap,
+            type(exc).__name__,
+            self._router.generation,
+        )
+
+    async def _step(self) -> None:
+        """Connect, or tail until stop. Raises KafkaError or TimeoutError when Kafka fails, the
+        clients closed."""
+        if self._closing.is_set():
+            return
+        if self._consumer is None:
+            await self._connect()
+            return
+        try:
+            await self._tail()
+        finally:
+            await self._disconnect()
+
+    async def _connect(self) -> None:
+        consumer = AIOKafkaConsumer(
+            outrider.CONTROL_TOPIC,
+            bootstrap_servers=self._bootstrap,
+            client_id=self._client_id,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        )
+        producer: AIOKafkaProducer | None = None
+        try:
+            await consumer.start()
+            if outrider.CONTROL_TOPIC not in await consumer.topics():
+                # nothing to replay (a new broker): known to be empty. The topic is the
+                # collector's to create (compacted); a marker would auto-create it plain.
+                self._replayed_empty()
+            else:
+                producer = await self._write_markers()
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer, self._producer = consumer, producer
+        log.info("control: tailing %s at %s", outrider.CONTROL_TOPIC, self._bootstrap)
+
+    async def _tail(self) -> None:
+        consumer, producer = self._consumer, self._producer
+        assert consumer is not None
         while not self._closing.is_set():
-            consumer = AIOKafkaConsumer(
-                outrider.CONTROL_TOPIC,
-                bootstrap_servers=self._bootstrap,
-                client_id=self._client_id,
-                group_id=None,
-                auto_offset_reset="earliest",
-                enable_auto_commit=False,
-                metadata_max_age_ms=METADATA_MAX_AGE_MS,
-            )
-            producer: AIOKafkaProducer | None = None
-            try:
-                await consumer.start()
-                if outrider.CONTROL_TOPIC not in await consumer.topics():
-                    # nothing to replay (a new broker): known to be empty. The topic is the
-                    # collector's to create (compacted); a marker would auto-create it plain.
-                    self._replayed_empty()
-                    producer = None
-                else:
-                    producer = await self._write_markers()
-                log.info("control: tailing %s at %s", outrider.CONTROL_TOPIC, self._bootstrap)
-                backoff = BACKOFF_INITIAL_S
-                while not self._closing.is_set():
-                    batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
-                    for tp, records in batches.items():
-                        for record in records:
-                            if outrider.is_marker(record.key):
-                                if producer is not None:
-                                    await self._saw_marker(tp.partition, record.key, producer)
-                                continue
-                            self.handle(
-                                record.value,
-                                list(record.headers or ()),
-                                key=record.key,
-                                offset=record.offset,
-                            )
-                    await self.persist()
-            except (KafkaError, TimeoutError) as exc:
-                log.warning(
-                    "control: Kafka at %s unavailable (%s); serving generation %d, retrying",
-                    self._bootstrap,
-                    type(exc).__name__,
-                    self._router.generation,
-                )
-            finally:
-                if producer is not None:
-                    await producer.stop()
-                await consumer.stop()
-            if self._closing.is_set():
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
+            for tp, records in batches.items():
+                for record in records:
+                    if outrider.is_marker(record.key):
+                        if producer is not None:
+                            await self._saw_marker(tp.partition, record.key, producer)
+                        continue
+                    self.handle(
+                        record.value,
+                        list(record.headers or ()),
+                        key=record.key,
+                        offset=record.offset,
+                    )
+            await self.persist()
+
+    async def _disconnect(self) -> None:
+        consumer, producer = self._consumer, self._producer
+        self._consumer = self._producer = None
+        if producer is not None:
+            await producer.stop()
+        if consumer is not None:
+            await consumer.stop()

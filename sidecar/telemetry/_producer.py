@@ -2,19 +2,18 @@
 them while Kafka is away.
 
 `emit` (events) and `emit_span` (finished spans, see `_span_queue`) put items on one bounded
-asyncio.Queue with `put_nowait`; when the queue is full the item is dropped and counted
-(`outrider_sidecar_telemetry_dropped_total{reason="queue_full"}`), with a rate-limited log
-line. Everything else happens in one owned background task, which encodes (events to
-`outrider.events` keyed by agent; spans to `outrider.spans` as OTLP protobuf, one record per
-trace, keyed by trace id) in small slices between requests and then:
+queue (`_telemetry_queue`: never blocks, drops and counts when full). Everything else happens
+in one owned background task, which takes batches off the queue (encoding them in small
+slices between requests) and then:
 
 - Healthy (producer connected, spill empty): queued records are sent straight to Kafka in
   batches.
 - A send fails or times out (a few seconds, `PRODUCER_REQUEST_TIMEOUT_MS`), or Kafka cannot be
   reached at all: the records go to the on-disk `SpillBuffer` instead, and so does every new
   record while the spill holds anything, so per-partition order is kept. The task probes
-  Kafka by sending the spill's oldest batch, with capped backoff; once that works it drains
-  the spill in order, batch by batch, while new records keep being appended behind.
+  Kafka by sending the spill's oldest batch, with capped backoff (tenacity's, `BACKOFF`);
+  once that works it drains the spill in order, batch by batch, while new records keep
+  being appended behind.
 - The spill is bounded (`telemetry.spill_max_bytes`): when full the oldest records go first
   and are counted (`reason="spill_full"`).
 - `stop(timeout)`: what is queued in memory is sent if Kafka is healthy, else persisted to
@@ -31,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -45,11 +43,11 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 from opentelemetry.sdk.trace import ReadableSpan
+from tenacity import RetryCallState, Retrying, wait_exponential, wait_random_exponential
 
 import outrider
 from outrider.v1 import events_pb2
 from sidecar.telemetry._metrics import SidecarMetrics, SpanCounts
-from sidecar.telemetry._span_records import encode_span_records
 from sidecar.telemetry._spill import (
     DEFAULT_MAX_BYTES,
     DEFAULT_SEGMENT_BYTES,
@@ -59,17 +57,18 @@ from sidecar.telemetry._spill import (
     SpillLockedError,
     SpillRecord,
 )
+from sidecar.telemetry._telemetry_queue import BATCH_MAX, YIELD_EVERY, TelemetryQueue
 
 log = logging.getLogger(__name__)
 
-BATCH_MAX = 500
-# the background task yields to the loop this often while encoding or sending a batch, so a
-# burst (a span batch, a spill drain) never holds requests up for long
-YIELD_EVERY = 25
-SPAN_CHUNK = 16  # spans encoded between two yields to the loop
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 2.0
-DROP_LOG_INTERVAL_S = 10.0
+# the delay before the next probe after the nth failure in a row: min(BACKOFF_MAX_S,
+# BACKOFF_INITIAL_S * 2**(n - 1)) times a uniform 0.5 to 1.0 jitter (half of it fixed, the
+# other half tenacity's full jitter)
+BACKOFF = wait_exponential(multiplier=BACKOFF_INITIAL_S / 2, max=BACKOFF_MAX_S / 2) + wait_random_exponential(
+    multiplier=BACKOFF_INITIAL_S / 2, max=BACKOFF_MAX_S / 2
+)
 # short, so an outage is noticed in a few seconds and records move to the spill
 PRODUCER_REQUEST_TIMEOUT_MS = 3_000
 PRODUCER_RETRY_BACKOFF_MS = 200
@@ -82,9 +81,6 @@ SEND_RETRY_DELAY_S = 0.2
 TOPIC_RECHECK_S = 60.0
 # when the configured directory is held by another live sidecar, try <dir>.1 .. <dir>.N
 SPILL_DIR_ALTERNATES = 8
-
-RawRecord = tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes]]]  # topic, key, value, headers
-QueueItem = events_pb2.Event | RawRecord | ReadableSpan
 
 
 def new_event_id() -> str:
@@ -100,12 +96,15 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSIENT)
 
 
-def _to_record(item: events_pb2.Event | RawRecord) -> SpillRecord:
-    if isinstance(item, events_pb2.Event):
-        value, headers = outrider.encode_event(item)
-        return SpillRecord(outrider.EVENTS_TOPIC, outrider.agent_key(item.agent), value, tuple(headers))
-    topic, key, raw_value, raw_headers = item
-    return SpillRecord(topic, key, raw_value, tuple(raw_headers))
+# the probe is scheduled between batches, not a blocking loop: tenacity's wait strategy is
+# asked for the delay with the number of failures in a row as the attempt number
+_PROBING = Retrying(wait=BACKOFF)  # only carries the wait strategy; never called
+
+
+def _probe_delay(failures: int) -> float:
+    state = RetryCallState(retry_object=_PROBING, fn=None, args=(), kwargs={})
+    state.attempt_number = failures
+    return float(BACKOFF(state))
 
 
 class TelemetryProducer:
@@ -126,11 +125,10 @@ class TelemetryProducer:
         self._bootstrap = bootstrap_servers
         self._client_id = client_id
         self._enabled = enabled
-        self._queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=queue_size)
+        self._wake = asyncio.Event()
+        self._queue = TelemetryQueue(queue_size, metrics, self._wake, enabled=enabled)
         self._metrics = metrics
-        self._dropped = metrics.telemetry_dropped.labels("queue_full")
         self._sent = metrics.telemetry_sent
-        metrics.telemetry_queue_depth.set_function(self._queue.qsize)
         metrics.telemetry_spill_bytes.set_function(lambda: self._spill_pending_bytes)
         metrics.telemetry_spill_records.set_function(lambda: self._spill_pending_records)
         metrics.telemetry_kafka_up.set_function(lambda: 1 if self.healthy else 0)
@@ -146,24 +144,18 @@ class TelemetryProducer:
         self._inflight: list[SpillRecord] = []  # taken off the queue, not yet sent or spilled
         self._missing_topics: set[str] = set()  # topics Kafka has no partitions for
         self._topics_checked_at = 0.0  # monotonic
-        self._sequence = 0  # the last Event.sequence handed out
-        self._wake = asyncio.Event()
         self._closing = asyncio.Event()
-        self._unlogged_drops = 0
-        self._last_drop_log = 0.0
         self._next_probe = 0.0
-        self._backoff = BACKOFF_INITIAL_S
+        self._probe_failures = 0  # in a row: tenacity's attempt number for BACKOFF
         self.healthy = False  # the last send (or connect) worked
         # figures for operators and tests
         self.spilled_records = 0
         self.spill_high_water_bytes = 0
         self.last_outage_end: float | None = None  # monotonic time the spill last became empty
-        self.spans_exported = 0
-        self.spans_dropped: dict[str, int] = {"queue_full": 0, "oversize": 0, "encode_failed": 0}
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.depth
 
     @property
     def connected(self) -> bool:
@@ -183,45 +175,15 @@ class TelemetryProducer:
         return self._spill_pending_bytes
 
     def emit(self, event: events_pb2.Event) -> bool:
-        """Number `event` (this sidecar's next `sequence`, so the collector can count what never
-        arrives) and queue it for Kafka; never blocks. False (and counted) if it was dropped."""
-        if self._enabled and not event.sequence:
-            self._sequence += 1
-            event.sequence = self._sequence
-        return self._put(event)
+        """Number `event` and queue it for Kafka; never blocks (see `TelemetryQueue.emit`)."""
+        return self._queue.emit(event)
 
     def emit_span(self, span: ReadableSpan) -> bool:
-        """Queue a finished span for `outrider.spans`; never blocks (see `SpanQueueProcessor`).
-        Spans are encoded (OTLP protobuf, one record per trace) by the background task."""
-        if self._put(span):
-            return True
-        if self._enabled:
-            self.spans_dropped["queue_full"] += 1
-        return False
+        """Queue a finished span for `outrider.spans`; never blocks (see `SpanQueueProcessor`)."""
+        return self._queue.emit_span(span)
 
     def span_counts(self) -> SpanCounts:
-        return SpanCounts(self.spans_exported, dict(self.spans_dropped))
-
-    def _put(self, item: QueueItem) -> bool:
-        if not self._enabled:
-            return False
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self._dropped.inc()
-            self._unlogged_drops += 1
-            now = time.monotonic()
-            if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
-                log.warning(
-                    "telemetry queue full (%d): dropped %d record(s)",
-                    self._queue.maxsize,
-                    self._unlogged_drops,
-                )
-                self._last_drop_log, self._unlogged_drops = now, 0
-            return False
-        if not self._wake.is_set():
-            self._wake.set()
-        return True
+        return self._queue.span_counts()
 
     async def start(self) -> None:
         if self._task is None and self._enabled:
@@ -245,14 +207,7 @@ class TelemetryProducer:
             log.exception("telemetry task failed")
         left = list(self._inflight)
         self._inflight = []
-        spans: list[ReadableSpan] = []
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, ReadableSpan):
-                spans.append(item)
-            else:
-                left.append(_to_record(item))
-        left.extend(self._encode_spans(spans))
+        left.extend(self._queue.take_all())
         if left and self._spill is not None:
             try:
                 await self._spill_append(left)
@@ -309,43 +264,12 @@ class TelemetryProducer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), delay)
 
-    async def _take_batch(self) -> list[SpillRecord]:
-        batch: list[SpillRecord] = []
-        self._inflight = batch  # filled in place: stop() persists it if cancelled meanwhile
-        spans: list[ReadableSpan] = []
-        taken = 0
-        while taken < BATCH_MAX and not self._queue.empty():
-            item = self._queue.get_nowait()
-            taken += 1
-            if isinstance(item, ReadableSpan):
-                spans.append(item)
-            else:
-                batch.append(_to_record(item))
-            if taken % YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # encoding is CPU work on the loop: let requests in
-        # spans in small chunks, yielding in between: the OTLP encoder is pure Python
-        for start in range(0, len(spans), SPAN_CHUNK):
-            batch.extend(self._encode_spans(spans[start : start + SPAN_CHUNK]))
-            await asyncio.sleep(0)
-        return batch
-
-    def _encode_spans(self, spans: Sequence[ReadableSpan]) -> list[SpillRecord]:
-        if not spans:
-            return []
-        try:
-            records, oversize = encode_span_records(spans)
-        except Exception:
-            log.exception("telemetry: encoding %d span(s) failed", len(spans))
-            self.spans_dropped["encode_failed"] += len(spans)
-            return []
-        self.spans_exported += len(spans) - oversize
-        self.spans_dropped["oversize"] += oversize
-        return [SpillRecord(r.topic, r.key, r.value, tuple(r.headers)) for r in records]
-
     async def _intake(self) -> None:
         """Move one batch off the queue: straight to Kafka when healthy and nothing is spilled
         (order), else onto the spill."""
-        self._inflight = batch = await self._take_batch()
+        batch: list[SpillRecord] = []
+        self._inflight = batch  # filled in place: stop() persists it if cancelled meanwhile
+        await self._queue.take_batch(batch)
         direct = self._producer is not None and (
             self._spill is None or (self.healthy and self._spill_pending_records == 0)
         )
@@ -453,7 +377,7 @@ class TelemetryProducer:
             if not self.healthy:
                 log.info("telemetry: Kafka at %s is back", self._bootstrap)
             self.healthy = True
-            self._backoff = BACKOFF_INITIAL_S
+            self._probe_failures = 0
             self._next_probe = 0.0
         return ok
 
@@ -467,8 +391,8 @@ class TelemetryProducer:
         return list(await asyncio.gather(*futures, return_exceptions=True))
 
     def _schedule_probe(self) -> None:
-        self._next_probe = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+        self._probe_failures += 1
+        self._next_probe = time.monotonic() + _probe_delay(self._probe_failures)
 
     async def _connect_once(self) -> None:
         producer = AIOKafkaProducer(
@@ -485,7 +409,7 @@ class TelemetryProducer:
         except KafkaError as exc:
             await producer.stop()
             log.log(
-                logging.WARNING if self._backoff == BACKOFF_INITIAL_S else logging.DEBUG,
+                logging.WARNING if self._probe_failures == 0 else logging.DEBUG,
                 "telemetry: Kafka at %s unreachable (%s); retrying",
                 self._bootstrap,
                 type(exc).__name__,
@@ -500,7 +424,7 @@ class TelemetryProducer:
         log.info("telemetry: producing to Kafka at %s", self._bootstrap)
         self._producer = producer
         self.healthy = True
-        self._backoff = BACKOFF_INITIAL_S
+        self._probe_failures = 0
         self._next_probe = 0.0
 
     async def _check_topics(self, producer: AIOKafkaProducer) -> bool:
