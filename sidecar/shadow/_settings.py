@@ -5,7 +5,7 @@ shadow:
   concurrency: 4          # of them running at once
   max_tpm_share: 0.2      # of each global quota, for mirrored calls (never queued, refused first)
   deadline: 30s           # of one mirrored call, through the candidate's whole fallback chain
-  max_busy: 0.7           # the event loop busy (on the CPU) more than this share of the time:
+  max_busy: 0.9           # the event loop busy (on the CPU) more than this share of the time:
                           # shadow work is shed (reason overload) before user calls slow down
   divergence: {min_similarity: 0.6}   # which pairs count as divergent (and are always judged)
   judge:                  # optional: LLM-as-judge on any OpenAI-compatible provider
@@ -32,7 +32,7 @@ DEFAULT_QUEUE_SIZE = 64
 DEFAULT_CONCURRENCY = 4
 DEFAULT_MAX_TPM_SHARE = 0.2
 DEFAULT_DEADLINE_S = 30.0
-DEFAULT_MAX_BUSY = 0.7
+DEFAULT_MAX_BUSY = 0.9
 
 
 class ShadowConfig(BaseModel):
