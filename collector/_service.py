@@ -16,7 +16,7 @@ process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import io
 import logging
 import os
 import re
@@ -58,6 +58,7 @@ from outrider.clock import Clock, SystemClock
 log = logging.getLogger(__name__)
 
 _CONSUME_STOP_S = 5.0  # the consume loop's last poll and batch (dead letters included)
+_CANCEL_WAIT_S = 5.0  # a cancelled task's time to unwind at stop
 
 
 def _safe(name: str) -> str:
@@ -435,10 +436,22 @@ class Collector:
         await self._cancel(name)
 
     async def _cancel(self, name: str) -> None:
+        """Cancel a task and wait for it, at most `_CANCEL_WAIT_S`: a task that swallows its
+        cancellation must not hang the stop, and its stack is logged so it can be found."""
         for task in [t for t in self._tasks if t.get_name() == f"collector-{name}"]:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=_CANCEL_WAIT_S)
+            if not done:
+                stack = io.StringIO()
+                task.print_stack(limit=8, file=stack)
+                log.error(
+                    "collector task %s did not stop within %.0fs; leaving it\n%s",
+                    name,
+                    _CANCEL_WAIT_S,
+                    stack.getvalue(),
+                )
+            elif not task.cancelled() and task.exception() is not None:
+                log.debug("collector task %s ended with %r", name, task.exception())
             self._tasks.discard(task)
 
     async def stop(self) -> None:
