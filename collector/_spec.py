@@ -31,6 +31,11 @@ shadow:
   gates:
     - {name: tools, metric: tool_agreement, min: 0.9}
     - {name: quality, metric: judge_score, max_decrease: 0.05}
+
+`risk: low | medium | high | critical` picks a default plan when the spec leaves out `steps`
+(and, for the tiers with one, `shadow`); the spec's own fields win, as collector._risk says
+precisely. `time_scale: 0.001` scales every step and shadow duration, for demos; the parsed spec
+keeps it (`spec.time_scale`) and `outrider rollout plan` prints it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from collector._config_errors import SpecError, parse_yaml_model
+from collector._risk import RiskTier, apply_risk
 from collector._shadow_spec import Shadow
 from outrider.durations import Duration
 
@@ -222,6 +228,25 @@ class RolloutSpec(_Model):
     steps: list[Step] = Field(default_factory=list, max_length=100)  # empty only with `shadow`
     gates: list[Gate] = Field(default_factory=list, max_length=50)
     triggers: Triggers = Triggers()
+    risk: RiskTier | None = None  # the tier whose defaults filled `steps` / `shadow` (collector._risk)
+    time_scale: float = Field(default=1.0, gt=0, le=1)  # every plan duration is already x this
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tier_defaults(cls, value: Any) -> Any:
+        return apply_risk(value)
+
+    @field_validator("time_scale", mode="before")
+    @classmethod
+    def _scale_not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number in (0, 1], not a boolean")  # noqa: TRY004 (pydantic reports ValueError)
+        return value
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the plan's durations are scaled (`time_scale` below 1): a demo."""
+        return self.time_scale != 1.0
 
     @property
     def shadow_only(self) -> bool:

@@ -32,26 +32,87 @@ _json_last_option = click.option(
 
 
 @click.command("plan")
-@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_rate_option
+@click.argument("spec", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--risk",
+    type=click.Choice(["low", "medium", "high", "critical"]),
+    help="Instead of SPEC: print this risk tier's default plan (shadow, stages, durations).",
+)
+@click.option(
+    "--time-scale",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="With --risk: scale every duration of the tier's plan, as a spec's `time_scale` (a demo).",
+)
+@click.option(
+    "--calls-per-second",
+    type=click.FloatRange(min=0, min_open=True),
+    help="The agent's total traffic (stable and candidate), calls per second. Required with SPEC; "
+    "with --risk, sizes the tier's stages at this rate.",
+)
 @_baseline_option
 @_json_last_option
-def rollout_plan(spec: Path, calls_per_second: float, baseline: str, as_json: bool) -> None:
+def rollout_plan(
+    spec: Path | None,
+    risk: str | None,
+    time_scale: float,
+    calls_per_second: float | None,
+    baseline: str,
+    as_json: bool,
+) -> None:
     """Per stage of SPEC: the expected time to a decision and the smallest regression each gate
-    detects with 97.5% power at the spec's alpha. Local: no collector needed."""
+    detects with 97.5% power at the spec's alpha. With --risk TIER instead of SPEC: the tier's
+    default plan, sized too when --calls-per-second is given. Local: no collector needed."""
     from collector.simulate import plan
     from collector.simulate._plan import format_plan
+    from collector.simulate._schedule import format_schedule
 
-    loaded = _local_spec(spec)
+    if spec is not None and risk is not None:
+        raise click.UsageError("give SPEC or --risk TIER, not both (a spec sets its tier with `risk:`)")
+    if spec is None and risk is None:
+        raise click.UsageError("Missing argument 'SPEC' (or --risk TIER for a tier's default plan).")
+    if risk is None and time_scale != 1.0:
+        raise click.UsageError("--time-scale goes with --risk; a spec sets its own `time_scale:`")
+    if spec is not None and calls_per_second is None:
+        raise click.UsageError("Missing option '--calls-per-second' (required with SPEC).")
+    if risk is not None:
+        loaded, source = _tier_spec(risk, time_scale), f"risk tier {risk}"
+        for line in format_schedule(loaded, source):
+            click.echo(line)
+        if calls_per_second is None:
+            if as_json:
+                click.echo(_json_line(loaded.model_dump(include={"risk", "time_scale", "shadow", "steps"})))
+            return
+        click.echo("")
+    else:
+        assert spec is not None
+        loaded, source = _local_spec(spec), str(spec)
+    assert calls_per_second is not None
     traffic = _local_traffic(baseline)
     try:
         result = plan(loaded, calls_per_second, traffic)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--calls-per-second'") from exc
-    for line in format_plan(result, str(spec)):
+    for line in format_plan(result, source):
         click.echo(line)
     if as_json:
         click.echo(_json_line(result.to_json()))
+
+
+def _tier_spec(risk: str, time_scale: float) -> RolloutSpec:
+    """A spec that sets only its tier (and scale): the tier's default plan, without canary gates."""
+    from collector._spec import RolloutSpec
+
+    return RolloutSpec.model_validate(
+        {
+            "agent": "example",
+            "stable": "stable",
+            "candidate": "candidate",
+            "risk": risk,
+            "time_scale": time_scale,
+        }
+    )
 
 
 @click.command("simulate")

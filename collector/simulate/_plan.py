@@ -97,6 +97,8 @@ class Plan:
     stages: tuple[StagePlan, ...]
     notes: tuple[str, ...]
     shadow: ShadowPlan | None = None  # the shadow phase before the stages
+    risk: str | None = None  # the spec's risk tier (collector._risk)
+    time_scale: float = 1.0  # every stage and shadow duration is the spec's YAML x this (a demo)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -375,6 +377,8 @@ def plan(
         tuple(stages),
         tuple(_notes(spec, calls_per_second, done)),
         shadow,
+        spec.risk,
+        spec.time_scale,
     )
 
 
@@ -414,6 +418,19 @@ def format_duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def time_scale_lines(time_scale: float, risk: str | None) -> list[str]:
+    """The header lines naming the risk tier and, prominently, a `time_scale` below 1."""
+    lines = (
+        [f"risk tier {risk}: steps and shadow the spec leaves out are the tier's defaults"] if risk else []
+    )
+    if time_scale != 1.0:
+        lines.append(
+            f"*** TIME SCALE {time_scale:g}: every stage and shadow duration below is x{time_scale:g} "
+            f"(4h shows as {format_duration(4 * 3600 * time_scale)}); a demo, not a real rollout ***"
+        )
+    return lines
+
+
 def format_plan(result: Plan, source: str) -> list[str]:
     """The readable `rollout plan` table."""
     triggers = f", {result.trigger_alpha:.3g} per trigger" if result.trigger_alpha else ""
@@ -421,6 +438,7 @@ def format_plan(result: Plan, source: str) -> list[str]:
         f"rollout plan for {source} at {result.calls_per_second:g} calls/s",
         f"alpha {result.alpha:g} family-wise: {result.gate_alpha:.3g} per gate{triggers}; "
         f"power {result.power:.1%}",
+        *time_scale_lines(result.time_scale, result.risk),
         "",
     ]
     if result.shadow is not None:
