@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Literal
@@ -367,6 +367,10 @@ def analyze_sequential(
     from the MDE up); a comparison is significant when its sequence excludes 0, equivalently when
     its e-value reaches m/alpha. Stop at the first look with a winner. Before `min_units` units
     on every variant nothing is significant.
+
+    As in the gates, the variance is a plug-in (pooled and shrunk for a proportion, times the
+    pair's design effect; cluster-robust for a magnitude), so the guarantee is the normal
+    approximation's: `min_units` keeps the first looks from leaning on it too early.
     """
     _check_probability("alpha", alpha)
     _check_metric(metric)
@@ -454,7 +458,7 @@ def plan_ab(
     )
 
 
-def _smallest(ok: Any) -> int:
+def _smallest(ok: Callable[[int], bool]) -> int:
     """The smallest n >= 1 with ok(n), for ok monotone in n (false, then true for ever)."""
     hi = 1
     while not ok(hi):
