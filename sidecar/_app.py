@@ -230,13 +230,7 @@ class Sidecar:
             codec=self.codec,
             executor=self.executor,
             user_quotas=UserQuotas(config.user_quotas, config.tenant_quotas, self._clock),
-            safety=Safety(
-                agent=config.agent,
-                sidecar_id=self.sidecar_id,
-                clock=self._clock,
-                metrics=self.metrics,
-                telemetry=self.telemetry,
-            ),
+            safety=Safety(recorder=recorder, clock=self._clock, metrics=self.metrics),
             metrics=self.metrics,
             recorder=recorder,
             tools=ToolCalls(

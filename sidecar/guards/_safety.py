@@ -5,54 +5,33 @@ One `safety` event per hit; a block on input is a `Refusal` (PERMISSION_DENIED).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 
 import grpc
 
 from outrider.clock import Clock
-from outrider.v1 import common_pb2, events_pb2
+from outrider.v1 import common_pb2
+from sidecar._record import Recorder
 from sidecar.guards import GuardPolicy, Hit
 from sidecar.resilience._user_quotas import Refusal
 from sidecar.routing._session import Session
 from sidecar.telemetry._metrics import SidecarMetrics
-from sidecar.telemetry._producer import TelemetryProducer
 from sidecar.upstream._cost import SessionCostTracker
 
 
 class Safety:
     """Guard hits to events and metrics; session cost totals."""
 
-    def __init__(
-        self,
-        *,
-        agent: str,
-        sidecar_id: str,
-        clock: Clock,
-        metrics: SidecarMetrics,
-        telemetry: TelemetryProducer,
-    ) -> None:
-        self._agent = agent
-        self._sidecar_id = sidecar_id
-        self._clock = clock
+    def __init__(self, *, recorder: Recorder, clock: Clock, metrics: SidecarMetrics) -> None:
+        self._recorder = recorder
         self._metrics = metrics
-        self._telemetry = telemetry
         self.costs = SessionCostTracker(clock=clock)
 
     def report(self, session: Session, hits: Sequence[Hit], direction: str, operation: str) -> list[str]:
         """One safety event per hit; the "category:action" labels for the call record."""
         labels = []
         for hit in hits:
-            event = events_pb2.Event(
-                event_id=uuid.uuid4().hex,
-                time_unix_nano=int(self._clock.now() * 1e9),
-                agent=self._agent,
-                version_id=session.version_id,
-                role=session.role,  # type: ignore[arg-type]
-                session_id=session.nonce,
-                sidecar_id=self._sidecar_id,
-                rollout_id=session.rollout_id,
-            )
+            event = self._recorder.event(session)
             record = event.safety
             record.category = hit.category
             record.action = hit.action.value
@@ -60,7 +39,7 @@ class Safety:
             record.count = hit.count
             record.direction = direction
             record.operation = operation
-            self._telemetry.emit(event)
+            self._recorder.emit(event)
             self._metrics.guard_hits.labels(hit.category, hit.action.value).inc(hit.count)
             labels.append(f"{hit.category}:{hit.action.value}")
         return labels
