@@ -192,6 +192,27 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
             "ListVersions", request.agent, request, context, registry_pb2.ListVersionsResponse
         )
 
+    # Issue 13's verbs: declared in outrider.v1, built by the strategy work that follows.
+    async def SwitchBack(
+        self, request: admin_pb2.SwitchBackRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.RolloutStatus:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SwitchBack: not available yet")
+
+    async def SetFlag(
+        self, request: admin_pb2.SetFlagRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.FlagStatus:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SetFlag: not available yet")
+
+    async def ClearFlag(
+        self, request: admin_pb2.ClearFlagRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.FlagStatus:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ClearFlag: not available yet")
+
+    async def ListFlags(
+        self, request: admin_pb2.ListFlagsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> admin_pb2.ListFlagsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListFlags: not available yet")
+
     async def _verb(
         self, method: str, request: _Verb, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:

@@ -47,6 +47,7 @@ VIEWER_METHODS = frozenset(
         f"{ADMIN_PREFIX}ListDeployments",
         f"{ADMIN_PREFIX}GetDeployment",
         f"{ADMIN_PREFIX}ListVersions",
+        f"{ADMIN_PREFIX}ListFlags",
     }
 )
 

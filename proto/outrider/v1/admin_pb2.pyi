@@ -22,6 +22,235 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SwitchBackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    reason: _builtins.str
+    requested_by: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwitchBackRequest: _TypeAlias = SwitchBackRequest  # noqa: Y015
+
+@_typing.final
+class SetFlagRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    STICKY_BY_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    name: _builtins.str
+    share: _builtins.float
+    """in [0, 1]"""
+    sticky_by: _common_pb2.StickyBy.ValueType
+    reason: _builtins.str
+    requested_by: _builtins.str
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        name: _builtins.str = ...,
+        share: _builtins.float = ...,
+        sticky_by: _common_pb2.StickyBy.ValueType = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "name", b"name", "reason", b"reason", "requested_by", b"requested_by", "share", b"share", "sticky_by", b"sticky_by", "tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetFlagRequest: _TypeAlias = SetFlagRequest  # noqa: Y015
+
+@_typing.final
+class ClearFlagRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    name: _builtins.str
+    reason: _builtins.str
+    requested_by: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "name", b"name", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearFlagRequest: _TypeAlias = ClearFlagRequest  # noqa: Y015
+
+@_typing.final
+class ListFlagsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFlagsRequest: _TypeAlias = ListFlagsRequest  # noqa: Y015
+
+@_typing.final
+class FlagStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def state(self) -> _control_pb2.FlagState: ...
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlagArmMetrics]:
+        """the flag on against off, from the events"""
+
+    def __init__(
+        self,
+        *,
+        state: _control_pb2.FlagState | None = ...,
+        arms: _abc.Iterable[Global___FlagArmMetrics] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlagStatus: _TypeAlias = FlagStatus  # noqa: Y015
+
+@_typing.final
+class FlagArmMetrics(_message.Message):
+    """One side of a flag (on or off): its sessions' figures since the flag was set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ON_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    on: _builtins.bool
+    requests: _builtins.int
+    errors: _builtins.int
+    error_rate: _builtins.float
+    latency_p95_ms: _builtins.float
+    sessions: _builtins.int
+    def __init__(
+        self,
+        *,
+        on: _builtins.bool = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        error_rate: _builtins.float = ...,
+        latency_p95_ms: _builtins.float = ...,
+        sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "errors", b"errors", "latency_p95_ms", b"latency_p95_ms", "on", b"on", "requests", b"requests", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlagArmMetrics: _TypeAlias = FlagArmMetrics  # noqa: Y015
+
+@_typing.final
+class ListFlagsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLAGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlagStatus]: ...
+    def __init__(
+        self,
+        *,
+        flags: _abc.Iterable[Global___FlagStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFlagsResponse: _TypeAlias = ListFlagsResponse  # noqa: Y015
+
+@_typing.final
+class GroupMetrics(_message.Message):
+    """Per-tenant canaries: one group's figures ("opt_in", "excluded", "split") for one version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COHORT_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
+    cohort: _builtins.str
+    version_id: _builtins.str
+    requests: _builtins.int
+    errors: _builtins.int
+    error_rate: _builtins.float
+    latency_p95_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        cohort: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        error_rate: _builtins.float = ...,
+        latency_p95_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "error_rate", b"error_rate", "errors", b"errors", "latency_p95_ms", b"latency_p95_ms", "requests", b"requests", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupMetrics: _TypeAlias = GroupMetrics  # noqa: Y015
+
+@_typing.final
 class StartRolloutRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -391,6 +620,7 @@ class RolloutStatus(_message.Message):
     EVENTS_MISSING_FIELD_NUMBER: _builtins.int
     COLLECTOR_REPLICA_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     spec_yaml: _builtins.str
     now_unix_nano: _builtins.int
     """the collector's clock when it answered (for the figures' windows)"""
@@ -420,6 +650,10 @@ class RolloutStatus(_message.Message):
     def shadow(self) -> Global___ShadowSummary:
         """set once the rollout has a shadow phase"""
 
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupMetrics]:
+        """per-tenant canaries: each group's figures apart"""
+
     def __init__(
         self,
         *,
@@ -433,10 +667,11 @@ class RolloutStatus(_message.Message):
         events_missing: _builtins.int = ...,
         collector_replica: _builtins.str = ...,
         shadow: Global___ShadowSummary | None = ...,
+        groups: _abc.Iterable[Global___GroupMetrics] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_replica", b"collector_replica", "events_missing", b"events_missing", "figure_windows_s", b"figure_windows_s", "metrics", b"metrics", "now_unix_nano", b"now_unix_nano", "shadow", b"shadow", "spec_yaml", b"spec_yaml", "state", b"state", "timeline", b"timeline", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_replica", b"collector_replica", "events_missing", b"events_missing", "figure_windows_s", b"figure_windows_s", "groups", b"groups", "metrics", b"metrics", "now_unix_nano", b"now_unix_nano", "shadow", b"shadow", "spec_yaml", b"spec_yaml", "state", b"state", "timeline", b"timeline", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -87,6 +87,26 @@ class AdminStub:
                 request_serializer=outrider_dot_v1_dot_registry__pb2.ListVersionsRequest.SerializeToString,
                 response_deserializer=outrider_dot_v1_dot_registry__pb2.ListVersionsResponse.FromString,
                 _registered_method=True)
+        self.SwitchBack = channel.unary_unary(
+                '/outrider.v1.Admin/SwitchBack',
+                request_serializer=outrider_dot_v1_dot_admin__pb2.SwitchBackRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.SetFlag = channel.unary_unary(
+                '/outrider.v1.Admin/SetFlag',
+                request_serializer=outrider_dot_v1_dot_admin__pb2.SetFlagRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_admin__pb2.FlagStatus.FromString,
+                _registered_method=True)
+        self.ClearFlag = channel.unary_unary(
+                '/outrider.v1.Admin/ClearFlag',
+                request_serializer=outrider_dot_v1_dot_admin__pb2.ClearFlagRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_admin__pb2.FlagStatus.FromString,
+                _registered_method=True)
+        self.ListFlags = channel.unary_unary(
+                '/outrider.v1.Admin/ListFlags',
+                request_serializer=outrider_dot_v1_dot_admin__pb2.ListFlagsRequest.SerializeToString,
+                response_deserializer=outrider_dot_v1_dot_admin__pb2.ListFlagsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -160,6 +180,32 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SwitchBack(self, request, context):
+        """Blue-green: new sessions back to blue at once, green's sessions drained (operator).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetFlag(self, request, context):
+        """Feature flags (operator to set and clear, viewer to list): signed records on `outrider.control`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearFlag(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFlags(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +258,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListVersions,
                     request_deserializer=outrider_dot_v1_dot_registry__pb2.ListVersionsRequest.FromString,
                     response_serializer=outrider_dot_v1_dot_registry__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'SwitchBack': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchBack,
+                    request_deserializer=outrider_dot_v1_dot_admin__pb2.SwitchBackRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'SetFlag': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFlag,
+                    request_deserializer=outrider_dot_v1_dot_admin__pb2.SetFlagRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_admin__pb2.FlagStatus.SerializeToString,
+            ),
+            'ClearFlag': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearFlag,
+                    request_deserializer=outrider_dot_v1_dot_admin__pb2.ClearFlagRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_admin__pb2.FlagStatus.SerializeToString,
+            ),
+            'ListFlags': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFlags,
+                    request_deserializer=outrider_dot_v1_dot_admin__pb2.ListFlagsRequest.FromString,
+                    response_serializer=outrider_dot_v1_dot_admin__pb2.ListFlagsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +551,114 @@ class Admin:
             '/outrider.v1.Admin/ListVersions',
             outrider_dot_v1_dot_registry__pb2.ListVersionsRequest.SerializeToString,
             outrider_dot_v1_dot_registry__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchBack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/SwitchBack',
+            outrider_dot_v1_dot_admin__pb2.SwitchBackRequest.SerializeToString,
+            outrider_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFlag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/SetFlag',
+            outrider_dot_v1_dot_admin__pb2.SetFlagRequest.SerializeToString,
+            outrider_dot_v1_dot_admin__pb2.FlagStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearFlag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/ClearFlag',
+            outrider_dot_v1_dot_admin__pb2.ClearFlagRequest.SerializeToString,
+            outrider_dot_v1_dot_admin__pb2.FlagStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFlags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.Admin/ListFlags',
+            outrider_dot_v1_dot_admin__pb2.ListFlagsRequest.SerializeToString,
+            outrider_dot_v1_dot_admin__pb2.ListFlagsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,12 @@ class AdminStub:
     PushVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PushVersionRequest, _registry_pb2.PushVersionResponse]
     """The version registry: push (operator) and list (viewer) an agent's versions."""
     ListVersions: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListVersionsRequest, _registry_pb2.ListVersionsResponse]
+    SwitchBack: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SwitchBackRequest, _admin_pb2.RolloutStatus]
+    """Blue-green: new sessions back to blue at once, green's sessions drained (operator)."""
+    SetFlag: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetFlagRequest, _admin_pb2.FlagStatus]
+    """Feature flags (operator to set and clear, viewer to list): signed records on `outrider.control`."""
+    ClearFlag: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ClearFlagRequest, _admin_pb2.FlagStatus]
+    ListFlags: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListFlagsRequest, _admin_pb2.ListFlagsResponse]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -77,6 +83,12 @@ class AdminAsyncStub(AdminStub):
     PushVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.PushVersionRequest, _registry_pb2.PushVersionResponse]  # type: ignore[assignment]
     """The version registry: push (operator) and list (viewer) an agent's versions."""
     ListVersions: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListVersionsRequest, _registry_pb2.ListVersionsResponse]  # type: ignore[assignment]
+    SwitchBack: _aio.UnaryUnaryMultiCallable[_admin_pb2.SwitchBackRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
+    """Blue-green: new sessions back to blue at once, green's sessions drained (operator)."""
+    SetFlag: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetFlagRequest, _admin_pb2.FlagStatus]  # type: ignore[assignment]
+    """Feature flags (operator to set and clear, viewer to list): signed records on `outrider.control`."""
+    ClearFlag: _aio.UnaryUnaryMultiCallable[_admin_pb2.ClearFlagRequest, _admin_pb2.FlagStatus]  # type: ignore[assignment]
+    ListFlags: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListFlagsRequest, _admin_pb2.ListFlagsResponse]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """The collector's admin API, used by the `outrider rollout` CLI and CI pipelines."""
@@ -158,5 +170,35 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.ListVersionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListVersionsResponse, _abc.Awaitable[_registry_pb2.ListVersionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SwitchBack(
+        self,
+        request: _admin_pb2.SwitchBackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]:
+        """Blue-green: new sessions back to blue at once, green's sessions drained (operator)."""
+
+    @_abc_1.abstractmethod
+    def SetFlag(
+        self,
+        request: _admin_pb2.SetFlagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.FlagStatus, _abc.Awaitable[_admin_pb2.FlagStatus]]:
+        """Feature flags (operator to set and clear, viewer to list): signed records on `outrider.control`."""
+
+    @_abc_1.abstractmethod
+    def ClearFlag(
+        self,
+        request: _admin_pb2.ClearFlagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.FlagStatus, _abc.Awaitable[_admin_pb2.FlagStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def ListFlags(
+        self,
+        request: _admin_pb2.ListFlagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListFlagsResponse, _abc.Awaitable[_admin_pb2.ListFlagsResponse]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

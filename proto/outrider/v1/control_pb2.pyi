@@ -43,6 +43,12 @@ class _RolloutPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutP
     """the candidate serves no user: `shadow_sample` of stable sessions' calls are mirrored to it in
     the background and compared; shadow gates passing opens the first canary step
     """
+    ROLLOUT_PHASE_SMOKE_TEST: _RolloutPhase.ValueType  # 8
+    """blue-green: green serves no user; the sidecars run the spec's smoke tests against it"""
+    ROLLOUT_PHASE_SWITCHED: _RolloutPhase.ValueType  # 9
+    """blue-green: every new session goes to green (the candidate) while blue (stable) stays warm
+    for `keep_warm_s`; a switch-back or a trigger -> ROLLED_BACK, the swap after it -> PROMOTED
+    """
 
 class RolloutPhase(_RolloutPhase, metaclass=_RolloutPhaseEnumTypeWrapper): ...
 
@@ -63,7 +69,207 @@ ROLLOUT_PHASE_SHADOW: RolloutPhase.ValueType  # 7
 """the candidate serves no user: `shadow_sample` of stable sessions' calls are mirrored to it in
 the background and compared; shadow gates passing opens the first canary step
 """
+ROLLOUT_PHASE_SMOKE_TEST: RolloutPhase.ValueType  # 8
+"""blue-green: green serves no user; the sidecars run the spec's smoke tests against it"""
+ROLLOUT_PHASE_SWITCHED: RolloutPhase.ValueType  # 9
+"""blue-green: every new session goes to green (the candidate) while blue (stable) stays warm
+for `keep_warm_s`; a switch-back or a trigger -> ROLLED_BACK, the swap after it -> PROMOTED
+"""
 Global___RolloutPhase: _TypeAlias = RolloutPhase  # noqa: Y015
+
+class _RolloutStrategy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutStrategy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_STRATEGY_UNSPECIFIED: _RolloutStrategy.ValueType  # 0
+    ROLLOUT_STRATEGY_CANARY: _RolloutStrategy.ValueType  # 1
+    ROLLOUT_STRATEGY_AB_TEST: _RolloutStrategy.ValueType  # 2
+    """`variants` split new sessions; a primary metric picks a winner"""
+    ROLLOUT_STRATEGY_BLUE_GREEN: _RolloutStrategy.ValueType  # 3
+    """SMOKE_TEST -> SWITCHED -> PROMOTED (the swap)"""
+
+class RolloutStrategy(_RolloutStrategy, metaclass=_RolloutStrategyEnumTypeWrapper):
+    """How a rollout moves traffic; UNSPECIFIED reads as CANARY (states from before strategies)."""
+
+ROLLOUT_STRATEGY_UNSPECIFIED: RolloutStrategy.ValueType  # 0
+ROLLOUT_STRATEGY_CANARY: RolloutStrategy.ValueType  # 1
+ROLLOUT_STRATEGY_AB_TEST: RolloutStrategy.ValueType  # 2
+"""`variants` split new sessions; a primary metric picks a winner"""
+ROLLOUT_STRATEGY_BLUE_GREEN: RolloutStrategy.ValueType  # 3
+"""SMOKE_TEST -> SWITCHED -> PROMOTED (the swap)"""
+Global___RolloutStrategy: _TypeAlias = RolloutStrategy  # noqa: Y015
+
+@_typing.final
+class Variant(_message.Message):
+    """One arm of an A/B test."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """as the spec names it, e.g. "A" """
+    version_id: _builtins.str
+    weight: _builtins.float
+    """its share of new sessions, in [0, 1]; the variants' weights sum to 1"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version_id", b"version_id", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Variant: _TypeAlias = Variant  # noqa: Y015
+
+@_typing.final
+class ABAnalysis(_message.Message):
+    """The A/B test's analysis at the latest look (collector.stats._ab): kept on every state, so the
+    deployment record holds it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIMARY_METRIC_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    WINNER_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    COMPARISONS_FIELD_NUMBER: _builtins.int
+    PLANNED_UNITS_FIELD_NUMBER: _builtins.int
+    SRM_P_VALUE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    primary_metric: _builtins.str
+    method: _builtins.str
+    """"fixed" or "sequential" """
+    verdict: _builtins.str
+    """"running", "winner", "no_winner", "sample_ratio_mismatch" """
+    winner: _builtins.str
+    """the winning variant's name; empty without one"""
+    planned_units: _builtins.int
+    """per variant: the fixed horizon, or the sequential test's cap"""
+    srm_p_value: _builtins.float
+    detail: _builtins.str
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ABVariantResult]: ...
+    @_builtins.property
+    def comparisons(self) -> _containers.RepeatedCompositeFieldContainer[Global___ABComparison]: ...
+    def __init__(
+        self,
+        *,
+        primary_metric: _builtins.str = ...,
+        method: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        winner: _builtins.str = ...,
+        variants: _abc.Iterable[Global___ABVariantResult] | None = ...,
+        comparisons: _abc.Iterable[Global___ABComparison] | None = ...,
+        planned_units: _builtins.int = ...,
+        srm_p_value: _builtins.float = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparisons", b"comparisons", "detail", b"detail", "method", b"method", "planned_units", b"planned_units", "primary_metric", b"primary_metric", "srm_p_value", b"srm_p_value", "variants", b"variants", "verdict", b"verdict", "winner", b"winner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ABAnalysis: _TypeAlias = ABAnalysis  # noqa: Y015
+
+@_typing.final
+class ABVariantResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    GUARDRAILS_FAILED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version_id: _builtins.str
+    units: _builtins.int
+    """randomization units with data"""
+    samples: _builtins.int
+    """observations of the primary metric"""
+    value: _builtins.float
+    """the primary metric's estimate"""
+    weight: _builtins.float
+    @_builtins.property
+    def guardrails_failed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """guardrail gates that found harm against the control"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        units: _builtins.int = ...,
+        samples: _builtins.int = ...,
+        value: _builtins.float = ...,
+        weight: _builtins.float = ...,
+        guardrails_failed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guardrails_failed", b"guardrails_failed", "name", b"name", "samples", b"samples", "units", b"units", "value", b"value", "version_id", b"version_id", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ABVariantResult: _TypeAlias = ABVariantResult  # noqa: Y015
+
+@_typing.final
+class ABComparison(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANT_FIELD_NUMBER: _builtins.int
+    AGAINST_FIELD_NUMBER: _builtins.int
+    EFFECT_FIELD_NUMBER: _builtins.int
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    E_VALUE_FIELD_NUMBER: _builtins.int
+    SIGNIFICANT_FIELD_NUMBER: _builtins.int
+    variant: _builtins.str
+    against: _builtins.str
+    effect: _builtins.float
+    """variant - against, in the primary metric's unit"""
+    lower: _builtins.float
+    """its confidence interval (or confidence sequence)"""
+    upper: _builtins.float
+    p_value: _builtins.float
+    """fixed horizon"""
+    e_value: _builtins.float
+    """sequential"""
+    significant: _builtins.bool
+    """after Holm / the alpha split across every comparison"""
+    def __init__(
+        self,
+        *,
+        variant: _builtins.str = ...,
+        against: _builtins.str = ...,
+        effect: _builtins.float = ...,
+        lower: _builtins.float = ...,
+        upper: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        e_value: _builtins.float = ...,
+        significant: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["against", b"against", "e_value", b"e_value", "effect", b"effect", "lower", b"lower", "p_value", b"p_value", "significant", b"significant", "upper", b"upper", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ABComparison: _TypeAlias = ABComparison  # noqa: Y015
 
 @_typing.final
 class GateResult(_message.Message):
@@ -184,6 +390,15 @@ class RolloutState(_message.Message):
     RETIRED_FIELD_NUMBER: _builtins.int
     DRAIN_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     SHADOW_SAMPLE_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    OPT_IN_TENANTS_FIELD_NUMBER: _builtins.int
+    EXCLUDE_TENANTS_FIELD_NUMBER: _builtins.int
+    TIME_SCALE_FIELD_NUMBER: _builtins.int
+    SWITCHED_AT_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    AB_FIELD_NUMBER: _builtins.int
+    SMOKE_FIELD_NUMBER: _builtins.int
+    KEEP_WARM_S_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     generation: _builtins.int
     rollout_id: _builtins.str
@@ -216,6 +431,13 @@ class RolloutState(_message.Message):
     """SHADOW: the share of stable sessions' Chat and ChatStream calls mirrored to the candidate,
     in [0, 1]; also whether whole-trajectory shadow sessions (`shadow_of`) may open
     """
+    strategy: Global___RolloutStrategy.ValueType
+    time_scale: _builtins.float
+    """the spec's time_scale: below 1 every duration is scaled (a demo); 0 reads 1"""
+    switched_at_unix_nano: _builtins.int
+    """blue-green: when green took every new session"""
+    keep_warm_s: _builtins.float
+    """blue-green: how long blue stays warm after the switch"""
     @_builtins.property
     def gate_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateResult]: ...
     @_builtins.property
@@ -223,6 +445,24 @@ class RolloutState(_message.Message):
         """versions rolled back or aborted whose pinned sessions are still draining (or recently drained):
         every sidecar refuses calls on them past drain_deadline, whatever the session token says
         """
+
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Variant]:
+        """AB_TEST: the split of new sessions while RUNNING"""
+
+    @_builtins.property
+    def opt_in_tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """per-tenant canaries: opt-in tenants always get the candidate while it serves users,
+        excluded tenants never do; everyone else follows the weights
+        """
+
+    @_builtins.property
+    def exclude_tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def ab(self) -> Global___ABAnalysis: ...
+    @_builtins.property
+    def smoke(self) -> Global___SmokePlan:
+        """blue-green: the smoke tests the sidecars run against green"""
 
     def __init__(
         self,
@@ -250,14 +490,88 @@ class RolloutState(_message.Message):
         retired: _abc.Iterable[Global___RetiredVersion] | None = ...,
         drain_timeout_s: _builtins.float = ...,
         shadow_sample: _builtins.float = ...,
+        strategy: Global___RolloutStrategy.ValueType = ...,
+        variants: _abc.Iterable[Global___Variant] | None = ...,
+        opt_in_tenants: _abc.Iterable[_builtins.str] | None = ...,
+        exclude_tenants: _abc.Iterable[_builtins.str] | None = ...,
+        time_scale: _builtins.float = ...,
+        switched_at_unix_nano: _builtins.int = ...,
+        ab: Global___ABAnalysis | None = ...,
+        smoke: Global___SmokePlan | None = ...,
+        keep_warm_s: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ab", b"ab", "smoke", b"smoke"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "alpha", b"alpha", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "decided_at_unix_nano", b"decided_at_unix_nano", "decided_by", b"decided_by", "drain_timeout_s", b"drain_timeout_s", "epoch", b"epoch", "gate_results", b"gate_results", "generation", b"generation", "phase", b"phase", "reason", b"reason", "release", b"release", "retired", b"retired", "rollout_id", b"rollout_id", "shadow_sample", b"shadow_sample", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "started_at_unix_nano", b"started_at_unix_nano", "step_count", b"step_count", "step_index", b"step_index", "step_started_at_unix_nano", b"step_started_at_unix_nano", "sticky_by", b"sticky_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ab", b"ab", "agent", b"agent", "alpha", b"alpha", "candidate_version_id", b"candidate_version_id", "candidate_weight", b"candidate_weight", "decided_at_unix_nano", b"decided_at_unix_nano", "decided_by", b"decided_by", "drain_timeout_s", b"drain_timeout_s", "epoch", b"epoch", "exclude_tenants", b"exclude_tenants", "gate_results", b"gate_results", "generation", b"generation", "keep_warm_s", b"keep_warm_s", "opt_in_tenants", b"opt_in_tenants", "phase", b"phase", "reason", b"reason", "release", b"release", "retired", b"retired", "rollout_id", b"rollout_id", "shadow_sample", b"shadow_sample", "smoke", b"smoke", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "started_at_unix_nano", b"started_at_unix_nano", "step_count", b"step_count", "step_index", b"step_index", "step_started_at_unix_nano", b"step_started_at_unix_nano", "sticky_by", b"sticky_by", "strategy", b"strategy", "switched_at_unix_nano", b"switched_at_unix_nano", "time_scale", b"time_scale", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
+
+@_typing.final
+class SmokePlan(_message.Message):
+    """Blue-green smoke tests: scripted conversations run through a sidecar against green."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TESTS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    timeout_s: _builtins.float
+    """no complete result from any sidecar by then: the smoke tests fail"""
+    @_builtins.property
+    def tests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SmokeTest]: ...
+    def __init__(
+        self,
+        *,
+        tests: _abc.Iterable[Global___SmokeTest] | None = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tests", b"tests", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SmokePlan: _TypeAlias = SmokePlan  # noqa: Y015
+
+@_typing.final
+class SmokeTest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    EXPECT_TOOLS_FIELD_NUMBER: _builtins.int
+    EXPECT_CONTENT_PATTERN_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    expect_content_pattern: _builtins.str
+    """a regular expression the answer's text must match"""
+    max_latency_ms: _builtins.float
+    """0: no bound"""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
+        """the conversation sent, in order"""
+
+    @_builtins.property
+    def expect_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """tool names the answer must call"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        messages: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
+        expect_tools: _abc.Iterable[_builtins.str] | None = ...,
+        expect_content_pattern: _builtins.str = ...,
+        max_latency_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expect_content_pattern", b"expect_content_pattern", "expect_tools", b"expect_tools", "max_latency_ms", b"max_latency_ms", "messages", b"messages", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SmokeTest: _TypeAlias = SmokeTest  # noqa: Y015
 
 @_typing.final
 class RetiredVersion(_message.Message):
@@ -303,21 +617,25 @@ class ControlMessage(_message.Message):
 
     ROLLOUT_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
+    FLAG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rollout(self) -> Global___RolloutState: ...
     @_builtins.property
     def quota(self) -> Global___QuotaGrant: ...
+    @_builtins.property
+    def flag(self) -> Global___FlagState: ...
     def __init__(
         self,
         *,
         rollout: Global___RolloutState | None = ...,
         quota: Global___QuotaGrant | None = ...,
+        flag: Global___FlagState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "quota", b"quota", "rollout", b"rollout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "flag", b"flag", "quota", b"quota", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "quota", b"quota", "rollout", b"rollout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "flag", b"flag", "quota", b"quota", "rollout", b"rollout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["rollout", "quota"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["rollout", "quota", "flag"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -386,3 +704,61 @@ class QuotaGrant(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QuotaGrant: _TypeAlias = QuotaGrant  # noqa: Y015
+
+@_typing.final
+class FlagState(_message.Message):
+    """A feature flag's run-time setting for one agent, keyed `flag/<agent>/<name>`; it overrides the
+    sidecar config's default of that flag. Ordered by (epoch, generation) like RolloutState.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    CLEARED_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    STICKY_BY_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    SET_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SET_AT_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    name: _builtins.str
+    generation: _builtins.int
+    epoch: _builtins.int
+    cleared: _builtins.bool
+    """back to the config's default"""
+    share: _builtins.float
+    """of users or tenants (sticky, per sticky_by), in [0, 1]"""
+    sticky_by: _common_pb2.StickyBy.ValueType
+    set_by: _builtins.str
+    reason: _builtins.str
+    set_at_unix_nano: _builtins.int
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """always on for these tenants"""
+
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        name: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        cleared: _builtins.bool = ...,
+        share: _builtins.float = ...,
+        sticky_by: _common_pb2.StickyBy.ValueType = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+        set_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        set_at_unix_nano: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "cleared", b"cleared", "epoch", b"epoch", "generation", b"generation", "name", b"name", "reason", b"reason", "set_at_unix_nano", b"set_at_unix_nano", "set_by", b"set_by", "share", b"share", "sticky_by", b"sticky_by", "tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlagState: _TypeAlias = FlagState  # noqa: Y015

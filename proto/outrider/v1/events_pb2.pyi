@@ -46,6 +46,26 @@ class Event(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FlagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bool
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bool = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     EVENT_ID_FIELD_NUMBER: _builtins.int
     TIME_UNIX_NANO_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
@@ -65,7 +85,10 @@ class Event(_message.Message):
     VERSIONS_REPORT_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
     JUDGE_FIELD_NUMBER: _builtins.int
+    SMOKE_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    COHORT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     time_unix_nano: _builtins.int
     agent: _builtins.str
@@ -82,6 +105,8 @@ class Event(_message.Message):
     """1, 2, 3, ... per sidecar_id, in emit order: the collector counts the gaps (events that
     never arrived, outrider_events_missing_total{sidecar}).
     """
+    cohort: _builtins.str
+    """per-tenant canaries: the session's group, "opt_in", "excluded" or "split" (empty: no tenant lists)"""
     @_builtins.property
     def call(self) -> Global___CallRecord: ...
     @_builtins.property
@@ -102,6 +127,14 @@ class Event(_message.Message):
     def shadow(self) -> Global___ShadowRecord: ...
     @_builtins.property
     def judge(self) -> Global___JudgeRecord: ...
+    @_builtins.property
+    def smoke(self) -> Global___SmokeTestRecord: ...
+    @_builtins.property
+    def flags(self) -> _containers.ScalarMap[_builtins.str, _builtins.bool]:
+        """the session's feature flags, name -> on (every flag the agent has), so a flag is analysed
+        on against off like a version
+        """
+
     def __init__(
         self,
         *,
@@ -124,17 +157,55 @@ class Event(_message.Message):
         versions_report: _registry_pb2.VersionsReport | None = ...,
         shadow: Global___ShadowRecord | None = ...,
         judge: Global___JudgeRecord | None = ...,
+        smoke: Global___SmokeTestRecord | None = ...,
         sequence: _builtins.int = ...,
+        flags: _abc.Mapping[_builtins.str, _builtins.bool] | None = ...,
+        cohort: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "feedback", b"feedback", "judge", b"judge", "safety", b"safety", "shadow", b"shadow", "tool", b"tool", "usage", b"usage", "versions_report", b"versions_report"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "feedback", b"feedback", "judge", b"judge", "safety", b"safety", "shadow", b"shadow", "smoke", b"smoke", "tool", b"tool", "usage", b"usage", "versions_report", b"versions_report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "drained", b"drained", "event_id", b"event_id", "feedback", b"feedback", "judge", b"judge", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "sequence", b"sequence", "session_id", b"session_id", "shadow", b"shadow", "sidecar_id", b"sidecar_id", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id", "versions_report", b"versions_report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "body", b"body", "breaker", b"breaker", "call", b"call", "cohort", b"cohort", "drained", b"drained", "event_id", b"event_id", "feedback", b"feedback", "flags", b"flags", "judge", b"judge", "role", b"role", "rollout_id", b"rollout_id", "safety", b"safety", "sequence", b"sequence", "session_id", b"session_id", "shadow", b"shadow", "sidecar_id", b"sidecar_id", "smoke", b"smoke", "time_unix_nano", b"time_unix_nano", "tool", b"tool", "unit_id", b"unit_id", "usage", b"usage", "version_id", b"version_id", "versions_report", b"versions_report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage", "drained", "versions_report", "shadow", "judge"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "tool", "feedback", "breaker", "safety", "usage", "drained", "versions_report", "shadow", "judge", "smoke"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class SmokeTestRecord(_message.Message):
+    """One blue-green smoke test a sidecar ran against green."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEST_NAME_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    TEST_COUNT_FIELD_NUMBER: _builtins.int
+    test_name: _builtins.str
+    passed: _builtins.bool
+    failure: _builtins.str
+    """what failed, e.g. "expected tool lookup_order, got none"; never prompt text"""
+    latency_ms: _builtins.float
+    test_count: _builtins.int
+    """how many tests the plan has (a sidecar's results are complete at this many)"""
+    def __init__(
+        self,
+        *,
+        test_name: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        failure: _builtins.str = ...,
+        latency_ms: _builtins.float = ...,
+        test_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "latency_ms", b"latency_ms", "passed", b"passed", "test_count", b"test_count", "test_name", b"test_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SmokeTestRecord: _TypeAlias = SmokeTestRecord  # noqa: Y015
 
 @_typing.final
 class CallRecord(_message.Message):

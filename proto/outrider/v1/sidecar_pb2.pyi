@@ -417,6 +417,7 @@ class VersionInfo(_message.Message):
     SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
     PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     agent: _builtins.str
     name: _builtins.str
@@ -427,6 +428,10 @@ class VersionInfo(_message.Message):
     def parameters_json(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolInfo]: ...
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlagInfo]:
+        """with session_id: the agent's feature flags and which are on"""
+
     def __init__(
         self,
         *,
@@ -438,11 +443,42 @@ class VersionInfo(_message.Message):
         system_prompt: _builtins.str = ...,
         parameters_json: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         tools: _abc.Iterable[Global___ToolInfo] | None = ...,
+        flags: _abc.Iterable[Global___FlagInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "model", b"model", "name", b"name", "parameters_json", b"parameters_json", "provider", b"provider", "system_prompt", b"system_prompt", "tools", b"tools", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "flags", b"flags", "model", b"model", "name", b"name", "parameters_json", b"parameters_json", "provider", b"provider", "system_prompt", b"system_prompt", "tools", b"tools", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VersionInfo: _TypeAlias = VersionInfo  # noqa: Y015
+
+@_typing.final
+class FlagInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ON_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    on: _builtins.bool
+    kind: _builtins.str
+    """"tool", "guard", "prompt" or "parameters" """
+    target: _builtins.str
+    """the tool or guard it turns on; empty for prompt and parameters"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        on: _builtins.bool = ...,
+        kind: _builtins.str = ...,
+        target: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "on", b"on", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlagInfo: _TypeAlias = FlagInfo  # noqa: Y015
