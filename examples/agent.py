@@ -45,11 +45,8 @@ def parse_duration(text: str) -> float:
 
 
 class Agent:
-    def __init__(
-        self, stub: sidecar_pb2_grpc.SidecarStub, turns: int, verbose: bool, tenants: int = 0
-    ) -> None:
+    def __init__(self, stub: sidecar_pb2_grpc.SidecarStub, turns: int, verbose: bool) -> None:
         self.stub, self.turns, self.verbose = stub, turns, verbose
-        self.tenants = tenants  # >0: session i belongs to tenant-(i % tenants)
         self.seen: collections.Counter[str] = collections.Counter()
         self.versions: dict[str, str] = {}  # role -> version id
         self._ids = itertools.count()
@@ -66,10 +63,7 @@ class Agent:
 
     async def session(self, i: int) -> None:
         opened = await self.stub.OpenSession(
-            sidecar_pb2.OpenSessionRequest(
-                user_id=f"user-{i}", tenant_id=f"tenant-{i % self.tenants}" if self.tenants else ""
-            ),
-            timeout=CALL_TIMEOUT_S,
+            sidecar_pb2.OpenSessionRequest(user_id=f"user-{i}"), timeout=CALL_TIMEOUT_S
         )
         role = ROLES.get(opened.role, "other")
         self.versions[role] = opened.version_id
@@ -134,7 +128,7 @@ async def main(args: argparse.Namespace) -> None:
     stop_at = time.monotonic() + args.duration
     sessions_left = [args.sessions if args.sessions > 0 else -1]  # shared by the workers; -1: no cap
     async with grpc.aio.insecure_channel(address) as channel:
-        agent = Agent(sidecar_pb2_grpc.SidecarStub(channel), turns, args.verbose, args.tenants)
+        agent = Agent(sidecar_pb2_grpc.SidecarStub(channel), turns, args.verbose)
         print(
             f"agent: {concurrency} concurrent sessions of {turns} turns on {address} for {args.duration:g}s",
             flush=True,
@@ -160,7 +154,6 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=parse_duration, default=parse_duration("15m"))
     parser.add_argument("--sessions", type=int, default=0, help="stop after this many sessions (0: no cap)")
     parser.add_argument("--turns", type=int, default=3, help="chat calls per session")
-    parser.add_argument("--tenants", type=int, default=0, help="spread sessions over tenant-0 .. tenant-N-1")
     parser.add_argument("--log", type=Path, help="write the summaries here instead of stdout")
     parser.add_argument("--verbose", action="store_true", help="one line per call")
     args = parser.parse_args()
