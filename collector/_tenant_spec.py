@@ -1,7 +1,9 @@
 """The spec's tenant lists for per-tenant canaries: `opt_in_tenants` and `exclude_tenants`.
 
 Tenant ids as the agent passes them to OpenSession (`tenant_id`), each at most once, and no
-tenant in both lists: a tenant cannot both always and never get the candidate.
+tenant in both lists: a tenant cannot both always and never get the candidate. Every rollout
+state carries the lists (and the spec's YAML again), so together they stay small enough for
+one `outrider.control` record: at most `MAX_TENANT_BYTES` of ids.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-MAX_TENANTS = 10_000
+MAX_TENANTS = 2_000
 MAX_TENANT_ID = 256
+MAX_TENANT_BYTES = 64 * 1024  # both lists' ids together, UTF-8
 
 
 def _unique(tenants: tuple[str, ...]) -> tuple[str, ...]:
@@ -34,7 +37,13 @@ TenantList = Annotated[
 
 
 def check_tenant_lists(opt_in: Sequence[str], excluded: Sequence[str]) -> None:
-    """ValueError naming the first tenant that is in both lists."""
+    """ValueError naming the first tenant that is in both lists, or the lists' size."""
+    size = sum(len(t.encode()) for t in (*opt_in, *excluded))
+    if size > MAX_TENANT_BYTES:
+        raise ValueError(
+            f"opt_in_tenants: with exclude_tenants, {size} bytes of tenant ids; at most "
+            f"{MAX_TENANT_BYTES} fit on every rollout state"
+        )
     both = set(opt_in) & set(excluded)
     if both:
         first = next(t for t in opt_in if t in both)

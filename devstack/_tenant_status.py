@@ -8,11 +8,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from outrider.v1 import admin_pb2, control_pb2
 
 GROUP_NAMES = {"opt_in": "opt-in", "split": "split", "excluded": "excluded"}
+SHOWN_TENANTS = 5  # per list; the rest are counted
+
+
+def _tenants(ids: Sequence[str]) -> str:
+    if not ids:
+        return "-"
+    more = len(ids) - SHOWN_TENANTS
+    return ", ".join(ids[:SHOWN_TENANTS]) + (f" and {more} more" if more > 0 else "")
 
 
 def scale_of(value: float) -> float:
@@ -48,8 +57,8 @@ def tenant_lines(state: control_pb2.RolloutState, groups: list[dict[str, Any]]) 
     if not state.opt_in_tenants and not state.exclude_tenants:
         return []
     lines = [
-        f"tenants     opt-in {', '.join(state.opt_in_tenants) or '-'} (always the candidate); "
-        f"excluded {', '.join(state.exclude_tenants) or '-'} (never); gates compare the split only"
+        f"tenants     opt-in {_tenants(state.opt_in_tenants)} (always the candidate); "
+        f"excluded {_tenants(state.exclude_tenants)} (never); gates compare the split only"
     ]
     for g in groups:
         role = "candidate" if g["version_id"] == state.candidate_version_id else "stable"

@@ -77,6 +77,25 @@ def test_tenant_canary_spec_errors_name_the_field_and_tenant(lists: str, message
         load_spec_text(HEAD + lists + "steps:\n  - {weight: 5}\n", "r.yaml")
 
 
+def test_tenant_canary_spec_lists_fit_on_every_state() -> None:
+    """The lists travel on every rollout state: too many ids, or too many bytes of them, are refused."""
+    steps = "steps:\n  - {weight: 5}\n"
+    many = json.dumps([f"t{i}" for i in range(2001)])
+    with pytest.raises(SpecError, match=r"^r\.yaml: opt_in_tenants: .*at most 2000"):
+        load_spec_text(HEAD + f"opt_in_tenants: {many}\n" + steps, "r.yaml")
+    long_ids = json.dumps([f"{i:04d}" + "x" * 200 for i in range(200)])
+    short = json.dumps([f"{i:04d}" + "y" * 200 for i in range(200)])
+    with pytest.raises(SpecError, match=r"^r\.yaml: opt_in_tenants: with exclude_tenants, 81600 bytes"):
+        load_spec_text(HEAD + f"opt_in_tenants: {long_ids}\nexclude_tenants: {short}\n" + steps, "r.yaml")
+    spec = load_spec_text(HEAD + f"opt_in_tenants: {long_ids}\n" + steps, "r.yaml")
+    state = Harness(HEAD + f"opt_in_tenants: {long_ids}\n" + steps).start()
+    assert len(spec.opt_in_tenants) == 200 and state.ByteSize() < 128 * 1024
+    # status names a few and counts the rest
+    (line,) = [x for x in render_status(admin_pb2.RolloutStatus(state=state)) if x.startswith("tenants ")]
+    assert line.count("x" * 200) == 5 and "0004x" in line and "0005x" not in line
+    assert "and 195 more (always the candidate)" in line
+
+
 # -- the router -------------------------------------------------------------------------------
 
 
