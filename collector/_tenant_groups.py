@@ -16,6 +16,7 @@ from typing import Any
 
 from ddsketch import DDSketch
 
+from collector._spec import RolloutSpec
 from collector._windows import RELATIVE_ACCURACY, _dump_sketch, _load_sketch
 from outrider.v1 import admin_pb2, control_pb2, events_pb2
 
@@ -72,6 +73,22 @@ class GroupTally:
                 )
             )
         return out
+
+    def warnings(self, spec: RolloutSpec, candidate: str) -> list[str]:
+        """A warning when the opt-in tenants' candidate errs beyond the error_rate trigger's
+        limit: they are no evidence (not randomized), so no gate or trigger acts on it."""
+        trigger = spec.triggers.error_rate
+        group = self._groups.get(("opt_in", candidate))
+        if not trigger.enabled or group is None or group.requests < trigger.min_samples:
+            return []
+        rate = group.errors / group.requests
+        if rate <= trigger.limit:
+            return []
+        return [
+            f"opt-in tenants see {rate:.2%} errors on the candidate over {group.requests} requests "
+            f"(the error_rate trigger's limit is {trigger.limit:.2%}); they are not randomized, so no "
+            "gate or trigger acts on them: pause or abort by hand if the candidate is at fault"
+        ]
 
     def to_state(self) -> dict[str, Any]:
         return {

@@ -223,6 +223,18 @@ def test_tenant_canary_opt_in_errors_do_not_bias_the_gates() -> None:
         by_group[(OPT_IN, CANDIDATE_V)].error_rate == 1.0 and by_group[(OPT_IN, CANDIDATE_V)].requests == 300
     )
     assert by_group[(SPLIT, CANDIDATE_V)].errors == 0 and by_group[(EXCLUDED, STABLE_V)].requests == 60
+    # ... and warns that the opt-in tenants' errors are beyond the error_rate trigger, unacted on
+    (warning,) = tally.warnings(h.spec, CANDIDATE_V)
+    assert warning.startswith("opt-in tenants see 100.00% errors on the candidate over 300 requests")
+    assert "limit is 2.00%" in warning
+    healthy = Harness(SPEC)
+    hid = healthy.start().rollout_id
+    batch = [grouped(OPT_IN, 1, healthy.clock.now(), error=i < 2) for i in range(200)]
+    for e in batch:
+        e.rollout_id = hid
+    healthy.add(batch)
+    quiet = healthy.book.groups.get(AGENT, hid)
+    assert quiet is not None and quiet.warnings(healthy.spec, CANDIDATE_V) == []  # 1 %: below the limit
 
 
 # -- status, records, metrics ----------------------------------------------------------------
