@@ -106,6 +106,7 @@ class Recorder:
             )
             if session.rollout_id
             else "",
+            cohort=session.cohort,  # per-tenant canaries: the collector's gates take "split" only
         )
 
     def emit(self, event: events_pb2.Event) -> None:
