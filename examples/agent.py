@@ -130,7 +130,9 @@ class Agent:
                 print(f"session {i} {role} {opened.version_id}: ok {reply.message.content[:50]!r}")
         if self.feedback:
             success = answered == self.turns
-            kind = sidecar_pb2.FEEDBACK_KIND_TASK_SUCCESS if success else sidecar_pb2.FEEDBACK_KIND_TASK_FAILURE
+            kind = (
+                sidecar_pb2.FEEDBACK_KIND_TASK_SUCCESS if success else sidecar_pb2.FEEDBACK_KIND_TASK_FAILURE
+            )
             await self.stub.Feedback(
                 sidecar_pb2.FeedbackRequest(session_id=opened.session_id, kind=kind), timeout=CALL_TIMEOUT_S
             )

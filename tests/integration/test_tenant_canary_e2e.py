@@ -119,7 +119,7 @@ async def test_tenant_canary_opt_in_gets_the_candidate_excluded_never_status_sho
             0.01
         )
         # the sidecar follows the state from outrider.control
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # a loaded CI machine
         while sidecar.router.generation < status.state.generation:
             assert time.monotonic() < deadline, "the sidecar never took the rollout state"
             await asyncio.sleep(0.05)
@@ -128,7 +128,7 @@ async def test_tenant_canary_opt_in_gets_the_candidate_excluded_never_status_sho
         served: dict[str, list[str]] = {OPT_IN: [], EXCLUDED: [], "split": []}
         kinds = (OPT_IN, EXCLUDED, None, None)
         tasks = [asyncio.create_task(tenant_agent(sidecar.address, k, stop, served)) for k in kinds]
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # a loaded CI machine
         while min(len(v) for v in served.values()) < 40:
             assert time.monotonic() < deadline, {k: len(v) for k, v in served.items()}
             await asyncio.sleep(0.1)
@@ -137,7 +137,7 @@ async def test_tenant_canary_opt_in_gets_the_candidate_excluded_never_status_sho
         total = sum(len(v) for v in served.values())
 
         # the collector counted every chat into its group (events carry the cohort)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # a loaded CI machine
         while True:
             status = await admin.GetRollout(admin_pb2.GetRolloutRequest(agent=AGENT))
             if sum(g.requests for g in status.groups) >= total:
