@@ -17,6 +17,7 @@ from typing import Any
 from collector._evidence import DEFAULT_MAX_UNITS, RolloutEvidence, Rows
 from collector._shadow_evidence import ShadowEvidence, ShadowRows
 from collector._shadow_phase import in_shadow
+from collector._smoke_results import SmokeBook
 from collector._spec import RolloutSpec
 from outrider.v1 import control_pb2, events_pb2
 
@@ -28,6 +29,7 @@ class EvidenceBook:
         self.max_units = max_units
         self._by_agent: dict[str, RolloutEvidence] = {}
         self._shadow: dict[str, ShadowEvidence] = {}
+        self.smoke = SmokeBook()  # blue-green smoke test results (collector._smoke_results)
 
     def get(self, agent: str) -> RolloutEvidence | None:
         return self._by_agent.get(agent)
@@ -90,6 +92,9 @@ class EvidenceBook:
         pairs: dict[str, ShadowRows] = {}
         used = 0
         for event in events:
+            if event.WhichOneof("body") == "smoke":
+                used += self.smoke.add(event)
+                continue
             shadow = self._shadow.get(event.agent)
             if shadow is not None and event.WhichOneof("body") in ("shadow", "judge", "tool"):
                 batch_pairs = pairs.get(event.agent)
@@ -122,6 +127,7 @@ class EvidenceBook:
                 for agent, shadow in self._shadow.items()
                 if agents is None or agents(agent)
             },
+            "smoke": self.smoke.to_state(agents),
         }
 
     def load_state(self, state: Mapping[str, Any], agents: Callable[[str], bool] | None = None) -> None:
@@ -139,6 +145,7 @@ class EvidenceBook:
             for a, s in state.get("shadow", {}).items()  # absent in checkpoints from before shadow
             if agents is None or agents(str(a))
         }
+        self.smoke.load_state(state.get("smoke", {}), agents)  # absent before blue-green
         if agents is None:
             self._by_agent, self._shadow = loaded, shadows
             return
@@ -151,6 +158,7 @@ class EvidenceBook:
             del self._by_agent[agent]
         for agent in [a for a in self._shadow if agents(a)]:
             del self._shadow[agent]
+        self.smoke.forget(agents)
 
 
 def _critical(spec: RolloutSpec) -> tuple[str, ...]:

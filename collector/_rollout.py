@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from collector import _bluegreen_phase as bluegreen
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutFinished, WrongPhase
 from collector._evidence import RolloutEvidence
@@ -66,9 +67,10 @@ from collector._rollout_state import ns as _ns
 from collector._rollout_state import stage_record as _stage
 from collector._shadow_evidence import ShadowEvidence
 from collector._shadow_phase import decide_shadow, in_shadow, shadow_start_reason, shadow_waiting
+from collector._smoke_results import SmokeResults
 from collector._spec import RolloutSpec, load_spec_text
 from collector._triggers import evaluate_triggers
-from outrider.v1 import admin_pb2, control_pb2
+from outrider.v1 import admin_pb2, control_pb2, deployment_pb2
 
 __all__ = [
     "HOLD",
@@ -174,9 +176,11 @@ class RolloutController:
         shadow = spec.shadow
         if shadow is not None:
             reason = shadow_start_reason(spec)
-        else:
+        elif spec.steps:  # (a blue-green has none: bluegreen.to_smoke_test words its start)
             reason = f"started: step 1 of {len(spec.steps)} at {spec.steps[0].weight:g}%"
-        return control_pb2.RolloutState(
+        else:
+            reason = "started"
+        state = control_pb2.RolloutState(
             agent=self.agent,
             generation=generation,
             rollout_id=rollout_id,
@@ -214,6 +218,9 @@ class RolloutController:
             ]
             + shadow_waiting(spec, gate_alpha),
         )
+        if spec.blue_green is not None:  # SMOKE_TEST: green serves only the smoke tests
+            bluegreen.to_smoke_test(state, spec)
+        return state
 
     def propose_abort(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
         state = self._require_state()
@@ -235,6 +242,11 @@ class RolloutController:
     def propose_pause(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
         """Freeze the rollout at its weight until an operator resumes it."""
         state = self._require_active()
+        if bluegreen.is_blue_green(state):
+            raise WrongPhase(
+                f"rollout {state.rollout_id} of {self.agent!r} is a blue-green "
+                f"({control_pb2.RolloutPhase.Name(state.phase)}): it does not pause; switch back or promote"
+            )
         if state.phase == HOLD:
             raise WrongPhase(
                 f"rollout {state.rollout_id} of {self.agent!r} is already on HOLD ({state.reason})"
@@ -281,12 +293,33 @@ class RolloutController:
             release="",
         )
 
+    def propose_switch_back(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
+        """Blue-green in SMOKE_TEST or SWITCHED -> ROLLED_BACK: new sessions to blue at once."""
+        state = self._require_state()
+        if not bluegreen.is_blue_green(state) or state.phase not in (
+            bluegreen.SMOKE_TEST,
+            bluegreen.SWITCHED,
+        ):
+            kind = "blue-green" if bluegreen.is_blue_green(state) else "canary"
+            raise WrongPhase(
+                f"rollout {state.rollout_id} of {self.agent!r} is a {kind} in phase "
+                f"{control_pb2.RolloutPhase.Name(state.phase)}; switch-back needs a blue-green in "
+                "ROLLOUT_PHASE_SWITCHED or ROLLOUT_PHASE_SMOKE_TEST"
+            )
+        why = bluegreen.switch_back_reason(state, reason, decided_by)
+        return self._next(state, now, decided_by, phase=ROLLED_BACK, weight=0.0, reason=why, release="")
+
     def look_again(self) -> None:
         """The last look's proposal was not published: the next tick looks again at once."""
         self._last_look = -float("inf")
 
     def decide(
-        self, evidence: RolloutEvidence, now: float, shadow: ShadowEvidence | None = None
+        self,
+        evidence: RolloutEvidence,
+        now: float,
+        shadow: ShadowEvidence | None = None,
+        smoke: SmokeResults | None = None,
+        baseline: deployment_pb2.BaselineSnapshot | None = None,
     ) -> control_pb2.RolloutState | None:
         """The next state if the tests or the stage timing call for one; None otherwise.
 
@@ -299,6 +332,13 @@ class RolloutController:
         if now - self._last_look < spec.look_interval:
             return None
         self._last_look = now
+        if bluegreen.is_blue_green(state):
+            results, change = bluegreen.decide(state, spec, evidence, now, smoke, baseline)
+            self.evaluation = results or self.evaluation
+            new = None if change is None else self._next(state, now, CONTROLLER, results, **change)
+            if new is not None and new.phase == bluegreen.SWITCHED:
+                new.switched_at_unix_nano = _ns(now)
+            return new
         gate_alpha, trigger_alpha = spec.test_alphas()
         if spec.shadow is not None and in_shadow(state):
             self.evaluation, change = decide_shadow(state, spec, shadow, now, gate_alpha)
@@ -398,7 +438,7 @@ class RolloutController:
             raise ValueError(f"generation {state.generation} is not after {self.generation}")
         if self._state is None or state.rollout_id != self._state.rollout_id:
             self._timeline = []
-            if state.phase in (RUNNING, SHADOW):
+            if state.phase in (RUNNING, SHADOW, bluegreen.SMOKE_TEST):
                 self._spec = spec or load_spec_text(
                     state.spec_yaml, f"{self.agent} rollout {state.rollout_id}"
                 )
@@ -419,9 +459,14 @@ class RolloutController:
         return state
 
     def evaluate(
-        self, evidence: RolloutEvidence, now: float, shadow: ShadowEvidence | None = None
+        self,
+        evidence: RolloutEvidence,
+        now: float,
+        shadow: ShadowEvidence | None = None,
+        smoke: SmokeResults | None = None,
+        baseline: deployment_pb2.BaselineSnapshot | None = None,
     ) -> control_pb2.RolloutState | None:
-        state = self.decide(evidence, now, shadow)
+        state = self.decide(evidence, now, shadow, smoke, baseline)
         if state is not None:
             self.apply(state)
         return state
