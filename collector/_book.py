@@ -92,7 +92,7 @@ class EvidenceBook:
         pairs: dict[str, ShadowRows] = {}
         used = 0
         for event in events:
-            if event.WhichOneof("body") == "smoke":
+            if event.WhichOneof("body") == "smoke":  # (the ingest step hands these over itself)
                 used += self.smoke.add(event)
                 continue
             shadow = self._shadow.get(event.agent)
