@@ -52,7 +52,8 @@ def to_smoke_test(state: control_pb2.RolloutState, spec: RolloutSpec) -> None:
     names = ", ".join(t.name for t in bg.smoke_tests)
     state.phase, state.candidate_weight, state.strategy = SMOKE_TEST, 0.0, BLUE_GREEN
     state.smoke.CopyFrom(bg.plan())
-    state.keep_warm_s, state.step_count = bg.keep_warm, 0
+    # `time_scale` (demos) shortens the warm period; the smoke tests are real calls and keep their timeout
+    state.keep_warm_s, state.step_count = bg.keep_warm * spec.time_scale, 0
     state.reason = (
         f"started: blue-green, smoke tests against green ({len(bg.smoke_tests)}: {names}) "
         f"within {bg.smoke_timeout:g}s; blue serves every session meanwhile"
@@ -178,7 +179,6 @@ def baseline_gate(
         kind="gate",
         action="rollback",
         verdict=UNDECIDED,
-        unit="pts",
     )
     if baseline is None:
         result.detail = NO_BASELINE
@@ -189,6 +189,7 @@ def baseline_gate(
     window = evidence.window(now, gate.window)
     errors, requests = float(window[1, T_ERR]), float(window[1, T_REQ])
     limit = baseline.error_rate + gate.limit
+    result.unit = "pts"
     result.baseline_value, result.baseline_samples = baseline.error_rate, baseline.requests
     result.candidate_samples = int(requests)
     if requests < gate.min_samples:

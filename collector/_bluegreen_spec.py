@@ -12,7 +12,8 @@ blue_green:
       max_latency: 5s
 
 Blue is the stable version, green the candidate. `steps` and `shadow` do not apply; the spec's
-`triggers` and `gates` watch green while blue is warm (collector._bluegreen_phase).
+`triggers` and `gates` watch green while blue is warm (collector._bluegreen_phase). The spec's
+`time_scale` multiplies `keep_warm` (not `smoke_timeout`: smoke tests are real calls).
 """
 
 from __future__ import annotations

@@ -49,17 +49,21 @@ def in_shadow(state: control_pb2.RolloutState) -> bool:
     return state.phase == shadow or (state.phase in held and state.shadow_sample > 0)
 
 
+def _left(seconds: float) -> str:
+    whole = max(round(seconds), 0)
+    return f"{whole}s" if whole < 120 else f"{whole // 60}m{whole % 60:02d}s"
+
+
 def blue_green_where(state: control_pb2.RolloutState, now_s: float) -> str:
     """Where a blue-green stands: its smoke tests, or how long blue stays warm."""
     if state.phase == control_pb2.ROLLOUT_PHASE_SMOKE_TEST:
         left = state.started_at_unix_nano / 1e9 + state.smoke.timeout_s - now_s
         tests = len(state.smoke.tests)
-        return f"blue-green: smoke tests against green ({tests}, {_duration(max(left, 0))} left)"
+        return f"blue-green: smoke tests against green ({tests}, {_left(left)} left)"
     if state.phase == control_pb2.ROLLOUT_PHASE_SWITCHED:
         until = state.switched_at_unix_nano / 1e9 + state.keep_warm_s
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
-        left = _duration(max(until - now_s, 0))
-        return f"blue-green: green serves new sessions, blue warm until {stamp} ({left})"
+        return f"blue-green: green serves new sessions, blue warm until {stamp} ({_left(until - now_s)})"
     return "blue-green"
 
 
@@ -287,6 +291,10 @@ def render_status(
     ]
     if view["reason"]:
         lines.append(f"reason      {view['reason']}  (by {view['decided_by']})")
+    if state.phase == control_pb2.ROLLOUT_PHASE_SWITCHED:  # blue-green: what the gates compare with
+        lines += [
+            f"baseline    {g.detail}" for g in state.gate_results if g.detail.startswith("no baseline")
+        ][:1]
     if view["release"] and state.phase in (control_pb2.ROLLOUT_PHASE_HOLD, control_pb2.ROLLOUT_PHASE_NO_DATA):
         lines.append(f"released by {view['release']}")
     for v in view["versions"]:
@@ -305,7 +313,7 @@ def render_status(
         lines.append(f"WARNING     {warning}")
     for g in view["gates"]:
         if g["kind"] == "smoke":
-            verdict = {"no_harm": "PASSED", "harm": "FAILED"}.get(g["verdict"], g["verdict"].upper())
+            verdict = {"no harm": "PASSED", "harm": "FAILED"}.get(g["verdict"], g["verdict"].upper())
             lines.append(f"{'smoke':<11} {g['name']:<16} {verdict:<10} {g['detail']}")
             continue
         label = g["kind"] if g["kind"] in ("trigger", "shadow") else "gate"

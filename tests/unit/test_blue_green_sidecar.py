@@ -84,9 +84,24 @@ def test_blue_green_status_shows_smoke_results_and_blue_warm_until() -> None:
     text = "\n".join(render_status(admin_pb2.RolloutStatus(state=smoke, now_unix_nano=20 * 10**9)))
     assert "phase       smoke test  blue-green: smoke tests against green (1, 100s left)" in text, text
     assert "smoke       lookup           FAILED     failed on sidecar s1: expected tool x, got none" in text
-    switched = bg_state(2, control_pb2.ROLLOUT_PHASE_SWITCHED, 1.0, switched_at_unix_nano=0, keep_warm_s=1800)
+    no_baseline = control_pb2.GateResult(
+        name="errors", kind="gate", verdict="undecided", detail="no baseline snapshot"
+    )
+    switched = bg_state(
+        2,
+        control_pb2.ROLLOUT_PHASE_SWITCHED,
+        1.0,
+        switched_at_unix_nano=0,
+        keep_warm_s=1800,
+        gate_results=[no_baseline],
+    )
     text = "\n".join(render_status(admin_pb2.RolloutStatus(state=switched, now_unix_nano=600 * 10**9)))
     assert (
         "phase       switched  blue-green: green serves new sessions, blue warm until 1970-01-01 00:30:00 UTC"
         in text
     )
+    assert "(20m00s)" in text and "baseline    no baseline snapshot" in text, text
+    passed = smoke.gate_results[0]
+    passed.verdict, passed.detail = "no_harm", "passed in 5 ms"
+    text = "\n".join(render_status(admin_pb2.RolloutStatus(state=smoke)))
+    assert "smoke       lookup           PASSED     passed in 5 ms" in text, text

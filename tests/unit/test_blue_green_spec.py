@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from collector._config_errors import SpecError
+from collector._rollout import RolloutController
 from collector._spec import load_spec_text
 
 BASE: dict[str, Any] = {
@@ -89,3 +90,9 @@ def test_blue_green_spec_bad_regex_names_the_test() -> None:
 )
 def test_blue_green_spec_errors_name_the_field(over: dict[str, Any], wanted: str) -> None:
     assert wanted in problems(**over)
+
+
+def test_blue_green_time_scale_shortens_keep_warm_not_the_smoke_timeout() -> None:
+    spec = load(time_scale=0.01, **smoke({"name": "a", "prompt": "p"}, keep_warm="30m"))
+    state = RolloutController("bot").propose_start(spec, "x", 1000.0)
+    assert state.keep_warm_s == pytest.approx(18.0) and state.smoke.timeout_s == 120.0
