@@ -1,5 +1,5 @@
 """The admin gRPC API (`outrider.v1.Admin`): start, inspect, pause, resume, promote and abort
-rollouts.
+rollouts, and switch a blue-green back.
 
 Every Admin call is authenticated and authorized first (`collector._auth`); `decided_by` is
 the authenticated caller. Reflection is served only when `admin_reflection` asks for it.

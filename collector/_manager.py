@@ -275,15 +275,15 @@ class RolloutManager:
                 evidence = self.evidence.get(agent)
                 if not ctl.running or evidence is None or not self.owns(agent):
                     continue
-                bg = ctl.state is not None and ctl.state.strategy == control_pb2.ROLLOUT_STRATEGY_BLUE_GREEN
+                current = ctl.state
+                assert current is not None  # running
+                bg = current.strategy == control_pb2.ROLLOUT_STRATEGY_BLUE_GREEN
                 state = ctl.decide(
                     evidence,
                     now,
                     self.evidence.shadow(agent),
                     smoke=self.evidence.smoke.get(agent) if bg else None,
-                    baseline=self.baseline_of(agent, ctl.state.stable_version_id)
-                    if bg and ctl.state
-                    else None,
+                    baseline=self.baseline_of(agent, current.stable_version_id) if bg else None,
                 )
                 if state is None:
                     continue

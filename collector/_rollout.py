@@ -4,6 +4,8 @@ States: SHADOW (the candidate serves no user; mirrored pairs are tested: collect
 RUNNING, HOLD (frozen at its weight: a gate or trigger with `hold` found harm; an
 operator releases it), NO_DATA (a stage passed its `max_duration` without its evidence; it
 keeps evaluating and never promotes without evidence), PROMOTED, ROLLED_BACK, ABORTED.
+Blue-green rollouts (`strategy: blue_green`) have their own phases, SMOKE_TEST and SWITCHED,
+decided in collector._bluegreen_phase; `propose_switch_back` is their operator's verb.
 Rollback tests run in RUNNING, HOLD and NO_DATA alike. Each look (every `look_interval`):
 
 1. any gate or trigger with evidence of harm and `rollback` -> ROLLED_BACK;
