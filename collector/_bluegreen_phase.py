@@ -53,7 +53,8 @@ def to_smoke_test(state: control_pb2.RolloutState, spec: RolloutSpec) -> None:
     state.phase, state.candidate_weight, state.strategy = SMOKE_TEST, 0.0, BLUE_GREEN
     state.smoke.CopyFrom(bg.plan())
     # `time_scale` (demos) shortens the warm period; the smoke tests are real calls and keep their timeout
-    state.keep_warm_s, state.step_count = bg.keep_warm * spec.time_scale, 0
+    # two stages, as records and timelines count them: 1 smoke tests at 0 %, 2 switched at 100 %
+    state.keep_warm_s, state.step_count = bg.keep_warm * spec.time_scale, 2
     state.reason = (
         f"started: blue-green, smoke tests against green ({len(bg.smoke_tests)}: {names}) "
         f"within {bg.smoke_timeout:g}s; blue serves every session meanwhile"
@@ -142,6 +143,7 @@ def decide_smoke(
             return {
                 "phase": SWITCHED,
                 "weight": 1.0,
+                "step_index": 1,
                 "reason": f"switched: green passed all {wanted} smoke tests on sidecar {sidecar} "
                 f"({_summary(outcomes)}); every new session to green, blue warm for {keep:g}s",
             }

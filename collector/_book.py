@@ -67,7 +67,7 @@ class EvidenceBook:
                 state.stable_version_id,
                 state.candidate_version_id,
                 step_started if after_shadow else state.started_at_unix_nano / 1e9,
-                stages=max(1, len(spec.steps)),
+                stages=2 if spec.blue_green is not None else max(1, len(spec.steps)),  # smoke, switched
                 slow_ms=spec.triggers.latency_p99_ms.limit,
                 critical=_critical(spec),
                 max_units=self.max_units,

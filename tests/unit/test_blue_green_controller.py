@@ -8,6 +8,7 @@ import itertools
 import pytest
 
 from collector._bluegreen_phase import NO_BASELINE, NO_SIDECAR, blue_baseline
+from collector._deployments import build_record
 from collector._errors import WrongPhase
 from outrider.v1 import control_pb2, deployment_pb2, events_pb2
 from tests.unit.rollout_support import AGENT, CANDIDATE_V, ROLLED_BACK, Harness, call_event
@@ -92,6 +93,7 @@ def test_blue_green_smoke_pass_switches_then_swaps_after_keep_warm() -> None:
     state = h.tick()
     assert state is not None and state.phase == SWITCHED and state.candidate_weight == 1.0
     assert state.switched_at_unix_nano == round(h.clock.now() * 1e9)
+    assert (state.step_index, state.step_count) == (1, 2) and h.evidence.stage == 1
     assert "lookup" in state.reason and "greet" in state.reason and "sc-1" in state.reason
     assert {r.kind for r in state.gate_results} == {"smoke"}
     # blue warm: healthy green traffic, no swap before keep_warm
@@ -212,3 +214,14 @@ def test_blue_green_baseline_is_the_newest_promotion_of_blue() -> None:
     found = blue_baseline(records, AGENT, "blue")
     assert found is not None and found.error_rate == 0.3
     assert blue_baseline(records, AGENT, "nope") is None
+
+
+def test_blue_green_deployment_record_has_the_smoke_and_switched_stages() -> None:
+    h = BlueGreenHarness(SPEC)
+    h.switched()
+    done = h.tick(601)
+    assert done is not None and done.phase == PROMOTED
+    record = build_record(done, h.ctl.timeline, 0.0, h.clock.now())
+    assert [(s.candidate_weight, s.ended) for s in record.stages] == [(0.0, "advanced"), (1.0, "promoted")]
+    assert "passed all 2 smoke tests" in record.stages[0].reason
+    assert record.stages[1].duration_s == pytest.approx(601.0)
