@@ -24,6 +24,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from collector._errors import WrongPhase
 from collector._evidence import REQ, T_ERR, T_REQ, RolloutEvidence
 from collector._gates import HARM, NO_HARM, UNDECIDED, WAITING, design_effect
 from collector._smoke_results import SmokeResults
@@ -248,7 +249,24 @@ def decide_switched(
     return results, None
 
 
+def refuse_pause(state: control_pb2.RolloutState) -> None:
+    """A blue-green does not pause (its switch is all or nothing): WrongPhase."""
+    if is_blue_green(state):
+        raise WrongPhase(
+            f"rollout {state.rollout_id} of {state.agent!r} is a blue-green "
+            f"({control_pb2.RolloutPhase.Name(state.phase)}): it does not pause; switch back or promote"
+        )
+
+
 def switch_back_reason(state: control_pb2.RolloutState, reason: str, decided_by: str) -> str:
+    """An operator's switch-back, worded; WrongPhase unless a blue-green in SMOKE_TEST or SWITCHED."""
+    if not is_blue_green(state) or state.phase not in (SMOKE_TEST, SWITCHED):
+        kind = "blue-green" if is_blue_green(state) else "canary"
+        raise WrongPhase(
+            f"rollout {state.rollout_id} of {state.agent!r} is a {kind} in phase "
+            f"{control_pb2.RolloutPhase.Name(state.phase)}; switch-back needs a blue-green in "
+            "ROLLOUT_PHASE_SWITCHED or ROLLOUT_PHASE_SMOKE_TEST"
+        )
     where = "before the switch" if state.phase == SMOKE_TEST else "while blue was warm"
     return (
         f"switched back by {decided_by} {where}: {reason or 'no reason given'}; "

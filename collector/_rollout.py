@@ -244,11 +244,7 @@ class RolloutController:
     def propose_pause(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
         """Freeze the rollout at its weight until an operator resumes it."""
         state = self._require_active()
-        if bluegreen.is_blue_green(state):
-            raise WrongPhase(
-                f"rollout {state.rollout_id} of {self.agent!r} is a blue-green "
-                f"({control_pb2.RolloutPhase.Name(state.phase)}): it does not pause; switch back or promote"
-            )
+        bluegreen.refuse_pause(state)
         if state.phase == HOLD:
             raise WrongPhase(
                 f"rollout {state.rollout_id} of {self.agent!r} is already on HOLD ({state.reason})"
@@ -289,8 +285,7 @@ class RolloutController:
             decided_by,
             phase=PROMOTED,
             weight=1.0,
-            reason=f"promoted by {decided_by} (operator override "
-            f"{'in the shadow phase' if in_shadow(state) else f'at step {state.step_index + 1}'}): "
+            reason=f"promoted by {decided_by} (operator override {_where(state)}): "
             f"{reason or 'no reason given'}",
             release="",
         )
@@ -298,17 +293,7 @@ class RolloutController:
     def propose_switch_back(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
         """Blue-green in SMOKE_TEST or SWITCHED -> ROLLED_BACK: new sessions to blue at once."""
         state = self._require_state()
-        if not bluegreen.is_blue_green(state) or state.phase not in (
-            bluegreen.SMOKE_TEST,
-            bluegreen.SWITCHED,
-        ):
-            kind = "blue-green" if bluegreen.is_blue_green(state) else "canary"
-            raise WrongPhase(
-                f"rollout {state.rollout_id} of {self.agent!r} is a {kind} in phase "
-                f"{control_pb2.RolloutPhase.Name(state.phase)}; switch-back needs a blue-green in "
-                "ROLLOUT_PHASE_SWITCHED or ROLLOUT_PHASE_SMOKE_TEST"
-            )
-        why = bluegreen.switch_back_reason(state, reason, decided_by)
+        why = bluegreen.switch_back_reason(state, reason, decided_by)  # WrongPhase unless it fits
         return self._next(state, now, decided_by, phase=ROLLED_BACK, weight=0.0, reason=why, release="")
 
     def look_again(self) -> None:
@@ -540,6 +525,12 @@ class RolloutController:
         del new.retired[:]
         new.retired.extend(retired_after(state.retired, now, added))
         return new
+
+
+def _where(state: control_pb2.RolloutState) -> str:
+    if bluegreen.is_blue_green(state):
+        return f"of a blue-green in {control_pb2.RolloutPhase.Name(state.phase)}"
+    return "in the shadow phase" if in_shadow(state) else f"at step {state.step_index + 1}"
 
 
 def _label(result: control_pb2.GateResult) -> str:

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from collector import EvidenceBook
 from collector._bluegreen_phase import NO_BASELINE, NO_SIDECAR, blue_baseline
 from collector._deployments import build_record
 from collector._errors import WrongPhase
@@ -225,3 +226,17 @@ def test_blue_green_deployment_record_has_the_smoke_and_switched_stages() -> Non
     assert [(s.candidate_weight, s.ended) for s in record.stages] == [(0.0, "advanced"), (1.0, "promoted")]
     assert "passed all 2 smoke tests" in record.stages[0].reason
     assert record.stages[1].duration_s == pytest.approx(601.0)
+
+
+def test_blue_green_operator_promote_names_the_phase_and_smoke_results_survive_a_checkpoint() -> None:
+    h = BlueGreenHarness(SPEC)
+    h.start()
+    h.smoke("lookup", passed=False, failure="expected tool lookup_order, got none")
+    copy = EvidenceBook()
+    copy.load_state(h.book.to_state())
+    results = copy.smoke.get(AGENT)
+    assert results is not None and results.rollout_id == h.state.rollout_id
+    failed = results.failure()
+    assert failed is not None and failed[0] == "sc-1" and failed[1].failure.startswith("expected tool")
+    promoted = h.ctl.propose_promote("hotfix", h.clock.now(), "ops")
+    assert "operator override of a blue-green in ROLLOUT_PHASE_SMOKE_TEST" in promoted.reason

@@ -6,7 +6,7 @@ from __future__ import annotations
 from devstack._status import render_status
 from outrider.v1 import admin_pb2, common_pb2, control_pb2
 from sidecar import Router
-from sidecar._smoke import _check
+from sidecar._smoke import SmokeRunner, _check
 
 BLUE, GREEN = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
 BG = control_pb2.ROLLOUT_STRATEGY_BLUE_GREEN
@@ -105,3 +105,27 @@ def test_blue_green_status_shows_smoke_results_and_blue_warm_until() -> None:
     passed.verdict, passed.detail = "no_harm", "passed in 5 ms"
     text = "\n".join(render_status(admin_pb2.RolloutStatus(state=smoke)))
     assert "smoke       lookup           PASSED     passed in 5 ms" in text, text
+
+
+def test_blue_green_smoke_runner_runs_each_rollout_once_when_green_is_here() -> None:
+    router = Router("bot", BLUE, (BLUE,))
+    runner = SmokeRunner(pipeline=None, router=router, recorder=None)  # type: ignore[arg-type]
+    router.apply(bg_state(1, control_pb2.ROLLOUT_PHASE_SMOKE_TEST, 0.0))
+    assert runner.due() is None  # green not known here (yet)
+    router.learn(GREEN)
+    due = runner.due()
+    assert due is not None and due.rollout_id == "r1"
+    runner._done.append("r1")  # what the loop does before it runs them
+    assert runner.due() is None
+    router.apply(bg_state(2, control_pb2.ROLLOUT_PHASE_SWITCHED, 1.0))
+    assert runner.due() is None
+    canary = control_pb2.RolloutState(
+        agent="bot",
+        generation=3,
+        rollout_id="r2",
+        stable_version_id=BLUE,
+        candidate_version_id=GREEN,
+        phase=control_pb2.ROLLOUT_PHASE_SMOKE_TEST,
+    )
+    router.apply(canary)  # not a blue-green: nothing to run
+    assert runner.due() is None
