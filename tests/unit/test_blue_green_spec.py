@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+import sidecar
 from collector._config_errors import SpecError
 from collector._rollout import RolloutController
 from collector._spec import load_spec_text
@@ -96,3 +99,24 @@ def test_blue_green_time_scale_shortens_keep_warm_not_the_smoke_timeout() -> Non
     spec = load(time_scale=0.01, **smoke({"name": "a", "prompt": "p"}, keep_warm="30m"))
     state = RolloutController("bot").propose_start(spec, "x", 1000.0)
     assert state.keep_warm_s == pytest.approx(18.0) and state.smoke.timeout_s == 120.0
+
+
+def test_blue_green_readme_block_and_example_agree() -> None:
+    """The README's blue-green block names the example spec, which validates and names v1 (blue)
+    and the pushed v4 (green); the snippet above it validates too."""
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Blue-green") :]
+    section = section[: section.index("\n## ")]
+    snippet = re.search(r"^```yaml\n(.*?)^```", section, re.M | re.S)
+    block = re.search(r"^```sh\n(.*?)^```", section, re.M | re.S)
+    assert snippet and block
+    lines = [line.strip() for line in block.group(1).splitlines() if line.strip()]
+    assert ".venv/bin/outrider rollout start examples/bluegreen-rollout.yaml" in lines
+    assert any(line.startswith(".venv/bin/outrider rollout switch-back support-bot") for line in lines)
+    spec = load_spec_text((root / "examples" / "bluegreen-rollout.yaml").read_text(encoding="utf-8"))
+    pushed = sidecar.load_version_file(root / "examples" / "version-v4.yaml")
+    config = sidecar.load_config(root / "examples" / "sidecar.yaml", resolve_secrets=False)
+    assert spec.candidate == pushed.version_id and spec.stable == config.version_ids()["v1"]
+    snippet_spec = yaml.safe_load(snippet.group(1))
+    assert load(**snippet_spec).blue_green is not None
