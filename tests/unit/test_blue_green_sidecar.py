@@ -4,6 +4,7 @@ and how status words a blue-green."""
 from __future__ import annotations
 
 from devstack._status import render_status
+from devstack._watch import BoundsHistory
 from outrider.v1 import admin_pb2, common_pb2, control_pb2
 from sidecar import Router
 from sidecar._smoke import SmokeRunner, _check
@@ -129,3 +130,15 @@ def test_blue_green_smoke_runner_runs_each_rollout_once_when_green_is_here() -> 
     )
     router.apply(canary)  # not a blue-green: nothing to run
     assert runner.due() is None
+
+
+def test_blue_green_watch_charts_no_bounds_for_smoke_tests() -> None:
+    state = bg_state(
+        1,
+        control_pb2.ROLLOUT_PHASE_SMOKE_TEST,
+        0.0,
+        gate_results=[control_pb2.GateResult(name="lookup", kind="smoke", verdict="no_harm", unit="ms")],
+    )
+    history = BoundsHistory()
+    history.add(admin_pb2.RolloutStatus(state=state))
+    assert history.chart() == []
