@@ -27,6 +27,7 @@ from sidecar._config import SidecarConfig
 from sidecar._grpc import SidecarService
 from sidecar._pipeline import CallPipeline
 from sidecar._record import Recorder
+from sidecar._smoke import SmokeRunner
 from sidecar._tool_calls import ToolCalls
 from sidecar.guards._safety import Safety
 from sidecar.resilience._executor import Executor
@@ -134,6 +135,7 @@ class Sidecar:
             shadow_max_share=config.shadow.max_tpm_share,
         )
         self.shadow: ShadowRunner | None = None
+        self.smoke: SmokeRunner | None = None  # blue-green smoke tests (sidecar._smoke)
         try:
             verifier = config.control.verifier()
         except outrider.SigningKeyError as exc:
@@ -244,6 +246,9 @@ class Sidecar:
             drain=self.drain,
             shadow=self.shadow,
         )
+        self.smoke = SmokeRunner(pipeline=pipeline, router=self.router, recorder=recorder)
+        self.control.listeners.append(self.smoke.on_state)
+        await self.smoke.start()
         service = SidecarService(pipeline)
         server = grpc.aio.server(
             options=[
@@ -368,6 +373,8 @@ class Sidecar:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self.smoke is not None:
+            await self.smoke.stop()
         if self.shadow is not None:
             await self.shadow.stop()
         await self._stop_tracing()
