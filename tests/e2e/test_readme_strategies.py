@@ -110,7 +110,8 @@ def test_readme_blue_green_block_runs_as_written(stack: Stack) -> None:
     assert re.search(r"^phase\s+smoke test\b", started, re.M), started
     status = next(out for line, out in outputs if line == STATUS)
     assert re.search(r"^phase\s+switched\b", status, re.M), status
-    assert re.search(r"^reason\s+switched: green passed all 2 smoke tests on sidecar .*order-lookup", status, re.M)
+    passed = r"^reason\s+switched: green passed all 2 smoke tests on sidecar .*order-lookup"
+    assert re.search(passed, status, re.M), status
     assert "blue warm until" in status and v4 in status, status
     back = next(out for line, out in outputs if "switch-back" in line)
     assert "rolled back" in back.lower() and "blue-green demo done" in back, back
