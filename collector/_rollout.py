@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from collector._ab_phase import decide_ab, finish_ab, start_ab
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutFinished, WrongPhase
 from collector._evidence import RolloutEvidence
@@ -94,6 +95,7 @@ class RolloutController:
         self._last_look = -float("inf")
         # the latest evaluation of every gate and trigger, published or not (for status)
         self.evaluation: list[control_pb2.GateResult] = []
+        self.ab_analysis: control_pb2.ABAnalysis | None = None  # an A/B test's latest look
 
     @classmethod
     def restore(
@@ -175,8 +177,10 @@ class RolloutController:
         if shadow is not None:
             reason = shadow_start_reason(spec)
         else:
-            reason = f"started: step 1 of {len(spec.steps)} at {spec.steps[0].weight:g}%"
-        return control_pb2.RolloutState(
+            reason = (
+                f"started: step 1 of {len(spec.steps)} at {spec.steps[0].weight:g}%" if spec.steps else ""
+            )
+        started = control_pb2.RolloutState(
             agent=self.agent,
             generation=generation,
             rollout_id=rollout_id,
@@ -214,6 +218,9 @@ class RolloutController:
             ]
             + shadow_waiting(spec, gate_alpha),
         )
+        if spec.ab is not None:
+            start_ab(started, spec)  # an A/B test: its variants and plan (collector._ab_phase)
+        return started
 
     def propose_abort(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
         state = self._require_state()
@@ -300,6 +307,9 @@ class RolloutController:
             return None
         self._last_look = now
         gate_alpha, trigger_alpha = spec.test_alphas()
+        if spec.ab is not None:  # an A/B test (collector._ab_phase)
+            self.evaluation, self.ab_analysis, change = decide_ab(state, spec, evidence, now, gate_alpha)
+            return None if change is None else finish_ab(self._next, state, change, spec.drain_timeout, now)
         if spec.shadow is not None and in_shadow(state):
             self.evaluation, change = decide_shadow(state, spec, shadow, now, gate_alpha)
             return None if change is None else self._next(state, now, CONTROLLER, self.evaluation, **change)

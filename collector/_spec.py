@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from collector._ab_spec import ABTest, apply_ab_defaults
 from collector._config_errors import SpecError, parse_yaml_model
 from collector._risk import RiskTier, apply_risk
 from collector._shadow_spec import Shadow
@@ -230,11 +231,13 @@ class RolloutSpec(_Model):
     triggers: Triggers = Triggers()
     risk: RiskTier | None = None  # the tier whose defaults filled `steps` / `shadow` (collector._risk)
     time_scale: float = Field(default=1.0, gt=0, le=1)  # every plan duration is already x this
+    strategy: Literal["canary", "ab_test", "blue_green"] = "canary"
+    ab: ABTest | None = None  # strategy ab_test: the variants and the analysis (collector._ab_spec)
 
     @model_validator(mode="before")
     @classmethod
     def _tier_defaults(cls, value: Any) -> Any:
-        return apply_risk(value)
+        return apply_risk(apply_ab_defaults(value))
 
     @field_validator("time_scale", mode="before")
     @classmethod
@@ -278,7 +281,9 @@ class RolloutSpec(_Model):
     def _cross_field(self) -> RolloutSpec:
         if self.stable == self.candidate:
             raise ValueError("candidate: must differ from stable")
-        if not self.steps and self.shadow is None:
+        if (self.strategy == "ab_test") != (self.ab is not None):
+            raise ValueError("ab: required with strategy ab_test, and only with it")
+        if not self.steps and self.shadow is None and self.ab is None:
             raise ValueError("steps: at least one step is required (or a shadow phase)")
         for i in range(1, len(self.steps)):
             if self.steps[i].weight <= self.steps[i - 1].weight:
