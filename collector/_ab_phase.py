@@ -50,7 +50,7 @@ from collector.stats import (
     plan_ab,
 )
 from collector.stats._ab import SRM_THRESHOLD, Metric
-from outrider.v1 import control_pb2
+from outrider.v1 import common_pb2, control_pb2
 
 RUNNING_VERDICT, WINNER, NO_WINNER, SRM = "running", "winner", "no_winner", "sample_ratio_mismatch"
 SRM_PRIOR = 100.0  # the Dirichlet prior's concentration: deviations of about 1/sqrt(100) weigh most
@@ -372,3 +372,17 @@ def finish_ab(
         del new.retired[:]
         new.retired.extend([*added, *retired_after(entries, now)])
     return new
+
+
+def status_versions(state: control_pb2.RolloutState) -> list[tuple[str, common_pb2.Role.ValueType]]:
+    """The (version, role) pairs whose figures `rollout status` shows: each variant of an A/B
+    test (the control as stable), else stable and candidate."""
+    if state.strategy == control_pb2.ROLLOUT_STRATEGY_AB_TEST and state.variants:
+        return [
+            (v.version_id, common_pb2.ROLE_STABLE if i == 0 else common_pb2.ROLE_VARIANT)
+            for i, v in enumerate(state.variants)
+        ]
+    return [
+        (state.stable_version_id, common_pb2.ROLE_STABLE),
+        (state.candidate_version_id, common_pb2.ROLE_CANARY),
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,46 @@ def test_ab_test_evidence_survives_a_checkpoint() -> None:
     assert isinstance(after, ABEvidence)
     assert after.units() == before.units() == [15, 15, 15]
     assert after.variant_stats("task_success") == before.variant_stats("task_success")
+
+
+# -- status, record, simulate CLI ---------------------------------------------------------------
+
+
+def test_ab_test_status_and_record_show_the_analysis() -> None:
+    from collector._deployments import build_record
+    from devstack._history_cli import show_lines
+    from devstack._status import render_status, status_view
+    from outrider.v1 import admin_pb2
+
+    h = ABHarness(ab_spec(gates=ERRORS_GATE))
+    new = h.run((0.85, 0.93), (40, 40), seconds=200)
+    assert new is not None and new.phase == PROMOTED
+    status = admin_pb2.RolloutStatus(
+        state=new, timeline=h.ctl.timeline, now_unix_nano=new.decided_at_unix_nano
+    )
+    text = "\n".join(render_status(status))
+    assert "A/B test of 2 variants" in text and "winner B" in text
+    assert f"control     A    {VERSIONS[0]}" in text and f"variant     B    {VERSIONS[1]}" in text
+    assert "compare     A - B:" in text and "significant" in text
+    assert status_view(status)["ab"]["winner"] == "B"
+    record = build_record(new, h.ctl.timeline, 0.0, h.clock.now())
+    assert record.ab.winner == "B" and len(record.ab.variants) == 2
+    assert any(line.startswith("a/b test    task_success, fixed: winner B") for line in show_lines(record))
+
+
+def test_ab_test_simulate_cli_per_variant_effects(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from devstack.cli import main
+
+    spec = tmp_path / "ab.yaml"
+    spec.write_text(ab_spec(analysis="fixed"))
+    args = ["rollout", "simulate", str(spec), "--variants", "3", "--runs", "20", "--calls-per-second", "5"]
+    result = CliRunner().invoke(main, [*args, "--effect", "B:task_success=+0.1"])
+    assert result.exit_code == 0, result.output
+    assert "A/B tests of A, B, C on task_success" in result.output
+    assert "the right winner (B)" in result.output and "sequential cap" in result.output
+    bad = CliRunner().invoke(main, [*args, "--effect", "D:task_success=+0.1"])
+    assert bad.exit_code != 0 and "no variant 'D'" in bad.output
+    bare = CliRunner().invoke(main, [*args, "--effect", "task_success=+0.1"])
+    assert bare.exit_code != 0 and "name the variant" in bare.output
