@@ -19,6 +19,9 @@ Earlier entries ride along on every later state (a new rollout too) until
 `RETIRED_RETENTION_S` after their deadline, which must outlast any session token: dropping an
 entry at its deadline would let a still-valid token of that version be served again.
 
+An A/B test (`strategy: ab_test`) has no steps: collector._ab_phase fills its first state and
+makes its looks (guardrails, sample ratio, the analysis, the winner).
+
 Every decision is a new `RolloutState` with the next generation. The `propose_*` and
 `decide` methods only compute it; `apply` makes it current.
 

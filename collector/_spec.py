@@ -36,6 +36,10 @@ shadow:
 (and, for the tiers with one, `shadow`); the spec's own fields win, as collector._risk says
 precisely. `time_scale: 0.001` scales every step and shadow duration, for demos; the parsed spec
 keeps it (`spec.time_scale`) and `outrider rollout plan` prints it.
+
+`strategy: ab_test` with an `ab:` section is an A/B test (collector._ab_spec): its variants
+replace `stable`/`candidate` (stable = the control), `sticky_by` defaults to user, and `gates`
+are its guardrails; it has no `steps`.
 """
 
 from __future__ import annotations

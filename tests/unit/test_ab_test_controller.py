@@ -282,3 +282,23 @@ def test_ab_test_simulate_cli_per_variant_effects(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "no variant 'D'" in bad.output
     bare = CliRunner().invoke(main, [*args, "--effect", "task_success=+0.1"])
     assert bare.exit_code != 0 and "name the variant" in bare.output
+
+
+def test_ab_test_readme_simulate_line_runs_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shlex
+
+    from click.testing import CliRunner
+
+    from devstack.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    text = (root / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n### A/B test\n")
+    section = text[start : text.index("\n## ", start)]
+    (line,) = [ln for ln in section.splitlines() if ln.startswith(".venv/bin/outrider rollout simulate ")]
+    result = CliRunner().invoke(main, shlex.split(line)[1:], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "A/B tests of A, B, C on task_success (fixed" in result.output
+    assert "the right winner (B)" in result.output
+    assert load_spec_text((root / "examples/ab-test.yaml").read_text()).ab is not None
