@@ -41,6 +41,7 @@ from collector._gates import HARM, evaluate_gate
 from collector._rollout_state import ABORTED, CONTROLLER, PROMOTED, ROLLED_BACK, RUNNING, retired_after
 from collector._rollout_state import ns as _ns
 from collector._spec import RolloutSpec
+from collector._triggers import evaluate_triggers
 from collector.stats import (
     ABPlan,
     ABResult,
@@ -272,22 +273,26 @@ def decide_ab(
     spec: RolloutSpec,
     evidence: RolloutEvidence,
     now: float,
-    gate_alpha: float,
 ) -> tuple[list[control_pb2.GateResult], control_pb2.ABAnalysis | None, dict[str, Any] | None]:
     """One look: (guardrail results, the analysis, the change for `finish_ab` or None)."""
     ab = spec.ab
     assert ab is not None
+    gate_alpha, trigger_alpha = spec.test_alphas()
     if not isinstance(evidence, ABEvidence) or state.phase != RUNNING:
         return [], None, None  # HOLD and NO_DATA: frozen until an operator resumes
     results: list[control_pb2.GateResult] = []
     guardrails: dict[int, list[str]] = {}
     for i, pair in enumerate(evidence.pairs, start=1):
-        for gate in spec.gates:
-            result = evaluate_gate(gate, pair, gate_alpha)
-            result.name = f"{gate.name}[{ab.variants[i].name}]"
+        gates = [(g.name, evaluate_gate(g, pair, gate_alpha)) for g in spec.gates]
+        # the absolute triggers watch every variant too (their harm is a guardrail's)
+        triggers = (
+            [(r.name, r) for r in evaluate_triggers(spec, pair, now, trigger_alpha)] if trigger_alpha else []
+        )
+        for name, result in gates + triggers:
+            result.name = f"{name}[{ab.variants[i].name}]"
             results.append(result)
             if result.verdict == HARM:
-                guardrails.setdefault(i, []).append(gate.name)
+                guardrails.setdefault(i, []).append(name)
     stats = evidence.variant_stats(ab.primary.metric)
     units = evidence.units()
     plan = ab_plan(spec)

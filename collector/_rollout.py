@@ -279,6 +279,11 @@ class RolloutController:
     def propose_promote(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
         """An operator's override: the candidate becomes stable whatever the gates say."""
         state = self._require_active()
+        if state.variants:
+            raise WrongPhase(
+                f"rollout {state.rollout_id} of {self.agent!r} is an A/B test: it promotes its own "
+                "winner (abort it to keep the control)"
+            )
         return self._next(
             state,
             now,
@@ -311,7 +316,7 @@ class RolloutController:
         self._last_look = now
         gate_alpha, trigger_alpha = spec.test_alphas()
         if spec.ab is not None:  # an A/B test (collector._ab_phase)
-            self.evaluation, self.ab_analysis, change = decide_ab(state, spec, evidence, now, gate_alpha)
+            self.evaluation, self.ab_analysis, change = decide_ab(state, spec, evidence, now)
             return None if change is None else finish_ab(self._next, state, change, spec.drain_timeout, now)
         if spec.shadow is not None and in_shadow(state):
             self.evaluation, change = decide_shadow(state, spec, shadow, now, gate_alpha)

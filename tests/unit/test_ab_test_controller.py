@@ -215,7 +215,8 @@ def test_ab_test_guardrail_harm_blocks_the_winner() -> None:
     new = h.run((0.80, 0.92, 0.97), (40, 40, 40), seconds=400, error_rate=(0.0, 0.0, 0.2))
     assert new is not None, h.ctl.ab_analysis
     by_name = {v.name: v for v in new.ab.variants}
-    assert list(by_name["C"].guardrails_failed) == ["errors"]
+    assert "errors" in by_name["C"].guardrails_failed  # and the error-rate trigger
+    assert not by_name["B"].guardrails_failed
     assert new.ab.winner != "C"
     assert any(r.name == "errors[C]" and r.verdict == "harm" for r in new.gate_results)
 
@@ -302,3 +303,37 @@ def test_ab_test_readme_simulate_line_runs_as_written(monkeypatch: pytest.Monkey
     assert "A/B tests of A, B, C on task_success (fixed" in result.output
     assert "the right winner (B)" in result.output
     assert load_spec_text((root / "examples/ab-test.yaml").read_text()).ab is not None
+
+
+def test_ab_test_past_max_duration_ends_with_no_winner() -> None:
+    h = ABHarness(ab_spec().replace("max_duration: 1d", "max_duration: 20s"))
+    new = h.run((0.85, 0.85), (5, 5), seconds=60)  # far below the planned sample
+    assert new is not None and new.phase == ABORTED, new
+    assert "no winner" in new.reason and "max_duration 20s passed" in new.reason
+    # the absolute triggers watch each variant as guardrails do
+    assert any(r.name == "trigger:error_rate[B]" for r in new.gate_results)
+
+
+def test_ab_test_operator_promote_is_refused_and_time_scale_scales_max_duration() -> None:
+    from collector._errors import WrongPhase
+
+    h = ABHarness(ab_spec())
+    with pytest.raises(WrongPhase, match="A/B test"):
+        h.ctl.propose_promote("ship B", h.clock.now(), "op")
+    scaled = load_spec_text(ab_spec(extra="time_scale: 0.001\n"))
+    assert scaled.ab is not None and scaled.ab.max_duration == pytest.approx(86.4)
+
+
+def test_ab_test_start_requires_every_variant_known() -> None:
+    from types import SimpleNamespace
+
+    from collector._errors import UnknownVersion
+    from collector._registry import RegistryView
+    from collector._sightings import VersionSightings
+
+    known = {VERSIONS[0], VERSIONS[1]}  # C is neither pushed nor reported
+    view = SimpleNamespace(
+        get=lambda agent, v: object() if v in known else None, _sightings=VersionSightings()
+    )
+    with pytest.raises(UnknownVersion, match=f"variant C version {VERSIONS[2]}"):
+        RegistryView.require(view, load_spec_text(ab_spec(variants=3)))  # type: ignore[arg-type]
