@@ -45,3 +45,31 @@ def simulate_ab_spec(
     click.echo(f"({runs} runs in {elapsed:.1f}s)")
     if as_json:
         click.echo(json.dumps(summary.to_json(), sort_keys=True))
+
+
+def ab_plan_lines(spec: RolloutSpec, source: str, calls_per_second: float) -> list[str]:
+    """`outrider rollout plan` of an A/B test: its sample sizes and how long they take."""
+    from collector._ab_phase import ab_plan, planned_samples
+
+    ab = spec.ab
+    assert ab is not None
+    plan = ab_plan(spec)
+    # the smallest variant fills last: its share of the observations sets the time
+    share = min(ab.weights())
+
+    def hours(n: int) -> str:
+        return f"{n / (calls_per_second * share) / 3600:.1f}h"
+
+    p = ab.primary
+    sized = f"baseline {p.baseline_rate:g}" if p.proportion else f"sd {p.sd:g}"
+    return [
+        f"A/B test plan for {source} at {calls_per_second:g} observations/s of {p.metric}",
+        f"variants {', '.join(f'{v.name} {v.weight:g}%' for v in ab.variants)} (control {ab.control.name})",
+        f"alpha {spec.alpha:g} family-wise ({plan.alpha_per_comparison:.3g} per comparison), power "
+        f"{p.power:.0%} for {p.min_detectable_effect:g} ({sized}, design effect {p.deff:g})",
+        f"fixed horizon     {plan.fixed_n} samples per variant ({hours(plan.fixed_n)})",
+        f"sequential        cap {plan.sequential_n} ({hours(plan.sequential_n)}), expected "
+        f"{plan.sequential_expected_n} at the effect ({hours(plan.sequential_expected_n)})",
+        f"this test         {ab.analysis}: runs to {planned_samples(spec, plan)} samples per variant, "
+        f"max_duration {ab.max_duration:g}s",
+    ]

@@ -89,6 +89,12 @@ def rollout_plan(
         assert spec is not None
         loaded, source = _local_spec(spec), str(spec)
     assert calls_per_second is not None
+    if loaded.ab is not None:  # an A/B test: its sample sizes (devstack._ab_simulate)
+        from devstack._ab_simulate import ab_plan_lines
+
+        for line in ab_plan_lines(loaded, source, calls_per_second):
+            click.echo(line)
+        return
     traffic = _local_traffic(baseline)
     try:
         result = plan(loaded, calls_per_second, traffic)

@@ -337,3 +337,18 @@ def test_ab_test_start_requires_every_variant_known() -> None:
     )
     with pytest.raises(UnknownVersion, match=f"variant C version {VERSIONS[2]}"):
         RegistryView.require(view, load_spec_text(ab_spec(variants=3)))  # type: ignore[arg-type]
+
+
+def test_ab_test_plan_cli_shows_both_sample_sizes(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from devstack.cli import main
+
+    spec = tmp_path / "ab.yaml"
+    spec.write_text(ab_spec(variants=3))
+    result = CliRunner().invoke(main, ["rollout", "plan", str(spec), "--calls-per-second", "10"])
+    assert result.exit_code == 0, result.output
+    fixed = next(ln for ln in result.output.splitlines() if ln.startswith("fixed horizon"))
+    sequential = next(ln for ln in result.output.splitlines() if ln.startswith("sequential"))
+    assert fixed.split()[2] != sequential.split()[2]  # the fixed n and the sequential cap differ
+    assert "expected" in sequential and "this test         fixed" in result.output
