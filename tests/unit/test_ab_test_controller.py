@@ -352,3 +352,22 @@ def test_ab_test_plan_cli_shows_both_sample_sizes(tmp_path: Path) -> None:
     sequential = next(ln for ln in result.output.splitlines() if ln.startswith("sequential"))
     assert fixed.split()[2] != sequential.split()[2]  # the fixed n and the sequential cap differ
     assert "expected" in sequential and "this test         fixed" in result.output
+
+
+def test_ab_test_srm_checks_agree_with_scipy_and_stay_quiet_on_a_fair_split() -> None:
+    import numpy as np
+
+    from collector._ab_phase import srm_e_value, srm_p_value
+    from collector.stats import sample_ratio_mismatch
+
+    for units in ([50, 61], [50, 60, 71], [10, 20, 30, 25], [100, 120, 90, 110, 80]):
+        weights = [1 / len(units)] * len(units)
+        assert srm_p_value(units, weights) == pytest.approx(sample_ratio_mismatch(units, weights).p_value)
+    # a fair 30/30/40 split looked at every 50 users up to 50,000: the e-value never reaches 1000
+    rng = np.random.default_rng(7)
+    weights = [0.3, 0.3, 0.4]
+    counts = np.cumsum(rng.multinomial(1, weights, size=50_000), axis=0)[49::50]
+    assert max(srm_e_value(c.tolist(), weights) for c in counts) < 1000
+    # a broken 35/25/40 one reaches it well before that
+    broken = np.cumsum(rng.multinomial(1, [0.35, 0.25, 0.4], size=5_000), axis=0)[-1]
+    assert srm_e_value(broken.tolist(), weights) >= 1000
