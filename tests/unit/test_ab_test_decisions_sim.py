@@ -43,7 +43,9 @@ def _rates(analysis: str, variants: int, runs: int, users_per_look: int) -> tupl
         f"\n{analysis} k={variants}: null -> no winner {no_winner:.1%} ± {binomial_se(no_winner, runs):.1%}; "
         f"+5 points -> right winner {right:.1%} ± {binomial_se(right, runs):.1%} ({runs} runs each)"
     )
-    assert null.srm == real.srm == 0  # a healthy assignment never trips the anytime-valid SRM check
+    # a healthy assignment trips the anytime-valid SRM check in at most 0.1 % of tests: 1 % is a
+    # floor that 250 runs cross with probability about 0.2 %
+    assert null.srm <= 0.01 * runs and real.srm <= 0.01 * runs
     assert sum(n for name, n in real.winners.items() if name != "B") == 0
     return no_winner, right
 
