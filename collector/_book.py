@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from collector._ab_evidence import ABEvidence, evidence_from_state
 from collector._evidence import DEFAULT_MAX_UNITS, RolloutEvidence, Rows
 from collector._shadow_evidence import ShadowEvidence, ShadowRows
 from collector._shadow_phase import in_shadow
@@ -65,7 +66,10 @@ class EvidenceBook:
                 return evidence
             if spec.shadow is None:
                 self._shadow.pop(state.agent, None)
-            evidence = RolloutEvidence(
+            # an A/B test: one pair of evidence per variant against the control (collector._ab_evidence)
+            make = ABEvidence if spec.ab is not None else RolloutEvidence
+            extra = {"variants": [v.version for v in spec.ab.variants]} if spec.ab is not None else {}
+            evidence = make(
                 state.rollout_id,
                 state.stable_version_id,
                 state.candidate_version_id,
@@ -74,6 +78,7 @@ class EvidenceBook:
                 slow_ms=spec.triggers.latency_p99_ms.limit,
                 critical=_critical(spec),
                 max_units=self.max_units,
+                **extra,
             )
             self._by_agent[state.agent] = evidence
         current = self._shadow.get(state.agent)
@@ -142,7 +147,7 @@ class EvidenceBook:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"evidence book format {state.get('format')!r}, expected {STATE_FORMAT}")
         loaded = {
-            str(a): RolloutEvidence.from_state(s)
+            str(a): evidence_from_state(s)
             for a, s in state["agents"].items()
             if agents is None or agents(str(a))
         }

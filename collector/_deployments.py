@@ -133,6 +133,8 @@ def build_record(
     while record.ByteSize() > MAX_RECORD_BYTES and len(record.decisions) > 2:
         del record.decisions[1]  # a huge spec or many gates: the oldest after the start go first
         record.decisions_dropped += 1
+    if state.HasField("ab"):  # an A/B test: its final analysis (collector._ab_phase)
+        record.ab.CopyFrom(state.ab)
     if state.phase == PROMOTED and baseline_s > 0:
         record.baseline_s = baseline_s
         record.baseline_due_unix_nano = state.decided_at_unix_nano + _ns(baseline_s)

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from aiokafka.errors import KafkaError
 
+from collector._ab_phase import status_versions
 from collector._book import EvidenceBook
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, NotOwner
@@ -312,10 +313,7 @@ class RolloutManager:
         metrics = []
         started = state.started_at_unix_nano / 1e9
         warnings = []
-        for version, role in (
-            (state.stable_version_id, common_pb2.ROLE_STABLE),
-            (state.candidate_version_id, common_pb2.ROLE_CANARY),
-        ):
+        for version, role in status_versions(state):
             stats = self._windows.snapshot(agent, version, role, window, now)
             judged = self._windows.snapshot(agent, version, role, max(window, JUDGE_WINDOW_S), now)
             seen = self.sightings.get(agent, version)
@@ -362,6 +360,8 @@ class RolloutManager:
                 live.figure_windows_s[gate.name] = 0.0
             for name, trigger in ctl.spec.triggers.active():
                 live.figure_windows_s[f"trigger:{name}"] = trigger.window
+        if ctl.running and ctl.ab_analysis is not None:
+            live.state.ab.CopyFrom(ctl.ab_analysis)  # an A/B test's latest look, published or not
         if ctl.running and ctl.evaluation:
             # the controller's current evaluation, not only the last published one
             del live.state.gate_results[:]

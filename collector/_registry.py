@@ -139,7 +139,10 @@ class RegistryView:
 
     def require(self, spec: RolloutSpec) -> None:
         """UnknownVersion when a version `spec` names is neither pushed nor reported."""
-        for role, version_id in (("stable", spec.stable), ("candidate", spec.candidate)):
+        named = [("stable", spec.stable), ("candidate", spec.candidate)]
+        if spec.ab is not None:  # an A/B test: every variant
+            named = [(f"variant {v.name}", v.version) for v in spec.ab.variants]
+        for role, version_id in named:
             if self.get(spec.agent, version_id) is None and not self._sightings.reported(
                 spec.agent, version_id
             ):

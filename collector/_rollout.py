@@ -21,6 +21,9 @@ Earlier entries ride along on every later state (a new rollout too) until
 `RETIRED_RETENTION_S` after their deadline, which must outlast any session token: dropping an
 entry at its deadline would let a still-valid token of that version be served again.
 
+An A/B test (`strategy: ab_test`) has no steps: collector._ab_phase fills its first state and
+makes its looks (guardrails, sample ratio, the analysis, the winner).
+
 Every decision is a new `RolloutState` with the next generation. The `propose_*` and
 `decide` methods only compute it; `apply` makes it current.
 
@@ -41,6 +44,7 @@ import hashlib
 from collections.abc import Iterable
 
 from collector import _bluegreen_phase as bluegreen
+from collector._ab_phase import decide_ab, finish_ab, start_ab
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutFinished, WrongPhase
 from collector._evidence import RolloutEvidence
@@ -98,6 +102,7 @@ class RolloutController:
         self._last_look = -float("inf")
         # the latest evaluation of every gate and trigger, published or not (for status)
         self.evaluation: list[control_pb2.GateResult] = []
+        self.ab_analysis: control_pb2.ABAnalysis | None = None  # an A/B test's latest look
 
     @classmethod
     def restore(
@@ -181,7 +186,7 @@ class RolloutController:
         elif spec.steps:  # (a blue-green has none: bluegreen.to_smoke_test words its start)
             reason = f"started: step 1 of {len(spec.steps)} at {spec.steps[0].weight:g}%"
         else:
-            reason = "started"
+            reason = "started"  # an A/B test's and a blue-green's own start words it
         state = control_pb2.RolloutState(
             agent=self.agent,
             generation=generation,
@@ -226,6 +231,8 @@ class RolloutController:
         )
         if spec.blue_green is not None:  # SMOKE_TEST: green serves only the smoke tests
             bluegreen.to_smoke_test(state, spec)
+        if spec.ab is not None:
+            start_ab(state, spec)  # an A/B test: its variants and plan (collector._ab_phase)
         return state
 
     def propose_abort(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
@@ -283,6 +290,11 @@ class RolloutController:
     def propose_promote(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
         """An operator's override: the candidate becomes stable whatever the gates say."""
         state = self._require_active()
+        if state.variants:
+            raise WrongPhase(
+                f"rollout {state.rollout_id} of {self.agent!r} is an A/B test: it promotes its own "
+                "winner (abort it to keep the control)"
+            )
         return self._next(
             state,
             now,
@@ -331,6 +343,9 @@ class RolloutController:
                 new.switched_at_unix_nano = _ns(now)
             return new
         gate_alpha, trigger_alpha = spec.test_alphas()
+        if spec.ab is not None:  # an A/B test (collector._ab_phase)
+            self.evaluation, self.ab_analysis, change = decide_ab(state, spec, evidence, now)
+            return None if change is None else finish_ab(self._next, state, change, spec.drain_timeout, now)
         if spec.shadow is not None and in_shadow(state):
             self.evaluation, change = decide_shadow(state, spec, shadow, now, gate_alpha)
             return None if change is None else self._next(state, now, CONTROLLER, self.evaluation, **change)

@@ -43,6 +43,10 @@ compare only that randomized rest.
 
 opt_in_tenants: [acme, globex]
 exclude_tenants: [initech]
+
+`strategy: ab_test` with an `ab:` section is an A/B test (collector._ab_spec): its variants
+replace `stable`/`candidate` (stable = the control), `sticky_by` defaults to user, and `gates`
+are its guardrails; it has no `steps`.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from collector._ab_spec import ABTest, apply_ab_defaults
 from collector._bluegreen_spec import BlueGreen
 from collector._config_errors import SpecError, parse_yaml_model
 from collector._risk import RiskTier, apply_risk
@@ -243,11 +248,12 @@ class RolloutSpec(_Model):
     opt_in_tenants: TenantList = ()  # always the candidate while it serves users
     exclude_tenants: TenantList = ()  # never the candidate
     blue_green: BlueGreen | None = None  # strategy blue_green: smoke tests, switch, keep warm
+    ab: ABTest | None = None  # strategy ab_test: the variants and the analysis (collector._ab_spec)
 
     @model_validator(mode="before")
     @classmethod
     def _tier_defaults(cls, value: Any) -> Any:
-        return apply_risk(value)
+        return apply_risk(apply_ab_defaults(value))
 
     @field_validator("time_scale", mode="before")
     @classmethod
@@ -291,6 +297,8 @@ class RolloutSpec(_Model):
     def _cross_field(self) -> RolloutSpec:
         if self.stable == self.candidate:
             raise ValueError("candidate: must differ from stable")
+        if (self.strategy == "ab_test") != (self.ab is not None):
+            raise ValueError("ab: required with strategy ab_test, and only with it")
         if (self.strategy == "blue_green") != (self.blue_green is not None):
             raise ValueError(
                 "blue_green: required with strategy: blue_green"
@@ -300,7 +308,7 @@ class RolloutSpec(_Model):
         if self.blue_green is not None:
             if self.steps or self.shadow is not None:
                 raise ValueError(f"{'steps' if self.steps else 'shadow'}: not used by strategy blue_green")
-        elif not self.steps and self.shadow is None:
+        elif not self.steps and self.shadow is None and self.ab is None:
             raise ValueError("steps: at least one step is required (or a shadow phase)")
         for i in range(1, len(self.steps)):
             if self.steps[i].weight <= self.steps[i - 1].weight:
@@ -318,6 +326,9 @@ class RolloutSpec(_Model):
                 raise ValueError(f"shadow.gates[{i}].name: duplicate gate name {shadow_gate.name!r}")
             seen.add(shadow_gate.name)
         check_tenant_lists(self.opt_in_tenants, self.exclude_tenants)
+        if self.strategy != "canary" and (self.opt_in_tenants or self.exclude_tenants):
+            field = "opt_in_tenants" if self.opt_in_tenants else "exclude_tenants"
+            raise ValueError(f"{field}: only a canary takes tenant lists, not strategy {self.strategy}")
         return self
 
 

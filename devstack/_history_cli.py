@@ -16,6 +16,7 @@ from typing import Any
 import click
 from google.protobuf import json_format
 
+from devstack._ab_status import ab_lines
 from devstack._admin_client import admin_target
 from devstack._rollout_cli import ADMIN_TIMEOUT_S, BadInput, admin_call, admin_option
 from devstack._status import VERDICTS, bounds_text, phase_label
@@ -138,6 +139,8 @@ def show_lines(record: deployment_pb2.DeploymentRecord) -> list[str]:
             f"weight {d.candidate_weight:.0%}: {d.reason} (by {d.decided_by})"
         )
         lines += [_gate_line(g) for g in d.gate_results]
+    if record.HasField("ab"):
+        lines += ab_lines(record.ab)  # an A/B test's analysis (devstack._ab_status)
     lines += _baseline_lines(record)
     lines.append("spec")
     lines += [f"  {line}" for line in record.spec_yaml.strip().splitlines()]

@@ -89,6 +89,12 @@ def rollout_plan(
         assert spec is not None
         loaded, source = _local_spec(spec), str(spec)
     assert calls_per_second is not None
+    if loaded.ab is not None:  # an A/B test: its sample sizes (devstack._ab_simulate)
+        from devstack._ab_simulate import ab_plan_lines
+
+        for line in ab_plan_lines(loaded, source, calls_per_second):
+            click.echo(line)
+        return
     traffic = _local_traffic(baseline)
     try:
         result = plan(loaded, calls_per_second, traffic)
@@ -139,6 +145,12 @@ def _tier_spec(risk: str, time_scale: float) -> RolloutSpec:
     type=click.IntRange(min=1),
     help="Processes (default: one per 25 runs, at most one per core). Results do not depend on it.",
 )
+@click.option(
+    "--variants",
+    type=click.IntRange(min=2, max=5),
+    help="An A/B test spec: simulate this many equal-weight variants A, B, C... instead of the spec's; "
+    "effects name them (--effect B:task_success=+0.05).",
+)
 @_json_last_option
 def rollout_simulate(
     spec: Path,
@@ -149,6 +161,7 @@ def rollout_simulate(
     effect: str,
     max_virtual_time: str,
     workers: int | None,
+    variants: int | None,
     as_json: bool,
 ) -> None:
     """Simulate RUNS rollouts of SPEC on synthetic traffic, with the collector's own evidence,
@@ -159,7 +172,23 @@ def rollout_simulate(
     from collector.simulate import Scenario, apply_effect, simulate, summarize
     from outrider.durations import parse_duration
 
-    if _local_spec(spec).shadow_only:
+    local = _local_spec(spec)
+    if local.ab is not None:  # an A/B test: per-variant effects (devstack._ab_simulate)
+        from devstack._ab_simulate import simulate_ab_spec
+
+        return simulate_ab_spec(
+            local,
+            variants=variants,
+            runs=runs,
+            seed=seed,
+            calls_per_second=calls_per_second,
+            baseline=baseline,
+            effect=effect,
+            as_json=as_json,
+        )
+    if variants is not None:
+        raise click.UsageError("--variants: only for an A/B test spec (strategy: ab_test)")
+    if local.shadow_only:
         raise click.UsageError(
             "a pure shadow run has no canary stages to simulate: see `outrider rollout plan`"
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from devstack._ab_status import ab_lines, ab_view
 from devstack._tenant_status import groups_view, scale_of, tenant_lines, time_scale_line
 from outrider.v1 import admin_pb2, common_pb2, control_pb2
 
@@ -38,7 +39,11 @@ ENDED = frozenset(
 _UNITS = {"pts": "% points", "ratio": "ratio", "score": "score", "events": "events", "share": "share"}
 VERDICTS = {"harm": "harm", "no_harm": "no harm", "undecided": "undecided", "waiting": "waiting"}
 TIMES = "\u00d7"  # the multiplication sign, before a ratio
-_ROLES = {common_pb2.ROLE_STABLE: "stable", common_pb2.ROLE_CANARY: "candidate"}
+_ROLES = {
+    common_pb2.ROLE_STABLE: "stable",
+    common_pb2.ROLE_CANARY: "candidate",
+    common_pb2.ROLE_VARIANT: "variant",
+}
 # what the controller's own words become while a rollout is still running
 _NEUTRAL = (("rolled back", "reverted"), ("promoted", "advanced"))
 
@@ -210,6 +215,7 @@ def status_view(status: admin_pb2.RolloutStatus, labels: Mapping[str, str] | Non
         "shadow_phase": in_shadow(state),
         "shadow_sample": state.shadow_sample,
         "shadow": shadow_view(status.shadow) if status.HasField("shadow") else None,
+        "ab": ab_view(state.ab) if state.HasField("ab") else None,  # an A/B test (devstack._ab_status)
         "step_count": state.step_count,
         "candidate_weight": state.candidate_weight,
         "reason": _neutral(state.reason, state.phase),
@@ -278,6 +284,8 @@ def render_status(
         where = blue_green_where(state, status.now_unix_nano / 1e9)
     elif view["shadow_phase"]:
         where = f"shadow phase ({view['shadow_sample']:.0%} of calls mirrored)"
+    elif state.variants:
+        where = f"A/B test of {len(state.variants)} variants"
     elif not view["step_count"]:
         where = "a pure shadow run"
     else:
@@ -315,6 +323,8 @@ def render_status(
     lines.extend(tenant_lines(state, view["groups"]))
     if status.HasField("shadow"):
         lines.extend(shadow_lines(status.shadow))
+    if state.HasField("ab"):
+        lines.extend(ab_lines(state.ab))
     for warning in view["warnings"]:
         lines.append(f"WARNING     {warning}")
     for g in view["gates"]:

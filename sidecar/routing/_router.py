@@ -4,7 +4,8 @@ Pure and synchronous: the control tailer feeds `apply`, OpenSession calls `assig
 
 - no state                  -> the config's stable version, role STABLE
 - RUNNING, HOLD, NO_DATA    -> sticky hash of (rollout id, key) in [0, 1): below the
-                               candidate weight -> candidate (CANARY), else stable (STABLE)
+                               candidate weight -> candidate (CANARY), else stable (STABLE);
+                               an A/B test: the variant of its slice (sidecar.routing._ab)
 - SHADOW                    -> stable, role STABLE (the candidate only answers mirrored calls
                                and `shadow_of` sessions: see `shadow_target`; HOLD and NO_DATA
                                with a `shadow_sample` are a held shadow phase: weight 0)
@@ -36,6 +37,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from outrider.v1 import common_pb2, control_pb2
+from sidecar.routing._ab import is_ab_test, pick_variant, variant_role, variant_versions
 from sidecar.routing._session import Session
 from sidecar.routing._tenants import EXCLUDED, NO_LISTS, OPT_IN, TenantLists
 
@@ -165,7 +167,9 @@ class Router:
 
     def _resolve_fixed(self, state: control_pb2.RolloutState) -> Assignment | None:
         needed: tuple[str, ...]
-        if state.phase in _SPLIT:
+        if state.phase in _SPLIT and is_ab_test(state):
+            needed = variant_versions(state)  # an A/B test: every variant (sidecar.routing._ab)
+        elif state.phase in _SPLIT:
             needed = (state.stable_version_id, state.candidate_version_id)
         elif state.phase == _PROMOTED:
             needed = (state.candidate_version_id,)
@@ -250,6 +254,9 @@ class Router:
         if cohort == EXCLUDED:
             return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id, cohort)
         key = sticky_key(state.sticky_by, nonce, user_id, tenant_id)
+        if is_ab_test(state):
+            index = pick_variant(state.variants, sticky_fraction(state.rollout_id, key))
+            return Assignment(state.variants[index].version_id, variant_role(index), state.rollout_id)
         if sticky_fraction(state.rollout_id, key) < weight:
             return Assignment(state.candidate_version_id, ROLE_CANARY, state.rollout_id, cohort)
         return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id, cohort)

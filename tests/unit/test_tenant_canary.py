@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 
@@ -311,3 +312,13 @@ def test_tenant_canary_time_scale_in_records_show_and_metrics() -> None:
     real_end = real.ctl.abort("done", real.clock.now(), "test")
     real_record = build_record(real_end, [stage_record(real_end)], 0.0, real.clock.now())
     assert real_record.time_scale == 1.0 and not show_lines(real_record)[0].startswith("***")
+
+
+@pytest.mark.parametrize("strategy", ["ab_test", "blue_green"])
+def test_tenant_canary_lists_are_refused_by_other_strategies(strategy: str) -> None:
+    name = "ab-test.yaml" if strategy == "ab_test" else "bluegreen-rollout.yaml"
+    text = (Path(__file__).resolve().parents[2] / "examples" / name).read_text(encoding="utf-8")
+    with pytest.raises(
+        SpecError, match=f"opt_in_tenants: only a canary takes tenant lists, not strategy {strategy}"
+    ):
+        load_spec_text(text + "\nopt_in_tenants: [acme]\n", "spec.yaml")

@@ -53,6 +53,7 @@ class DeploymentRecord(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     TIME_SCALE_FIELD_NUMBER: _builtins.int
+    AB_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     agent: _builtins.str
     stable_version_id: _builtins.str
@@ -95,6 +96,10 @@ class DeploymentRecord(_message.Message):
     def baseline(self) -> Global___BaselineSnapshot:
         """set once taken"""
 
+    @_builtins.property
+    def ab(self) -> _control_pb2.ABAnalysis:
+        """an A/B test: the analysis the ending state carried"""
+
     def __init__(
         self,
         *,
@@ -121,10 +126,11 @@ class DeploymentRecord(_message.Message):
         generation: _builtins.int = ...,
         epoch: _builtins.int = ...,
         time_scale: _builtins.float = ...,
+        ab: _control_pb2.ABAnalysis | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ab", b"ab", "baseline", b"baseline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "alpha", b"alpha", "baseline", b"baseline", "baseline_due_unix_nano", b"baseline_due_unix_nano", "baseline_s", b"baseline_s", "candidate_version_id", b"candidate_version_id", "decided_by", b"decided_by", "decisions", b"decisions", "decisions_dropped", b"decisions_dropped", "duration_s", b"duration_s", "ended_at_unix_nano", b"ended_at_unix_nano", "epoch", b"epoch", "generation", b"generation", "outcome", b"outcome", "reason", b"reason", "recorded_at_unix_nano", b"recorded_at_unix_nano", "revision", b"revision", "rollout_id", b"rollout_id", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "stages", b"stages", "started_at_unix_nano", b"started_at_unix_nano", "time_scale", b"time_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ab", b"ab", "agent", b"agent", "alpha", b"alpha", "baseline", b"baseline", "baseline_due_unix_nano", b"baseline_due_unix_nano", "baseline_s", b"baseline_s", "candidate_version_id", b"candidate_version_id", "decided_by", b"decided_by", "decisions", b"decisions", "decisions_dropped", b"decisions_dropped", "duration_s", b"duration_s", "ended_at_unix_nano", b"ended_at_unix_nano", "epoch", b"epoch", "generation", b"generation", "outcome", b"outcome", "reason", b"reason", "recorded_at_unix_nano", b"recorded_at_unix_nano", "revision", b"revision", "rollout_id", b"rollout_id", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "stages", b"stages", "started_at_unix_nano", b"started_at_unix_nano", "time_scale", b"time_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
