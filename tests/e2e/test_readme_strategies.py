@@ -76,7 +76,7 @@ def version_id(name: str) -> str:
 
 
 def test_readme_strategy_blocks_run_from_the_checkout() -> None:
-    for heading in ("Per-tenant canaries", "Blue-green"):
+    for heading in ("Per-tenant canaries", "Blue-green", "A/B test"):
         for line in readme_block_under(heading):
             assert line.startswith((".venv/bin/", "sleep ")), f"{line!r}: run from the checkout"
 
@@ -115,3 +115,21 @@ def test_readme_blue_green_block_runs_as_written(stack: Stack) -> None:
     assert "blue warm until" in status and v4 in status, status
     back = next(out for line, out in outputs if "switch-back" in line)
     assert "rolled back" in back.lower() and "blue-green demo done" in back, back
+
+
+def test_readme_ab_test_block_runs_as_written(stack: Stack) -> None:
+    v1, v4 = "eb2cd9c81498", version_id("version-v4.yaml")
+    outputs = run_block(stack.block("ab-test"), readme_block_under("A/B test"))
+    simulated = next(out for line, out in outputs if "rollout simulate" in line)
+    assert "B" in simulated and "%" in simulated, simulated
+    started = next(out for line, out in outputs if "rollout start" in line)
+    assert re.search(r"^phase\s+running\b", started, re.M), started
+    status = next(out for line, out in outputs if line == STATUS)
+    # the plan up front, each variant's figures, the verdict still running
+    assert re.search(
+        r"^a/b test\s+task_success, fixed: running; planned \d+ samples per variant", status, re.M
+    )
+    assert re.search(rf"^control\s+A\s+{v1}\s+weight 50%", status, re.M), status
+    assert re.search(rf"^variant\s+B\s+{v4}\s+weight 50%", status, re.M), status
+    aborted = next(out for line, out in outputs if "rollout abort" in line)
+    assert "aborted" in aborted.lower(), aborted
