@@ -1,5 +1,6 @@
-"""Tails `outrider.control` from the beginning and feeds this agent's rollout states to the Router
-and global-quota grants (`quota/<resource>`) to `GlobalQuotas`.
+"""Tails `outrider.control` from the beginning and feeds this agent's rollout states to the Router,
+global-quota grants (`quota/<resource>`) to `GlobalQuotas` and feature flags
+(`flag/<agent>/<name>`) to the flag book (`sidecar.flags._book`).
 
 Every record is verified first (`outrider.open_control`): unsigned, badly signed and
 unknown-key records are dropped, counted (`outrider_control_rejected_total{reason}`) and
@@ -39,6 +40,7 @@ from tenacity import (
 
 import outrider
 from outrider.v1 import control_pb2
+from sidecar.flags._book import FlagBook
 from sidecar.resilience._global_quota import GlobalQuotas
 from sidecar.routing._router import Router
 from sidecar.telemetry._metrics import SidecarMetrics
@@ -70,8 +72,10 @@ class ControlTailer:
         client_id: str = "outrider-sidecar",
         quotas: GlobalQuotas | None = None,
         state_path: Path | None = None,
+        flags: FlagBook | None = None,
     ) -> None:
         self._quotas = quotas
+        self._flags = flags
         self._bootstrap = bootstrap_servers
         self._router = router
         self._metrics = metrics
@@ -141,6 +145,8 @@ class ControlTailer:
         body = message.WhichOneof("body")
         if body == "quota":
             return self._quotas is not None and self._quotas.apply(message.quota)
+        if body == "flag":
+            return self._apply_flag(message.flag)
         if body != "rollout" or message.rollout.agent != self._router.agent:
             return False
         state = message.rollout
@@ -157,6 +163,15 @@ class ControlTailer:
         if persist and self._state_path is not None:
             self._to_persist = outrider.SignedRecord(key, value, tuple(headers or ()))
         return True
+
+    def _apply_flag(self, state: control_pb2.FlagState) -> bool:
+        if self._flags is None or state.agent != self._router.agent:
+            return False
+        unknown = self._flags.unknown
+        applied = self._flags.apply(state)
+        if self._flags.unknown > unknown:
+            self._metrics.flag_unknown.labels(state.agent).inc()
+        return applied
 
     def _reject(self, reason: str, key_id: str, offset: int, key: bytes | None, *, warn: bool = True) -> None:
         self.rejected += 1
