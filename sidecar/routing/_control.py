@@ -132,7 +132,7 @@ class ControlTailer:
         offset: int = -1,
         persist: bool = True,
     ) -> bool:
-        """Verify and apply one control record; return whether it changed the rollout state."""
+        """Verify and apply one control record; return whether it changed the rollout state (or a flag)."""
         self.records_seen += 1
         if outrider.is_marker(key) or value is None:
             return False  # markers and tombstones are never applied

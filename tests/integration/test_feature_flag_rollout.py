@@ -134,7 +134,9 @@ async def test_feature_flag_turned_on_mid_run_for_ten_percent_of_tenants(
             "--reason", "beta for a tenth of tenants", "--admin", admin,
         )  # fmt: skip
         assert result.exit_code == 0, result.output
-        assert "10% of tenants" in result.output and "generation 1, by token:ci" in result.output, result.output
+        assert "10% of tenants" in result.output and "generation 1, by token:ci" in result.output, (
+            result.output
+        )
         deadline = time.monotonic() + 20
         while (state := sidecar.flags.state(FLAG)) is None:  # the signed record reaches the sidecar
             assert time.monotonic() < deadline, "the sidecar never applied the flag"

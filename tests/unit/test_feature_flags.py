@@ -212,9 +212,7 @@ def tailer(book: FlagBook, verifier: outrider.Verifier | None = None) -> tuple[C
 def record(
     state: control_pb2.FlagState, signer: outrider.SigningKey | None = TEST_SIGNER, key: bytes | None = None
 ) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-    return signed_control(
-        control_pb2.ControlMessage(flag=state), signer, key=key or outrider.flag_key(state.agent, state.name)
-    )
+    return signed_control(control_pb2.ControlMessage(flag=state), signer, key=key)
 
 
 def test_feature_flag_signed_records_are_applied_and_forged_or_unsigned_refused() -> None:
