@@ -7,7 +7,8 @@ tool (FAILED_PRECONDITION naming the flag) and GetVersion says it is off; `outri
 --share 10% --sticky-by tenant` turns it on mid-run, the sidecar applies the signed record
 without a restart, and then ~10 % of tenants have it (the same tenants in every session, the
 ones the sticky hash picks); every event carries the flags, so `outrider flag list` shows the
-on arm against the off arm. `outrider flag clear` puts the default back.
+on arm against the off arm. `outrider flag clear` puts the default back, and a restarted
+collector reads the flag's state back from the compacted control topic.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from devstack.broker import EmbeddedBroker
 from devstack.cli import main
 from devstack.simprovider import ModelBehavior, SimProvider
 from outrider import FLAG_OFF
-from outrider.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
+from outrider.v1 import admin_pb2, common_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import Sidecar
 from sidecar.routing._router import sticky_fraction
-from tests.integration.test_collector_service import settings_for
+from tests.integration.test_collector_service import admin_client, settings_for
 from tests.integration.test_drain import error_info
 from tests.integration.test_sidecar_api import API_KEY, sidecar_config
 from tests.support import ADMIN_TOKEN, VIEWER_TOKEN
@@ -180,3 +181,17 @@ async def test_feature_flag_turned_on_mid_run_for_ten_percent_of_tenants(
             assert time.monotonic() < deadline, "the sidecar never applied the clear"
             await asyncio.sleep(0.05)
         assert not any((await sessions(stub, on)).values())  # back to the default: off for all
+
+    # the flag's record is on the compacted control topic: a restarted collector carries on from
+    # it (in a group of its own, so it need not wait for the old member to time out)
+    async with (
+        Collector(settings_for(broker, group_id="outrider-collector-restarted")) as restarted,
+        admin_client(restarted) as stub_admin,
+    ):
+        listed_again = await stub_admin.ListFlags(admin_pb2.ListFlagsRequest(agent=AGENT))
+        states = {f.state.name: f.state for f in listed_again.flags}
+        assert (states[FLAG].generation, states[FLAG].cleared) == (2, True), listed_again
+        request = admin_pb2.SetFlagRequest(
+            agent=AGENT, name=FLAG, share=0.5, sticky_by=common_pb2.STICKY_BY_USER
+        )
+        assert (await stub_admin.SetFlag(request)).state.generation == 3
