@@ -5,6 +5,7 @@ tailer, and the collector's flag registry and on-against-off figures."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -202,11 +203,14 @@ def test_feature_flag_effects_on_tools_prompt_parameters_and_guards() -> None:
 # -- signed records on the sidecar ---------------------------------------------------------
 
 
-def tailer(book: FlagBook, verifier: outrider.Verifier | None = None) -> tuple[ControlTailer, SidecarMetrics]:
+def tailer(book: FlagBook, state_path: Path | None = None) -> tuple[ControlTailer, SidecarMetrics]:
+    """A control tailer that is never started: records are handed to it (no Kafka)."""
     metrics = SidecarMetrics()
     router = Router(AGENT, "stable-id", ["stable-id"])
-    verifier = verifier or outrider.Verifier([TEST_SIGNER.public])
-    return ControlTailer("127.0.0.1:1", router, metrics, verifier=verifier, flags=book), metrics
+    verifier = outrider.Verifier([TEST_SIGNER.public])
+    return ControlTailer(
+        "127.0.0.1:1", router, metrics, verifier=verifier, flags=book, state_path=state_path
+    ), metrics
 
 
 def record(
@@ -319,3 +323,27 @@ def test_feature_flag_cli_share_is_a_percentage() -> None:
         cli_share("lots")
     with pytest.raises(Exception, match="--share"):
         cli_share("150%")
+
+
+async def test_feature_flag_states_are_persisted_with_the_control_state(tmp_path: Path) -> None:
+    path = tmp_path / "control.json"
+    book = FlagBook(AGENT, config().flags)
+    control, _ = tailer(book, path)
+    for state in (
+        flag_state(generation=1, share=1.0),
+        flag_state(generation=2, share=0.5),
+        flag_state("cold"),
+    ):
+        key, value, headers = record(state)
+        assert control.handle(value, headers, key=key)
+    await control.persist()
+    saved, _ = outrider.load_records(path)
+    assert sorted(r.key for r in saved) == [
+        outrider.flag_key(AGENT, "cold"),
+        outrider.flag_key(AGENT, "refunds"),
+    ]
+    # a restart with Kafka away: the flags come back from disk, verified again
+    fresh = FlagBook(AGENT, config().flags)
+    again, _ = tailer(fresh, path)
+    await again._load_persisted()
+    assert fresh.setting("refunds").share == 0.5 and fresh.state("refunds").generation == 2  # type: ignore[union-attr]
