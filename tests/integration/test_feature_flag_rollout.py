@@ -3,7 +3,8 @@ simulated provider answering, agents over gRPC, and the `outrider flag` CLI (cli
 a thread) against the collector's admin API.
 
 The flag gates the `lookup_order` tool, off by default. Before it is set, no session can call the
-tool (FAILED_PRECONDITION naming the flag) and GetVersion says it is off; `outrider flag set
+tool (FAILED_PRECONDITION naming the flag), Chat does not offer it to the model and GetVersion
+says it is off; `outrider flag set
 --share 10% --sticky-by tenant` turns it on mid-run, the sidecar applies the signed record
 without a restart, and then ~10 % of tenants have it (the same tenants in every session, the
 ones the sticky hash picks); every event carries the flags, so `outrider flag list` shows the
@@ -54,6 +55,8 @@ def flagged_sidecar(sim: SimProvider, broker: EmbeddedBroker) -> Any:
     config = sidecar_config(sim, kafka=broker.bootstrap_servers)
     data = config.model_dump(mode="json")
     data["telemetry"] = {"spill_dir": None}
+    for version in data["versions"].values():  # the flagged tool alone: off, no tool is offered
+        version["tools"] = [t for t in version["tools"] if t["name"] == "lookup_order"]
     data["flags"] = [
         {"name": FLAG, "kind": "tool", "target": "lookup_order", "default": {"share": 0}},
         {"name": "concise", "kind": "prompt", "prompt": "Be brief.", "default": {"tenants": ["acme"]}},
@@ -77,8 +80,11 @@ async def session_of(stub: sidecar_pb2_grpc.SidecarStub, tenant: str) -> tuple[b
         and flags[FLAG].kind == "tool"
         and flags[FLAG].target == "lookup_order"
     )
-    messages = [common_pb2.ChatMessage(role="user", content=f"where is my order, {tenant}?")]
-    await stub.Chat(sidecar_pb2.ChatRequest(session_id=opened.session_id, messages=messages))
+    # the simulator calls a tool it is asked to only when the request offers tools
+    messages = [common_pb2.ChatMessage(role="user", content='/tool lookup_order {"order_id": "7"}')]
+    reply = await stub.Chat(sidecar_pb2.ChatRequest(session_id=opened.session_id, messages=messages))
+    offered = [call.name for call in reply.message.tool_calls] == ["lookup_order"]
+    assert offered == flags[FLAG].on, (tenant, reply.finish_reason, flags[FLAG].on)
     request = sidecar_pb2.CallToolRequest(
         session_id=opened.session_id, tool_name="lookup_order", arguments_json='{"order_id": "7"}'
     )
