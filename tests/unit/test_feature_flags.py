@@ -347,3 +347,37 @@ async def test_feature_flag_states_are_persisted_with_the_control_state(tmp_path
     again, _ = tailer(fresh, path)
     await again._load_persisted()
     assert fresh.setting("refunds").share == 0.5 and fresh.state("refunds").generation == 2  # type: ignore[union-attr]
+
+
+async def test_feature_flag_verbs_relayed_to_the_owner_replica() -> None:
+    from collector._admin import AdminService
+    from collector._commands import NOT_OWNER
+
+    class _Manager:
+        ownership = None
+        owner = True
+
+        def owns(self, agent: str) -> bool:
+            return self.owner
+
+    manager = _Manager()
+    publisher = _Publisher()
+    service = AdminService(manager, flags=FlagRegistry(publisher, FlagMetrics(), ManualClock(5.0)))  # type: ignore[arg-type]
+    request = admin_pb2.SetFlagRequest(
+        agent=AGENT, name="refunds", share=0.25, sticky_by=common_pb2.STICKY_BY_USER
+    )
+    code, message, data = await service.handle_relayed("SetFlag", request.SerializeToString(), "token:ci")
+    assert (code, message) == (0, "") and admin_pb2.FlagStatus.FromString(data).state.set_by == "token:ci"
+    code, _, data = await service.handle_relayed(
+        "ListFlags", admin_pb2.ListFlagsRequest(agent=AGENT).SerializeToString(), "token:watcher"
+    )
+    assert [f.state.generation for f in admin_pb2.ListFlagsResponse.FromString(data).flags] == [1]
+    bad = admin_pb2.SetFlagRequest(
+        agent=AGENT, name="refunds", share=2.0, sticky_by=common_pb2.STICKY_BY_USER
+    )
+    code, message, _ = await service.handle_relayed("SetFlag", bad.SerializeToString(), "token:ci")
+    assert code == 3 and "share: must be in [0, 1]" in message  # INVALID_ARGUMENT naming the field
+    manager.owner = False
+    clear = admin_pb2.ClearFlagRequest(agent=AGENT, name="refunds")
+    code, _, _ = await service.handle_relayed("ClearFlag", clear.SerializeToString(), "token:ci")
+    assert code == NOT_OWNER and len(publisher.sent) == 1
