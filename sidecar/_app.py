@@ -227,6 +227,7 @@ class Sidecar:
             metrics=self.metrics,
             judge=self._judge(tracing.capture_content),
         )
+        self.shadow.flags = session_flags
         self.control.listeners.append(self.shadow.on_state)
         await self.shadow.start()
         pipeline = CallPipeline(
