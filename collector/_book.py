@@ -18,6 +18,7 @@ from collector._evidence import DEFAULT_MAX_UNITS, RolloutEvidence, Rows
 from collector._shadow_evidence import ShadowEvidence, ShadowRows
 from collector._shadow_phase import in_shadow
 from collector._spec import RolloutSpec
+from collector._tenant_groups import TenantGroups
 from outrider.v1 import control_pb2, events_pb2
 
 STATE_FORMAT = 1
@@ -28,6 +29,7 @@ class EvidenceBook:
         self.max_units = max_units
         self._by_agent: dict[str, RolloutEvidence] = {}
         self._shadow: dict[str, ShadowEvidence] = {}
+        self.groups = TenantGroups()  # per-tenant canaries: each group's figures, for status
 
     def get(self, agent: str) -> RolloutEvidence | None:
         return self._by_agent.get(agent)
@@ -42,6 +44,7 @@ class EvidenceBook:
     def sync(self, state: control_pb2.RolloutState, spec: RolloutSpec | None) -> RolloutEvidence | None:
         """Make the agent's evidence match `state`: a new rollout starts empty, each new step
         starts a stratum at its start time. Evidence of an ended rollout stays for status."""
+        self.groups.sync(state)
         evidence = self._by_agent.get(state.agent)
         step_started = state.step_started_at_unix_nano / 1e9
         # the first step after a shadow phase: the canary evidence begins with it
@@ -89,6 +92,8 @@ class EvidenceBook:
         rows: dict[str, Rows] = {}
         pairs: dict[str, ShadowRows] = {}
         used = 0
+        events = list(events)
+        self.groups.add_events(events)
         for event in events:
             shadow = self._shadow.get(event.agent)
             if shadow is not None and event.WhichOneof("body") in ("shadow", "judge", "tool"):
@@ -122,6 +127,7 @@ class EvidenceBook:
                 for agent, shadow in self._shadow.items()
                 if agents is None or agents(agent)
             },
+            "groups": self.groups.to_state(agents),
         }
 
     def load_state(self, state: Mapping[str, Any], agents: Callable[[str], bool] | None = None) -> None:
@@ -141,16 +147,20 @@ class EvidenceBook:
         }
         if agents is None:
             self._by_agent, self._shadow = loaded, shadows
-            return
-        self.forget(agents)
-        self._by_agent.update(loaded)
-        self._shadow.update(shadows)
+            self.groups = TenantGroups()
+        else:
+            self.forget(agents)
+            self._by_agent.update(loaded)
+            self._shadow.update(shadows)
+        if "groups" in state:  # absent in checkpoints from before per-tenant canaries
+            self.groups.load_state(state["groups"], agents)
 
     def forget(self, agents: Callable[[str], bool]) -> None:
         for agent in [a for a in self._by_agent if agents(a)]:
             del self._by_agent[agent]
         for agent in [a for a in self._shadow if agents(a)]:
             del self._shadow[agent]
+        self.groups.forget(agents)
 
 
 def _critical(spec: RolloutSpec) -> tuple[str, ...]:

@@ -128,6 +128,7 @@ def build_record(
         recorded_at_unix_nano=_ns(now),
         generation=state.generation,
         epoch=state.epoch,
+        time_scale=state.time_scale or 1.0,
     )
     while record.ByteSize() > MAX_RECORD_BYTES and len(record.decisions) > 2:
         del record.decisions[1]  # a huge spec or many gates: the oldest after the start go first

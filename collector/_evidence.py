@@ -3,7 +3,9 @@
 Gates test what accumulated since the rollout started, not a rolling window, so a slow
 metric (task feedback) gets all its samples and the last stage never loses its baseline.
 
-- **Arms**: stable (0) and candidate (1) of this rollout; other events are not evidence.
+- **Arms**: stable (0) and candidate (1) of this rollout; other events are not evidence, nor
+  are per-tenant canaries' opt-in and excluded sessions (`Event.cohort`): not randomized, they
+  would bias the comparison (an empty cohort, no tenant lists or an old sidecar, is the split).
 - **Strata**: a unit belongs to the stage during which it was first seen, so the tests can
   compare arms within a stage and traffic shifts between stages bias nothing.
 - **Units**: calls of a session (user, tenant per `sticky_by`) are correlated, so every
@@ -37,6 +39,8 @@ from outrider.v1 import common_pb2, events_pb2, sidecar_pb2
 STATE_FORMAT = 1
 DEFAULT_MAX_UNITS = 200_000
 TRIGGER_HORIZON_S = 3600.0
+# the sessions the weights assigned (sidecar.routing._tenants): the only ones compared
+RANDOMIZED_COHORTS = frozenset({"", "split"})
 
 # families: each unit has a count n and a sum s in every one
 REQ, TOOL, CALL, LAT, TTFT, COST, SPEND, TASK, THUMB, SCORE = range(10)
@@ -148,7 +152,7 @@ class RolloutEvidence:
     # -- the event path ----------------------------------------------------------------------
 
     def arm_of(self, event: events_pb2.Event) -> int | None:
-        if event.rollout_id != self.rollout_id:
+        if event.rollout_id != self.rollout_id or event.cohort not in RANDOMIZED_COHORTS:
             return None
         if event.version_id == self.candidate and event.role == common_pb2.ROLE_CANARY:
             return 1

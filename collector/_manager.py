@@ -336,6 +336,11 @@ class RolloutManager:
         shadow = self.evidence.shadow(agent)
         if shadow is not None and shadow.rollout_id == state.rollout_id:
             live.shadow.CopyFrom(shadow.summary())
+        groups = self.evidence.groups.get(agent, state.rollout_id)
+        if groups is not None:  # per-tenant canaries: each group's figures apart
+            live.groups.extend(groups.metrics())
+            if ctl.spec is not None and ctl.running:
+                live.warnings.extend(groups.warnings(ctl.spec, state.candidate_version_id))
         if ctl.spec is not None:
             for gate in ctl.spec.gates:
                 live.figure_windows_s[gate.name] = 0.0

@@ -56,6 +56,13 @@ class CollectorMetrics:
             ("agent",),
             registry=self.registry,
         )
+        # below 1: a scaled demo (every plan duration x this), so no dashboard takes it for real
+        self.time_scale = Gauge(
+            "outrider_rollout_time_scale",
+            "The rollout spec's time_scale: 1 for a real rollout, below 1 for a scaled demo",
+            ("agent",),
+            registry=self.registry,
+        )
         self.consumed = Counter(
             "outrider_collector_events_consumed_total",
             "Records read from outrider.events",
@@ -245,6 +252,7 @@ class CollectorMetrics:
         for phase, name in _PHASE_NAMES.items():
             self.phase.labels(state.agent, name).set(1 if phase == state.phase else 0)
         self.weight.labels(state.agent).set(state.candidate_weight)
+        self.time_scale.labels(state.agent).set(state.time_scale or 1.0)  # 0: a state from before it
 
 
 class SpanRelayStats(Protocol):

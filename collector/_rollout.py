@@ -196,6 +196,10 @@ class RolloutController:
             spec_yaml=spec_yaml,
             started_at_unix_nano=_ns(now),
             drain_timeout_s=spec.drain_timeout,
+            # per-tenant canaries (sidecar.routing._tenants) and a demo's scale, on every state
+            opt_in_tenants=spec.opt_in_tenants,
+            exclude_tenants=spec.exclude_tenants,
+            time_scale=spec.time_scale,
             # the previous rollout's candidate may still be draining: its sessions stay refused
             retired=retired_after(self._state.retired if self._state is not None else (), now),
             gate_results=[

@@ -36,6 +36,13 @@ shadow:
 (and, for the tiers with one, `shadow`); the spec's own fields win, as collector._risk says
 precisely. `time_scale: 0.001` scales every step and shadow duration, for demos; the parsed spec
 keeps it (`spec.time_scale`) and `outrider rollout plan` prints it.
+
+Per-tenant canaries (collector._tenant_spec): `opt_in_tenants` always get the candidate while
+it serves users, `exclude_tenants` never do, everyone else follows the weights; the gates
+compare only that randomized rest.
+
+opt_in_tenants: [acme, globex]
+exclude_tenants: [initech]
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from collector._config_errors import SpecError, parse_yaml_model
 from collector._risk import RiskTier, apply_risk
 from collector._shadow_spec import Shadow
+from collector._tenant_spec import TenantList, check_tenant_lists
 from outrider.durations import Duration
 
 Metric = Literal[
@@ -230,6 +238,8 @@ class RolloutSpec(_Model):
     triggers: Triggers = Triggers()
     risk: RiskTier | None = None  # the tier whose defaults filled `steps` / `shadow` (collector._risk)
     time_scale: float = Field(default=1.0, gt=0, le=1)  # every plan duration is already x this
+    opt_in_tenants: TenantList = ()  # always the candidate while it serves users
+    exclude_tenants: TenantList = ()  # never the candidate
 
     @model_validator(mode="before")
     @classmethod
@@ -295,6 +305,7 @@ class RolloutSpec(_Model):
             if shadow_gate.name in seen:
                 raise ValueError(f"shadow.gates[{i}].name: duplicate gate name {shadow_gate.name!r}")
             seen.add(shadow_gate.name)
+        check_tenant_lists(self.opt_in_tenants, self.exclude_tenants)
         return self
 
 

@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from devstack._admin_client import admin_target
 from devstack._rollout_cli import ADMIN_TIMEOUT_S, BadInput, admin_call, admin_option
 from devstack._status import VERDICTS, bounds_text, phase_label
+from devstack._tenant_status import time_scale_line
 from outrider.v1 import admin_pb2, control_pb2, deployment_pb2
 
 _STAGE_ENDS = {
@@ -102,7 +103,9 @@ def _baseline_lines(record: deployment_pb2.DeploymentRecord) -> list[str]:
 
 def show_lines(record: deployment_pb2.DeploymentRecord) -> list[str]:
     """The text of `outrider rollout show`: the whole deployment record."""
-    lines = [
+    scaled = time_scale_line(record.time_scale)
+    lines = [f"*** {scaled} ***"] if scaled else []
+    lines += [
         f"rollout     {record.rollout_id}  (agent {record.agent})",
         f"versions    stable {record.stable_version_id} -> candidate {record.candidate_version_id}",
         f"outcome     {phase_label(record.outcome)} at {when(record.ended_at_unix_nano)} "

@@ -13,6 +13,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from devstack._tenant_status import groups_view, scale_of, tenant_lines, time_scale_line
 from outrider.v1 import admin_pb2, common_pb2, control_pb2
 
 PHASES = {
@@ -197,6 +198,8 @@ def status_view(status: admin_pb2.RolloutStatus, labels: Mapping[str, str] | Non
         "versions": [version_view(m, status, labels or {}) for m in status.metrics],
         "warnings": list(status.warnings) + _missing_warning(status),
         "collector_replica": status.collector_replica,
+        "time_scale": scale_of(state.time_scale),
+        "groups": groups_view(status),
     }
 
 
@@ -256,7 +259,9 @@ def render_status(
         where = "a pure shadow run"
     else:
         where = f"step {view['step']}/{view['step_count']}"
-    lines = [
+    scaled = time_scale_line(state.time_scale)
+    lines = [f"*** {scaled} ***"] if scaled else []
+    lines += [
         f"agent       {view['agent']}",
         f"rollout     {view['rollout_id']}  (generation {view['generation']}"
         + (
@@ -280,6 +285,7 @@ def render_status(
             f"{v['role']:<11} {version}  ({models}; {seen})  last {_duration(v['window_s'] or 60)}: "
             f"{v['requests']} requests, {v['error_rate']:.2%} errors, p95 {v['latency_p95_ms']:.0f} ms"
         )
+    lines.extend(tenant_lines(state, view["groups"]))
     if status.HasField("shadow"):
         lines.extend(shadow_lines(status.shadow))
     for warning in view["warnings"]:

@@ -141,6 +141,7 @@ class CallPipeline:
             rollout_id=assignment.rollout_id,
             user_id=user_id,
             tenant_id=tenant_id,
+            cohort=assignment.cohort,
         )
         return sidecar_pb2.OpenSessionResponse(
             session_id=token,

@@ -108,6 +108,7 @@ class Recorder:
             )
             if session.rollout_id
             else "",
+            cohort=session.cohort,  # per-tenant canaries: the collector's gates take "split" only
         )
         if self.flags is not None:
             event.flags.update(self.flags.assignments(session))

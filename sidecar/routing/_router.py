@@ -12,6 +12,9 @@ Pure and synchronous: the control tailer feeds `apply`, OpenSession calls `assig
 - ROLLED_BACK / ABORTED     -> the state's stable version, role STABLE
 - a version this config lacks -> the config's stable version (warned once, counted)
 
+Per-tenant canaries (sidecar.routing._tenants): while the candidate serves users, a tenant in
+`opt_in_tenants` always gets it and one in `exclude_tenants` never does; the rest are split.
+
 The sticky key is the session nonce, the user id or the tenant id per `sticky_by`, falling
 back to the session nonce when that id is empty.
 
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 
 from outrider.v1 import common_pb2, control_pb2
 from sidecar.routing._session import Session
+from sidecar.routing._tenants import EXCLUDED, NO_LISTS, OPT_IN, TenantLists
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class Assignment:
     version_id: str
     role: int  # outrider.v1.Role
     rollout_id: str = ""
+    cohort: str = ""  # per-tenant canaries: "opt_in", "excluded", "split" ("" without lists)
 
 
 def in_shadow(state: control_pb2.RolloutState) -> bool:
@@ -100,6 +105,7 @@ class Router:
         self._known = frozenset(known_version_ids)
         self._state: control_pb2.RolloutState | None = None
         self._fixed: Assignment | None = self._config_stable  # set when the answer needs no hash
+        self._tenants = NO_LISTS
         self.unknown_version_states = 0  # states applied that named a version we don't have
         self.ignored_states = 0  # other agents' or not newer
 
@@ -148,6 +154,7 @@ class Router:
             return False
         self._state = state
         self._fixed = self._resolve_fixed(state)
+        self._tenants = TenantLists.of(state)
         return True
 
     def _resolve_fixed(self, state: control_pb2.RolloutState) -> Assignment | None:
@@ -227,7 +234,12 @@ class Router:
         assert state is not None
         weight = state.candidate_weight
         weight = 0.0 if math.isnan(weight) else min(max(weight, 0.0), 1.0)
+        cohort = self._tenants.cohort(tenant_id)
+        if cohort == OPT_IN:
+            return Assignment(state.candidate_version_id, ROLE_CANARY, state.rollout_id, cohort)
+        if cohort == EXCLUDED:
+            return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id, cohort)
         key = sticky_key(state.sticky_by, nonce, user_id, tenant_id)
         if sticky_fraction(state.rollout_id, key) < weight:
-            return Assignment(state.candidate_version_id, ROLE_CANARY, state.rollout_id)
-        return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id)
+            return Assignment(state.candidate_version_id, ROLE_CANARY, state.rollout_id, cohort)
+        return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id, cohort)

@@ -3,8 +3,8 @@
 A token is ``base64url(compact JSON) + "." + base64url(truncated HMAC-SHA256)`` over the
 payload with the session key. Any replica that shares the key can verify it and honour the
 pin without shared state. The JSON holds the session nonce (what events call the session),
-the pinned version id, the role, the rollout id, the expiry, the user and tenant, and when it
-was issued.
+the pinned version id, the role, the rollout id, the expiry, the user and tenant, when it
+was issued, and (per-tenant canaries only) the tenant's group: tokens without it read "".
 
 A session lasts until its expiry (`session_ttl` after it was issued) and never longer than
 the verifying replica's `max_age_s` (`max_session_duration`) after it was issued: a replica
@@ -49,6 +49,7 @@ class Session:
     user_id: str = ""
     tenant_id: str = ""
     issued_at: float = 0.0  # Unix seconds; 0 for tokens from before it was recorded
+    cohort: str = ""  # "opt_in", "excluded" or "split" (sidecar.routing._tenants); "" without lists
 
 
 def _b64(data: bytes) -> str:
@@ -93,6 +94,7 @@ class SessionCodec:
         rollout_id: str,
         user_id: str = "",
         tenant_id: str = "",
+        cohort: str = "",
     ) -> tuple[str, Session]:
         """A new token and the session it encodes, expiring ttl_s from now."""
         now = self._clock.now()
@@ -100,24 +102,32 @@ class SessionCodec:
         expires_ms = int((now + lifetime) * 1000)
         issued_ms = int(now * 1000)
         session = Session(
-            nonce, version_id, role, rollout_id, expires_ms / 1000, user_id, tenant_id, issued_ms / 1000
+            nonce,
+            version_id,
+            role,
+            rollout_id,
+            expires_ms / 1000,
+            user_id,
+            tenant_id,
+            issued_ms / 1000,
+            cohort,
         )
         return self.encode(session), session
 
     def encode(self, session: Session) -> str:
-        payload = json.dumps(
-            {
-                "n": session.nonce,
-                "v": session.version_id,
-                "r": session.role,
-                "o": session.rollout_id,
-                "e": round(session.expires_at * 1000),
-                "u": session.user_id,
-                "t": session.tenant_id,
-                "i": round(session.issued_at * 1000),
-            },
-            separators=(",", ":"),
-        ).encode()
+        fields: dict[str, str | int] = {
+            "n": session.nonce,
+            "v": session.version_id,
+            "r": session.role,
+            "o": session.rollout_id,
+            "e": round(session.expires_at * 1000),
+            "u": session.user_id,
+            "t": session.tenant_id,
+            "i": round(session.issued_at * 1000),
+        }
+        if session.cohort:  # only per-tenant canaries: other tokens stay as they were
+            fields["c"] = session.cohort
+        payload = json.dumps(fields, separators=(",", ":")).encode()
         return f"{_b64(payload)}.{_b64(self._mac(payload))}"
 
     def decode(self, token: str, *, allow_expired: bool = False) -> Session:
@@ -143,6 +153,7 @@ class SessionCodec:
                 user_id=str(data.get("u", "")),
                 tenant_id=str(data.get("t", "")),
                 issued_at=int(data.get("i", 0)) / 1000,
+                cohort=str(data.get("c", "")),
             )
         except (ValueError, KeyError, TypeError):
             raise UnknownSession("unknown session") from None

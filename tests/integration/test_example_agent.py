@@ -1,6 +1,7 @@
 """examples/agent.py against a scripted sidecar on a free port: it finds the sidecar through
 OUTRIDER_SIDECAR_ADDR, runs sessions concurrently, and replaces a session the sidecar retired
-(FAILED_PRECONDITION, as after a rollback's drain) with a new one instead of stopping."""
+(FAILED_PRECONDITION, as after a rollback's drain) with a new one instead of stopping; with
+--tenants and --feedback it spreads sessions over tenants and reports each task's outcome."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class ScriptedSidecar(sidecar_pb2_grpc.SidecarServicer):
 
     def __init__(self) -> None:
         self.opened = 0
+        self.tenants: set[str] = set()
+        self.feedback: dict[str, int] = {}  # session id -> FeedbackKind
         self.in_flight = 0
         self.most_in_flight = 0
 
@@ -29,8 +32,15 @@ class ScriptedSidecar(sidecar_pb2_grpc.SidecarServicer):
         self, request: sidecar_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> sidecar_pb2.OpenSessionResponse:
         n, self.opened = self.opened, self.opened + 1
+        self.tenants.add(request.tenant_id)
         role = common_pb2.ROLE_CANARY if n % 2 == 0 else common_pb2.ROLE_STABLE
         return sidecar_pb2.OpenSessionResponse(session_id=f"s{n}", version_id=f"v{n % 2}", role=role)
+
+    async def Feedback(
+        self, request: sidecar_pb2.FeedbackRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> sidecar_pb2.FeedbackResponse:
+        self.feedback[request.session_id] = request.kind
+        return sidecar_pb2.FeedbackResponse()
 
     async def Chat(
         self, request: sidecar_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -62,6 +72,9 @@ async def test_agent_runs_concurrently_and_survives_retired_sessions() -> None:
             "40",
             "--turns",
             "2",
+            "--tenants",
+            "3",
+            "--feedback",
             cwd=ROOT,
             env={**os.environ, "OUTRIDER_SIDECAR_ADDR": f"127.0.0.1:{port}"},
             stdout=asyncio.subprocess.PIPE,
@@ -84,3 +97,7 @@ async def test_agent_runs_concurrently_and_survives_retired_sessions() -> None:
     assert "stable v1: ok 40 sessions 20" in done, done
     assert scripted.opened == 40
     assert scripted.most_in_flight > 1, "the agent's sessions ran one at a time"
+    assert scripted.tenants == {"tenant-0", "tenant-1", "tenant-2"}
+    # only sessions that answered every turn report success; retired ones report nothing
+    assert set(scripted.feedback.values()) == {sidecar_pb2.FEEDBACK_KIND_TASK_SUCCESS}
+    assert len(scripted.feedback) == 20, scripted.feedback

@@ -52,6 +52,7 @@ class DeploymentRecord(_message.Message):
     RECORDED_AT_UNIX_NANO_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    TIME_SCALE_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     agent: _builtins.str
     stable_version_id: _builtins.str
@@ -80,6 +81,8 @@ class DeploymentRecord(_message.Message):
     """of the ending state"""
     epoch: _builtins.int
     """of the ending state's writer"""
+    time_scale: _builtins.float
+    """the spec's time_scale: below 1 a scaled demo (durations x this); 0 reads 1 (older records)"""
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeploymentStage]: ...
     @_builtins.property
@@ -117,10 +120,11 @@ class DeploymentRecord(_message.Message):
         recorded_at_unix_nano: _builtins.int = ...,
         generation: _builtins.int = ...,
         epoch: _builtins.int = ...,
+        time_scale: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "alpha", b"alpha", "baseline", b"baseline", "baseline_due_unix_nano", b"baseline_due_unix_nano", "baseline_s", b"baseline_s", "candidate_version_id", b"candidate_version_id", "decided_by", b"decided_by", "decisions", b"decisions", "decisions_dropped", b"decisions_dropped", "duration_s", b"duration_s", "ended_at_unix_nano", b"ended_at_unix_nano", "epoch", b"epoch", "generation", b"generation", "outcome", b"outcome", "reason", b"reason", "recorded_at_unix_nano", b"recorded_at_unix_nano", "revision", b"revision", "rollout_id", b"rollout_id", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "stages", b"stages", "started_at_unix_nano", b"started_at_unix_nano"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "alpha", b"alpha", "baseline", b"baseline", "baseline_due_unix_nano", b"baseline_due_unix_nano", "baseline_s", b"baseline_s", "candidate_version_id", b"candidate_version_id", "decided_by", b"decided_by", "decisions", b"decisions", "decisions_dropped", b"decisions_dropped", "duration_s", b"duration_s", "ended_at_unix_nano", b"ended_at_unix_nano", "epoch", b"epoch", "generation", b"generation", "outcome", b"outcome", "reason", b"reason", "recorded_at_unix_nano", b"recorded_at_unix_nano", "revision", b"revision", "rollout_id", b"rollout_id", "spec_yaml", b"spec_yaml", "stable_version_id", b"stable_version_id", "stages", b"stages", "started_at_unix_nano", b"started_at_unix_nano", "time_scale", b"time_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
