@@ -1,5 +1,5 @@
 """The admin gRPC API (`outrider.v1.Admin`): start, inspect, pause, resume, promote and abort
-rollouts.
+rollouts, and switch a blue-green back.
 
 Every Admin call is authenticated and authorized first (`collector._auth`); `decided_by` is
 the authenticated caller. Reflection is served only when `admin_reflection` asks for it.
@@ -92,6 +92,7 @@ _Verb = (
     | admin_pb2.PauseRolloutRequest
     | admin_pb2.ResumeRolloutRequest
     | admin_pb2.PromoteRolloutRequest
+    | admin_pb2.SwitchBackRequest
 )
 
 
@@ -108,6 +109,7 @@ _REQUESTS: dict[str, Any] = {
     "PauseRollout": admin_pb2.PauseRolloutRequest,
     "ResumeRollout": admin_pb2.ResumeRolloutRequest,
     "PromoteRollout": admin_pb2.PromoteRolloutRequest,
+    "SwitchBack": admin_pb2.SwitchBackRequest,
     "ListVersions": registry_pb2.ListVersionsRequest,
     "SetFlag": admin_pb2.SetFlagRequest,
     "ClearFlag": admin_pb2.ClearFlagRequest,
@@ -126,6 +128,7 @@ _VERBS = {
     "PauseRollout": "pause",
     "ResumeRollout": "resume",
     "PromoteRollout": "promote",
+    "SwitchBack": "switch_back",
 }
 
 
@@ -205,11 +208,13 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
             "ListVersions", request.agent, request, context, registry_pb2.ListVersionsResponse
         )
 
-    # Issue 13's verbs: declared in outrider.v1, built by the strategy work that follows.
     async def SwitchBack(
         self, request: admin_pb2.SwitchBackRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.RolloutStatus:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SwitchBack: not available yet")
+        """Blue-green: new sessions back to blue at once (operator; FAILED_PRECONDITION otherwise)."""
+        return await self._verb("SwitchBack", request, context)
+
+    # Issue 13's verbs: declared in outrider.v1, built by the strategy work that follows.
 
     # Feature flags (collector._flags): answered by the agent's owner, like the rollout verbs.
     async def SetFlag(
@@ -324,6 +329,7 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
                 "pause": self._manager.pause,
                 "resume": self._manager.resume,
                 "promote": self._manager.promote,
+                "switch_back": self._manager.switch_back,
             }
             agent = request.agent
             await commands[verb](agent, request.reason, who)

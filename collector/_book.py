@@ -17,6 +17,7 @@ from typing import Any
 from collector._evidence import DEFAULT_MAX_UNITS, RolloutEvidence, Rows
 from collector._shadow_evidence import ShadowEvidence, ShadowRows
 from collector._shadow_phase import in_shadow
+from collector._smoke_results import SmokeBook
 from collector._spec import RolloutSpec
 from collector._tenant_groups import TenantGroups
 from outrider.v1 import control_pb2, events_pb2
@@ -30,6 +31,7 @@ class EvidenceBook:
         self._by_agent: dict[str, RolloutEvidence] = {}
         self._shadow: dict[str, ShadowEvidence] = {}
         self.groups = TenantGroups()  # per-tenant canaries: each group's figures, for status
+        self.smoke = SmokeBook()  # blue-green smoke test results (collector._smoke_results)
 
     def get(self, agent: str) -> RolloutEvidence | None:
         return self._by_agent.get(agent)
@@ -68,7 +70,7 @@ class EvidenceBook:
                 state.stable_version_id,
                 state.candidate_version_id,
                 step_started if after_shadow else state.started_at_unix_nano / 1e9,
-                stages=max(1, len(spec.steps)),
+                stages=2 if spec.blue_green is not None else max(1, len(spec.steps)),  # smoke, switched
                 slow_ms=spec.triggers.latency_p99_ms.limit,
                 critical=_critical(spec),
                 max_units=self.max_units,
@@ -95,6 +97,9 @@ class EvidenceBook:
         events = list(events)
         self.groups.add_events(events)
         for event in events:
+            if event.WhichOneof("body") == "smoke":  # (the ingest step hands these over itself)
+                used += self.smoke.add(event)
+                continue
             shadow = self._shadow.get(event.agent)
             if shadow is not None and event.WhichOneof("body") in ("shadow", "judge", "tool"):
                 batch_pairs = pairs.get(event.agent)
@@ -128,6 +133,7 @@ class EvidenceBook:
                 if agents is None or agents(agent)
             },
             "groups": self.groups.to_state(agents),
+            "smoke": self.smoke.to_state(agents),
         }
 
     def load_state(self, state: Mapping[str, Any], agents: Callable[[str], bool] | None = None) -> None:
@@ -145,6 +151,7 @@ class EvidenceBook:
             for a, s in state.get("shadow", {}).items()  # absent in checkpoints from before shadow
             if agents is None or agents(str(a))
         }
+        self.smoke.load_state(state.get("smoke", {}), agents)  # absent before blue-green
         if agents is None:
             self._by_agent, self._shadow = loaded, shadows
             self.groups = TenantGroups()
@@ -161,6 +168,7 @@ class EvidenceBook:
         for agent in [a for a in self._shadow if agents(a)]:
             del self._shadow[agent]
         self.groups.forget(agents)
+        self.smoke.forget(agents)
 
 
 def _critical(spec: RolloutSpec) -> tuple[str, ...]:

@@ -104,6 +104,9 @@ class Ingestor:
             if event.WhichOneof("body") == "versions_report":
                 self.sightings.report(event, now)
                 continue
+            if event.WhichOneof("body") == "smoke":  # blue-green: idempotent per (sidecar, test)
+                self.evidence.smoke.add(event)
+                continue
             if event.WhichOneof("body") == "usage":
                 if self.quotas is not None:
                     self.quotas.observe(event)

@@ -30,7 +30,7 @@ from collector._spec import RolloutSpec
 from collector._windows import RollingWindows
 from outrider import SignedRecord
 from outrider.clock import Clock
-from outrider.v1 import admin_pb2, common_pb2, control_pb2
+from outrider.v1 import admin_pb2, common_pb2, control_pb2, deployment_pb2
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class RolloutManager:
         self._listener = listener
         self.sightings = VersionSightings()
         self.ownership = ownership
+        # blue-green: blue's baseline snapshot (agent, version), from the deployment history
+        self.baseline_of: Callable[[str, str], deployment_pb2.BaselineSnapshot | None] = lambda a, v: None
 
     def owns(self, agent: str) -> bool:
         """Is this replica the one that decides for `agent`? (Always, without an Ownership.)"""
@@ -237,6 +239,10 @@ class RolloutManager:
         """An operator's override: PROMOTED whatever the gates say."""
         return await self._command(agent, "promote", reason, decided_by)
 
+    async def switch_back(self, agent: str, reason: str, decided_by: str) -> RolloutController:
+        """Blue-green in SMOKE_TEST or SWITCHED -> ROLLED_BACK: new sessions to blue at once."""
+        return await self._command(agent, "switch_back", reason, decided_by)
+
     async def _command(self, agent: str, verb: str, reason: str, decided_by: str) -> RolloutController:
         """An operator's verb: propose from the current state, publish, then apply."""
         async with self._lock:
@@ -249,6 +255,7 @@ class RolloutManager:
                 "pause": ctl.propose_pause,
                 "resume": ctl.propose_resume,
                 "promote": ctl.propose_promote,
+                "switch_back": ctl.propose_switch_back,
             }[verb]
             previous = ctl.state
             state = propose(reason, self._clock.now(), decided_by or "admin")
@@ -268,7 +275,16 @@ class RolloutManager:
                 evidence = self.evidence.get(agent)
                 if not ctl.running or evidence is None or not self.owns(agent):
                     continue
-                state = ctl.decide(evidence, now, self.evidence.shadow(agent))
+                current = ctl.state
+                assert current is not None  # running
+                bg = current.strategy == control_pb2.ROLLOUT_STRATEGY_BLUE_GREEN
+                state = ctl.decide(
+                    evidence,
+                    now,
+                    self.evidence.shadow(agent),
+                    smoke=self.evidence.smoke.get(agent) if bg else None,
+                    baseline=self.baseline_of(agent, current.stable_version_id) if bg else None,
+                )
                 if state is None:
                     continue
                 try:

@@ -38,6 +38,7 @@ NOTIFY_PHASES = frozenset(
         control_pb2.ROLLOUT_PHASE_ROLLED_BACK,
         control_pb2.ROLLOUT_PHASE_PROMOTED,
         control_pb2.ROLLOUT_PHASE_ABORTED,
+        control_pb2.ROLLOUT_PHASE_SWITCHED,  # blue-green: every new session just went to green
     }
 )
 QUEUE_SIZE = 256

@@ -4,6 +4,8 @@ States: SHADOW (the candidate serves no user; mirrored pairs are tested: collect
 RUNNING, HOLD (frozen at its weight: a gate or trigger with `hold` found harm; an
 operator releases it), NO_DATA (a stage passed its `max_duration` without its evidence; it
 keeps evaluating and never promotes without evidence), PROMOTED, ROLLED_BACK, ABORTED.
+Blue-green rollouts (`strategy: blue_green`) have their own phases, SMOKE_TEST and SWITCHED,
+decided in collector._bluegreen_phase; `propose_switch_back` is their operator's verb.
 Rollback tests run in RUNNING, HOLD and NO_DATA alike. Each look (every `look_interval`):
 
 1. any gate or trigger with evidence of harm and `rollback` -> ROLLED_BACK;
@@ -38,6 +40,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from collector import _bluegreen_phase as bluegreen
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutFinished, WrongPhase
 from collector._evidence import RolloutEvidence
@@ -66,9 +69,10 @@ from collector._rollout_state import ns as _ns
 from collector._rollout_state import stage_record as _stage
 from collector._shadow_evidence import ShadowEvidence
 from collector._shadow_phase import decide_shadow, in_shadow, shadow_start_reason, shadow_waiting
+from collector._smoke_results import SmokeResults
 from collector._spec import RolloutSpec, load_spec_text
 from collector._triggers import evaluate_triggers
-from outrider.v1 import admin_pb2, control_pb2
+from outrider.v1 import admin_pb2, control_pb2, deployment_pb2
 
 __all__ = [
     "HOLD",
@@ -174,9 +178,11 @@ class RolloutController:
         shadow = spec.shadow
         if shadow is not None:
             reason = shadow_start_reason(spec)
-        else:
+        elif spec.steps:  # (a blue-green has none: bluegreen.to_smoke_test words its start)
             reason = f"started: step 1 of {len(spec.steps)} at {spec.steps[0].weight:g}%"
-        return control_pb2.RolloutState(
+        else:
+            reason = "started"
+        state = control_pb2.RolloutState(
             agent=self.agent,
             generation=generation,
             rollout_id=rollout_id,
@@ -218,6 +224,9 @@ class RolloutController:
             ]
             + shadow_waiting(spec, gate_alpha),
         )
+        if spec.blue_green is not None:  # SMOKE_TEST: green serves only the smoke tests
+            bluegreen.to_smoke_test(state, spec)
+        return state
 
     def propose_abort(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
         state = self._require_state()
@@ -239,6 +248,7 @@ class RolloutController:
     def propose_pause(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
         """Freeze the rollout at its weight until an operator resumes it."""
         state = self._require_active()
+        bluegreen.refuse_pause(state)
         if state.phase == HOLD:
             raise WrongPhase(
                 f"rollout {state.rollout_id} of {self.agent!r} is already on HOLD ({state.reason})"
@@ -279,18 +289,28 @@ class RolloutController:
             decided_by,
             phase=PROMOTED,
             weight=1.0,
-            reason=f"promoted by {decided_by} (operator override "
-            f"{'in the shadow phase' if in_shadow(state) else f'at step {state.step_index + 1}'}): "
+            reason=f"promoted by {decided_by} (operator override {_where(state)}): "
             f"{reason or 'no reason given'}",
             release="",
         )
+
+    def propose_switch_back(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
+        """Blue-green in SMOKE_TEST or SWITCHED -> ROLLED_BACK: new sessions to blue at once."""
+        state = self._require_state()
+        why = bluegreen.switch_back_reason(state, reason, decided_by)  # WrongPhase unless it fits
+        return self._next(state, now, decided_by, phase=ROLLED_BACK, weight=0.0, reason=why, release="")
 
     def look_again(self) -> None:
         """The last look's proposal was not published: the next tick looks again at once."""
         self._last_look = -float("inf")
 
     def decide(
-        self, evidence: RolloutEvidence, now: float, shadow: ShadowEvidence | None = None
+        self,
+        evidence: RolloutEvidence,
+        now: float,
+        shadow: ShadowEvidence | None = None,
+        smoke: SmokeResults | None = None,
+        baseline: deployment_pb2.BaselineSnapshot | None = None,
     ) -> control_pb2.RolloutState | None:
         """The next state if the tests or the stage timing call for one; None otherwise.
 
@@ -303,6 +323,13 @@ class RolloutController:
         if now - self._last_look < spec.look_interval:
             return None
         self._last_look = now
+        if bluegreen.is_blue_green(state):
+            results, change = bluegreen.decide(state, spec, evidence, now, smoke, baseline)
+            self.evaluation = results or self.evaluation
+            new = None if change is None else self._next(state, now, CONTROLLER, results, **change)
+            if new is not None and new.phase == bluegreen.SWITCHED:
+                new.switched_at_unix_nano = _ns(now)
+            return new
         gate_alpha, trigger_alpha = spec.test_alphas()
         if spec.shadow is not None and in_shadow(state):
             self.evaluation, change = decide_shadow(state, spec, shadow, now, gate_alpha)
@@ -402,7 +429,7 @@ class RolloutController:
             raise ValueError(f"generation {state.generation} is not after {self.generation}")
         if self._state is None or state.rollout_id != self._state.rollout_id:
             self._timeline = []
-            if state.phase in (RUNNING, SHADOW):
+            if state.phase in (RUNNING, SHADOW, bluegreen.SMOKE_TEST):
                 self._spec = spec or load_spec_text(
                     state.spec_yaml, f"{self.agent} rollout {state.rollout_id}"
                 )
@@ -423,9 +450,14 @@ class RolloutController:
         return state
 
     def evaluate(
-        self, evidence: RolloutEvidence, now: float, shadow: ShadowEvidence | None = None
+        self,
+        evidence: RolloutEvidence,
+        now: float,
+        shadow: ShadowEvidence | None = None,
+        smoke: SmokeResults | None = None,
+        baseline: deployment_pb2.BaselineSnapshot | None = None,
     ) -> control_pb2.RolloutState | None:
-        state = self.decide(evidence, now, shadow)
+        state = self.decide(evidence, now, shadow, smoke, baseline)
         if state is not None:
             self.apply(state)
         return state
@@ -497,6 +529,12 @@ class RolloutController:
         del new.retired[:]
         new.retired.extend(retired_after(state.retired, now, added))
         return new
+
+
+def _where(state: control_pb2.RolloutState) -> str:
+    if bluegreen.is_blue_green(state):
+        return f"of a blue-green in {control_pb2.RolloutPhase.Name(state.phase)}"
+    return "in the shadow phase" if in_shadow(state) else f"at step {state.step_index + 1}"
 
 
 def _label(result: control_pb2.GateResult) -> str:

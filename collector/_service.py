@@ -30,6 +30,7 @@ from aiokafka.errors import KafkaError
 
 import outrider
 from collector._admin import AdminAuth, AdminServer
+from collector._bluegreen_phase import blue_baseline
 from collector._book import EvidenceBook
 from collector._checkpoint import CheckpointStore
 from collector._commands import CommandBus
@@ -140,6 +141,7 @@ class Collector:
             listener=fan_out(self.notifier, self.recorder),
             ownership=self.ownership,
         )
+        self.rollouts.baseline_of = lambda agent, blue: blue_baseline(self.history.records(), agent, blue)
         self.takeover = Takeover(
             self.ownership,
             self.rollouts,

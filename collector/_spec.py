@@ -52,6 +52,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from collector._bluegreen_spec import BlueGreen
 from collector._config_errors import SpecError, parse_yaml_model
 from collector._risk import RiskTier, apply_risk
 from collector._shadow_spec import Shadow
@@ -223,6 +224,7 @@ class RolloutSpec(_Model):
     """A canary rollout of one agent from `stable` to `candidate`."""
 
     agent: str = Field(min_length=1, max_length=249)
+    strategy: Literal["canary", "ab_test", "blue_green"] = "canary"
     stable: str = Field(pattern=_VERSION_PATTERN)
     candidate: str = Field(pattern=_VERSION_PATTERN)
     sticky_by: Literal["session", "user", "tenant"] = "session"
@@ -240,6 +242,7 @@ class RolloutSpec(_Model):
     time_scale: float = Field(default=1.0, gt=0, le=1)  # every plan duration is already x this
     opt_in_tenants: TenantList = ()  # always the candidate while it serves users
     exclude_tenants: TenantList = ()  # never the candidate
+    blue_green: BlueGreen | None = None  # strategy blue_green: smoke tests, switch, keep warm
 
     @model_validator(mode="before")
     @classmethod
@@ -288,7 +291,16 @@ class RolloutSpec(_Model):
     def _cross_field(self) -> RolloutSpec:
         if self.stable == self.candidate:
             raise ValueError("candidate: must differ from stable")
-        if not self.steps and self.shadow is None:
+        if (self.strategy == "blue_green") != (self.blue_green is not None):
+            raise ValueError(
+                "blue_green: required with strategy: blue_green"
+                if self.blue_green is None
+                else "blue_green: only with strategy: blue_green"
+            )
+        if self.blue_green is not None:
+            if self.steps or self.shadow is not None:
+                raise ValueError(f"{'steps' if self.steps else 'shadow'}: not used by strategy blue_green")
+        elif not self.steps and self.shadow is None:
             raise ValueError("steps: at least one step is required (or a shadow phase)")
         for i in range(1, len(self.steps)):
             if self.steps[i].weight <= self.steps[i - 1].weight:

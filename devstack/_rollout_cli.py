@@ -1,5 +1,5 @@
-"""`outrider rollout start | status | watch | pause | resume | promote | abort`: the admin API's
-client. Needs neither the sidecar nor the collector packages, only the contract.
+"""`outrider rollout start | status | watch | pause | resume | promote | abort | switch-back`: the
+admin API's client. Needs neither the sidecar nor the collector packages, only the contract.
 
 `start --wait` is for CI pipelines; its exit codes (and `start`'s without --wait):
 
@@ -320,4 +320,16 @@ abort = _verb(
         "--reason", default="aborted by operator", show_default=True, help="Why: recorded with who asked."
     ),
 )
-COMMANDS = (start, status, watch, pause, resume, promote, abort)
+switch_back = _verb(
+    "switch-back",
+    "SwitchBack",
+    admin_pb2.SwitchBackRequest,
+    "Blue-green: send AGENT's new sessions back to blue (stable) at once; green's sessions drain.",
+    click.option(
+        "--reason",
+        default="switched back by operator",
+        show_default=True,
+        help="Why: recorded with who asked.",
+    ),
+)
+COMMANDS = (start, status, watch, pause, resume, promote, abort, switch_back)

@@ -8,6 +8,7 @@ words appear only in the phase of a rollout that ended that way, never in gate t
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,8 @@ from outrider.v1 import admin_pb2, common_pb2, control_pb2
 
 PHASES = {
     control_pb2.ROLLOUT_PHASE_SHADOW: "shadow",
+    control_pb2.ROLLOUT_PHASE_SMOKE_TEST: "smoke test",
+    control_pb2.ROLLOUT_PHASE_SWITCHED: "switched",
     control_pb2.ROLLOUT_PHASE_RUNNING: "running",
     control_pb2.ROLLOUT_PHASE_HOLD: "on hold",
     control_pb2.ROLLOUT_PHASE_NO_DATA: "no data (held)",
@@ -45,6 +48,24 @@ def in_shadow(state: control_pb2.RolloutState) -> bool:
     held = (control_pb2.ROLLOUT_PHASE_HOLD, control_pb2.ROLLOUT_PHASE_NO_DATA)
     shadow = control_pb2.ROLLOUT_PHASE_SHADOW
     return state.phase == shadow or (state.phase in held and state.shadow_sample > 0)
+
+
+def _left(seconds: float) -> str:
+    whole = max(round(seconds), 0)
+    return f"{whole}s" if whole < 120 else f"{whole // 60}m{whole % 60:02d}s"
+
+
+def blue_green_where(state: control_pb2.RolloutState, now_s: float) -> str:
+    """Where a blue-green stands: its smoke tests, or how long blue stays warm."""
+    if state.phase == control_pb2.ROLLOUT_PHASE_SMOKE_TEST:
+        left = state.started_at_unix_nano / 1e9 + state.smoke.timeout_s - now_s
+        tests = len(state.smoke.tests)
+        return f"blue-green: smoke tests against green ({tests}, {_left(left)} left)"
+    if state.phase == control_pb2.ROLLOUT_PHASE_SWITCHED:
+        until = state.switched_at_unix_nano / 1e9 + state.keep_warm_s
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+        return f"blue-green: green serves new sessions, blue warm until {stamp} ({_left(until - now_s)})"
+    return "blue-green"
 
 
 def phase_label(phase: int) -> str:
@@ -253,7 +274,9 @@ def render_status(
     """The text of `outrider rollout status`."""
     view = status_view(status, labels)
     state = status.state
-    if view["shadow_phase"]:
+    if state.strategy == control_pb2.ROLLOUT_STRATEGY_BLUE_GREEN:
+        where = blue_green_where(state, status.now_unix_nano / 1e9)
+    elif view["shadow_phase"]:
         where = f"shadow phase ({view['shadow_sample']:.0%} of calls mirrored)"
     elif not view["step_count"]:
         where = "a pure shadow run"
@@ -273,6 +296,10 @@ def render_status(
     ]
     if view["reason"]:
         lines.append(f"reason      {view['reason']}  (by {view['decided_by']})")
+    if state.phase == control_pb2.ROLLOUT_PHASE_SWITCHED:  # blue-green: what the gates compare with
+        lines += [
+            f"baseline    {g.detail}" for g in state.gate_results if g.detail.startswith("no baseline")
+        ][:1]
     if view["release"] and state.phase in (control_pb2.ROLLOUT_PHASE_HOLD, control_pb2.ROLLOUT_PHASE_NO_DATA):
         lines.append(f"released by {view['release']}")
     for v in view["versions"]:
@@ -291,6 +318,10 @@ def render_status(
     for warning in view["warnings"]:
         lines.append(f"WARNING     {warning}")
     for g in view["gates"]:
+        if g["kind"] == "smoke":
+            verdict = {"no harm": "PASSED", "harm": "FAILED"}.get(g["verdict"], g["verdict"].upper())
+            lines.append(f"{'smoke':<11} {g['name']:<16} {verdict:<10} {g['detail']}")
+            continue
         label = g["kind"] if g["kind"] in ("trigger", "shadow") else "gate"
         name = g["name"].removeprefix("trigger:")
         c, s = g["candidate"], g["stable"]

@@ -49,6 +49,8 @@ class BoundsHistory:
 
     def add(self, status: admin_pb2.RolloutStatus) -> None:
         for g in status.state.gate_results:
+            if g.kind == "smoke":  # a blue-green's smoke test: passed or failed, no bounds
+                continue
             ready = g.verdict not in ("waiting", "") and g.unit in ("pts", "ratio", "score")
             point = (g.lower, g.upper) if ready else (math.nan, math.nan)
             self._by_gate.setdefault(g.name, deque(maxlen=self._size)).append(point)

@@ -27,6 +27,7 @@ from sidecar._config import SidecarConfig
 from sidecar._grpc import SidecarService
 from sidecar._pipeline import CallPipeline
 from sidecar._record import Recorder
+from sidecar._smoke import SmokeRunner
 from sidecar._tool_calls import ToolCalls
 from sidecar.flags._book import FlagBook
 from sidecar.flags._effects import SessionFlags
@@ -137,6 +138,7 @@ class Sidecar:
             shadow_max_share=config.shadow.max_tpm_share,
         )
         self.shadow: ShadowRunner | None = None
+        self.smoke: SmokeRunner | None = None  # blue-green smoke tests (sidecar._smoke)
         try:
             verifier = config.control.verifier()
         except outrider.SigningKeyError as exc:
@@ -252,6 +254,9 @@ class Sidecar:
             shadow=self.shadow,
             flags=session_flags,
         )
+        self.smoke = SmokeRunner(pipeline=pipeline, router=self.router, recorder=recorder)
+        self.control.listeners.append(self.smoke.on_state)
+        await self.smoke.start()
         service = SidecarService(pipeline)
         server = grpc.aio.server(
             options=[
@@ -376,6 +381,8 @@ class Sidecar:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self.smoke is not None:
+            await self.smoke.stop()
         if self.shadow is not None:
             await self.shadow.stop()
         await self._stop_tracing()

@@ -151,6 +151,18 @@ class CallPipeline:
             rollout_id=session.rollout_id,
         )
 
+    def open_pinned(self, version_id: str, role: int, rollout_id: str) -> tuple[str, Session]:
+        """A session pinned to `version_id` for the sidecar's own calls (blue-green smoke tests:
+        sidecar._smoke); no user, no tenant, and the rollout id it is given."""
+        return self._codec.issue(
+            nonce=new_nonce(),
+            version_id=version_id,
+            role=role,
+            rollout_id=rollout_id,
+            user_id="",
+            tenant_id="",
+        )
+
     def _shadow_assignment(self, shadow_of: str) -> Assignment:
         """A whole-trajectory shadow session: the candidate of the rollout in its shadow phase."""
         try:

@@ -8,6 +8,10 @@ Pure and synchronous: the control tailer feeds `apply`, OpenSession calls `assig
 - SHADOW                    -> stable, role STABLE (the candidate only answers mirrored calls
                                and `shadow_of` sessions: see `shadow_target`; HOLD and NO_DATA
                                with a `shadow_sample` are a held shadow phase: weight 0)
+- SMOKE_TEST (blue-green)   -> stable (blue), role STABLE: green serves only the smoke tests
+                               (sidecar._smoke)
+- SWITCHED (blue-green)     -> candidate (green), role CANARY, for every new session; sessions
+                               pinned to blue keep being served (blue is warm)
 - PROMOTED                  -> candidate, role STABLE
 - ROLLED_BACK / ABORTED     -> the state's stable version, role STABLE
 - a version this config lacks -> the config's stable version (warned once, counted)
@@ -49,6 +53,8 @@ _PROMOTED = control_pb2.ROLLOUT_PHASE_PROMOTED
 _SHADOW = control_pb2.ROLLOUT_PHASE_SHADOW
 _HELD = (control_pb2.ROLLOUT_PHASE_HOLD, control_pb2.ROLLOUT_PHASE_NO_DATA)
 _BACK_TO_STABLE = (control_pb2.ROLLOUT_PHASE_ROLLED_BACK, control_pb2.ROLLOUT_PHASE_ABORTED)
+_SMOKE_TEST = control_pb2.ROLLOUT_PHASE_SMOKE_TEST
+_SWITCHED = control_pb2.ROLLOUT_PHASE_SWITCHED
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +171,10 @@ class Router:
             needed = (state.candidate_version_id,)
         elif state.phase == _SHADOW:
             needed = (state.stable_version_id,)  # a candidate we lack is not mirrored, see shadow_target
-        elif state.phase in _BACK_TO_STABLE:
+        elif state.phase in _BACK_TO_STABLE or state.phase == _SMOKE_TEST:
             needed = (state.stable_version_id,)
+        elif state.phase == _SWITCHED:
+            needed = (state.candidate_version_id,)
         else:
             log.warning(
                 "rollout state for %s gen %d has no phase; serving the configured stable",
@@ -189,8 +197,10 @@ class Router:
             return self._config_stable
         if state.phase == _PROMOTED:
             return Assignment(state.candidate_version_id, ROLE_STABLE, state.rollout_id)
-        if state.phase in _BACK_TO_STABLE or state.phase == _SHADOW:
+        if state.phase in _BACK_TO_STABLE or state.phase in (_SHADOW, _SMOKE_TEST):
             return Assignment(state.stable_version_id, ROLE_STABLE, state.rollout_id)
+        if state.phase == _SWITCHED:
+            return Assignment(state.candidate_version_id, ROLE_CANARY, state.rollout_id)
         return None  # RUNNING, HOLD, NO_DATA: depends on the session
 
     def learn(self, version_id: str) -> None:
