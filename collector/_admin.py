@@ -35,6 +35,7 @@ from collector._auth import AuthInterceptor, TokenBook, current_identity
 from collector._commands import NOT_OWNER, CommandBus, NoAnswer
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, NotOwner, RolloutConflict, RolloutError, UnknownVersion, WrongPhase
+from collector._flags import FlagRegistry
 from collector._history import DeploymentHistory
 from collector._history_admin import HistoryMethods
 from collector._manager import PublishError, RolloutManager
@@ -110,8 +111,18 @@ _REQUESTS: dict[str, Any] = {
     "PromoteRollout": admin_pb2.PromoteRolloutRequest,
     "SwitchBack": admin_pb2.SwitchBackRequest,
     "ListVersions": registry_pb2.ListVersionsRequest,
+    "SetFlag": admin_pb2.SetFlagRequest,
+    "ClearFlag": admin_pb2.ClearFlagRequest,
+    "ListFlags": admin_pb2.ListFlagsRequest,
 }
-_Answer = TypeVar("_Answer", admin_pb2.RolloutStatus, registry_pb2.ListVersionsResponse)
+_FLAG_METHODS = frozenset({"SetFlag", "ClearFlag", "ListFlags"})
+_Answer = TypeVar(
+    "_Answer",
+    admin_pb2.RolloutStatus,
+    registry_pb2.ListVersionsResponse,
+    admin_pb2.FlagStatus,
+    admin_pb2.ListFlagsResponse,
+)
 _VERBS = {
     "AbortRollout": "abort",
     "PauseRollout": "pause",
@@ -140,8 +151,10 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
         relay_timeout_s: float = DEFAULT_RELAY_TIMEOUT_S,
         history: DeploymentHistory | None = None,
         registry: RegistryView | None = None,
+        flags: FlagRegistry | None = None,
     ) -> None:
         self._manager, self._bus, self._replica = manager, bus, replica
+        self._flags = flags
         self.history = history
         self._registry = registry
         self._relay_timeout_s = relay_timeout_s
@@ -203,20 +216,39 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
 
     # Issue 13's verbs: declared in outrider.v1, built by the strategy work that follows.
 
+    # Feature flags (collector._flags): answered by the agent's owner, like the rollout verbs.
     async def SetFlag(
         self, request: admin_pb2.SetFlagRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.FlagStatus:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SetFlag: not available yet")
+        await self._flag_call(context, request.agent)
+        return await self._route("SetFlag", request.agent, request, context, admin_pb2.FlagStatus)
 
     async def ClearFlag(
         self, request: admin_pb2.ClearFlagRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.FlagStatus:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ClearFlag: not available yet")
+        await self._flag_call(context, request.agent)
+        return await self._route("ClearFlag", request.agent, request, context, admin_pb2.FlagStatus)
 
     async def ListFlags(
         self, request: admin_pb2.ListFlagsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> admin_pb2.ListFlagsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListFlags: not available yet")
+        await self._flag_call(context, request.agent)
+        return await self._route("ListFlags", request.agent, request, context, admin_pb2.ListFlagsResponse)
+
+    async def _flag_call(self, context: grpc.aio.ServicerContext[object, object], agent: str) -> None:
+        await _require(context, "agent", agent)
+        if self._flags is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this collector has no feature flags")
+
+    async def _run_flag(self, method: str, request: Any, who: str) -> Any:
+        if not self._manager.owns(request.agent):
+            raise NotOwner(request.agent)
+        assert self._flags is not None
+        if method == "SetFlag":
+            return await self._flags.set(request, who)
+        if method == "ClearFlag":
+            return await self._flags.clear(request, who)
+        return self._flags.listing(request.agent)
 
     async def _verb(
         self, method: str, request: _Verb, context: grpc.aio.ServicerContext[object, object]
@@ -269,6 +301,8 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
 
     async def _run(self, method: str, request: Any, who: str) -> Any:
         """Run one call here, the agent's owner; raises what `_CODES` maps."""
+        if method in _FLAG_METHODS:
+            return await self._run_flag(method, request, who)
         if method == "ListVersions":
             if not self._manager.owns(request.agent):
                 raise NotOwner(request.agent)
@@ -346,7 +380,9 @@ class AdminServer:
         relay_timeout_s: float = DEFAULT_RELAY_TIMEOUT_S,
         history: DeploymentHistory | None = None,
         registry: RegistryView | None = None,
+        flags: FlagRegistry | None = None,
     ) -> None:
+        self._flags = flags
         self._registry = registry
         self._history = history
         self._auth = auth or AdminAuth()
@@ -371,7 +407,13 @@ class AdminServer:
         server = grpc.aio.server(interceptors=[AuthInterceptor(tokens, certs=certs)])
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminService(
-                self._manager, self._bus, self._replica, self._relay_timeout_s, self._history, self._registry
+                self._manager,
+                self._bus,
+                self._replica,
+                self._relay_timeout_s,
+                self._history,
+                self._registry,
+                self._flags,
             ),
             server,
         )

@@ -5,7 +5,7 @@ resource), publish signed rollout states and quota grants.
 Every record read back is verified like a sidecar does (`outrider.open_control`), so a forged
 record never reaches a restarted collector either; rejected ones are counted by reason.
 Every record written is signed with the collector's key, under the key
-`rollout/<agent>` or `quota/<resource>`; the last signed record of each agent is kept
+`rollout/<agent>`, `quota/<resource>` or `flag/<agent>/<name>`; the last signed record of each agent is kept
 (`latest`) for the state copy and the periodic republish.
 
 Nothing here relies on `end_offsets` (the embedded test broker answers it wrongly): the
@@ -72,6 +72,7 @@ class ControlHistory:
     rollouts: dict[str, list[control_pb2.RolloutState]] = field(default_factory=dict)  # by agent
     quota_generations: dict[str, int] = field(default_factory=dict)  # highest, by resource
     latest: dict[str, outrider.SignedRecord] = field(default_factory=dict)  # newest record, by agent
+    flags: list[control_pb2.FlagState] = field(default_factory=list)  # feature flags' states
     max_epoch: int = 0
     records: int = 0  # every record read, rejected ones included
 
@@ -96,6 +97,10 @@ def _take(history: ControlHistory, record: outrider.SignedRecord, message: contr
         generations[resource] = max(generations.get(resource, 0), message.quota.generation)
         history.max_epoch = max(history.max_epoch, message.quota.epoch)
         return "quota"
+    if body == "flag" and message.flag.agent:
+        history.flags.append(message.flag)
+        history.max_epoch = max(history.max_epoch, message.flag.epoch)
+        return "flag"
     return ""
 
 
@@ -220,6 +225,13 @@ class ControlPublisher:
         await self.send(
             self.sign(control_pb2.ControlMessage(quota=grant), outrider.quota_key(grant.resource))
         )
+
+    async def publish_flag(self, state: control_pb2.FlagState) -> None:
+        """Write one feature flag's state, signed, under `flag/<agent>/<name>`; raises KafkaError or
+        TimeoutError when the write is not acknowledged."""
+        state.epoch = self.epoch
+        key = outrider.flag_key(state.agent, state.name)
+        await self.send(self.sign(control_pb2.ControlMessage(flag=state), key))
 
     def sign(self, message: control_pb2.ControlMessage, key: bytes) -> outrider.SignedRecord:
         value, headers = outrider.encode_control(message)

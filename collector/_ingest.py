@@ -1,7 +1,7 @@
 """The collector's ingest step for `outrider.events` records: decode, dedupe, aggregate.
 
-Each event counted once goes to the rolling windows, the totals and, when it belongs to a
-current rollout, that rollout's evidence (added once per batch, in order).
+Each event counted once goes to the rolling windows, the totals, the feature flags' figures
+and, when it belongs to a current rollout, that rollout's evidence (added once per batch, in order).
 
 Synchronous and free of I/O, so a batch is applied in one go (nothing can checkpoint
 halfway through it). Each record moves its partition's position on, decoded or not: what
@@ -18,6 +18,7 @@ import outrider
 from collector._book import EvidenceBook
 from collector._checkpoint import Offsets
 from collector._deadletter import DeadLetter
+from collector._flag_metrics import FlagMetrics
 from collector._gaps import GapTracker
 from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
@@ -46,6 +47,8 @@ class Ingestor:
         self.gaps = GapTracker()
         # usage reports from other partitions, copied to the granter's (set by the collector)
         self.usage_relay: UsageRelay | None = None
+        # feature flags' on-against-off figures (set by the collector)
+        self.flag_metrics: FlagMetrics | None = None
 
     def apply(self, records: Iterable[Any], now: float) -> list[DeadLetter]:
         """Apply consumed records (aiokafka ConsumerRecords) in order; the dead letters."""
@@ -129,6 +132,8 @@ class Ingestor:
                 counted.append(event)
         if counted:
             self.evidence.add_events(counted, now)
+            if self.flag_metrics is not None:
+                self.flag_metrics.observe_all(counted)
             for event in counted:
                 self.sightings.observe(event, now)
         self.applied += applied

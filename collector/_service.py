@@ -39,6 +39,8 @@ from collector._consumer import EventConsumer
 from collector._control import ControlHistory, ControlPublisher, ensure_topics, read_control_history
 from collector._control_state import BrokerWatch, StateCopy
 from collector._deadletter import DeadLetter, DeadLetterWriter
+from collector._flag_metrics import FlagMetrics
+from collector._flags import FlagRegistry
 from collector._granter import QuotaGranter
 from collector._history import DeploymentHistory
 from collector._ingest import Ingestor
@@ -162,6 +164,7 @@ class Collector:
         self.registry = RegistryView(
             settings.kafka_bootstrap, self._publisher, self.verifier, self.rollouts.sightings, self.metrics
         )
+        self.flags = FlagRegistry(self._publisher, FlagMetrics(), self.clock)
         self._admin = AdminServer(
             self.rollouts,
             settings.admin_listen,
@@ -177,6 +180,7 @@ class Collector:
             relay_timeout_s=settings.relay_timeout_s,
             history=self.history,
             registry=self.registry,
+            flags=self.flags,
         )
         self._metrics_server = (
             MetricsServer(self.metrics.registry, settings.metrics_host, settings.metrics_port)
@@ -186,6 +190,7 @@ class Collector:
         self._ingestor = Ingestor(
             self.windows, self.metrics, self.quotas, self.evidence, self.rollouts.sightings
         )
+        self._ingestor.flag_metrics = self.flags.metrics
         self._usage_relay = UsageRelay(
             settings.kafka_bootstrap,
             settings.publish_timeout_s,
@@ -325,6 +330,7 @@ class Collector:
             )
             self._merge_copy(history)
             self.quotas.book.restore(history.quota_generations)
+            self.flags.restore(history.flags)
             self._publisher.epoch = max(history.max_epoch + 1, int(time.time()), self._publisher.epoch)
             self._publisher.latest.update(history.latest)
             self.takeover.startup(history)
@@ -340,6 +346,7 @@ class Collector:
             s.kafka_bootstrap, s.recovery_idle_s, s.recovery_timeout_s, self.verifier, self._rejected
         )
         self._merge_copy(history)
+        self.flags.restore(history.flags)  # a takeover: the flags' generations continue
         return history
 
     async def _dead_letter_span(self, record: Any, reason: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from devstack import _history_cli, _rollout_cli, _simulate_cli, _version_cli
+from devstack import _flag_cli, _history_cli, _rollout_cli, _simulate_cli, _version_cli
 
 ENV_KAFKA = "OUTRIDER_KAFKA_BOOTSTRAP"
 ENV_ADMIN = _rollout_cli.ENV_ADMIN
@@ -307,6 +307,7 @@ def rollout() -> None:
 for _command in (*_rollout_cli.COMMANDS, *_history_cli.COMMANDS, *_simulate_cli.COMMANDS):
     rollout.add_command(_command)
 main.add_command(_version_cli.version)
+main.add_command(_flag_cli.flag)
 
 
 def _split_host_port(address: str) -> tuple[str, int]:

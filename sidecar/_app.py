@@ -29,6 +29,8 @@ from sidecar._pipeline import CallPipeline
 from sidecar._record import Recorder
 from sidecar._smoke import SmokeRunner
 from sidecar._tool_calls import ToolCalls
+from sidecar.flags._book import FlagBook
+from sidecar.flags._effects import SessionFlags
 from sidecar.guards._safety import Safety
 from sidecar.resilience._executor import Executor
 from sidecar.resilience._global_quota import GlobalQuotas
@@ -95,6 +97,7 @@ class Sidecar:
         self.metrics = SidecarMetrics()
         self.versions = build_versions(config)
         self.router = Router(config.agent, config.stable_version_id, self.versions.keys())
+        self.flags = FlagBook(config.agent, config.flags)
         if not config.has_session_key:
             log.warning(
                 "sidecar: no session key (%s is not set): a random one is used, so sessions will "
@@ -149,6 +152,7 @@ class Sidecar:
             client_id=client_id,
             quotas=self.global_quotas,
             state_path=control_state,
+            flags=self.flags,
         )
         self.registry = VersionRegistry(
             config,
@@ -214,6 +218,8 @@ class Sidecar:
             tracing=tracing,
             clock=self._clock,
         )
+        session_flags = SessionFlags(self.flags)
+        recorder.flags = session_flags
         self.shadow = ShadowRunner(
             config=config.shadow,
             router=self.router,
@@ -223,6 +229,7 @@ class Sidecar:
             metrics=self.metrics,
             judge=self._judge(tracing.capture_content),
         )
+        self.shadow.flags = session_flags
         self.control.listeners.append(self.shadow.on_state)
         await self.shadow.start()
         pipeline = CallPipeline(
@@ -245,6 +252,7 @@ class Sidecar:
             max_request_bytes=config.max_request_bytes,
             drain=self.drain,
             shadow=self.shadow,
+            flags=session_flags,
         )
         self.smoke = SmokeRunner(pipeline=pipeline, router=self.router, recorder=recorder)
         self.control.listeners.append(self.smoke.on_state)

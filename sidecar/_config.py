@@ -35,6 +35,7 @@ from sidecar._aliases import alias_version
 from sidecar._config_format import format_validation_error
 from sidecar._control_config import ControlConfig
 from sidecar._version_config import PriceSpec, VersionConfig, _Frozen
+from sidecar.flags._model import FlagConfig, check_flags
 from sidecar.shadow._settings import ShadowConfig
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -155,6 +156,7 @@ class SidecarConfig(_Frozen):
     control: ControlConfig = Field(default_factory=ControlConfig)
     upstream_aliases: dict[str, str] = Field(default_factory=dict)  # see sidecar._aliases
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)  # see sidecar.shadow._settings
+    flags: tuple[FlagConfig, ...] = ()  # feature flags, see sidecar.flags._model
 
     _version_ids: dict[str, str] = PrivateAttr(default_factory=dict)
     _api_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
@@ -171,6 +173,7 @@ class SidecarConfig(_Frozen):
                 f"max_session_duration: must be more than 0 and at most "
                 f"{MAX_SESSION_DURATION_LIMIT_S:g}s (a day); got {self.max_session_duration:g}s"
             )
+        check_flags(self.flags, self.versions)
         self._version_ids = {label: version.version_id() for label, version in self.versions.items()}
         if self.upstream_aliases:  # after the ids: an alias is where we call, not what the version is
             moved = {label: alias_version(v, self.upstream_aliases) for label, v in self.versions.items()}

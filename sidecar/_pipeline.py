@@ -31,11 +31,12 @@ from typing import NoReturn
 
 import grpc
 
-from outrider import SESSION_DRAINED, SESSION_EXPIRED
+from outrider import FLAG_OFF, SESSION_DRAINED, SESSION_EXPIRED
 from outrider.v1 import common_pb2, sidecar_pb2
 from sidecar._call_errors import CallError, deadline_of, fail
 from sidecar._record import ChatState, Recorder, TraceCarrier, chat_response, elapsed_ms
 from sidecar._tool_calls import ToolCall, ToolCalls
+from sidecar.flags._effects import SessionFlags
 from sidecar.guards import Hit, StreamRedactor
 from sidecar.guards._safety import Safety
 from sidecar.resilience._executor import ChatFailed, Executor, Served, estimate_tokens, upstream_status
@@ -101,8 +102,10 @@ class CallPipeline:
         max_request_bytes: int,
         drain: DrainTracker | None = None,
         shadow: ShadowRunner | None = None,
+        flags: SessionFlags | None = None,
     ) -> None:
         self.agent = agent
+        self._flags = flags
         self._versions = versions
         self._router = router
         self._codec = codec
@@ -203,6 +206,8 @@ class CallPipeline:
                 f"session_id: pinned version {session.version_id} is not served by this sidecar; "
                 "open a new session",
             )
+        if self._flags is not None:  # the session's flags: its tools, guards, prompt, parameters
+            version = self._flags.version_for(session, version)
         return session, version
 
     def get_version(self, session_token: str, version_id: str) -> sidecar_pb2.VersionInfo:
@@ -429,6 +434,15 @@ class CallPipeline:
 
     async def call_tool(self, call: ToolCall) -> sidecar_pb2.CallToolResponse:
         session, version = self.resolve(call.session_token)
+        if self._flags is not None and call.tool_name not in version.tools:
+            flag = self._flags.off_tool_flag(session, call.tool_name)
+            if flag is not None and call.tool_name in self._versions[session.version_id].tools:
+                message = f"tool_name: {call.tool_name!r} is off for this session: feature flag {flag!r}"
+                raise CallError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    message,
+                    precondition_status(FLAG_OFF, message, {"flag": flag, "tool": call.tool_name}),
+                )
         return await self._tools.call(session, version, call)
 
     def feedback(self, session_token: str, kind: int, score: float) -> None:

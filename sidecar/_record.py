@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from outrider.clock import Clock
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2
+from sidecar.flags._effects import SessionFlags
 from sidecar.resilience._executor import Served
 from sidecar.resilience._user_quotas import UserTicket
 from sidecar.routing._router import Router
@@ -89,10 +90,11 @@ class Recorder:
         self._telemetry = telemetry
         self._tracing = tracing
         self._clock = clock
+        self.flags: SessionFlags | None = None  # the agent's feature flags, when it has any
 
     def event(self, session: Session) -> events_pb2.Event:
-        """An event of `session`, with its version, role, rollout and randomization unit."""
-        return events_pb2.Event(
+        """An event of `session`, with its version, role, rollout, randomization unit and flags."""
+        event = events_pb2.Event(
             event_id=uuid.uuid4().hex,
             time_unix_nano=int(self._clock.now() * 1e9),
             agent=self._agent,
@@ -108,6 +110,9 @@ class Recorder:
             else "",
             cohort=session.cohort,  # per-tenant canaries: the collector's gates take "split" only
         )
+        if self.flags is not None:
+            event.flags.update(self.flags.assignments(session))
+        return event
 
     def emit(self, event: events_pb2.Event) -> None:
         self._telemetry.emit(event)

@@ -49,11 +49,12 @@ def signed_control(
     value, headers = outrider.encode_control(message)
     body = message.WhichOneof("body")
     if key is None:
-        key = (
-            outrider.rollout_key(message.rollout.agent)
-            if body == "rollout"
-            else outrider.quota_key(message.quota.resource)
-        )
+        if body == "rollout":
+            key = outrider.rollout_key(message.rollout.agent)
+        elif body == "flag":
+            key = outrider.flag_key(message.flag.agent, message.flag.name)
+        else:
+            key = outrider.quota_key(message.quota.resource)
     if signer is not None:
         headers = [*headers, *signer.sign(key, value, issued_at_ns)]
     return key, value, headers

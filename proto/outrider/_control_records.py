@@ -1,10 +1,10 @@
 """Reading and keeping signed `outrider.control` records, the same way on both sides.
 
 `open_control` verifies a record's signature, decodes it and checks that its key is the one
-its body calls for (`rollout/<agent>`, `quota/<resource>`). `SignedRecord` is a record as it
-was on the topic (key, value, headers), which is what the collector's state copy and the
-sidecar's persisted state keep: a reader re-verifies it when it loads it, so a file on disk
-is trusted no more than the topic.
+its body calls for (`rollout/<agent>`, `quota/<resource>`, `flag/<agent>/<name>`).
+`SignedRecord` is a record as it was on the topic (key, value, headers), which is what the
+collector's state copy and the sidecar's persisted state keep: a reader re-verifies it when it
+loads it, so a file on disk is trusted no more than the topic.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from outrider._envelope import DecodeError, decode_control
 from outrider._signing import BAD_KEY, Verdict, Verifier
-from outrider._topics import MARKER_KEY_PREFIX, quota_key, rollout_key
+from outrider._topics import MARKER_KEY_PREFIX, flag_key, quota_key, rollout_key
 from outrider.v1 import control_pb2
 
 UNDECODABLE = "undecodable"
@@ -40,6 +40,8 @@ def expected_key(message: control_pb2.ControlMessage) -> bytes | None:
         return rollout_key(message.rollout.agent)
     if body == "quota" and message.quota.resource:
         return quota_key(message.quota.resource)
+    if body == "flag" and message.flag.agent and message.flag.name:
+        return flag_key(message.flag.agent, message.flag.name)
     return None
 
 

@@ -1,12 +1,14 @@
-"""Tails `outrider.control` from the beginning and feeds this agent's rollout states to the Router
-and global-quota grants (`quota/<resource>`) to `GlobalQuotas`.
+"""Tails `outrider.control` from the beginning and feeds this agent's rollout states to the Router,
+global-quota grants (`quota/<resource>`) to `GlobalQuotas` and feature flags
+(`flag/<agent>/<name>`) to the flag book (`sidecar.flags._book`).
 
 Every record is verified first (`outrider.open_control`): unsigned, badly signed and
 unknown-key records are dropped, counted (`outrider_control_rejected_total{reason}`) and
 logged at a limited rate with key id and offset. A verified rollout state is applied only
 when it is newer by (epoch, generation) and not issued before the state in hand; it is then
-persisted (`state_path`, the record as it was on the topic) and loaded, verified again, at
-the next start. Replaying a topic that lacks it (a new broker) changes nothing.
+persisted (`state_path`, the record as it was on the topic, with the newest record of each
+flag) and loaded, verified again, at the next start. Replaying a topic that lacks it (a new
+broker) changes nothing.
 
 The end of the replay is found without `end_offsets`: the tailer writes a marker record
 (`marker/<client id>/<nonce>`) to every partition and waits until it reads them back, then
@@ -39,6 +41,7 @@ from tenacity import (
 
 import outrider
 from outrider.v1 import control_pb2
+from sidecar.flags._book import FlagBook
 from sidecar.resilience._global_quota import GlobalQuotas
 from sidecar.routing._router import Router
 from sidecar.telemetry._metrics import SidecarMetrics
@@ -70,8 +73,10 @@ class ControlTailer:
         client_id: str = "outrider-sidecar",
         quotas: GlobalQuotas | None = None,
         state_path: Path | None = None,
+        flags: FlagBook | None = None,
     ) -> None:
         self._quotas = quotas
+        self._flags = flags
         self._bootstrap = bootstrap_servers
         self._router = router
         self._metrics = metrics
@@ -85,7 +90,11 @@ class ControlTailer:
         self._pending_markers: dict[int, bytes] = {}
         self._consumer: AIOKafkaConsumer | None = None  # while connected
         self._producer: AIOKafkaProducer | None = None  # writes the markers; None on an empty topic
-        self._to_persist: outrider.SignedRecord | None = None  # written by the task, off the loop
+        # what `state_path` keeps: the newest applied rollout record and each flag's (written by
+        # the task, off the loop, when `_dirty`)
+        self._rollout_record: outrider.SignedRecord | None = None
+        self._flag_records: dict[bytes, outrider.SignedRecord] = {}
+        self._dirty = False
         self.ready = asyncio.Event()
         # called with every state applied, after the router took it (e.g. shadow work ending)
         self.listeners: list[Callable[[control_pb2.RolloutState], None]] = []
@@ -128,7 +137,7 @@ class ControlTailer:
         offset: int = -1,
         persist: bool = True,
     ) -> bool:
-        """Verify and apply one control record; return whether it changed the rollout state."""
+        """Verify and apply one control record; return whether it changed the rollout state (or a flag)."""
         self.records_seen += 1
         if outrider.is_marker(key) or value is None:
             return False  # markers and tombstones are never applied
@@ -141,6 +150,11 @@ class ControlTailer:
         body = message.WhichOneof("body")
         if body == "quota":
             return self._quotas is not None and self._quotas.apply(message.quota)
+        if body == "flag":
+            if not self._apply_flag(message.flag):
+                return False
+            self._keep(self._flag_records, key, value, headers, persist)
+            return True
         if body != "rollout" or message.rollout.agent != self._router.agent:
             return False
         state = message.rollout
@@ -154,9 +168,29 @@ class ControlTailer:
         if not self.apply(state):
             return False
         self._issued_at = max(self._issued_at, verdict.issued_at_ns)
-        if persist and self._state_path is not None:
-            self._to_persist = outrider.SignedRecord(key, value, tuple(headers or ()))
+        self._rollout_record = outrider.SignedRecord(key, value, tuple(headers or ()))
+        self._dirty |= persist and self._state_path is not None
         return True
+
+    def _keep(
+        self,
+        records: dict[bytes, outrider.SignedRecord],
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]] | None,
+        persist: bool,
+    ) -> None:
+        records[key or b""] = outrider.SignedRecord(key, value, tuple(headers or ()))
+        self._dirty |= persist and self._state_path is not None
+
+    def _apply_flag(self, state: control_pb2.FlagState) -> bool:
+        if self._flags is None or state.agent != self._router.agent:
+            return False
+        unknown = self._flags.unknown
+        applied = self._flags.apply(state)
+        if self._flags.unknown > unknown:
+            self._metrics.flag_unknown.labels(state.agent).inc()
+        return applied
 
     def _reject(self, reason: str, key_id: str, offset: int, key: bytes | None, *, warn: bool = True) -> None:
         self.rejected += 1
@@ -211,12 +245,14 @@ class ControlTailer:
             )
 
     async def persist(self) -> None:
-        """Write the newest applied record to `state_path` (in a thread: it fsyncs)."""
-        record, self._to_persist = self._to_persist, None
-        if record is None or self._state_path is None:
+        """Write the newest applied rollout record and the flags' to `state_path` (in a thread: it
+        fsyncs), when one changed."""
+        if not self._dirty or self._state_path is None:
             return
+        self._dirty = False
+        records = [r for r in (self._rollout_record,) if r is not None] + list(self._flag_records.values())
         try:
-            await asyncio.to_thread(outrider.save_records, self._state_path, [record])
+            await asyncio.to_thread(outrider.save_records, self._state_path, records)
         except OSError as exc:
             log.warning("control: cannot persist the control state to %s: %s", self._state_path, exc)
 

@@ -32,6 +32,7 @@ from dataclasses import replace
 
 from outrider.v1 import common_pb2, control_pb2, events_pb2
 from sidecar._record import ChatState, Recorder, elapsed_ms, role_name
+from sidecar.flags._effects import SessionFlags
 from sidecar.resilience._executor import ChatFailed, Executor
 from sidecar.routing._router import Router, ShadowTarget, in_shadow, sticky_fraction
 from sidecar.routing._session import Session
@@ -86,6 +87,7 @@ class ShadowRunner:
         self.config = config
         self._router = router
         self._versions = versions
+        self.flags: SessionFlags | None = None  # the agent's feature flags (set by the sidecar)
         self._executor = executor
         self._recorder = recorder
         self._metrics = metrics
@@ -148,6 +150,8 @@ class ShadowRunner:
         candidate = self._versions.get(target.candidate_version_id)
         if candidate is None:
             return
+        if self.flags is not None:  # the session's flags on the candidate too: a like-for-like pair
+            candidate = self.flags.version_for(session, candidate)
         frozen = tuple(messages)
         self.work.offer(
             Job(

@@ -147,6 +147,12 @@ class SidecarMetrics:
             "Verified versions loaded from outrider.versions",
             registry=r,
         )
+        self.flag_unknown = Counter(
+            "outrider_sidecar_flag_unknown",
+            "Feature flag states naming a flag this sidecar's config lacks (ignored)",
+            ["agent"],
+            registry=r,
+        )
         self.rollout_unknown_version = Counter(
             "outrider_sidecar_rollout_unknown_version",
             "Rollout states naming a version this sidecar lacks",

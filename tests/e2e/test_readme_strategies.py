@@ -76,7 +76,7 @@ def version_id(name: str) -> str:
 
 
 def test_readme_strategy_blocks_run_from_the_checkout() -> None:
-    for heading in ("Per-tenant canaries", "Blue-green", "A/B test"):
+    for heading in ("Per-tenant canaries", "Blue-green", "A/B test", "Feature flags"):
         for line in readme_block_under(heading):
             assert line.startswith((".venv/bin/", "sleep ")), f"{line!r}: run from the checkout"
 
@@ -133,3 +133,17 @@ def test_readme_ab_test_block_runs_as_written(stack: Stack) -> None:
     assert re.search(rf"^variant\s+B\s+{v4}\s+weight 50%", status, re.M), status
     aborted = next(out for line, out in outputs if "rollout abort" in line)
     assert "aborted" in aborted.lower(), aborted
+
+
+def test_readme_feature_flag_block_runs_as_written(stack: Stack) -> None:
+    outputs = run_block(stack.block("flags"), readme_block_under("Feature flags"))
+    listed = next(out for line, out in outputs if "flag list" in line)
+    assert re.search(r"^concise-replies: 10% of tenants \+ tenants tenant-0", listed, re.M), listed
+    arms = {
+        m.group(1): (int(m.group(2)), int(m.group(3)))
+        for m in re.finditer(r"^\s+(on|off)\s+requests\s+(\d+).*sessions (\d+)", listed, re.M)
+    }
+    # tenant-0 (1 of the agent's 20 tenants) and the hashed 10 % have it on; the rest off
+    assert arms["on"][0] > 0 and arms["off"][0] > arms["on"][0], listed
+    cleared = next(out for line, out in outputs if "flag clear" in line)
+    assert "concise-replies" in cleared, cleared
