@@ -29,7 +29,8 @@ async def start_client(client: KafkaClient, timeout_s: float) -> None:
     client is stopped (after its start ended) before the error propagates."""
     starting = asyncio.ensure_future(client.start())
     try:
-        await asyncio.wait_for(asyncio.shield(starting), timeout_s)
+        async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it may swallow a cancel
+            await asyncio.shield(starting)
     except BaseException:
         cleanup = asyncio.ensure_future(_stop_after(starting, client))
         _cleanups.add(cleanup)
