@@ -29,7 +29,7 @@ from aiokafka.errors import OffsetOutOfRangeError
 
 import outrider
 from collector._control import ControlHistory, add_record
-from collector._producer import start_producer
+from collector._producer import start_client, start_producer
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class BrokerWatch:
             request_timeout_ms=max(1000, int(self._timeout_s * 1000)),
         )
         try:
-            await asyncio.wait_for(consumer.start(), self._timeout_s)
+            await start_client(consumer, self._timeout_s)  # never cut short: see start_client
             topics = await asyncio.wait_for(consumer.topics(), self._timeout_s)
             if outrider.CONTROL_TOPIC not in topics:
                 log.warning("%s is gone from the broker", outrider.CONTROL_TOPIC)

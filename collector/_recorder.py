@@ -77,6 +77,9 @@ class DeploymentRecorder:
         self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
         self._unpublished: set[str] = set()  # rollout ids saved but not (yet) on the topic
         self._producer: AIOKafkaProducer | None = None
+        # one lazy start at a time, and none once stopped: a second or late producer would leak
+        self._producer_lock = asyncio.Lock()
+        self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._pending = asyncio.Event()  # something to publish
         self.retry_interval_s = RETRY_INTERVAL_S
@@ -146,6 +149,7 @@ class DeploymentRecorder:
 
     async def start(self) -> None:
         if not self._tasks:
+            self._closed = False
             # what this collector saved may never have reached this broker (a new one, or away)
             self._unpublished |= {r for r in self.history.mine if self.history.get(r) is not None}
             self._pending.set()
@@ -176,7 +180,9 @@ class DeploymentRecorder:
             self._queue.task_done()
         if left:
             self._metrics.deployment_records.labels("dropped").inc(left)
-        producer, self._producer = self._producer, None
+        async with self._producer_lock:  # a start under way ends first, then is stopped
+            self._closed = True
+            producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(KafkaError, TimeoutError, OSError):
                 await asyncio.wait_for(producer.stop(), self._timeout_s)
@@ -204,8 +210,11 @@ class DeploymentRecorder:
     async def _publish_loop(self) -> None:
         """Publish what was saved; what failed is tried again every `retry_interval_s`."""
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that comes as
+            # the event fires, and stop() would wait for this loop forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pending.wait(), self.retry_interval_s)
+                async with asyncio.timeout(self.retry_interval_s):
+                    await self._pending.wait()
             self._pending.clear()
             try:
                 for rollout_id in sorted(self._unpublished):
@@ -257,11 +266,18 @@ class DeploymentRecorder:
         self._metrics.deployment_records.labels("published").inc()
         return True
 
+    async def _started(self) -> AIOKafkaProducer:
+        async with self._producer_lock:
+            if self._closed:
+                raise KafkaError("the deployment recorder is stopped")
+            if self._producer is None:
+                self._producer = await start_producer(self._bootstrap, self._timeout_s)
+            return self._producer
+
     async def _send(self, signed: outrider.SignedRecord) -> None:
-        if self._producer is None:
-            self._producer = await start_producer(self._bootstrap, self._timeout_s)
+        producer = await self._started()
         await asyncio.wait_for(
-            self._producer.send_and_wait(
+            producer.send_and_wait(
                 outrider.DEPLOYMENTS_TOPIC, signed.value, key=signed.key, headers=list(signed.headers)
             ),
             self._timeout_s,

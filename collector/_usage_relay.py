@@ -39,6 +39,9 @@ class UsageRelay:
         self._bootstrap, self._timeout_s = bootstrap, timeout_s
         self.granter_here = granter_here  # this replica holds partition 0: it saw the report
         self._producer: AIOKafkaProducer | None = None
+        # one lazy start at a time, and none after stop: a second or late producer would leak
+        self._producer_lock = asyncio.Lock()
+        self._closed = False
         self.pending: list[events_pb2.Event] = []
         self.relayed = 0
 
@@ -51,19 +54,20 @@ class UsageRelay:
 
     async def flush(self) -> None:
         """Write what is pending to partition 0; what fails is dropped (the next report renews)."""
-        if not self.pending:
+        if not self.pending or self._closed:
             return
         batch, self.pending = self.pending, []
         try:
-            if self._producer is None:
-                self._producer = await start_producer(self._bootstrap, self._timeout_s)
+            producer = await self._started()
+            if producer is None:
+                return  # stopped meanwhile
             for event in batch:
                 copy = events_pb2.Event()
                 copy.CopyFrom(event)
                 copy.sequence = 0
                 value, headers = outrider.encode_event(copy)
                 await asyncio.wait_for(
-                    self._producer.send_and_wait(
+                    producer.send_and_wait(
                         outrider.EVENTS_TOPIC,
                         value,
                         key=outrider.agent_key(event.agent),
@@ -77,7 +81,15 @@ class UsageRelay:
             why = exc or type(exc).__name__
             log.warning("relaying %d usage reports to the granter failed: %s", len(batch), why)
 
+    async def _started(self) -> AIOKafkaProducer | None:
+        async with self._producer_lock:
+            if self._producer is None and not self._closed:
+                self._producer = await start_producer(self._bootstrap, self._timeout_s)
+            return self._producer
+
     async def stop(self) -> None:
-        producer, self._producer = self._producer, None
+        async with self._producer_lock:  # a start under way ends first, then is stopped
+            self._closed = True
+            producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()

@@ -202,11 +202,23 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> list[tuple[str, di
     return samples
 
 
+def _ephemeral_low(default: int = 32_768) -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
 def free_port_base(span: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
-    """A base port with ``span`` consecutive ports free a moment ago (for `outrider dev`)."""
+    """A base port with ``span`` consecutive ports free a moment ago (for `outrider dev`).
+
+    Below the kernel's ephemeral range: there, any outgoing connection or `free_port()` of a
+    test running beside this one (xdist) may take one of the ports before `outrider dev` binds
+    it; below, only another `free_port_base` can, and it checks."""
     rng = random.Random()
+    top = max(10_000 + span + 1, min(60_000, _ephemeral_low()) - span)
     for _ in range(attempts):
-        base = rng.randrange(20_000, 60_000 - span)
+        base = rng.randrange(10_000, top)
         socks = []
         try:
             for port in range(base, base + span):

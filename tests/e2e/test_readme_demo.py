@@ -123,6 +123,8 @@ def test_readme_block_keeps_its_shape() -> None:
 
 
 @pytest.mark.timeout(480)
+# its agent writes .outrider/agent.log in the checkout, as the README says: one at a time
+@pytest.mark.xdist_group("readme-agent-log")
 def test_readme_demo_rolls_back_the_bad_candidate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lines = readme_block()
     base = free_port_base(PORT_SPAN)

@@ -56,6 +56,8 @@ def test_readme_shadow_block_and_examples_agree() -> None:
 
 
 @pytest.mark.timeout(420)
+# its agent writes .outrider/agent.log in the checkout, as the README says: one at a time
+@pytest.mark.xdist_group("readme-agent-log")
 def test_readme_shadow_block_runs_as_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lines = readme_block_under(HEADING)
     pushed = sidecar.load_version_file(VERSION_FILE)

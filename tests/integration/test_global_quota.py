@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 
+from collector._quota import DEFAULT_HEADROOM
 from devstack.broker import EmbeddedBroker
 from tests.bench.global_quota import GRANT_INTERVAL_S, LIMIT_TPM, MIN_SHARE_TPM, SIDECARS, run_scenario
 
@@ -44,10 +45,12 @@ async def test_three_sidecars_share_one_limit_and_an_idle_share_moves(broker: Em
         start, end = phase.measured()
         assert len(seen) >= int((end - start) / GRANT_INTERVAL_S) - 1, (phase.name, len(seen))
 
-    # C idle: its share is the minimum, A and B hold the rest of the limit
+    # C idle: its share is the minimum (plus at most its headroom, handed out only when A's or
+    # B's reported demand dips below the limit, as it may on a busy machine), A and B hold
+    # the rest of the limit
     for grant in result.grants_in(idle):
         assert set(grant.grants_tpm) == set(SIDECARS), grant
-        assert grant.grants_tpm["sc-c"] <= MIN_SHARE_TPM + 1e-6, grant
+        assert grant.grants_tpm["sc-c"] <= (1 + DEFAULT_HEADROOM) * MIN_SHARE_TPM + 1e-6, grant
         assert grant.grants_tpm["sc-a"] + grant.grants_tpm["sc-b"] >= 0.95 * LIMIT_TPM, grant
     assert result.rate_per_s(idle, "sc-c") == 0
     # C busy: its share grows out of A's and B's

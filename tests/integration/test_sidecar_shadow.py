@@ -87,6 +87,7 @@ def shadow_config(
         "agent": AGENT,
         "stable": "v1",
         "listen": "127.0.0.1:0",
+        "metrics_port": None,  # never the fixed default: tests run side by side (xdist)
         "kafka": {"bootstrap_servers": kafka},
         "shutdown_grace": "2s",
         "telemetry": {"spill_dir": fresh_spill_dir()},
