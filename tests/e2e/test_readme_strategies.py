@@ -22,7 +22,9 @@ from tests.e2e.test_readme_demo import PORT_SPAN, Block
 from tests.e2e.test_readme_registry import readme_block_under
 from tests.support import DevStackProc, free_port_base
 
-pytestmark = [pytest.mark.e2e, pytest.mark.broker]
+# the blocks' agents write .outrider/agent.log in the checkout, as the other README demos do:
+# one xdist group runs them one at a time (and keeps this module's one stack on one worker)
+pytestmark = [pytest.mark.e2e, pytest.mark.broker, pytest.mark.xdist_group("readme-agent-log")]
 
 ROOT = Path(__file__).resolve().parents[2]
 STATUS = ".venv/bin/outrider rollout status support-bot"
