@@ -40,15 +40,15 @@ what the controller holds is always what sidecars can see. `start`, `evaluate` a
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 
 from collector import _bluegreen_phase as bluegreen
-from collector._ab_phase import decide_ab, finish_ab, start_ab
+from collector._ab_phase import decide_ab, finish_ab
 from collector._config_errors import SpecError
 from collector._errors import NoRollout, RolloutConflict, RolloutFinished, WrongPhase
 from collector._evidence import RolloutEvidence
 from collector._gates import HARM, blocks_promotion, evaluate_gate
+from collector._rollout_start import start_state
 from collector._rollout_state import (
     ABORTED,
     ACTIVE,
@@ -65,14 +65,13 @@ from collector._rollout_state import (
     ROLLED_BACK,
     RUNNING,
     SHADOW,
-    STICKY,
     TERMINAL,
     retired_after,
 )
 from collector._rollout_state import ns as _ns
 from collector._rollout_state import stage_record as _stage
 from collector._shadow_evidence import ShadowEvidence
-from collector._shadow_phase import decide_shadow, in_shadow, shadow_start_reason, shadow_waiting
+from collector._shadow_phase import decide_shadow, in_shadow
 from collector._smoke_results import SmokeResults
 from collector._spec import RolloutSpec, load_spec_text
 from collector._triggers import evaluate_triggers
@@ -176,64 +175,8 @@ class RolloutController:
                 f"({self._state.rollout_id}, generation {self._state.generation})"
             )
         generation = max(generation_base, self.generation) + 1
-        rollout_id = hashlib.sha256(f"{self.agent}|{_ns(now)}|{generation}|{spec_yaml}".encode()).hexdigest()[
-            :12
-        ]
-        gate_alpha, _ = spec.test_alphas()
-        shadow = spec.shadow
-        if shadow is not None:
-            reason = shadow_start_reason(spec)
-        elif spec.steps:  # (a blue-green has none: bluegreen.to_smoke_test words its start)
-            reason = f"started: step 1 of {len(spec.steps)} at {spec.steps[0].weight:g}%"
-        else:
-            reason = "started"  # an A/B test's and a blue-green's own start words it
-        state = control_pb2.RolloutState(
-            agent=self.agent,
-            generation=generation,
-            rollout_id=rollout_id,
-            stable_version_id=spec.stable,
-            candidate_version_id=spec.candidate,
-            candidate_weight=0.0 if shadow is not None else spec.effective_weight(0),
-            phase=SHADOW if shadow is not None else RUNNING,
-            shadow_sample=shadow.sample / 100 if shadow is not None else 0.0,
-            alpha=spec.alpha,
-            step_index=0,
-            step_count=len(spec.steps),
-            sticky_by=STICKY[spec.sticky_by],
-            reason=reason,
-            decided_by=decided_by,
-            decided_at_unix_nano=_ns(now),
-            step_started_at_unix_nano=_ns(now),
-            spec_yaml=spec_yaml,
-            started_at_unix_nano=_ns(now),
-            drain_timeout_s=spec.drain_timeout,
-            # per-tenant canaries (sidecar.routing._tenants) and a demo's scale, on every state
-            opt_in_tenants=spec.opt_in_tenants,
-            exclude_tenants=spec.exclude_tenants,
-            time_scale=spec.time_scale,
-            # the previous rollout's candidate may still be draining: its sessions stay refused
-            retired=retired_after(self._state.retired if self._state is not None else (), now),
-            gate_results=[
-                control_pb2.GateResult(
-                    name=g.name,
-                    metric=g.metric,
-                    limit=g.limit,
-                    margin=g.limit,
-                    alpha=gate_alpha,
-                    kind="gate",
-                    action=g.on_failure,
-                    verdict="waiting",
-                    detail="not evaluated yet",
-                )
-                for g in ([] if shadow is not None else spec.gates)
-            ]
-            + shadow_waiting(spec, gate_alpha),
-        )
-        if spec.blue_green is not None:  # SMOKE_TEST: green serves only the smoke tests
-            bluegreen.to_smoke_test(state, spec)
-        if spec.ab is not None:
-            start_ab(state, spec)  # an A/B test: its variants and plan (collector._ab_phase)
-        return state
+        previous = self._state.retired if self._state is not None else ()
+        return start_state(self.agent, spec, spec_yaml, now, decided_by, generation, previous)
 
     def propose_abort(self, reason: str, now: float, decided_by: str) -> control_pb2.RolloutState:
         state = self._require_state()
