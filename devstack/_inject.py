@@ -45,7 +45,8 @@ TEMPLATE_CANDIDATES = (
     Path("/opt/outrider") / _TEMPLATE_REL,
 )
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
-_DOC_SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
+# `---` at the start of a line always starts a document (the rest of its line belongs to it)
+_DOC_SEPARATOR = re.compile(r"^---(?=[ \t\r\n]|\Z)", re.MULTILINE)
 
 
 class InjectError(ValueError):
@@ -108,16 +109,18 @@ class _Doc:
 
 def _split(text: str, source: str) -> list[_Doc]:
     docs = []
-    starts = [0] + [m.end() + 1 for m in _DOC_SEPARATOR.finditer(text)]
-    ends = [m.start() for m in _DOC_SEPARATOR.finditer(text)] + [len(text)]
+    marks = list(_DOC_SEPARATOR.finditer(text))
+    starts = [0] + [m.end() for m in marks]
+    ends = [m.start() for m in marks] + [len(text)]
     for index, (start, end) in enumerate(zip(starts, ends, strict=True), start=1):
         chunk = text[start:end]
-        line = text.count("\n", 0, start) + 1
+        base = text.count("\n", 0, start) + 1  # the line the chunk starts on (its `---` line)
+        line = base + 1 if index > 1 and _separator_rest(chunk) is not None else base
         try:
             data = yaml.safe_load(chunk)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f"line {line + mark.line}" if mark is not None else f"starting at line {line}"
+            where = f"line {base + mark.line}" if mark is not None else f"starting at line {line}"
             problem = getattr(exc, "problem", None) or str(exc)
             raise InjectError(f"{source}: document {index} ({where}): invalid YAML: {problem}") from exc
         if data is not None and not isinstance(data, dict):
@@ -253,19 +256,27 @@ def inject_text(
             else:
                 result.skipped.append(name)
         if changed:
-            out.append(yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100))
+            dumped = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+            # after a `---`, keep a comment on its line
+            out.append(
+                dumped if doc.index == 1 else (_separator_rest(doc.text) or "").rstrip() + "\n" + dumped
+            )
         else:
             out.append(doc.text)
-    result.text = _join(text, out)
+    result.text = _join(out)
     return result
 
 
-def _join(original: str, chunks: list[str]) -> str:
-    """The documents with the original separators between them."""
-    separators = [m.group(0) for m in _DOC_SEPARATOR.finditer(original)]
+def _separator_rest(chunk: str) -> str | None:
+    """What follows `---` on its line when it holds no content (blank or a comment), else None."""
+    rest = chunk.split("\n", 1)[0]
+    return rest if not rest.strip() or rest.strip().startswith("#") else None
+
+
+def _join(chunks: list[str]) -> str:
     parts = [chunks[0]]
-    for separator, chunk in zip(separators, chunks[1:], strict=True):
+    for chunk in chunks[1:]:
         if parts[-1] and not parts[-1].endswith("\n"):
             parts.append("\n")
-        parts += [separator, "\n", chunk]
+        parts += ["---", chunk]
     return "".join(parts)

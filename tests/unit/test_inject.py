@@ -201,3 +201,29 @@ def test_inject_template_errors_name_the_file(tmp_path: Path) -> None:
     broken.write_text("kind: Deployment\nspec: {}\n")
     with pytest.raises(_inject.InjectError, match=r"patch\.yaml: not a sidecar injection patch"):
         _inject.SidecarTemplate.load(broken)
+
+
+def test_inject_keeps_separators_comments_and_inline_documents() -> None:
+    text = textwrap.dedent(
+        """\
+        # the header of an untouched document stays
+        apiVersion: v1
+        kind: Service
+        metadata: {name: web}
+        --- # a comment on the separator
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: a, annotations: {outrider.io/inject: "true"}}
+        spec: {containers: [{name: c, image: i}]}
+        --- {apiVersion: v1, kind: Pod, metadata: {name: b}, spec: {containers: [{name: c, image: i}]}}
+        ---
+        # nothing but a comment
+        """
+    )
+    result = _inject.inject_text(text, inject_all=True)
+    assert result.injected == ["Pod/a", "Pod/b"]
+    assert result.text.startswith(text.split("--- #")[0] + "--- # a comment on the separator\n")
+    assert result.text.endswith("---\n# nothing but a comment\n")
+    docs = list(yaml.safe_load_all(result.text))
+    assert [d["metadata"]["name"] for d in docs if d] == ["web", "a", "b"]
+    assert _inject.inject_text(result.text, inject_all=True).text == result.text
