@@ -131,8 +131,10 @@ def _split(text: str, source: str) -> list[_Doc]:
     return docs
 
 
-def _pod_templates(doc: dict[str, Any], where: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """(pod metadata, pod spec) of every pod a workload object defines; none for other kinds."""
+def _pod_templates(
+    doc: dict[str, Any], where: str
+) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """(workload, pod metadata, pod spec) of every pod an object defines; none for other kinds."""
     kind = doc.get("kind")
     if kind == "List":
         for n, item in enumerate(doc.get("items") or [], start=1):
@@ -153,7 +155,7 @@ def _pod_templates(doc: dict[str, Any], where: str) -> Iterator[tuple[dict[str, 
     meta = holder.setdefault("metadata", {})
     if not isinstance(meta, dict):
         raise InjectError(f"{where}: the pod's metadata is not a mapping")
-    yield meta, spec
+    yield doc, meta, spec
 
 
 def _mapping(doc: dict[str, Any], path: tuple[str, ...], where: str) -> dict[str, Any]:
@@ -247,14 +249,15 @@ def inject_text(
         name = f"{data.get('kind')}/{(data.get('metadata') or {}).get('name')}"
         where = f"{source}: document {doc.index} (line {doc.line}, {name})"
         changed = False
-        for pod_meta, pod_spec in _pod_templates(data, where):
-            if not _selected(data, pod_meta, namespaces, inject_all):
+        for owner, pod_meta, pod_spec in _pod_templates(data, where):
+            if not _selected(owner, pod_meta, namespaces, inject_all):
                 continue
+            owner_name = f"{owner.get('kind')}/{(owner.get('metadata') or {}).get('name')}"
             if inject_pod(pod_meta, pod_spec, template, image):
                 changed = True
-                result.injected.append(name)
+                result.injected.append(owner_name)
             else:
-                result.skipped.append(name)
+                result.skipped.append(owner_name)
         if changed:
             dumped = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
             # after a `---`, keep a comment on its line

@@ -227,3 +227,16 @@ def test_inject_keeps_separators_comments_and_inline_documents() -> None:
     docs = list(yaml.safe_load_all(result.text))
     assert [d["metadata"]["name"] for d in docs if d] == ["web", "a", "b"]
     assert _inject.inject_text(result.text, inject_all=True).text == result.text
+
+
+def test_inject_into_a_list_selects_by_each_item() -> None:
+    items = [
+        _workload("Deployment", "asking", annotations={"outrider.io/inject": "true"}),
+        _workload("Job", "plain"),
+    ]
+    text = _dump({"apiVersion": "v1", "kind": "List", "items": items})
+    result = _inject.inject_text(text)
+    assert result.injected == ["Deployment/asking"]
+    (doc,) = yaml.safe_load_all(result.text)
+    assert _sidecar(doc["items"][0]["spec"]["template"]["spec"])
+    assert doc["items"][1] == items[1]
