@@ -11,6 +11,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import click
 
@@ -296,6 +297,48 @@ def versions(config_path: Path) -> None:
     for label, version_id in config.version_ids().items():
         marker = " (stable)" if label == config.stable else ""
         click.echo(f"{label}\t{version_id}{marker}")
+
+
+@main.command()
+@click.option(
+    "-f", "--filename", "source", required=True, type=click.File("r"), help="Kubernetes YAML; - for stdin."
+)
+@click.option(
+    "-o", "--output", "output", type=click.File("w"), default="-", help="Where to write; stdout by default."
+)
+@click.option(
+    "--all", "inject_all", is_flag=True, help='Every pod, not only those asking (outrider.io/inject: "true").'
+)
+@click.option("--image", default=None, help="Sidecar image (default: the injection template's).")
+@click.option(
+    "--template",
+    "template_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The injection patch (default: deploy/k8s/injection/sidecar-patch.yaml).",
+)
+def inject(
+    source: TextIO,
+    output: TextIO,
+    inject_all: bool,
+    image: str | None,
+    template_path: Path | None,
+) -> None:
+    """Add the Outrider sidecar to the pod templates of a manifest, offline (GitOps)."""
+    from devstack import _inject
+
+    try:
+        template = _inject.SidecarTemplate.load(template_path)
+        result = _inject.inject_text(
+            source.read(), source=source.name, template=template, inject_all=inject_all, image=image
+        )
+    except _inject.InjectError as exc:
+        raise click.ClickException(str(exc)) from exc
+    output.write(result.text)
+    summary = f"injected {len(result.injected)} pod template(s)"
+    if result.skipped:
+        summary += f", {len(result.skipped)} already had the sidecar"
+    click.echo(summary, err=True)
 
 
 @main.group()

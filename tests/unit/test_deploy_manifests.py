@@ -405,6 +405,87 @@ def test_compose_references_are_defined() -> None:
     assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == (DEPLOY / "Dockerfile").resolve()
 
 
+COMPOSE_OVERRIDES = sorted(DEPLOY.glob("docker-compose.*.yaml"))
+
+
+def _compose(*overrides: Path) -> dict[str, Any]:
+    """The compose file with `overrides` merged on top the way compose does it for what this
+    stack uses (environment, depends_on and other mappings merge key by key; lists replace)."""
+
+    def merge(base: Any, top: Any) -> Any:
+        if isinstance(base, dict) and isinstance(top, dict):
+            return {**base, **{k: merge(base.get(k), v) for k, v in top.items()}}
+        return top
+
+    compose: dict[str, Any] = load_docs(DEPLOY / "docker-compose.yaml")[0]
+    for override in overrides:
+        compose = merge(compose, load_docs(override)[0])
+    return compose
+
+
+def _bind_mount(service: dict[str, Any], target: str) -> Path:
+    for mount in service.get("volumes", []):
+        source, _, rest = mount.partition(":")
+        if rest.split(":", 1)[0] == target:
+            return (DEPLOY / source).resolve()
+    raise AssertionError(f"nothing is mounted at {target}")
+
+
+def _span_paths(compose: dict[str, Any]) -> list[str]:
+    """Which services send spans to Jaeger: the sidecar directly (its OTLP exporter) and the
+    collector by relaying `outrider.spans` (its `otlp_endpoint`), read with the real rules."""
+    from collector._settings import load_settings, otlp_endpoint
+    from sidecar.telemetry._span_records import OTLP_ENDPOINT_ENVS
+
+    services = compose["services"]
+    paths = []
+    sidecar_env = {k: str(v) for k, v in (services["sidecar"].get("environment") or {}).items()}
+    if any(sidecar_env.get(name) for name in OTLP_ENDPOINT_ENVS):
+        paths.append("sidecar")
+    collector_env = {k: str(v) for k, v in (services["collector"].get("environment") or {}).items()}
+    settings = load_settings(_bind_mount(services["collector"], "/etc/outrider/collector.yaml"))
+    if otlp_endpoint(settings, collector_env):
+        paths.append("collector")
+    return paths
+
+
+def test_compose_sends_each_span_to_jaeger_once() -> None:
+    # the default is the path the README describes: the collector relays outrider.spans
+    assert _span_paths(_compose()) == ["collector"]
+    assert COMPOSE_OVERRIDES, "the opt-in direct-export override is missing"
+    for override in COMPOSE_OVERRIDES:
+        assert len(_span_paths(_compose(override))) == 1, override.name
+    assert _span_paths(_compose(DEPLOY / "docker-compose.otlp-direct.yaml")) == ["sidecar"]
+
+
+def _rollout_pairs() -> Iterator[tuple[str, Path, Path]]:
+    """(where, rollout spec, sidecar config whose versions it names)."""
+    services = _compose()["services"]
+    yield (
+        "compose",
+        _bind_mount(services["collector"], "/etc/outrider/rollout.yaml"),
+        _bind_mount(services["sidecar"], "/etc/outrider/sidecar.yaml"),
+    )
+    yield "examples", ROOT / "examples" / "rollout.yaml", ROOT / "examples" / "sidecar.yaml"
+
+
+@pytest.mark.parametrize("pair", list(_rollout_pairs()), ids=lambda p: p[0])
+def test_rollout_examples_name_versions_their_sidecar_config_has(pair: tuple[str, Path, Path]) -> None:
+    from collector._spec import load_spec_file
+
+    where, spec_path, config_path = pair
+    spec = load_spec_file(spec_path)
+    config = sidecar.load_config(config_path, resolve_secrets=False)
+    ids = config.version_ids()  # what `outrider versions --config FILE` prints
+    assert spec.agent == config.agent, where
+    assert spec.stable == ids[config.stable], f"{where}: stable {spec.stable} is not {config.stable}"
+    assert spec.candidate in ids.values(), f"{where}: candidate {spec.candidate} not in {ids}"
+    # ids quoted in the compose file's instructions are real ones too
+    if where == "compose":
+        quoted = set(re.findall(r"\b[0-9a-f]{12}\b", (DEPLOY / "docker-compose.yaml").read_text()))
+        assert quoted and quoted <= set(ids.values()), quoted
+
+
 def test_dockerfile_is_multistage_non_root_with_outrider_entrypoint() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert "ARG PYTHON_IMAGE=python:3.11-slim" in text
