@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import collector
 import sidecar
 from devstack.simprovider import load_sim_config
+from sidecar._config import DEFAULT_SHUTDOWN_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -611,3 +612,13 @@ async def test_health_probe_script() -> None:
     finally:
         await server.stop(None)
     assert await _probe(address) == 1  # nothing listening
+
+
+def test_agent_example_gives_the_sidecar_its_shutdown_grace() -> None:
+    """The pod's grace period outlasts the sidecar's own shutdown grace, so SIGKILL never cuts
+    the flush of its telemetry queue and spill."""
+    deployment = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "deploy/k8s/examples/agent/agent-deployment.yaml").read_text()
+    )
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert isinstance(grace, int) and grace > DEFAULT_SHUTDOWN_GRACE_S
