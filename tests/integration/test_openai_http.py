@@ -258,3 +258,15 @@ async def test_openai_http_port_in_use_fails_the_start_naming_the_field(sim: Sim
         config = parse_config(data, source="test.yaml").load_secrets({"TEST_SIM_KEY": API_KEY})
         with pytest.raises(SidecarError, match=r"openai_http\.listen: cannot bind"):
             await Sidecar(config).start()
+
+
+async def test_openai_http_stream_blocked_mid_way_is_an_error_event(sim: SimProvider) -> None:
+    async with serving(openai_config(sim, guards=[{"guard": "secret", "action": "block"}])) as (_, client):
+        text = "my key is sk-abcdefghijklmnopqrstuvwxyz0123456789 and a few more words"
+        seen = []
+        with pytest.raises(openai.APIError, match="blocked by guardrail secret") as info:
+            async for chunk in await client.chat.completions.create(
+                model="m", messages=user(text), stream=True
+            ):
+                seen += [c.delta.content or "" for c in chunk.choices]
+        assert "sk-abc" not in "".join(seen) and "sk-abc" not in info.value.message
