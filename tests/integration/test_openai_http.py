@@ -15,7 +15,7 @@ import grpc
 import openai
 import pytest
 
-from devstack.simprovider import SimProvider
+from devstack.simprovider import ModelBehavior, SimProvider
 from outrider.v1 import control_pb2, sidecar_pb2, sidecar_pb2_grpc
 from sidecar import Sidecar
 from sidecar._app import SidecarError
@@ -270,3 +270,16 @@ async def test_openai_http_stream_blocked_mid_way_is_an_error_event(sim: SimProv
             ):
                 seen += [c.delta.content or "" for c in chunk.choices]
         assert "sk-abc" not in "".join(seen) and "sk-abc" not in info.value.message
+
+
+async def test_openai_http_every_tier_failed_is_503() -> None:
+    failing = sim_models(**{"sim-good": ModelBehavior(error_rate=1.0, error_status=500)})
+    async with SimProvider(failing, api_key=API_KEY, seed=1) as broken:
+        data = openai_config(broken).model_dump(mode="json")
+        data["versions"]["v1"]["resilience"] = {"retry": {"max_attempts": 1}}
+        config = parse_config(data, source="test.yaml").load_secrets({"TEST_SIM_KEY": API_KEY})
+        async with serving(config) as (_, client):
+            with pytest.raises(openai.InternalServerError) as info:
+                await client.chat.completions.create(model="m", messages=user("hi"))
+    assert info.value.status_code == 503 and "every tier failed" in info.value.message
+    assert info.value.response.headers["x-should-retry"] == "true"
