@@ -30,13 +30,21 @@ RUN_FILES = ("collector-state", "spill", SESSION_KEY_FILE, "sidecar.yaml", "coll
 HOST = "127.0.0.1"
 
 # offsets from the port base, and the ports used without one (the example configs' own)
-_OFFSETS = {"simprovider": 0, "admin": 1, "sidecar": 2, "sidecar_metrics": 3, "collector_metrics": 4}
+_OFFSETS = {
+    "simprovider": 0,
+    "admin": 1,
+    "sidecar": 2,
+    "sidecar_metrics": 3,
+    "collector_metrics": 4,
+    "openai": 5,  # the sidecar's OpenAI-compatible endpoint
+}
 _DEFAULTS = {
     "simprovider": 8000,
     "admin": 50061,
     "sidecar": 50051,
     "sidecar_metrics": 9464,
     "collector_metrics": 9465,
+    "openai": 8001,
 }
 PORT_SPAN = len(_OFFSETS)
 _EXAMPLE_SIM_URL = f"http://{HOST}:{_DEFAULTS['simprovider']}"
@@ -49,6 +57,7 @@ class DevPorts:
     sidecar: int
     sidecar_metrics: int
     collector_metrics: int
+    openai: int
 
     @classmethod
     def from_base(cls, base: int | None) -> DevPorts:
@@ -95,6 +104,10 @@ def write_configs(
         judge["base_url"] = ports.sim_url + judge["base_url"][len(_EXAMPLE_SIM_URL) :]  # not in any id
     sidecar["listen"] = f"{HOST}:{ports.sidecar}"
     sidecar["metrics_port"] = ports.sidecar_metrics
+    # the OpenAI-compatible endpoint is always on in the dev stack, whatever the source says
+    openai_http = sidecar.get("openai_http") or {}
+    openai_http["listen"] = f"{HOST}:{ports.openai}"
+    sidecar["openai_http"] = openai_http
     telemetry = sidecar.setdefault("telemetry", {}) or {}
     if telemetry.get("spill_dir", "") is not None:  # null (off) stays off
         telemetry["spill_dir"] = str((run_dir / "spill" / "{agent}").resolve())

@@ -86,6 +86,7 @@ class DevStack:
             (ports.collector_metrics, "collector metrics"),
             (ports.sidecar, "sidecar"),
             (ports.sidecar_metrics, "sidecar metrics"),
+            (ports.openai, "sidecar's OpenAI endpoint"),
         ):
             if _port_accepts(HOST, port):
                 raise StackError(
@@ -136,7 +137,8 @@ class DevStack:
         env.setdefault(CAPTURE_CONTENT_ENV, os.environ.get(CAPTURE_CONTENT_ENV, "true"))
         self._spawn(
             "sidecar",
-            f"gRPC {HOST}:{ports.sidecar}, metrics http://{HOST}:{ports.sidecar_metrics}/metrics",
+            f"gRPC {HOST}:{ports.sidecar}, openai http://{HOST}:{ports.openai}/v1, "
+            f"metrics http://{HOST}:{ports.sidecar_metrics}/metrics",
             "sidecar",
             "--config",
             str(sidecar_config),
@@ -145,6 +147,7 @@ class DevStack:
             env=env,
         )
         self._wait_port("sidecar", HOST, ports.sidecar)
+        self._wait_port("sidecar", HOST, ports.openai)
         self._wait_reported(sidecar_config)
 
     def _wait_reported(self, sidecar_config: Path) -> None:

@@ -25,6 +25,7 @@ from outrider.clock import Clock, SystemClock
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._config import SidecarConfig
 from sidecar._grpc import SidecarService
+from sidecar._openai_http import OpenAIEndpoint, OpenAIHttpError
 from sidecar._pipeline import CallPipeline
 from sidecar._record import Recorder
 from sidecar._smoke import SmokeRunner
@@ -172,6 +173,7 @@ class Sidecar:
         self._metrics_server: MetricsServer | None = None
         self._http: aiohttp.ClientSession | None = None
         self._server: grpc.aio.Server | None = None
+        self.openai: OpenAIEndpoint | None = None  # the OpenAI-compatible endpoint, when configured
         self.tracer_provider: TracerProvider | None = None
         self._state = _State.NEW
         self._lock = asyncio.Lock()
@@ -289,6 +291,12 @@ class Sidecar:
         await self.registry.load_persisted()  # before the control state: it may pin a pushed version
         await self.control.start()  # the persisted control state is in place before the first call
         await server.start()
+        if config.openai_http is not None:
+            try:
+                self.openai = OpenAIEndpoint(pipeline, config.openai_http, config.max_request_bytes)
+                await self.openai.start()
+            except OpenAIHttpError as exc:
+                raise SidecarError(str(exc)) from None
         await self.telemetry.start()
         await self.registry.start()
         await self.drain.start()
@@ -379,6 +387,8 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await ready
         await self._health.enter_graceful_shutdown()
+        if self.openai is not None:
+            await self.openai.stop(grace)
         if self._server is not None:
             await self._server.stop(grace)
         if self.smoke is not None:
@@ -420,6 +430,8 @@ async def run(config: SidecarConfig) -> int:
         config.stable,
         f"; metrics on :{sidecar.metrics_port}/metrics" if sidecar.metrics_port else "",
     )
+    if sidecar.openai is not None:
+        log.info("sidecar: openai %s", sidecar.openai.base_url)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)

@@ -34,6 +34,7 @@ from outrider.durations import PositiveDuration, parse_positive_duration
 from sidecar._aliases import alias_version
 from sidecar._config_format import format_validation_error
 from sidecar._control_config import ControlConfig
+from sidecar._openai_wire import OpenAIHttpConfig
 from sidecar._version_config import PriceSpec, VersionConfig, _Frozen
 from sidecar.flags._model import FlagConfig, check_flags
 from sidecar.shadow._settings import ShadowConfig
@@ -157,6 +158,7 @@ class SidecarConfig(_Frozen):
     upstream_aliases: dict[str, str] = Field(default_factory=dict)  # see sidecar._aliases
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)  # see sidecar.shadow._settings
     flags: tuple[FlagConfig, ...] = ()  # feature flags, see sidecar.flags._model
+    openai_http: OpenAIHttpConfig | None = None  # the OpenAI-compatible endpoint, see sidecar._openai_http
 
     _version_ids: dict[str, str] = PrivateAttr(default_factory=dict)
     _api_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)

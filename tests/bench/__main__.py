@@ -8,6 +8,7 @@ from tests.bench import (
     collector_ingest,
     decisions,
     global_quota,
+    openai_http,
     resilience,
     shadow,
     sidecar_latency,
@@ -22,6 +23,7 @@ BENCHMARKS = {
     "global-quota": global_quota.main,
     "decisions": decisions.main,
     "shadow": shadow.main,
+    "openai-http": openai_http.main,
 }
 
 

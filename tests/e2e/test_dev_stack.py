@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 import yaml
 
@@ -54,7 +55,7 @@ def test_example_rollout_names_the_example_versions() -> None:
 
 
 def test_outrider_dev_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    base = free_port_base(5)
+    base = free_port_base(6)
     dev = DevStackProc(ROOT, base, tmp_path / "state", tmp_path / "dev.log")
     admin = {
         "OUTRIDER_ADMIN_ADDR": f"127.0.0.1:{base + 1}",
@@ -79,6 +80,16 @@ def test_outrider_dev_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             )
             assert reply.message.content and reply.version_id == opened.version_id
             assert not reply.degraded  # the moved provider URL is the one called
+
+        # an openai-SDK agent changes base_url only
+        assert f"openai http://127.0.0.1:{base + 5}/v1" in dev.output()
+        with openai.OpenAI(
+            base_url=f"http://127.0.0.1:{base + 5}/v1",
+            api_key="unused",
+            http_client=openai.DefaultHttpxClient(trust_env=False),
+        ) as agent:
+            answer = agent.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}])
+            assert answer.choices[0].message.content
 
         started = _outrider("rollout", "start", "examples/rollout.yaml", env=admin)
         assert started.returncode == 0, started.stderr

@@ -25,7 +25,7 @@ from tests.support import DevStackProc, free_port_base
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 
 ROOT = Path(__file__).resolve().parents[2]
-PORT_SPAN = 5  # devstack._dev_state offsets: simprovider, admin, sidecar, sidecar and collector metrics
+PORT_SPAN = 6  # devstack._dev_state offsets: simprovider, admin, sidecar, both metrics, openai
 ROLLBACK_WITHIN_S = 120.0
 LINE_TIMEOUT_S = 60.0
 POLL_S = 2.0

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ports_sit_at_offsets_from_the_base_or_keep_the_example_ports() -> None:
-    assert DevPorts.from_base(None) == DevPorts(8000, 50061, 50051, 9464, 9465)
-    assert DevPorts.from_base(41000) == DevPorts(41000, 41001, 41002, 41003, 41004)
+    assert DevPorts.from_base(None) == DevPorts(8000, 50061, 50051, 9464, 9465, 8001)
+    assert DevPorts.from_base(41000) == DevPorts(41000, 41001, 41002, 41003, 41004, 41005)
     with pytest.raises(ValueError, match="port base"):
         DevPorts.from_base(80)
 
@@ -44,6 +44,7 @@ def test_moved_configs_keep_version_ids_and_point_at_the_run(tmp_path: Path) -> 
     moved = load_config(sidecar_yaml, env={})
     assert moved.version_ids() == example.version_ids()
     assert moved.listen == "127.0.0.1:41002" and moved.metrics_port == 41003
+    assert moved.openai_http is not None and moved.openai_http.listen == "127.0.0.1:41005"
     assert moved.versions["v2"].provider.base_url == "http://127.0.0.1:41000/v1"
     assert str(moved.telemetry.spill_dir).startswith(str(tmp_path.resolve()))
     collector = yaml.safe_load(collector_yaml.read_text())
