@@ -9,7 +9,10 @@ One stack for all of them keeps the suite's time down: starting `outrider dev` c
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -149,3 +152,27 @@ def test_readme_feature_flag_block_runs_as_written(stack: Stack) -> None:
     assert arms["on"][0] > 0 and arms["off"][0] > arms["on"][0], listed
     cleared = next(out for line, out in outputs if "flag clear" in line)
     assert "concise-replies" in cleared, cleared
+
+
+def test_readme_wire_your_agent_snippet_runs_against_the_dev_sidecar(stack: Stack) -> None:
+    """The "Wire your agent" snippet, as written, with only the port of `base_url` moved to the
+    stack's (`outrider dev` prints that URL): its tool loop runs through the sidecar's endpoint."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    heading = re.search(r"^### Wire your agent$", text, re.M)
+    assert heading, "README.md has no 'Wire your agent' section"
+    code = re.search(r"^```python\n(.*?)^```", text[heading.end() :], re.M | re.S)
+    assert code and 'base_url="http://127.0.0.1:8001/v1"' in code.group(1), "the snippet's base_url"
+    assert len(code.group(1).splitlines()) < 20, "the snippet stays short"
+    snippet = code.group(1).replace("127.0.0.1:8001", f"127.0.0.1:{stack.base + 5}")
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    done = subprocess.run(
+        [sys.executable, "-c", snippet],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip(), "the agent printed no answer"
