@@ -36,9 +36,12 @@ async def test_genai_metrics_and_invoke_agent_span_for_real_calls(sim: SimProvid
             session = await open_session(stub, user_id="u1")
             sid, version = session.session_id, session.version_id
             reply = await stub.Chat(
-                sidecar_pb2.ChatRequest(session_id=sid, messages=USER), metadata=(("traceparent", TRACEPARENT),)
+                sidecar_pb2.ChatRequest(session_id=sid, messages=USER),
+                metadata=(("traceparent", TRACEPARENT),),
             )
-            chunks = [c async for c in stub.ChatStream(sidecar_pb2.ChatRequest(session_id=sid, messages=USER))]
+            chunks = [
+                c async for c in stub.ChatStream(sidecar_pb2.ChatRequest(session_id=sid, messages=USER))
+            ]
             final = chunks[-1].final
             sim.script("sim-good", Fault.http_error(400, times=1))  # not retried: one failed call
             with pytest.raises(grpc.aio.AioRpcError):

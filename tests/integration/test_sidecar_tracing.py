@@ -1,6 +1,6 @@
 """GenAI traces from a real Sidecar: W3C context from the agent's gRPC metadata becomes the
-parent, `invoke_agent {agent}` -> `chat {model}` / `execute_tool {name}` spans with gen_ai.* attributes, attempts and
-fallback tiers visible, traceparent passed on to the provider and tools, spans on
+parent, `invoke_agent {agent}` -> `chat {model}` / `execute_tool {name}` spans with gen_ai.*
+attributes, attempts and fallback tiers visible, traceparent passed on to the provider and tools, spans on
 `outrider.spans` as OTLP protobuf keyed by trace id, content only when opted in, and
 direct OTLP export to a real TraceService receiver when OTEL_EXPORTER_OTLP_* is set."""
 

@@ -470,11 +470,13 @@ def test_otlp_exporter_from_the_standard_env() -> None:
 
 def test_genai_invoke_agent_span_parents_the_chat_span(traced: Traced) -> None:
     parent = traced.tracing.extract_parent([("traceparent", TRACEPARENT)])
-    with traced.tracing.agent_span(
-        parent, agent="support-bot", conversation_id="sess-1", version_id="v-abc", role="canary"
-    ) as turn:
-        with traced.tracing.chat_span(turn.context, model="m", provider="openai", conversation_id="sess-1"):
-            pass
+    with (
+        traced.tracing.agent_span(
+            parent, agent="support-bot", conversation_id="sess-1", version_id="v-abc", role="canary"
+        ) as turn,
+        traced.tracing.chat_span(turn.context, model="m", provider="openai", conversation_id="sess-1"),
+    ):
+        pass
     agent, chat = traced.one("invoke_agent support-bot"), traced.one("chat m")
     assert agent.kind == SpanKind.INTERNAL
     assert agent.parent is not None and format(agent.parent.span_id, "016x") == PARENT_ID
