@@ -219,6 +219,7 @@ class Sidecar:
             telemetry=self.telemetry,
             tracing=tracing,
             clock=self._clock,
+            genai=self.metrics.genai,
         )
         session_flags = SessionFlags(self.flags)
         recorder.flags = session_flags

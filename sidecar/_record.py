@@ -2,7 +2,13 @@
 
 A Chat or ChatStream gathers what it learns in a `ChatState` as it goes through the pipeline
 (served tier, result, guard hits, cost, timings); `Recorder.chat` turns that into exactly one
-`CallRecord` event and ends the span with the same figures, whatever the outcome.
+`CallRecord` event, records the GenAI client metrics, and ends the spans with the same figures,
+whatever the outcome.
+
+Spans of a call: `invoke_agent {agent}` (the session turn) -> `chat {model}` -> `attempt`s. The
+sidecar sees no other turn boundary than one Chat/ChatStream call (the agent's own tool runs
+happen between calls, and CallTool spans stay children of the agent's trace context), so a turn
+is one call's pipeline run; `gen_ai.conversation.id` (the session nonce) links a session's turns.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from sidecar.resilience._user_quotas import UserTicket
 from sidecar.routing._router import Router
 from sidecar.routing._session import Session
 from sidecar.routing._versions import SERVED_BY_PRIMARY, Version
+from sidecar.telemetry._genai_metrics import GenAIMetrics
 from sidecar.telemetry._producer import TelemetryProducer
-from sidecar.telemetry._tracing import ChatSpan, GrpcMetadata, ToolSpan, Tracing
+from sidecar.telemetry._tracing import AgentSpan, ChatSpan, GrpcMetadata, ToolSpan, Tracing
 from sidecar.upstream._provider import ChatResult
 
 OK = events_pb2.OUTCOME_OK
@@ -69,6 +76,8 @@ class ChatState:
     session_cost_usd: float = 0.0
     span: ChatSpan | None = None
     span_scope: AbstractContextManager[ChatSpan] | None = None
+    agent_span: AgentSpan | None = None  # the turn's invoke_agent span, the chat span's parent
+    agent_scope: AbstractContextManager[AgentSpan] | None = None
 
 
 class Recorder:
@@ -83,8 +92,10 @@ class Recorder:
         telemetry: TelemetryProducer,
         tracing: Tracing,
         clock: Clock,
+        genai: GenAIMetrics | None = None,
     ) -> None:
         self._agent = agent
+        self._genai = genai
         self._sidecar_id = sidecar_id
         self._router = router
         self._telemetry = telemetry
@@ -121,8 +132,17 @@ class Recorder:
         self, trace_metadata: TraceCarrier, session: Session, version: Version, state: ChatState
     ) -> None:
         address, port = server_of(version.chat_url)
-        scope = self._tracing.chat_span(
+        agent_scope = self._tracing.agent_span(
             self._tracing.extract_parent(trace_metadata),
+            agent=self._agent,
+            conversation_id=session.nonce,
+            version_id=version.version_id,
+            role=role_name(session.role),
+        )
+        agent_span = state.agent_span = agent_scope.__enter__()
+        state.agent_scope = agent_scope
+        scope = self._tracing.chat_span(
+            agent_span.context,
             model=version.model,
             provider=version.provider,
             server_address=address,
@@ -185,11 +205,42 @@ class Recorder:
             record.outcome = ERROR
             record.error_class = state.error_class or "cancelled"
         self._telemetry.emit(event)
+        self._record_genai(version, state, record)
         _end_span(state, record)
         return record
 
+    def _record_genai(self, version: Version, state: ChatState, record: events_pb2.CallRecord) -> None:
+        if self._genai is None:
+            return
+        ok = record.outcome == OK
+        self._genai.record(
+            operation="chat",  # the conventions' operation name, streamed or not
+            provider=record.provider,
+            model=record.model,
+            version_id=version.version_id,
+            duration_s=record.latency_ms / 1000.0,
+            error_type="" if ok else record.error_class,
+            time_to_first_chunk_s=state.ttft_ms / 1000.0
+            if ok and state.operation == "chat_stream" and state.ttft_ms
+            else None,
+            input_tokens=record.input_tokens if ok else None,
+            output_tokens=record.output_tokens if ok else None,
+        )
+
 
 def _end_span(state: ChatState, record: events_pb2.CallRecord) -> None:
+    try:
+        _end_chat_span(state, record)
+    finally:
+        agent, agent_scope = state.agent_span, state.agent_scope
+        state.agent_span = state.agent_scope = None
+        if agent is not None and agent_scope is not None:
+            if record.outcome != OK:
+                agent.set_error(record.error_class)
+            agent_scope.__exit__(None, None, None)
+
+
+def _end_chat_span(state: ChatState, record: events_pb2.CallRecord) -> None:
     span, scope = state.span, state.span_scope
     if span is None or scope is None:
         return

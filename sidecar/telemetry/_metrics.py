@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from outrider.v1 import control_pb2
+from sidecar.telemetry._genai_metrics import GenAIMetrics
 
 
 class SpanCounts(NamedTuple):
@@ -246,6 +247,7 @@ class SidecarMetrics:
         self.judge_cost_usd = Counter(
             "outrider_sidecar_judge_cost_usd", "USD spent on judge calls (apart from the agent's)", registry=r
         )
+        self.genai = GenAIMetrics(r)  # gen_ai_client_* (OpenTelemetry GenAI client metrics)
 
     def watch_spans(self, source: Callable[[], SpanCounts] | None) -> None:
         """Read span counts from `source` at each scrape (None: report zeros)."""

@@ -18,6 +18,7 @@ from typing import Final
 
 OPERATION_CHAT: Final = "chat"
 OPERATION_EXECUTE_TOOL: Final = "execute_tool"
+OPERATION_INVOKE_AGENT: Final = "invoke_agent"
 
 # child spans and span events (ours; the conventions define none for retries or fallbacks)
 ATTEMPT_SPAN: Final = "attempt"
@@ -28,6 +29,11 @@ FALLBACK_EVENT: Final = "fallback"
 def chat_span_name(model: str) -> str:
     """`chat {gen_ai.request.model}`, or just `chat` when the model is not known yet."""
     return f"{OPERATION_CHAT} {model}" if model else OPERATION_CHAT
+
+
+def agent_span_name(agent: str) -> str:
+    """`invoke_agent {gen_ai.agent.name}`."""
+    return f"{OPERATION_INVOKE_AGENT} {agent}" if agent else OPERATION_INVOKE_AGENT
 
 
 def tool_span_name(tool: str) -> str:
@@ -50,6 +56,7 @@ GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
 GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
 GEN_AI_CONVERSATION_ID: Final = "gen_ai.conversation.id"
+GEN_AI_AGENT_NAME: Final = "gen_ai.agent.name"
 GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
 GEN_AI_TOOL_CALL_ID: Final = "gen_ai.tool.call.id"
 GEN_AI_TOOL_TYPE: Final = "gen_ai.tool.type"

@@ -293,6 +293,10 @@ class ToolSpan(_RetryingHandle):
             self.span.set_attribute(sc.OUTRIDER_TOOL_INTERCEPTED, True)
 
 
+class AgentSpan(_Handle):
+    """The `invoke_agent {agent}` INTERNAL span of one session turn: the parent of its chat span."""
+
+
 _H = TypeVar("_H", bound=_Handle)
 
 
@@ -369,6 +373,24 @@ class Tracing:
                 attributes[key] = value
         with self._span(sc.chat_span_name(model), SpanKind.CLIENT, parent_ctx, attributes, ChatSpan) as h:
             h._server_address, h._server_port = server_address, server_port
+            yield h
+
+    @contextmanager
+    def agent_span(
+        self,
+        parent_ctx: Context | None,
+        *,
+        agent: str,
+        conversation_id: str | None = None,
+        version_id: str | None = None,
+        role: str | None = None,
+    ) -> Iterator[AgentSpan]:
+        """An `invoke_agent {agent}` INTERNAL span (the sidecar runs in the agent's process
+        boundary, so not CLIENT), grouping a turn's spans under `gen_ai.conversation.id`."""
+        attributes = self._common(sc.OPERATION_INVOKE_AGENT, None, None, conversation_id, version_id, role)
+        if agent:
+            attributes[sc.GEN_AI_AGENT_NAME] = agent
+        with self._span(sc.agent_span_name(agent), SpanKind.INTERNAL, parent_ctx, attributes, AgentSpan) as h:
             yield h
 
     @contextmanager

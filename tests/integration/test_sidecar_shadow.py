@@ -584,7 +584,7 @@ async def test_shadow_session_intercepts_write_tools_and_runs_read_tools(
     # a shadow session's own chat is not mirrored again
     assert not tail.of("shadow")
     # the tool spans say what happened: simulate for the intercepted writes, execute otherwise
-    spans, _ = await read_spans(broker.bootstrap_servers, 64, within=4.0)
+    spans, _ = await read_spans(broker.bootstrap_servers, 256, within=4.0)
     dispositions = sorted(
         (a.get("gen_ai.tool.name"), a.get("gen_ai.tool.call.disposition"), a.get("outrider.tool.intercepted"))
         for a in map(attrs, spans)

@@ -1,6 +1,6 @@
 """GenAI traces from a real Sidecar: W3C context from the agent's gRPC metadata becomes the
-parent, `chat {model}` / `execute_tool {name}` spans with gen_ai.* attributes, attempts and
-fallback tiers visible, traceparent passed on to the provider and tools, spans on
+parent, `invoke_agent {agent}` -> `chat {model}` / `execute_tool {name}` spans with gen_ai.*
+attributes, attempts and fallback tiers visible, traceparent passed on to the provider and tools, spans on
 `outrider.spans` as OTLP protobuf keyed by trace id, content only when opted in, and
 direct OTLP export to a real TraceService receiver when OTEL_EXPORTER_OTLP_* is set."""
 
@@ -105,7 +105,7 @@ async def test_chat_and_tool_spans_reach_kafka_with_agent_parent(
         assert len(sent) == 3 and all(tp.startswith(f"00-{TRACE_ID}-") for tp in sent), sent
         assert AGENT_SPAN not in "".join(sent)  # each names the sidecar's own span
     # stop() flushed the tracer provider into Kafka
-    spans, records = await read_spans(broker.bootstrap_servers, 5)
+    spans, records = await read_spans(broker.bootstrap_servers, 6)
     assert {r.key for r in records} == {TRACE_ID.encode()}
     assert all(
         dict(r.headers).get(outrider.CONTENT_TYPE_HEADER) == b"application/x-protobuf" for r in records
@@ -114,10 +114,13 @@ async def test_chat_and_tool_spans_reach_kafka_with_agent_parent(
     for span in spans:
         by_name.setdefault(span.name, []).append(span)
     (chat,) = by_name["chat sim-good"]
+    (turn,) = by_name["invoke_agent support-bot"]  # the session turn, parent of its chat span
     (tool,) = by_name["execute_tool lookup_order"]
     attempts = by_name["attempt"]
     assert len(attempts) == 3  # two for the chat, one for the tool
-    assert chat.trace_id.hex() == TRACE_ID and chat.parent_span_id.hex() == AGENT_SPAN
+    assert turn.trace_id.hex() == TRACE_ID and turn.parent_span_id.hex() == AGENT_SPAN
+    assert chat.trace_id.hex() == TRACE_ID and chat.parent_span_id == turn.span_id
+    assert attrs(turn)["gen_ai.conversation.id"] == attrs(chat)["gen_ai.conversation.id"]
     assert chat.kind == trace_pb2.Span.SPAN_KIND_CLIENT
     a = attrs(chat)
     assert a["gen_ai.operation.name"] == "chat"
@@ -143,7 +146,7 @@ async def test_chat_and_tool_spans_reach_kafka_with_agent_parent(
     t = attrs(tool)
     assert t["gen_ai.operation.name"] == "execute_tool" and t["gen_ai.tool.name"] == "lookup_order"
     assert "gen_ai.tool.call.arguments" not in t
-    assert sidecar.metrics.registry.get_sample_value("outrider_sidecar_spans_exported_total") == 5
+    assert sidecar.metrics.registry.get_sample_value("outrider_sidecar_spans_exported_total") == 6
 
 
 async def test_fallback_tier_is_visible_on_the_span(
@@ -161,7 +164,7 @@ async def test_fallback_tier_is_visible_on_the_span(
         sid = (await open_session(stub)).session_id
         reply = await stub.Chat(sidecar_pb2.ChatRequest(session_id=sid, messages=USER))
         assert reply.fallback_tier == 1
-    spans, _ = await read_spans(broker.bootstrap_servers, 1 + reply.attempts)
+    spans, _ = await read_spans(broker.bootstrap_servers, 2 + reply.attempts)
     (chat,) = [s for s in spans if s.name.startswith("chat ")]
     a = attrs(chat)
     assert a["outrider.fallback.tier"] == 1 and a["outrider.degraded"] is True
@@ -169,7 +172,9 @@ async def test_fallback_tier_is_visible_on_the_span(
     (event,) = [e for e in chat.events if e.name == "fallback"]
     ev = {kv.key: kv.value for kv in event.attributes}
     assert ev["outrider.fallback.tier"].int_value == 1 and ev["gen_ai.request.model"].string_value == "light"
-    assert not chat.parent_span_id  # no trace context from the agent: a new trace
+    (turn,) = [s for s in spans if s.name.startswith("invoke_agent ")]
+    assert chat.parent_span_id == turn.span_id
+    assert not turn.parent_span_id  # no trace context from the agent: a new trace
 
 
 async def test_content_only_when_opted_in(
@@ -181,7 +186,7 @@ async def test_content_only_when_opted_in(
         stub = sidecar_pb2_grpc.SidecarStub(ch)
         sid = (await open_session(stub)).session_id
         reply = await stub.Chat(sidecar_pb2.ChatRequest(session_id=sid, messages=USER))
-    spans, _ = await read_spans(broker.bootstrap_servers, 2)
+    spans, _ = await read_spans(broker.bootstrap_servers, 3)
     (chat,) = [s for s in spans if s.name.startswith("chat ")]
     a = attrs(chat)
     assert "Where is my order?" in a["gen_ai.input.messages"]
@@ -221,7 +226,9 @@ async def test_direct_otlp_export_when_the_standard_env_is_set(
             )
         spans = [s for r in receiver.requests for s in spans_of(r)]
         (chat,) = [s for s in spans if s.name == "chat sim-good"]
-        assert chat.trace_id.hex() == TRACE_ID and chat.parent_span_id.hex() == AGENT_SPAN
+        (turn,) = [s for s in spans if s.name == "invoke_agent support-bot"]
+        assert chat.trace_id.hex() == TRACE_ID and chat.parent_span_id == turn.span_id
+        assert turn.parent_span_id.hex() == AGENT_SPAN
         resource = {
             kv.key: kv.value.string_value
             for r in receiver.requests

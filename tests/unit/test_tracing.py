@@ -463,3 +463,30 @@ def test_otlp_exporter_from_the_standard_env() -> None:
     no_otlp = build_tracer_provider(environ={})
     assert no_otlp._active_span_processor._span_processors == ()
     no_otlp.shutdown()
+
+
+# --- invoke_agent (a session turn) -------------------------------------------------------
+
+
+def test_genai_invoke_agent_span_parents_the_chat_span(traced: Traced) -> None:
+    parent = traced.tracing.extract_parent([("traceparent", TRACEPARENT)])
+    with (
+        traced.tracing.agent_span(
+            parent, agent="support-bot", conversation_id="sess-1", version_id="v-abc", role="canary"
+        ) as turn,
+        traced.tracing.chat_span(turn.context, model="m", provider="openai", conversation_id="sess-1"),
+    ):
+        pass
+    agent, chat = traced.one("invoke_agent support-bot"), traced.one("chat m")
+    assert agent.kind == SpanKind.INTERNAL
+    assert agent.parent is not None and format(agent.parent.span_id, "016x") == PARENT_ID
+    assert format(agent.context.trace_id, "032x") == TRACE_ID
+    assert chat.parent is not None and chat.parent.span_id == agent.context.span_id
+    assert dict(agent.attributes or {}) == {
+        "gen_ai.operation.name": "invoke_agent",
+        "gen_ai.agent.name": "support-bot",
+        "gen_ai.conversation.id": "sess-1",
+        "outrider.version.id": "v-abc",
+        "outrider.role": "canary",
+    }
+    assert sc.agent_span_name("") == "invoke_agent"
