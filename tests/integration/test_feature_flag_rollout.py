@@ -164,7 +164,9 @@ async def test_feature_flag_turned_on_mid_run_for_ten_percent_of_tenants(
         while True:
             listed = await flag_list(admin)
             arms = {arm["on"]: arm for arm in listed[FLAG]["arms"]}
-            if int(arms[True]["sessions"]) >= len(on) + on_again:
+            # a session's chat and its tool call are two events: wait for both of the last one
+            on_sessions = len(on) + on_again
+            if int(arms[True]["sessions"]) >= on_sessions and int(arms[True]["requests"]) >= 2 * on_sessions:
                 break
             assert time.monotonic() < deadline, listed
             await asyncio.sleep(0.2)
