@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
@@ -124,8 +125,9 @@ class RequestInterceptor(_Base):
 
             async def guarded_gen(request: Any, context: Any) -> AsyncIterator[Any]:
                 await self._reject(method, request, context)
-                async for item in behavior(request, context):
-                    yield item
+                async with aclosing(behavior(request, context)) as items:
+                    async for item in items:
+                        yield item
 
             wrapped: Callable[..., Any] = self._counted_stream(method, guarded_gen)
         else:  # a coroutine that writes with context.write (grpc.health Watch)
@@ -156,8 +158,10 @@ class RequestInterceptor(_Base):
     def _counted_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
         async def counted(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
-                async for item in behavior(request, context):
-                    yield item
+                # aclosing: a stream the client stops reading closes the servicer's generator now
+                async with aclosing(behavior(request, context)) as items:
+                    async for item in items:
+                        yield item
             except BaseException as exc:
                 gone = isinstance(exc, GeneratorExit)  # the client went away mid-stream
                 self._count(method, context, asyncio.CancelledError() if gone else exc)

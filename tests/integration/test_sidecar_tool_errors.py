@@ -15,6 +15,7 @@ import grpc
 import pytest
 from aiohttp import web
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from outrider import ERROR_DOMAIN, TOOL_REJECTED
@@ -196,6 +197,13 @@ async def test_requests_total_counts_each_rpc_by_method_and_code(
     assert count("CallTool", "INVALID_ARGUMENT") == 1
     assert count("CallTool", "FAILED_PRECONDITION") == 1
     assert count("CallTool", "OK") == 0
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        await health.Check(health_pb2.HealthCheckRequest(service=""))
+    checks = sidecar.metrics.registry.get_sample_value(
+        "outrider_sidecar_requests_total", {"method": "grpc.health.v1.Health/Check", "code": "OK"}
+    )
+    assert checks == 1
     text = (await _scrape(sidecar)).decode()
     assert 'outrider_sidecar_requests_total{code="OK",method="outrider.v1.Sidecar/Chat"} 2.0' in text
 
