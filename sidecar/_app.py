@@ -25,6 +25,7 @@ from outrider.clock import Clock, SystemClock
 from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._config import SidecarConfig
 from sidecar._grpc import SidecarService
+from sidecar._grpc_interceptor import RequestInterceptor
 from sidecar._openai_http import OpenAIEndpoint, OpenAIHttpError
 from sidecar._pipeline import CallPipeline
 from sidecar._record import Recorder
@@ -262,10 +263,12 @@ class Sidecar:
         await self.smoke.start()
         service = SidecarService(pipeline)
         server = grpc.aio.server(
+            # requests_total, and undecodable requests answered INVALID_ARGUMENT
+            interceptors=[RequestInterceptor(self.metrics)],
             options=[
                 ("grpc.max_receive_message_length", config.max_request_bytes + RECEIVE_SLACK_BYTES),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         sidecar_pb2_grpc.add_SidecarServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -6,6 +6,12 @@ the call is answered `intercepted: true` with the tool's `shadow_response` (or a
 success), and the intended action is recorded: the tool, a canonical hash of the arguments,
 and the arguments themselves only when content capture is on. Read tools run as usual.
 The span's `gen_ai.tool.call.disposition` says which: `execute` or `simulate`.
+
+Before anything is sent (or intercepted) the arguments are checked against the tool's JSON
+schema: `INVALID_ARGUMENT` naming the failing field's path. A tool's failures map to what the
+agent can act on: a 4xx to `FAILED_PRECONDITION` (its status and reason phrase, never the body;
+408 and 429 are retriable and count as 5xx), a 5xx, a timeout, a broken connection or an open
+breaker to `UNAVAILABLE`, a 2xx body that is not JSON to `INTERNAL`.
 """
 
 from __future__ import annotations
@@ -17,17 +23,39 @@ from dataclasses import dataclass
 
 import grpc
 
+from outrider import TOOL_REJECTED
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2
 from sidecar._call_errors import CallError, deadline_of, fail
 from sidecar._record import ERROR, OK, Recorder, TraceCarrier, elapsed_ms
 from sidecar.resilience._executor import ChatFailed, Executor, upstream_status
+from sidecar.routing._drain import precondition_status
 from sidecar.routing._session import Session
 from sidecar.routing._versions import Version
 from sidecar.shadow._compare import arguments_sha256
 from sidecar.telemetry._metrics import SidecarMetrics
-from sidecar.upstream._exceptions import UpstreamError
+from sidecar.upstream._exceptions import UpstreamError, UpstreamStatusError, UpstreamTimeout
+from sidecar.upstream._tool_schema import BadToolSchema, SchemaViolation, ToolSchemas
 
 EMPTY_SUCCESS = "{}"
+
+
+def _tool_error(name: str, exc: UpstreamError) -> CallError:
+    code = tool_status(exc)
+    if code != grpc.StatusCode.FAILED_PRECONDITION:
+        return CallError(code, str(exc))
+    # ErrorInfo TOOL_REJECTED: an agent tells "fix the arguments" from a drained session's
+    # FAILED_PRECONDITION without parsing the message
+    status = precondition_status(TOOL_REJECTED, str(exc), {"tool": name, "http_status": str(exc.status)})
+    return CallError(code, str(exc), status)
+
+
+def tool_status(exc: UpstreamError) -> grpc.StatusCode:
+    """A tool's failure as the status the agent acts on (see the module docstring)."""
+    if isinstance(exc, UpstreamStatusError) and not exc.retriable:
+        return grpc.StatusCode.FAILED_PRECONDITION  # the tool refused these arguments: do not retry
+    if isinstance(exc, UpstreamTimeout) or exc.retriable:
+        return grpc.StatusCode.UNAVAILABLE
+    return upstream_status(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +82,7 @@ class ToolCalls:
         self._metrics = metrics
         self._max_bytes = max_request_bytes
         self._capture = capture_content
+        self._schemas = ToolSchemas()
 
     def _arguments(self, version: Version, call: ToolCall) -> str:
         if not call.tool_name:
@@ -75,8 +104,17 @@ class ToolCalls:
             raise CallError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"arguments_json: not valid JSON: {exc}"
             ) from None
+        except RecursionError:
+            fail(grpc.StatusCode.INVALID_ARGUMENT, "arguments_json: nested too deeply")
         if not isinstance(parsed, dict):
             fail(grpc.StatusCode.INVALID_ARGUMENT, "arguments_json: must be a JSON object")
+        try:
+            self._schemas.check(version.version_id, version.tools[call.tool_name], parsed)
+        except SchemaViolation as exc:
+            fail(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except BadToolSchema as exc:
+            where = f"version {version.label} ({version.version_id})"
+            fail(grpc.StatusCode.FAILED_PRECONDITION, f"{where}: {exc}")
         return arguments
 
     async def call(self, session: Session, version: Version, call: ToolCall) -> sidecar_pb2.CallToolResponse:
@@ -110,7 +148,7 @@ class ToolCalls:
                 if isinstance(exc, ChatFailed):
                     fail(exc.code, exc.message)
                 if isinstance(exc, UpstreamError):
-                    fail(upstream_status(exc), str(exc))
+                    raise _tool_error(tool.name, exc) from None
                 raise
             span.set_result(result.result_json)
         latency = elapsed_ms(start)

@@ -12,6 +12,9 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
+import jsonschema
+import jsonschema.exceptions
+import jsonschema.validators
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 import outrider
@@ -145,6 +148,18 @@ class ToolConfig(_Frozen):
     def _name(cls, value: str) -> str:
         if not _TOOL_NAME_RE.match(value):
             raise ValueError(f"expected 1-64 letters, digits, '_' or '-', got {value!r}")
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A JSON schema CallTool can check arguments against: a bad one fails at load, not per call."""
+        checker = jsonschema.validators.validator_for(value, default=jsonschema.Draft202012Validator)
+        try:
+            checker.check_schema(value)
+        except jsonschema.exceptions.SchemaError as exc:
+            where = "".join(f"[{p!r}]" for p in exc.absolute_path)
+            raise ValueError(f"not a valid JSON schema: {where or 'schema'}: {exc.message[:200]}") from None
         return value
 
     @field_validator("shadow_response", mode="before")

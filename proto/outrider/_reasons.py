@@ -9,5 +9,5 @@ SESSION_DRAINED = "SESSION_DRAINED"
 SESSION_EXPIRED = "SESSION_EXPIRED"
 #: Reserved: a feature flag turned the capability off.
 FLAG_OFF = "FLAG_OFF"
-#: Reserved: the tool call was rejected by policy.
+#: The tool call was rejected: by the tool itself (an HTTP 4xx; metadata tool, http_status) or by policy.
 TOOL_REJECTED = "TOOL_REJECTED"

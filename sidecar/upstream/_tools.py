@@ -17,6 +17,14 @@ from sidecar.upstream._exceptions import UpstreamError, UpstreamInvalidResponse,
 from sidecar.upstream._provider import RETRY_HEADERS, map_client_error
 
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+_MAX_REASON_CHARS = 60
+
+
+def _reason(phrase: str | None) -> str:
+    """The status line's reason phrase ("Not Found"), short and printable; never the body, which
+    may carry the tool's data."""
+    text = "".join(c for c in (phrase or "") if c.isprintable())[:_MAX_REASON_CHARS].strip()
+    return f" {text}" if text else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +57,7 @@ class ToolClient:
                 if not 200 <= resp.status < 300:
                     resp.release()
                     raise UpstreamStatusError(
-                        f"tool {name} returned HTTP {resp.status}",
+                        f"tool {name} returned HTTP {resp.status}{_reason(resp.reason)}",
                         upstream=name,
                         kind="tool",
                         status=resp.status,

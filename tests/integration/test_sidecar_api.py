@@ -489,14 +489,14 @@ async def _upstream_failures(stub: sidecar_pb2_grpc.SidecarStub, sim: SimProvide
     sim.set_tool("echo", ToolBehavior(error_rate=1.0, error_status=404))
     await expect_status(
         stub.CallTool(sidecar_pb2.CallToolRequest(session_id=sid, tool_name="echo")),
-        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.FAILED_PRECONDITION,
         "echo",
         "404",
     )
     sim.set_tool("echo", ToolBehavior(latency_ms=3000))
     await expect_status(
         stub.CallTool(sidecar_pb2.CallToolRequest(session_id=sid, tool_name="echo")),
-        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
         "echo",
     )
 
