@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -48,11 +49,12 @@ class Jobs:
 
 
 async def until(predicate: Callable[[], bool], what: str = "condition") -> None:
-    for _ in range(500):
-        if predicate():
-            return
+    # a bound for a loaded machine, not a timing assertion: the wait ends when the condition holds
+    deadline = time.monotonic() + 10.0
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.002)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
