@@ -246,8 +246,8 @@ async def test_serves_with_kafka_unreachable_and_counts_drops(sim: SimProvider) 
             reply = await stub.Chat(sidecar_pb2.ChatRequest(session_id=sid, messages=USER))
             assert reply.message.content
         assert sidecar.telemetry.queue_depth == 5
-        # each call queues its event and two spans (chat, attempt): 24 items for 5 places
-        assert sample(sidecar, "outrider_sidecar_telemetry_dropped_total", reason="queue_full") == 8 * 3 - 5
+        # each call queues its event and three spans (invoke_agent, chat, attempt): 32 items for 5 places
+        assert sample(sidecar, "outrider_sidecar_telemetry_dropped_total", reason="queue_full") == 8 * 4 - 5
         assert sample(sidecar, "outrider_sidecar_telemetry_queue_depth") == 5
         assert sidecar.router.generation == 0
     # the 5 queued items, as Kafka records (spans of one trace share a record)
