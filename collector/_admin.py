@@ -214,8 +214,6 @@ class AdminService(HistoryMethods, RegistryAdmin, admin_pb2_grpc.AdminServicer):
         """Blue-green: new sessions back to blue at once (operator; FAILED_PRECONDITION otherwise)."""
         return await self._verb("SwitchBack", request, context)
 
-    # Issue 13's verbs: declared in outrider.v1, built by the strategy work that follows.
-
     # Feature flags (collector._flags): answered by the agent's owner, like the rollout verbs.
     async def SetFlag(
         self, request: admin_pb2.SetFlagRequest, context: grpc.aio.ServicerContext[object, object]

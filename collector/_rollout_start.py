@@ -10,7 +10,7 @@ from collector import _bluegreen_phase as bluegreen
 from collector._ab_phase import start_ab
 from collector._rollout_state import RUNNING, SHADOW, STICKY, retired_after
 from collector._rollout_state import ns as _ns
-from collector._shadow_phase import shadow_start_reason, shadow_waiting
+from collector._shadow_phase import shadow_start_reason, shadow_waiting, waiting_result
 from collector._spec import RolloutSpec
 from outrider.v1 import control_pb2
 
@@ -62,18 +62,7 @@ def start_state(
         # the previous rollout's candidate may still be draining: its sessions stay refused
         retired=retired_after(previous_retired, now),
         gate_results=[
-            control_pb2.GateResult(
-                name=g.name,
-                metric=g.metric,
-                limit=g.limit,
-                margin=g.limit,
-                alpha=gate_alpha,
-                kind="gate",
-                action=g.on_failure,
-                verdict="waiting",
-                detail="not evaluated yet",
-            )
-            for g in ([] if shadow is not None else spec.gates)
+            waiting_result(g, gate_alpha, "gate") for g in ([] if shadow is not None else spec.gates)
         ]
         + shadow_waiting(spec, gate_alpha),
     )

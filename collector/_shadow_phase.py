@@ -23,7 +23,8 @@ from typing import Any
 from collector._gates import HARM, NO_HARM
 from collector._shadow_evidence import ShadowEvidence
 from collector._shadow_gates import evaluate_shadow_gates
-from collector._spec import RolloutSpec
+from collector._shadow_spec import ShadowGate
+from collector._spec import Gate, RolloutSpec
 from outrider.v1 import control_pb2
 
 SHADOW = control_pb2.ROLLOUT_PHASE_SHADOW
@@ -44,21 +45,25 @@ def shadow_start_reason(spec: RolloutSpec) -> str:
     return f"started: shadow phase, {sample:g}% of stable's calls mirrored to the candidate; {then}"
 
 
+def waiting_result(gate: Gate | ShadowGate, alpha: float, kind: str) -> control_pb2.GateResult:
+    """A gate's result before its first look."""
+    return control_pb2.GateResult(
+        name=gate.name,
+        metric=gate.metric,
+        limit=gate.limit,
+        margin=gate.limit,
+        alpha=alpha,
+        kind=kind,
+        action=gate.on_failure,
+        verdict="waiting",
+        detail="not evaluated yet",
+    )
+
+
 def shadow_waiting(spec: RolloutSpec, alpha: float) -> list[control_pb2.GateResult]:
     """The shadow gates' results before the first look."""
     return [
-        control_pb2.GateResult(
-            name=g.name,
-            metric=g.metric,
-            limit=g.limit,
-            margin=g.limit,
-            alpha=alpha,
-            kind="shadow",
-            action=g.on_failure,
-            verdict="waiting",
-            detail="not evaluated yet",
-        )
-        for g in (spec.shadow.gates if spec.shadow is not None else ())
+        waiting_result(g, alpha, "shadow") for g in (spec.shadow.gates if spec.shadow is not None else ())
     ]
 
 
