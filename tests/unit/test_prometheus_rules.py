@@ -1,5 +1,5 @@
 """The alert and recording rules under `promtool`: `check rules` accepts deploy/prometheus/rules.yaml
-and `test rules` passes deploy/prometheus/rules.test.yaml, whose cases are checked here to cover
+and `test rules` passes deploy/prometheus/*.test.yaml, whose cases are checked here to cover
 every rule: each alert has a case where it fires on a synthetic bad series and one where it stays
 quiet on a healthy series, both feeding the metrics its expression reads (so a new rule without
 tests, or a quiet case that is quiet only because its series are missing, fails).
@@ -21,7 +21,8 @@ from tests.prometheus_bin import prometheus_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
-RULE_TESTS = ROOT / "deploy" / "prometheus" / "rules.test.yaml"
+# rules.test.yaml, and rules-hours.test.yaml for the alerts held for hours (a coarser evaluation)
+RULE_TESTS = sorted((ROOT / "deploy" / "prometheus").glob("*.test.yaml"))
 K8S = ROOT / "deploy" / "k8s"
 _METRIC = re.compile(r"(?<![\w:])(outrider_[a-z0-9_]+|up)(?![\w:])")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -33,9 +34,11 @@ def _rules() -> list[dict[str, Any]]:
 
 
 def _cases() -> list[dict[str, Any]]:
-    doc = yaml.safe_load(RULE_TESTS.read_text())
-    assert doc["rule_files"] == [RULES.name], "rules.test.yaml must test rules.yaml"
-    cases: list[dict[str, Any]] = doc["tests"]
+    cases: list[dict[str, Any]] = []
+    for path in RULE_TESTS:
+        doc = yaml.safe_load(path.read_text())
+        assert doc["rule_files"] == [RULES.name], f"{path.name} must test {RULES.name}"
+        cases.extend(doc["tests"])
     return cases
 
 
@@ -60,7 +63,8 @@ def test_promtool_checks_the_rules() -> None:
 
 
 def test_promtool_rule_unit_tests_pass() -> None:
-    _promtool("test", "rules", str(RULE_TESTS))
+    assert RULE_TESTS, "no deploy/prometheus/*.test.yaml"
+    _promtool("test", "rules", *map(str, RULE_TESTS))
 
 
 def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
@@ -74,7 +78,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
             (firing if check.get("exp_alerts") else quiet).setdefault(name, []).append(case)
     for kind, cases in (("firing", firing), ("quiet", quiet)):
         missing = sorted(set(alerts) - set(cases))
-        assert not missing, f"alerts without a {kind} case in {RULE_TESTS.name}: {missing}"
+        assert not missing, f"alerts without a {kind} case in deploy/prometheus/*.test.yaml: {missing}"
     for name, expr in alerts.items():
         # a case proves something only if it feeds what the expression reads: a quiet case
         # without the alert's series would pass for any rule
