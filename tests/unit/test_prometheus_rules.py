@@ -2,7 +2,8 @@
 and `test rules` passes deploy/prometheus/*.test.yaml, whose cases are checked here to cover
 every rule: each alert has a case where it fires on a synthetic bad series and one where it stays
 quiet on a healthy series, both feeding the metrics its expression reads (so a new rule without
-tests, or a quiet case that is quiet only because its series are missing, fails).
+tests, or a quiet case that is quiet only because its series are missing, fails); an alert with a
+`for` is seen pending before it fires; every recording rule has an expression test.
 
 promtool comes from Debian's `prometheus` package (tests/prometheus_bin.py: skipped without it,
 failed under CI).
@@ -85,6 +86,21 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         for case in firing[name] + quiet[name]:
             unfed = _metrics(expr) - _fed(case)
             assert not unfed, f"{case['name']!r}: no input series for {sorted(unfed)} that {name} reads"
+
+
+def test_every_alert_with_a_for_is_seen_pending_first() -> None:
+    """An alert with a `for` is pending (ALERTS{alertstate="pending"}) in its firing case before
+    the `for` has passed: it fires because the condition held long enough, not at once."""
+    held = {r["alert"] for r in _rules() if "alert" in r and "for" in r}
+    pending = {
+        check["expr"].split('alertname="', 1)[1].split('"', 1)[0]
+        for case in _cases()
+        for check in case.get("promql_expr_test", [])
+        if check["expr"].startswith("ALERTS{")
+        and any('alertstate="pending"' in sample["labels"] for sample in check["exp_samples"])
+    }
+    assert held, "rules.yaml has no alert with a `for`"
+    assert not held - pending, f"alerts with a `for` never checked pending: {sorted(held - pending)}"
 
 
 def test_every_recording_rule_has_an_expression_test() -> None:
