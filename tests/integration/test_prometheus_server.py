@@ -31,6 +31,7 @@ from sidecar import Sidecar
 from tests.integration.test_collector_service import settings_for
 from tests.integration.test_sidecar_api import API_KEY, USER, open_session, sidecar_config, sim_models
 from tests.prometheus_bin import prometheus_binary
+from tests.support import free_port_base
 
 pytestmark = pytest.mark.broker
 
@@ -163,83 +164,97 @@ async def sim() -> AsyncIterator[SimProvider]:
         yield provider
 
 
+async def value(http: aiohttp.ClientSession, prom: PrometheusProc, query: str) -> float | None:
+    """An instant query's first sample (None: no series)."""
+    result = (await api(http, prom, "query", query=query))["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+async def until_value(http: aiohttp.ClientSession, prom: PrometheusProc, query: str, expected: float) -> None:
+    last: list[float | None] = [None]
+
+    async def check() -> bool:
+        last[0] = await value(http, prom, query)
+        return last[0] == expected
+
+    try:
+        await eventually(check, query, prom)
+    except AssertionError as e:
+        raise AssertionError(f"{query}: {last[0]}, not {expected}\n{e}") from None
+
+
+async def start(http: aiohttp.ClientSession, prom: PrometheusProc) -> None:
+    for _attempt in range(3):  # a test beside this one may take the free port first
+        prom.start()
+        if await wait_ready(http, prom):
+            return
+    raise AssertionError(f"prometheus never listened:\n{prom.output()}")
+
+
 async def test_prometheus_scrapes_sidecar_and_collector_and_evaluates_the_rules(
     broker: EmbeddedBroker, sim: SimProvider, tmp_path: Path
 ) -> None:
     prometheus_binary("prometheus")
-    config = sidecar_config(sim, kafka=broker.bootstrap_servers)
-    async with (
-        Collector(settings_for(broker, metrics_port=0)) as collector,
-        Sidecar(config, sidecar_id="prom-sidecar") as sidecar,
-        grpc.aio.insecure_channel(sidecar.address) as channel,
-        aiohttp.ClientSession() as http,
-    ):
-        assert collector.metrics_port and sidecar.metrics_port
-        prom_config = prometheus_config(collector.metrics_port, sidecar.metrics_port)
-        with prometheus_process(prom_config, tmp_path) as prom:
-            for _attempt in range(3):  # a test beside this one may take the free port first
-                prom.start()
-                if await wait_ready(http, prom):
-                    break
-            else:
-                raise AssertionError(f"prometheus never listened:\n{prom.output()}")
+    # the targets' ports first, so Prometheus starts (and applies its targets, on a 5 s tick)
+    # while the collector does; below the ephemeral range, where no neighbour's free_port() lands
+    collector_port = free_port_base(2)
+    sidecar_port = collector_port + 1
+    config = sidecar_config(sim, kafka=broker.bootstrap_servers, metrics_port=sidecar_port)
+    with prometheus_process(prometheus_config(collector_port, sidecar_port), tmp_path) as prom:
+        async with aiohttp.ClientSession() as http:
+            await start(http, prom)
+            async with (
+                Collector(settings_for(broker, metrics_port=collector_port)),
+                Sidecar(config, sidecar_id="prom-sidecar") as sidecar,
+                grpc.aio.insecure_channel(sidecar.address) as channel,
+            ):
+                await scraped_under_traffic(http, prom, sidecar_pb2_grpc.SidecarStub(channel))
+    assert prom.exited()
 
-            stub = sidecar_pb2_grpc.SidecarStub(channel)
-            session = await open_session(stub)
 
-            async def chat(calls: int) -> None:
-                for _ in range(calls):
-                    request = sidecar_pb2.ChatRequest(session_id=session.session_id, messages=USER)
-                    assert (await stub.Chat(request)).message.content
+async def scraped_under_traffic(
+    http: aiohttp.ClientSession, prom: PrometheusProc, stub: sidecar_pb2_grpc.SidecarStub
+) -> None:
+    session = await open_session(stub)
 
-            async def value(query: str) -> float | None:
-                result = (await api(http, prom, "query", query=query))["result"]
-                return float(result[0]["value"][1]) if result else None
+    async def chat(calls: int) -> None:
+        for _ in range(calls):
+            request = sidecar_pb2.ChatRequest(session_id=session.session_id, messages=USER)
+            assert (await stub.Chat(request)).message.content
 
-            async def until_value(query: str, expected: float) -> None:
-                last: list[float | None] = []
+    # both targets up under the compose config's job names (OutriderCollectorDown's `up`)
+    for job in ("outrider-collector", "outrider-sidecar"):
+        await until_value(http, prom, f'up{{job="{job}"}}', 1)
+    # traffic in two bursts, each seen in a scrape: the sidecar counts each RPC once, the
+    # collector each call event once
+    labels = {"agent": "support-bot", "version": session.version_id, "role": "stable"}
+    series = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    total = 0
+    for burst in (FIRST_CALLS, CALLS - FIRST_CALLS):
+        await chat(burst)
+        total += burst
+        await until_value(
+            http, prom, 'sum(outrider_sidecar_requests_total{method=~".*/Chat",code="OK"})', total
+        )
+        await until_value(http, prom, f"sum(outrider_requests_total{{{series}}})", total)
+    await until_value(http, prom, f"sum(outrider_llm_calls_total{{{series}}})", CALLS)
+    # a recording rule's expression, read from rules.yaml: one series, the session's version,
+    # with the traffic between the bursts' scrapes
+    [rate] = (await api(http, prom, "query", query=record_expr("outrider:request_rate:5m")))["result"]
+    assert rate["metric"] == labels and float(rate["value"][1]) > 0
+    # no call failed: the error-rate rules' numerator has no series
+    assert await value(http, prom, "sum(outrider_errors_total)") is None
 
-                async def check() -> bool:
-                    last[:] = [await value(query)]
-                    return last[0] == expected
+    # every group and rule of rules.yaml loaded; the alerting groups (1 s evaluation) have
+    # evaluated every rule without an error (the recording group runs every 30 s)
+    async def evaluated() -> list[dict[str, Any]] | None:
+        groups = (await api(http, prom, "rules"))["groups"]
+        alerting = [r for g in groups for r in g["rules"] if r["type"] == "alerting"]
+        return groups if all(r["health"] == "ok" for r in alerting) else None
 
-                try:
-                    await eventually(check, query, prom)
-                except AssertionError as e:
-                    raise AssertionError(f"{query}: {last[0]}, not {expected}\n{e}") from None
-
-            # both targets up under the compose config's job names (OutriderCollectorDown's `up`)
-            for job in ("outrider-collector", "outrider-sidecar"):
-                await until_value(f'up{{job="{job}"}}', 1)
-            # traffic in two bursts, each seen in a scrape: the sidecar counts each RPC once, the
-            # collector each call event once
-            labels = {"agent": "support-bot", "version": session.version_id, "role": "stable"}
-            series = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            total = 0
-            for burst in (FIRST_CALLS, CALLS - FIRST_CALLS):
-                await chat(burst)
-                total += burst
-                await until_value('sum(outrider_sidecar_requests_total{method=~".*/Chat",code="OK"})', total)
-                await until_value(f"sum(outrider_requests_total{{{series}}})", total)
-            await until_value(f"sum(outrider_llm_calls_total{{{series}}})", CALLS)
-            # a recording rule's expression, read from rules.yaml: one series, the session's
-            # version, with the traffic between the bursts' scrapes
-            [rate] = (await api(http, prom, "query", query=record_expr("outrider:request_rate:5m")))["result"]
-            assert rate["metric"] == labels and float(rate["value"][1]) > 0
-            # no call failed: the error-rate rules' numerator has no series
-            assert await value("sum(outrider_errors_total)") is None
-
-            # every group and rule of rules.yaml loaded; the alerting groups (1 s evaluation)
-            # have evaluated every rule without an error (recording groups run every 30 s)
-            async def evaluated() -> list[dict[str, Any]] | None:
-                groups = (await api(http, prom, "rules"))["groups"]
-                alerting = [r for g in groups for r in g["rules"] if r["type"] == "alerting"]
-                return groups if all(r["health"] == "ok" for r in alerting) else None
-
-            groups = await eventually(evaluated, "every alerting rule evaluated", prom)
-            assert {g["name"]: [r["name"] for r in g["rules"]] for g in groups} == rule_names()
-            assert not [r for g in groups for r in g["rules"] if r.get("lastError")]
-            # a healthy stack: nothing fires
-            alerts = (await api(http, prom, "alerts"))["alerts"]
-            assert not [a for a in alerts if a["state"] == "firing"], alerts
-        assert prom.exited()
+    groups = await eventually(evaluated, "every alerting rule evaluated", prom)
+    assert {g["name"]: [r["name"] for r in g["rules"]] for g in groups} == rule_names()
+    assert not [r for g in groups for r in g["rules"] if r.get("lastError")]
+    # a healthy stack: nothing fires
+    alerts = (await api(http, prom, "alerts"))["alerts"]
+    assert not [a for a in alerts if a["state"] == "firing"], alerts
