@@ -1,10 +1,12 @@
 """examples/client_agent.py (outrider_client with a tool loop) against `outrider dev`, as a
 newcomer runs it: the address from OUTRIDER_SIDECAR_ADDR, the tool run through the sidecar,
-an answer, a streamed follow-up and feedback."""
+an answer, a streamed follow-up and feedback; and the README's outrider_client snippet as
+written, with only the sidecar's port moved to the stack's."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,22 +21,38 @@ ROOT = Path(__file__).resolve().parents[2]
 PORT_SPAN = 6  # devstack._dev_state offsets: simprovider, admin, sidecar, both metrics, openai
 
 
-def test_client_agent_runs_a_tool_loop_against_outrider_dev(tmp_path: Path) -> None:
+def readme_client_snippet() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    heading = re.search(r"^### Wire your agent$", text, re.M)
+    assert heading, "README.md has no 'Wire your agent' section"
+    blocks = re.findall(r"^```python\n(.*?)^```", text[heading.end() :].split("\n## ", 1)[0], re.M | re.S)
+    [snippet] = [b for b in blocks if "from outrider_client import" in b]
+    assert 'Client("127.0.0.1:50051")' in snippet and len(snippet.splitlines()) < 15
+    return snippet
+
+
+def _python(*args: str, address: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "OUTRIDER_SIDECAR_ADDR": address},
+    )
+
+
+def test_client_agent_and_readme_snippet_against_outrider_dev(tmp_path: Path) -> None:
+    snippet = readme_client_snippet()
     base = free_port_base(PORT_SPAN)
     dev = DevStackProc(ROOT, base, tmp_path / "state", tmp_path / "dev.log")
     try:
         dev.wait_up()
         address = f"127.0.0.1:{base + 2}"
         assert f"OUTRIDER_SIDECAR_ADDR={address}" in dev.output()
-        agent = subprocess.run(
-            [sys.executable, "examples/client_agent.py", "--order", "B7"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env={**os.environ, "OUTRIDER_SIDECAR_ADDR": address},
-        )
+        agent = _python("examples/client_agent.py", "--order", "B7", address=address)
+        readme = _python("-c", snippet.replace("127.0.0.1:50051", address), address=address)
     finally:
         dev.stop()
     assert agent.returncode == 0, agent.stdout + agent.stderr
@@ -47,3 +65,5 @@ def test_client_agent_runs_a_tool_loop_against_outrider_dev(tmp_path: Path) -> N
     [stream] = [line for line in lines if line.startswith("stream: ")]
     assert len(stream) > len("stream: ") + 10
     assert lines[-1] == "feedback sent; tool rounds 2, reopened 0"
+    assert readme.returncode == 0, readme.stderr
+    assert readme.stdout.startswith("Simulated reply") and "A1" in readme.stdout, readme.stdout
