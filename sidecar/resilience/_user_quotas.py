@@ -19,6 +19,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
+from outrider import RETRY_AFTER_MS_KEY
 from outrider.clock import Clock
 from sidecar._config import QuotaLimits
 from sidecar.resilience._buckets import KeyedLimiter
@@ -44,7 +45,7 @@ class Refusal:
         proto = status_pb2.Status(code=self.code.value[0], message=self.message)
         proto.details.add().Pack(detail)
         status = rpc_status.to_status(proto)
-        metadata = (*status.trailing_metadata, ("retry-after-ms", str(math.ceil(retry * 1000))))
+        metadata = (*status.trailing_metadata, (RETRY_AFTER_MS_KEY, str(math.ceil(retry * 1000))))
         return _Status(status.code, status.details, metadata)
 
 

@@ -39,6 +39,9 @@ def test_public_surface() -> None:
             "DEPLOYMENTS_TOPIC",
             "ERROR_DOMAIN",
             "EVENTS_TOPIC",
+            "RETRY_AFTER_MS_KEY",
+            "TRACEPARENT_KEY",
+            "TRACESTATE_KEY",
             "FLAG_OFF",
             "SCHEMA_HEADER",
             "SCHEMA_VERSION",
@@ -81,6 +84,10 @@ def test_public_surface() -> None:
             "encode_event",
         ]
     )
+    # the signing/registry/control-record names load on first use (they need cryptography)
+    assert all(getattr(outrider, name) is not None for name in outrider.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = outrider.nope  # type: ignore[attr-defined]
 
 
 def test_event_round_trip() -> None:

@@ -494,7 +494,7 @@ def test_dockerfile_is_multistage_non_root_with_outrider_entrypoint() -> None:
     assert len(re.findall(r"^FROM ", text, re.MULTILINE)) >= 2
     assert re.search(r"^USER (?!0\b|root\b)\S+", text, re.MULTILINE)
     assert 'ENTRYPOINT ["outrider"]' in text
-    assert "pip install ." in text
+    assert "pip install './proto[server]' ." in text  # the contract, then the server that needs it
     for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
         for item in source.split():
             assert (ROOT / item).exists(), f"COPY source {item} does not exist"
