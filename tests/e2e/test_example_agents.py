@@ -82,6 +82,9 @@ def check_agent(example: str, stdout: str, stderr: str) -> None:
         assert "trace" not in stderr.lower(), "the Agents SDK's tracing is on"
 
 
+# the stack (~15 s) and three agents importing their frameworks (LangChain, the Agents SDK: ~4 s
+# a run on a quiet machine, 15 to 45 s for the three on a loaded one)
+@pytest.mark.timeout(240)
 def test_example_agents_run_their_tool_loops_against_outrider_dev(dev_url: str, tmp_path: Path) -> None:
     # one test on one stack (starting `outrider dev` costs ~10 s), the three agents at once
     procs = {ex: start_agent(command(ex), dev_url, tmp_path / ex) for ex in EXAMPLES}
@@ -104,7 +107,7 @@ def test_example_agents_run_their_tool_loops_against_outrider_dev(dev_url: str, 
 
 
 def test_readme_wire_your_agent_names_the_examples_and_their_command() -> None:
-    """The README's command is the one the tests above run, word for word, in the same way."""
+    """The README's command is the one the test above runs, word for word, in the same way."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     heading = re.search(r"^### Wire your agent$", text, re.M)
     assert heading, "README.md has no 'Wire your agent' section"
