@@ -213,6 +213,7 @@ class DevStack:
                 f"{self.describe()}\n\n"
                 f"Clients: export OUTRIDER_ADMIN_ADDR={HOST}:{self.ports.admin} "
                 f"OUTRIDER_SIDECAR_ADDR={HOST}:{self.ports.sidecar} "
+                f"OUTRIDER_OPENAI_BASE_URL=http://{HOST}:{self.ports.openai}/v1 "  # examples/*_agent.py
                 f"OUTRIDER_ADMIN_TOKEN_FILE={self.token_file}\n"
                 f"Try: outrider rollout start examples/rollout.yaml  (Ctrl-C stops everything)",
                 flush=True,
