@@ -110,6 +110,8 @@ def _patch_for(
         return [], None
     if not isinstance(pod, dict):
         return [], "outrider: sidecar not injected: the request carries no pod object"
+    # request.kind is authoritative; the serialized object may omit its own TypeMeta
+    pod = {**pod, "kind": "Pod"}
     meta: dict[str, Any] = pod["metadata"] if isinstance(pod.get("metadata"), dict) else {}
     name = meta.get("name") or meta.get("generateName") or request.get("name") or "?"
     where = f"pod {namespace}/{name}"
