@@ -219,3 +219,17 @@ def test_rbac_grants_the_check_list_of_pods_and_namespaces_only() -> None:
     assert (
         deployment["spec"]["template"]["spec"]["serviceAccountName"] not in bound
     )  # the server needs no API access
+
+
+def test_the_readmes_name_the_commands_and_flags_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    deploy_readme = (ROOT / "deploy" / "README.md").read_text()
+    for command in _webhook_cli.COMMANDS:
+        (line,) = [ln for ln in readme.splitlines() if ln.startswith(f"outrider {command.name} ")]
+        options = {opt for param in command.params for opt in param.opts}
+        assert {w.strip("[]") for w in line.split("#")[0].split() if w.strip("[]").startswith("-")} <= options
+    assert "kubectl get pods,namespaces -A -o json | outrider inject-check -f -" in deploy_readme
+    assert "failurePolicy: Ignore" in deploy_readme
+    for path in ("deploy/k8s/base", "deploy/k8s/webhook"):
+        assert f"kubectl apply -k {path}" in deploy_readme
+        assert (ROOT / path / "kustomization.yaml").is_file()
