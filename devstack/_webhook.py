@@ -128,8 +128,10 @@ def _patch_for(
     except _inject.InjectError as exc:
         log.warning("admission %s: %s", uid, exc)
         return [], f"outrider: sidecar not injected: {exc}"
-    decision = "injected" if done else "already has the sidecar" if skipped else "not selected"
-    log.info("admission %s: %s %s", uid, where, decision)
+    if done or skipped:
+        log.info("admission %s: %s %s", uid, where, "injected" if done else "already has the sidecar")
+    else:  # the pod hook sees nearly every pod of the cluster: not worth a line each
+        log.debug("admission %s: %s not selected", uid, where)
     return _jsonpatch.diff(pod, injected), None
 
 
