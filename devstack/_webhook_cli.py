@@ -11,6 +11,8 @@ from typing import TextIO
 
 import click
 
+# where every pod finds its ServiceAccount (devstack._kube_list reads it only when asked)
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 EXIT_MISSING = 1  # inject-check found pods without the sidecar
 EXIT_BAD_INPUT = 2
 
@@ -89,9 +91,26 @@ def inject_webhook(
     "-f",
     "--filename",
     "source",
-    required=True,
     type=click.File("r"),
     help="`kubectl get pods,namespaces -A -o json` (or -o yaml) output; - for stdin.",
+)
+@click.option(
+    "--in-cluster",
+    is_flag=True,
+    help="Read pods and namespaces from the API with the pod's ServiceAccount (the CronJob).",
+)
+@click.option("--api-server", default=None, help="With --in-cluster: the API URL (default: the pod's env).")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=str(SERVICE_ACCOUNT / "token"),
+    show_default=True,
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=str(SERVICE_ACCOUNT / "ca.crt"),
+    show_default=True,
 )
 @click.option(
     "--exclude-namespace",
@@ -99,13 +118,27 @@ def inject_webhook(
     multiple=True,
     help="Namespaces the webhook never sees (default: kube-system, outrider). Repeatable.",
 )
-def inject_check(source: TextIO, excluded: tuple[str, ...]) -> None:
+def inject_check(
+    source: TextIO | None,
+    in_cluster: bool,
+    api_server: str | None,
+    token_file: Path,
+    ca_file: Path,
+    excluded: tuple[str, ...],
+) -> None:
     """List pods that should run the sidecar and do not; exit 1 when there are any."""
-    from devstack import _inject_check
+    from devstack import _inject_check, _kube_list
 
+    if (source is None) == (not in_cluster):
+        raise click.UsageError("give one of -f FILE and --in-cluster")
     try:
-        objects = _inject_check.load_objects(source.read(), source.name)
-    except _inject_check.CheckInputError as exc:
+        if source is not None:
+            objects = _inject_check.load_objects(source.read(), source.name)
+        else:
+            server = api_server or _kube_list.in_cluster_server()
+            token, tls = _kube_list.credentials(token_file, ca_file)
+            objects = asyncio.run(_kube_list.list_objects(server, token=token, tls=tls))
+    except (_inject_check.CheckInputError, _kube_list.KubeListError) as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     result = _inject_check.check(objects, excluded=excluded or _inject_check.DEFAULT_EXCLUDED)

@@ -48,6 +48,7 @@ API_VERSIONS = {
     "ClusterRole": "rbac.authorization.k8s.io/v1",
     "ClusterRoleBinding": "rbac.authorization.k8s.io/v1",
     "PodDisruptionBudget": "policy/v1",
+    "CronJob": "batch/v1",
     "MutatingWebhookConfiguration": "admissionregistration.k8s.io/v1",
     "Issuer": "cert-manager.io/v1",
     "Certificate": "cert-manager.io/v1",

@@ -233,3 +233,19 @@ def test_the_readmes_name_the_commands_and_flags_that_exist() -> None:
     for path in ("deploy/k8s/base", "deploy/k8s/webhook"):
         assert f"kubectl apply -k {path}" in deploy_readme
         assert (ROOT / path / "kustomization.yaml").is_file()
+
+
+def test_the_cronjob_runs_the_check_in_cluster_as_the_check_account() -> None:
+    cronjob = _one("CronJob", "outrider-inject-check")
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert (
+        pod["serviceAccountName"] == "outrider-inject-check" and pod["automountServiceAccountToken"] is True
+    )
+    assert job["backoffLimit"] == 0 and cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[0] == _webhook_cli.inject_check.name and "--in-cluster" in args
+    options = {opt for param in _webhook_cli.inject_check.params for opt in param.opts}
+    assert {a for a in args if a.startswith("--")} <= options
+    assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
