@@ -182,8 +182,9 @@ class ReloadingTLS:
         self.key_file = key_file
         self._stamp = self._files_stamp()
         self._current = self._load()
-        self.context = self._new_context()
-        # each handshake gets the context current then (the callback runs for every ClientHello)
+        # the listener's context holds the first pair too; each handshake is then handed the
+        # context current at that moment (the callback runs for every ClientHello, SNI or not)
+        self.context = self._load()
         self.context.sni_callback = self._pick
 
     def _pick(self, conn: ssl.SSLObject, _server_name: str | None, _ctx: ssl.SSLContext) -> None:

@@ -6,6 +6,8 @@ flags the command takes, the namespaces the check skips."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +251,18 @@ def test_the_cronjob_runs_the_check_in_cluster_as_the_check_account() -> None:
     options = {opt for param in _webhook_cli.inject_check.params for opt in param.opts}
     assert {a for a in args if a.startswith("--")} <= options
     assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_rendered_kustomization_validates_too() -> None:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(WEBHOOK)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert len(rendered) == len(DOCS)
+    for doc in rendered:
+        if doc["apiVersion"] != CERT_MANAGER:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"):
+            assert doc["metadata"]["namespace"] == "outrider", doc["metadata"]["name"]
