@@ -1,9 +1,10 @@
 """`outrider inject-check`: pods that should run the sidecar and do not.
 
 The webhook's failurePolicy is Ignore (deploy/README.md): while it is down, or for pods created
-before their namespace was labelled, pods start without the sidecar. This finds them, offline,
-in what `kubectl get pods,namespaces -A -o json` (or `-o yaml`) prints, with the selection the
-webhook and `outrider inject` use (`_inject.selected`): a pod in a namespace labelled
+before their namespace was labelled, pods start without the sidecar. This finds them in what
+`kubectl get pods,namespaces -A -o json` (or `-o yaml`) prints, or in the same objects read from
+the API (`--in-cluster`, devstack._kube_list, the CronJob in deploy/k8s/webhook), with the
+selection the webhook and `outrider inject` use (`_inject.selected`): a pod in a namespace labelled
 `outrider.io/inject=enabled`, or annotated `outrider.io/inject: "true"`, and not opted out.
 Namespaces the webhook configuration excludes (kube-system, its own) are skipped.
 """

@@ -128,6 +128,11 @@ def _patch_for(
     except _inject.InjectError as exc:
         log.warning("admission %s: %s", uid, exc)
         return [], f"outrider: sidecar not injected: {exc}"
+    except (AttributeError, TypeError, KeyError) as exc:
+        # a field of the wrong JSON type that the API server's validation would reject anyway;
+        # allowing it unchanged keeps that verdict the API server's
+        log.warning("admission %s: %s is malformed (%s)", uid, where, type(exc).__name__)
+        return [], f"outrider: sidecar not injected: {where} is malformed"
     if done or skipped:
         log.info("admission %s: %s %s", uid, where, "injected" if done else "already has the sidecar")
     else:  # the pod hook sees nearly every pod of the cluster: not worth a line each

@@ -71,3 +71,14 @@ def test_a_request_without_a_pod_object_is_allowed_with_a_warning() -> None:
     answer = _webhook.review(_review(obj="not a pod"), INJECTOR, namespace_enabled=True)
     assert answer["response"]["allowed"] is True and "patch" not in answer["response"]
     assert "no pod object" in answer["response"]["warnings"][0]
+
+
+def test_a_malformed_pod_is_allowed_unchanged_with_a_warning() -> None:
+    for pod in (
+        {"metadata": {"labels": "app=x"}, "spec": {"containers": [{"name": "agent"}]}},
+        {"metadata": {}, "spec": {"containers": ["agent"]}},
+        {"metadata": [], "spec": {"containers": [{"name": "agent"}]}},
+    ):
+        answer = _webhook.review(_review(obj=pod), INJECTOR, namespace_enabled=True)
+        assert answer["response"]["allowed"] is True and "patch" not in answer["response"], pod
+        assert answer["response"]["warnings"][0].startswith("outrider: sidecar not injected"), pod
