@@ -30,6 +30,9 @@ TLS from files (cert-manager's Secret mounted as tls.crt / tls.key): they are ch
 `reload_interval` seconds and a changed pair serves new handshakes (the server context's SNI
 callback hands each connection the current context); a pair that does not load keeps the
 previous one and logs why.
+
+On SIGTERM it drains: /healthz answers 503 while admissions are still served for
+`shutdown_delay` seconds, so the Service stops sending calls here before the port closes.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ PATH_POD = "/inject/pod"
 PATH_HEALTH = "/healthz"
 REVIEW_API = "admission.k8s.io/v1"
 DEFAULT_RELOAD_INTERVAL_S = 10.0
+# after SIGTERM, keep answering while /healthz fails, so the Service drops this replica
+# before the port closes (the API server's calls in between would be missed injections)
+DEFAULT_SHUTDOWN_DELAY_S = 5.0
 # the API server sends at most ~3 MiB objects; room for the review around one
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -146,8 +152,14 @@ def copy_of(obj: dict[str, Any]) -> dict[str, Any]:
     return copied
 
 
-def make_app(injector: Injector) -> web.Application:
+@dataclass
+class Health:
+    draining: bool = False  # /healthz fails (503) while admissions are still answered
+
+
+def make_app(injector: Injector, health: Health | None = None) -> web.Application:
     """The webhook's routes: the two injection paths and /healthz."""
+    health = health or Health()
 
     def handler(namespace_enabled: bool) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.Response:
@@ -165,6 +177,8 @@ def make_app(injector: Injector) -> web.Application:
         return handle
 
     async def healthz(_: web.Request) -> web.Response:
+        if health.draining:
+            return web.Response(status=503, text="shutting down\n")
         return web.Response(text="ok\n")
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -244,6 +258,7 @@ class RunningWebhook:
     tls: ReloadingTLS
     host: str
     port: int
+    health: Health
     _watcher: asyncio.Task[None]
 
     @property
@@ -269,7 +284,8 @@ async def start(
 ) -> RunningWebhook:
     """Serve the webhook over TLS on host:port (0 picks a free port); stop() ends it."""
     tls = ReloadingTLS(cert_file, key_file)
-    runner = web.AppRunner(make_app(injector), access_log=None)
+    health = Health()
+    runner = web.AppRunner(make_app(injector, health), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls.context)
     try:
@@ -279,7 +295,7 @@ async def start(
         raise
     bound = runner.addresses[0]
     watcher = asyncio.create_task(tls.watch(reload_interval), name="outrider-webhook-tls-reload")
-    return RunningWebhook(runner, tls, host, int(bound[1]), watcher)
+    return RunningWebhook(runner, tls, host, int(bound[1]), health, watcher)
 
 
 async def serve(
@@ -290,9 +306,11 @@ async def serve(
     key_file: Path,
     injector: Injector,
     reload_interval: float = DEFAULT_RELOAD_INTERVAL_S,
+    shutdown_delay: float = DEFAULT_SHUTDOWN_DELAY_S,
     on_ready: Callable[[RunningWebhook], None] | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT (the kubelet's stop), then close the listener."""
+    """Run until SIGTERM or SIGINT (the kubelet's stop), drain for `shutdown_delay` seconds
+    (a second signal cuts it short), then close the listener."""
     webhook = await start(
         host, port, cert_file=cert_file, key_file=key_file, injector=injector, reload_interval=reload_interval
     )
@@ -304,5 +322,10 @@ async def serve(
         if on_ready:
             on_ready(webhook)
         await stopping.wait()
+        webhook.health.draining = True
+        log.info("stopping: /healthz fails, admissions answered for %.1f s more", shutdown_delay)
+        stopping.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), shutdown_delay)
     finally:
         await webhook.stop()

@@ -46,6 +46,13 @@ EXIT_BAD_INPUT = 2
     show_default=True,
     help="Seconds between checks of the TLS files for a rotated certificate.",
 )
+@click.option(
+    "--shutdown-delay",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds to keep answering after SIGTERM while /healthz fails (endpoints catch up).",
+)
 def inject_webhook(
     tls_cert_file: Path,
     tls_key_file: Path,
@@ -53,6 +60,7 @@ def inject_webhook(
     image: str | None,
     template_path: Path | None,
     tls_reload_interval: float,
+    shutdown_delay: float,
 ) -> None:
     """Serve the sidecar injection as a mutating admission webhook (HTTPS)."""
     from devstack import _inject, _webhook
@@ -79,6 +87,7 @@ def inject_webhook(
                     key_file=tls_key_file,
                     injector=injector,
                     reload_interval=tls_reload_interval,
+                    shutdown_delay=shutdown_delay,
                     on_ready=ready,
                 )
             )

@@ -298,25 +298,40 @@ async def test_rotated_certificate_serves_new_handshakes(webhook: Any, tmp_path:
             await asyncio.sleep(0.05)
 
 
-async def test_command_serves_health_over_tls_and_stops_on_sigterm(tmp_path: Path) -> None:
+async def test_command_serves_over_tls_drains_on_sigterm_and_stops_on_the_second(tmp_path: Path) -> None:
     cert_file, key_file = write_self_signed(tmp_path, "outrider-webhook-test")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "devstack", "inject-webhook",
+        sys.executable, "-m", "devstack", "inject-webhook", "--shutdown-delay", "600",
         "--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file), "--listen", "127.0.0.1:0",
         cwd=ROOT, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         assert proc.stderr is not None
-        async with asyncio.timeout(30):
-            line = ""
-            while "inject-webhook on https://" not in line:
-                line = (await proc.stderr.readline()).decode()
-                assert line, "the webhook exited before it listened"
+
+        async def line_with(text: str) -> str:
+            async with asyncio.timeout(30):
+                line = ""
+                while text not in line:
+                    line = (await proc.stderr.readline()).decode()  # type: ignore[union-attr]
+                    assert line, f"the webhook exited before printing {text!r}"
+                return line
+
+        line = await line_with("inject-webhook on https://")
         url = line.split(" on ", 1)[1].split()[0]
         client_tls = ssl.create_default_context(cafile=str(cert_file))
-        async with aiohttp.ClientSession() as http, http.get(url + "/healthz", ssl=client_tls) as resp:
-            assert resp.status == 200 and await resp.text() == "ok\n"
-        proc.terminate()
+        pod = admission_pod(annotations={"outrider.io/inject": "true"})
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/healthz", ssl=client_tls) as resp:
+                assert resp.status == 200 and await resp.text() == "ok\n"
+            proc.terminate()
+            await line_with("stopping: /healthz fails")
+            # draining: the probe fails so the Service drops the replica, admissions still answered
+            async with http.get(url + "/healthz", ssl=client_tls) as resp:
+                assert resp.status == 503
+            review = admission_review(pod)
+            async with http.post(url + _webhook.PATH_POD, json=review, ssl=client_tls) as resp:
+                assert resp.status == 200 and "patch" in (await resp.json())["response"]
+        proc.terminate()  # a second signal ends the drain
         async with asyncio.timeout(15):
             assert await proc.wait() == 0
     finally:
