@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,37 +174,52 @@ def _flag(meta: dict[str, Any], key: str, name: str) -> str | None:
     return None if value is None else str(value).strip().lower()
 
 
-def _inject_namespaces(docs: list[_Doc]) -> set[str]:
-    """Namespaces in the input that opt every pod in (what the webhook selects on the cluster)."""
+def enabled_namespaces(objects: Iterable[Any]) -> set[str]:
+    """Namespaces among `objects` that opt every pod in (what the webhook selects on the cluster)."""
     names = set()
-    for doc in docs:
-        if isinstance(doc.data, dict) and doc.data.get("kind") == "Namespace":
-            meta = doc.data.get("metadata") or {}
+    for obj in objects:
+        if isinstance(obj, dict) and obj.get("kind") == "Namespace":
+            meta = obj.get("metadata") or {}
             if "enabled" in (_flag(meta, "labels", ANNOTATION), _flag(meta, "annotations", ANNOTATION)):
                 names.add(str(meta.get("name")))
     return names
 
 
-def _selected(obj: dict[str, Any], pod_meta: dict[str, Any], namespaces: set[str], inject_all: bool) -> bool:
+def selected(
+    obj: dict[str, Any],
+    pod_meta: dict[str, Any],
+    namespaces: set[str],
+    inject_all: bool = False,
+    default_namespace: str | None = None,
+) -> bool:
+    """Whether a pod (of workload `obj`) should get the sidecar; `namespaces` opt every pod in.
+    `default_namespace` is the namespace of an object that names none (an admission request's)."""
     meta = obj.get("metadata") or {}
     choices = [_flag(pod_meta, "annotations", ANNOTATION), _flag(meta, "annotations", ANNOTATION)]
     if "false" in choices:
         return False
+    namespace = meta.get("namespace") or default_namespace
     return (
         inject_all
         or "true" in choices
         or _flag(meta, "labels", COMPONENT_LABEL) == "true"
-        or (meta.get("namespace") is not None and str(meta.get("namespace")) in namespaces)
+        or (namespace is not None and str(namespace) in namespaces)
     )
+
+
+def has_sidecar(pod_spec: dict[str, Any]) -> bool:
+    """Whether a pod spec already runs the sidecar (as a native sidecar or a plain container)."""
+    containers = [*(pod_spec.get("initContainers") or []), *(pod_spec.get("containers") or [])]
+    return any(isinstance(c, dict) and c.get("name") == SIDECAR_NAME for c in containers)
 
 
 def inject_pod(
     pod_meta: dict[str, Any], pod_spec: dict[str, Any], template: SidecarTemplate, image: str | None
 ) -> bool:
     """Add the sidecar to one pod template in place; False when it already has one."""
-    init = pod_spec.get("initContainers") or []
-    if any(c.get("name") == SIDECAR_NAME for c in [*init, *pod_spec["containers"]] if isinstance(c, dict)):
+    if has_sidecar(pod_spec):
         return False
+    init = pod_spec.get("initContainers") or []
     sidecar = copy.deepcopy(template.init_container)
     if image:
         sidecar["image"] = image
@@ -226,6 +241,30 @@ def inject_pod(
     return True
 
 
+def inject_object(
+    data: dict[str, Any],
+    template: SidecarTemplate,
+    *,
+    where: str,
+    namespaces: set[str],
+    inject_all: bool = False,
+    image: str | None = None,
+    default_namespace: str | None = None,
+) -> tuple[list[str], list[str]]:
+    """Inject, in place, into every selected pod one object defines: the one injection both
+    `outrider inject` and the admission webhook run. Returns the "Kind/name" of each pod
+    template injected, and of each selected one that already had the sidecar."""
+    injected: list[str] = []
+    skipped: list[str] = []
+    for owner, pod_meta, pod_spec in _pod_templates(data, where):
+        if not selected(owner, pod_meta, namespaces, inject_all, default_namespace):
+            continue
+        meta = owner.get("metadata") or {}
+        owner_name = f"{owner.get('kind')}/{meta.get('name') or meta.get('generateName') or ''}"
+        (injected if inject_pod(pod_meta, pod_spec, template, image) else skipped).append(owner_name)
+    return injected, skipped
+
+
 def inject_text(
     text: str,
     *,
@@ -238,7 +277,7 @@ def inject_text(
     their original text."""
     template = template or SidecarTemplate.load()
     docs = _split(text, source)
-    namespaces = _inject_namespaces(docs)
+    namespaces = enabled_namespaces(doc.data for doc in docs)
     result = InjectResult(text="")
     out: list[str] = []
     for doc in docs:
@@ -248,17 +287,12 @@ def inject_text(
         data = copy.deepcopy(doc.data)
         name = f"{data.get('kind')}/{(data.get('metadata') or {}).get('name')}"
         where = f"{source}: document {doc.index} (line {doc.line}, {name})"
-        changed = False
-        for owner, pod_meta, pod_spec in _pod_templates(data, where):
-            if not _selected(owner, pod_meta, namespaces, inject_all):
-                continue
-            owner_name = f"{owner.get('kind')}/{(owner.get('metadata') or {}).get('name')}"
-            if inject_pod(pod_meta, pod_spec, template, image):
-                changed = True
-                result.injected.append(owner_name)
-            else:
-                result.skipped.append(owner_name)
-        if changed:
+        injected, skipped = inject_object(
+            data, template, where=where, namespaces=namespaces, inject_all=inject_all, image=image
+        )
+        result.injected += injected
+        result.skipped += skipped
+        if injected:
             dumped = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
             # after a `---`, keep a comment on its line
             out.append(

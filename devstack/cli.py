@@ -15,7 +15,7 @@ from typing import TextIO
 
 import click
 
-from devstack import _flag_cli, _history_cli, _rollout_cli, _simulate_cli, _version_cli
+from devstack import _flag_cli, _history_cli, _rollout_cli, _simulate_cli, _version_cli, _webhook_cli
 
 ENV_KAFKA = "OUTRIDER_KAFKA_BOOTSTRAP"
 ENV_ADMIN = _rollout_cli.ENV_ADMIN
@@ -351,6 +351,8 @@ for _command in (*_rollout_cli.COMMANDS, *_history_cli.COMMANDS, *_simulate_cli.
     rollout.add_command(_command)
 main.add_command(_version_cli.version)
 main.add_command(_flag_cli.flag)
+for _command in _webhook_cli.COMMANDS:
+    main.add_command(_command)
 
 
 def _split_host_port(address: str) -> tuple[str, int]:

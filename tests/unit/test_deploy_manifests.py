@@ -44,6 +44,14 @@ API_VERSIONS = {
     "PodMonitor": "monitoring.coreos.com/v1",
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
     "Component": "kustomize.config.k8s.io/v1alpha1",
+    # deploy/k8s/webhook
+    "ClusterRole": "rbac.authorization.k8s.io/v1",
+    "ClusterRoleBinding": "rbac.authorization.k8s.io/v1",
+    "PodDisruptionBudget": "policy/v1",
+    "CronJob": "batch/v1",
+    "MutatingWebhookConfiguration": "admissionregistration.k8s.io/v1",
+    "Issuer": "cert-manager.io/v1",
+    "Certificate": "cert-manager.io/v1",
 }
 # Secrets and ConfigMaps the deploy docs tell the operator to create from `outrider init-secrets`
 EXTERNAL_SECRETS = {
@@ -318,7 +326,7 @@ def test_injected_sidecar_is_locked_down() -> None:
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-@pytest.mark.parametrize("overlay", ["base", "examples/agent"])
+@pytest.mark.parametrize("overlay", ["base", "examples/agent", "webhook"])
 def test_kustomize_renders_with_references_resolved(overlay: str) -> None:
     out = subprocess.run(
         ["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=60, check=False
