@@ -1,6 +1,6 @@
 """The sidecar against the floor: CPU per call, max calls/s and added latency, in one run.
 
-    scripts/bench sidecar-floor [--json] [--rounds 4] [--seconds 3]
+    scripts/bench sidecar-floor [--json] [--rounds 4] [--seconds 3] [--variants all] [--concurrency 1,8]
 
 Four gRPC servers on outrider.v1, each its own process, answer unary Chat from ONE upstream,
 nginx (Debian's `nginx-light`, installed when missing) returning a fixed chat completion:
@@ -23,6 +23,10 @@ The direct baseline for added latency is h2load `--h1` POSTing the same JSON to 
 - Max calls/s: per concurrency, the median over rounds; max over concurrencies.
 - Added p50/p99 at c=1: the path's percentile minus the direct one, over every call of every
   round (h2load's per-request log).
+- `--variants`: extra paths, each telemetry on plus (or minus) one feature, to say what it
+  adds per call: `sidecar_flags` (a prompt and a parameters flag on for every session),
+  `sidecar_no_metrics` (no /metrics: the request counters and GenAI client metrics off),
+  `sidecar_http` (Chat through the OpenAI-compatible endpoint: h2load --h1, JSON).
 - Errors: h2load counts non-2xx; gRPC statuses (trailers, which h2load does not read) are
   counted from each sidecar's `outrider_sidecar_requests_total{code}` before/after and the
   floor's own counters, and one Python call per path checks the answer.
@@ -33,223 +37,36 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import grpc
 import yaml
 
 from devstack.broker import EmbeddedBroker, free_port
-from outrider.v1 import common_pb2, sidecar_pb2, sidecar_pb2_grpc
 from tests.bench import floor_server
 from tests.bench.floor_report import summarize, table
+from tests.bench.floor_servers import ANSWER, CHAT_PATH, COMPLETION, USER_TEXT, Server, start_servers
 from tests.bench.floor_tools import (
     LoadResult,
     Nginx,
     accepts,
     cpu_seconds,
     ensure_binaries,
-    grpc_frame,
     run_h2load,
     run_python_load,
 )
 from tests.support import Proc
 
 PATHS = ("sidecar_on", "sidecar_off", "sidecar_protected", "floor")
+# what single features add, as extra paths (`--variants`): telemetry on plus (or minus) one thing;
+# `sidecar_http` is called through the OpenAI-compatible endpoint (h2load --h1, JSON) instead
+VARIANTS = ("sidecar_flags", "sidecar_no_metrics", "sidecar_http")
 CONCURRENCY = (1, 8, 32, 64)
-ANSWER = "Your order 1234 shipped yesterday and arrives on Friday."
-USER_TEXT = "Where is my order 1234?"
-CHAT_PATH = "/outrider.v1.Sidecar/Chat"
-COMPLETION = {
-    "id": "chatcmpl-floor",
-    "object": "chat.completion",
-    "created": 1700000000,
-    "model": floor_server.MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 21, "completion_tokens": 12, "total_tokens": 33},
-}
-HUGE = 1e12  # quota limits checked on every call and never reached
-
-
-def sidecar_config(
-    name: str, port: int, metrics_port: int, base_url: str, kafka: str, workdir: Path
-) -> dict[str, Any]:
-    """The configuration of sidecar path `name` (see the module docstring)."""
-    version: dict[str, Any] = {
-        "provider": {"name": "openai", "base_url": base_url},
-        "model": floor_server.MODEL,
-        "system_prompt": floor_server.SYSTEM_PROMPT,
-        "parameters": floor_server.PARAMETERS,
-    }
-    config: dict[str, Any] = {
-        "agent": "floor-bot",
-        "stable": "v1",
-        "listen": f"127.0.0.1:{port}",
-        "metrics_port": metrics_port,
-        "metrics_host": "127.0.0.1",
-        "kafka": {"bootstrap_servers": kafka},
-        "telemetry": {"spill_dir": str(workdir / f"spill-{name}")},
-        "versions": {"v1": version},
-    }
-    if name == "sidecar_off":
-        config["telemetry"] = {"enabled": False}
-    if name == "sidecar_protected":
-        version["request_timeout"] = "10s"
-        version["resilience"] = {
-            "breaker": {"consecutive_failures": 5, "failure_rate": 0.5, "window": "30s", "min_requests": 20},
-            "retry": {"max_attempts": 3, "base": "5ms", "cap": "50ms"},
-            "deadline": "10s",
-        }
-        version["fallback"] = [
-            {"provider": {"name": "openai", "base_url": base_url}, "model": "sim-fallback"},
-            {"static_response": "Sorry, try again in a minute."},
-        ]
-        version["guards"] = [
-            {"guard": "prompt_injection", "action": "block"},
-            {"guard": "pii", "action": "redact"},
-            {"guard": "secret", "action": "redact"},
-        ]
-        config["prices"] = {floor_server.MODEL: {"input_per_mtok": 0.15, "output_per_mtok": 0.60}}
-        config["user_quotas"] = {"tokens_per_minute": HUGE, "requests_per_minute": HUGE}
-        config["tenant_quotas"] = {"tokens_per_minute": HUGE, "requests_per_minute": HUGE}
-        config["global_quotas"] = {f"openai/{floor_server.MODEL}": {"safe_share_tpm": HUGE}}
-    return config
-
-
-class Server:
-    """One measured gRPC server process: a sidecar (with its metrics port) or the floor."""
-
-    def __init__(self, name: str, address: str, pid: int, stop: Any, metrics_port: int | None) -> None:
-        self.name, self.address, self.pid, self.stop = name, address, pid, stop
-        self.metrics_port = metrics_port
-        self.frame = b""  # the framed ChatRequest h2load sends, once a session is open
-        self.answer: str | None = ANSWER  # what the upstream answers (None: any text, the sim's)
-
-    def calls_by_code(self) -> dict[str, float]:
-        """gRPC code -> Chat calls answered so far (the sidecar's metrics, the floor's counters)."""
-        if self.metrics_port is None:
-            with grpc.insecure_channel(self.address) as channel:
-                info = sidecar_pb2_grpc.SidecarStub(channel).GetVersion(
-                    sidecar_pb2.GetVersionRequest(), timeout=5
-                )
-            counts = dict(part.split("=") for part in info.name.split())
-            return {"OK": float(counts["ok"]), "ERROR": float(counts["errors"])}
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        codes: dict[str, float] = {}
-        for line in text.splitlines():
-            if (
-                line.startswith("outrider_sidecar_requests_total{")
-                and "Chat" in line
-                and "ChatStream" not in line
-            ):
-                code = re.search(r'code="([^"]*)"', line)
-                if code:
-                    codes[code[1]] = codes.get(code[1], 0.0) + float(line.rsplit(" ", 1)[1])
-        return codes
-
-    def open_and_check(self) -> None:
-        """Open the session the load uses and check one call answers the upstream's text."""
-        with grpc.insecure_channel(self.address) as channel:
-            stub = sidecar_pb2_grpc.SidecarStub(channel)
-            session = stub.OpenSession(
-                sidecar_pb2.OpenSessionRequest(user_id="bench", tenant_id="bench-tenant"), timeout=10
-            )
-            request = sidecar_pb2.ChatRequest(
-                session_id=session.session_id,
-                messages=[common_pb2.ChatMessage(role="user", content=USER_TEXT)],
-            )
-            reply = stub.Chat(request, timeout=10)
-        if reply.message.content != self.answer and not (self.answer is None and reply.message.content):
-            raise RuntimeError(
-                f"{self.name}: the check call answered {reply.message.content!r}, not the upstream's"
-            )
-        self.frame = grpc_frame(request.SerializeToString())
-
-
-def _wait_up(
-    name: str, address: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60.0
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = sidecar_pb2_grpc.SidecarStub(channel)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
-                )
-            try:
-                stub.OpenSession(sidecar_pb2.OpenSessionRequest(user_id="probe"), timeout=1.0)
-                return
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} not serving on {address} after {timeout_s:.0f} s") from None
-                time.sleep(0.05)
-
-
-def start_servers(
-    stack: contextlib.ExitStack,
-    paths: tuple[str, ...],
-    base_url: str,
-    kafka: str,
-    workdir: Path,
-    answer: str | None = ANSWER,
-) -> dict[str, Server]:
-    servers: dict[str, Server] = {}
-    for name in paths:
-        port = free_port()
-        address = f"127.0.0.1:{port}"
-        log = workdir / f"{name}.log"
-        if name == "floor":
-            sink = stack.enter_context(open(log, "wb"))  # noqa: SIM115
-            cmd = [
-                sys.executable,
-                "-m",
-                "tests.bench.floor_server",
-                "--listen",
-                address,
-                "--upstream",
-                base_url,
-            ]
-            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
-            stack.callback(_stop_popen, popen)
-            server = Server(name, address, popen.pid, popen, None)
-        else:
-            metrics_port = free_port()
-            config = workdir / f"{name}.yaml"
-            config.write_text(
-                yaml.safe_dump(sidecar_config(name, port, metrics_port, base_url, kafka, workdir))
-            )
-            proc = Proc("--log-level", "WARNING", "sidecar", "--config", str(config), log_path=log)
-            stack.callback(proc.stop)
-            popen = proc.proc
-            server = Server(name, address, proc.pid, proc, metrics_port)
-        server.answer = answer
-        servers[name] = server
-    for server in servers.values():  # started together, waited for together: imports overlap
-        popen = server.stop if isinstance(server.stop, subprocess.Popen) else server.stop.proc
-        _wait_up(server.name, server.address, popen, workdir / f"{server.name}.log")
-        server.open_and_check()
-    return servers
-
-
-def _stop_popen(popen: subprocess.Popen[bytes]) -> None:
-    if popen.poll() is None:
-        popen.terminate()
-        try:
-            popen.wait(10)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait()
 
 
 class Loader:
@@ -262,6 +79,8 @@ class Loader:
         self.tool = "h2load" if h2load else "python (h2load unavailable: figures capped by the client)"
 
     def grpc(self, server: Server, concurrency: int, watch: dict[str, int]) -> dict[str, Any]:
+        if server.http_port:
+            return self.http(server, concurrency, watch)
         data = self.workdir / f"{server.name}.grpc"
         data.write_bytes(server.frame)
         url = f"http://{server.address}{CHAT_PATH}"
@@ -274,6 +93,21 @@ class Loader:
                 else run_python_load(f"http://{server.address}", server.frame[5:], concurrency=concurrency,
                                      seconds=self.seconds, requests=self.requests, grpc_path=CHAT_PATH)
             ),
+        )  # fmt: skip
+
+    def http(self, server: Server, concurrency: int, watch: dict[str, int]) -> dict[str, Any]:
+        """Chat through the sidecar's OpenAI-compatible endpoint, in the load's session."""
+        data = self.workdir / f"{server.name}.json"
+        body = json.dumps({"model": floor_server.MODEL, "messages": [{"role": "user", "content": USER_TEXT}]})
+        data.write_text(body)
+        url = f"http://127.0.0.1:{server.http_port}/v1/chat/completions"
+        headers = ("content-type: application/json", f"x-outrider-session: {server.session}")
+        if not self.h2load:
+            raise RuntimeError("the sidecar_http variant needs h2load")
+        return self._measured(
+            watch | {"server": server.pid},
+            lambda: run_h2load(self.h2load, url, data, self.workdir, concurrency=concurrency,
+                               seconds=self.seconds, requests=self.requests, h1=True, headers=headers),
         )  # fmt: skip
 
     def direct(self, base_url: str, body: bytes, watch: dict[str, int]) -> dict[str, Any]:
@@ -336,7 +170,7 @@ def run_bench(
             stack.callback(sim.stop)
             watch["upstream"] = sim.pid
         kafka = "127.0.0.1:1"
-        if any(name in ("sidecar_on", "sidecar_protected") for name in paths):
+        if any(name.startswith("sidecar_") and name != "sidecar_off" for name in paths):
             broker = stack.enter_context(EmbeddedBroker(log_path=workdir / "broker.log"))
             kafka = broker.bootstrap_servers
             assert broker.pid is not None
@@ -362,6 +196,7 @@ def run_bench(
                     log(_progress(runs[-1]))
         elapsed = time.monotonic() - started
         codes = {name: _delta(server.calls_by_code(), codes_before[name]) for name, server in servers.items()}
+        codes = {name: value for name, value in codes.items() if value is not None}
     result = summarize(runs, codes, paths)
     result["loadgen"] = loader.tool
     result["upstream"] = upstream
@@ -376,7 +211,9 @@ def _progress(run: dict[str, Any]) -> str:
     return f"  {run['path']:<18} c={run['concurrency']:<3} {rate:8.0f} calls/s  {cpu:.3f} ms CPU/call"
 
 
-def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+def _delta(after: dict[str, float] | None, before: dict[str, float] | None) -> dict[str, float] | None:
+    if after is None or before is None:
+        return None
     return {
         code: after[code] - before.get(code, 0.0) for code in after if after[code] != before.get(code, 0.0)
     }
@@ -415,13 +252,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument("--rounds", type=int, default=4, help="rounds over every path and concurrency (4)")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per load run (3)")
+    parser.add_argument(
+        "--variants",
+        default="",
+        metavar="LIST",
+        help=f"extra paths, comma-separated or 'all': {', '.join(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--concurrency",
+        default=",".join(map(str, CONCURRENCY)),
+        metavar="LIST",
+        help="calls in flight per run, comma-separated (1,8,32,64; 1 gives the latency)",
+    )
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx / h2load")
     args = parser.parse_args(argv)
+    variants = VARIANTS if args.variants == "all" else tuple(v for v in args.variants.split(",") if v)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    try:
+        concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        parser.error(f"--concurrency: expected integers separated by commas, got {args.concurrency!r}")
     signal.signal(signal.SIGTERM, _interrupt)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="outrider-floor-") as tmp:
         result = run_bench(
-            Path(tmp), rounds=args.rounds, seconds=args.seconds, install=not args.no_install,
+            Path(tmp), paths=PATHS + variants, concurrency=concurrency, rounds=args.rounds,
+            seconds=args.seconds, install=not args.no_install,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )  # fmt: skip
     result["total_s"] = time.monotonic() - start

@@ -18,8 +18,9 @@ import pytest
 from devstack.broker import free_port
 from outrider.v1 import common_pb2, sidecar_pb2
 from tests.bench.floor_report import table
+from tests.bench.floor_servers import CHAT_PATH
 from tests.bench.floor_tools import accepts, cpu_seconds, find_binary, grpc_frame, run_python_load
-from tests.bench.sidecar_floor import CHAT_PATH, run_bench
+from tests.bench.sidecar_floor import run_bench
 
 pytestmark = pytest.mark.broker
 CALLS = 100
