@@ -22,6 +22,11 @@ def _per_call_ms(runs: list[dict[str, Any]], role: str) -> float | None:
     return sum(run["cpu_s"].get(role, 0.0) for run in runs) * 1000.0 / calls
 
 
+def _busy(runs: list[dict[str, Any]]) -> float | None:
+    seconds = sum(run["seconds"] for run in runs)
+    return sum(run["cpu_s"]["server"] for run in runs) / seconds if seconds else None
+
+
 def _path(runs: list[dict[str, Any]], codes: dict[str, float] | None) -> dict[str, Any]:
     load = [run for run in runs if run["concurrency"] > 1]
     single = [run for run in runs if run["concurrency"] == 1]
@@ -35,6 +40,9 @@ def _path(runs: list[dict[str, Any]], codes: dict[str, float] | None) -> dict[st
         "non_2xx": sum(run["failed"] for run in runs),
         "cpu_ms_per_call": _per_call_ms(load or single, "server"),
         "cpu_ms_per_call_c1": _per_call_ms(single, "server"),
+        # the server's CPU over the wall time of its c>1 runs: ~1.0 = one core saturated; well
+        # under it at max calls/s = it waited (or, on a loaded machine, did not get the core)
+        "server_cpu_busy": _busy(load),
         "calls_per_s": rates,
         "max_calls_per_s": max(rates.values()) if rates else None,
         "p50_ms_c1": _percentile(latencies, 0.5),
@@ -116,6 +124,7 @@ def table(result: dict[str, Any]) -> str:
         ("  vs floor", [_fmt(p.get("vs_floor", {}).get("cpu"), ".2f") + "x" for p in paths.values()]),
         ("CPU ms/call at c=1", [_fmt(p["cpu_ms_per_call_c1"], ".3f") for p in paths.values()]),
     ]
+    rows.append(("server CPU busy (c>1)", [_fmt(p["server_cpu_busy"]) for p in paths.values()]))
     for c in concurrencies:
         rows.append((f"calls/s at c={c}", [_fmt(p["calls_per_s"].get(c), ".0f") for p in paths.values()]))
     rows += [
@@ -144,4 +153,8 @@ def table(result: dict[str, Any]) -> str:
         f" {result['seconds_per_run']} s per run; measured in {result['measure_s']:.0f} s"
         + (f", {result['total_s']:.0f} s in all" if "total_s" in result else "")
     )
+    if "loadavg" in result:
+        lines.append(
+            f"machine load average (1 min) at start / end: {' / '.join(map(str, result['loadavg']))}"
+        )
     return "\n".join(lines)

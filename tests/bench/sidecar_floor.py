@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -152,6 +153,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """The whole bench: start the peers, warm up, run `rounds` rounds, stop everything.
     `upstream="sim"` (tests only, where nginx is missing) uses the Python SimProvider instead."""
+    load_start = os.getloadavg()[0]  # other work on the machine skews every figure: say how much
     binaries, notes = ensure_binaries(install)
     for note in notes:
         log(note)
@@ -202,6 +204,7 @@ def run_bench(
     result["upstream"] = upstream
     result["rounds"], result["seconds_per_run"], result["measure_s"] = rounds, seconds, elapsed
     result["notes"] = notes
+    result["loadavg"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     return result
 
 
