@@ -277,14 +277,19 @@ def main(argv: list[str] | None = None) -> None:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:
         parser.error(f"--concurrency: expected integers separated by commas, got {args.concurrency!r}")
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job inherits it ignored
+        signal.signal(sig, _interrupt)
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="outrider-floor-") as tmp:
-        result = run_bench(
-            Path(tmp), paths=PATHS + variants, concurrency=concurrency, rounds=args.rounds,
-            seconds=args.seconds, install=not args.no_install,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
-        )  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory(prefix="outrider-floor-") as tmp:
+            result = run_bench(
+                Path(tmp), paths=PATHS + variants, concurrency=concurrency, rounds=args.rounds,
+                seconds=args.seconds, install=not args.no_install,
+                log=lambda line: print(line, file=sys.stderr, flush=True),
+            )  # fmt: skip
+    except KeyboardInterrupt:  # every process it started is stopped by now
+        print("sidecar-floor: interrupted, every process it started is stopped", file=sys.stderr)
+        sys.exit(130)
     result["total_s"] = time.monotonic() - start
     if args.json:  # the table for whoever watches, the object on the last line of stdout
         print(table(result), file=sys.stderr)
