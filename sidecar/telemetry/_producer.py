@@ -47,6 +47,7 @@ from tenacity import RetryCallState, Retrying, wait_exponential, wait_random_exp
 
 import outrider
 from outrider.v1 import events_pb2
+from sidecar.telemetry._lite_spans import LiteSpan
 from sidecar.telemetry._metrics import SidecarMetrics, SpanCounts
 from sidecar.telemetry._spill import (
     DEFAULT_MAX_BYTES,
@@ -178,7 +179,7 @@ class TelemetryProducer:
         """Number `event` and queue it for Kafka; never blocks (see `TelemetryQueue.emit`)."""
         return self._queue.emit(event)
 
-    def emit_span(self, span: ReadableSpan) -> bool:
+    def emit_span(self, span: ReadableSpan | LiteSpan) -> bool:
         """Queue a finished span for `outrider.spans`; never blocks (see `SpanQueueProcessor`)."""
         return self._queue.emit_span(span)
 
