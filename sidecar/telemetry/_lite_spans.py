@@ -7,57 +7,34 @@ per call. When the only consumer of the sidecar's spans is its own telemetry que
 provider holds exactly our `SpanQueueProcessor`, the default parent-based always-on sampler
 and the random id generator), `LiteTracer` hands out `LiteSpan`s instead: a slotted record
 of the raw values (ids, times, attribute dict, events, status). `end()` queues it, and
-`encode_lite_spans` turns a batch of them into one `ExportTraceServiceRequest` with the
-opentelemetry-proto messages directly: resource and scope encoded once, the same fields, span
-kinds, flags and attribute encoding as the SDK's `encode_spans` (a unit test compares the
-bytes). Any other processor on the provider (an OTLP exporter from OTEL_EXPORTER_OTLP_*, a
-test's in-memory exporter) or another sampler switches span creation back to the SDK, so
-whoever needs an SDK span gets one.
+`_otlp_wire.OtlpWriter` writes a batch of them as one `ExportTraceServiceRequest` in
+protobuf bytes directly: the same fields, span kinds, flags and attribute encoding as the
+SDK's `encode_spans` (a unit test compares the two). Any other processor on the provider
+(an OTLP exporter from OTEL_EXPORTER_OTLP_*, a test's in-memory exporter) or another sampler
+switches span creation back to the SDK, so whoever needs an SDK span gets one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.common._internal import (
-    _encode_instrumentation_scope,
-    _encode_resource,
-)
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, SpanFlags
-from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
-from opentelemetry.proto.trace.v1.trace_pb2 import Status as PbStatus
 from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes, AttributeValue
+
+from sidecar.telemetry._otlp_wire import OtlpWriter
 
 if TYPE_CHECKING:
     from sidecar.telemetry._span_queue import SpanQueueProcessor
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_FLAGS_LOCAL = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
-_FLAGS_REMOTE = _FLAGS_LOCAL | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 _UNSET = Status(StatusCode.UNSET)
-_KINDS = {  # as the SDK's encoder maps them
-    SpanKind.INTERNAL: PbSpan.SpanKind.SPAN_KIND_INTERNAL,
-    SpanKind.SERVER: PbSpan.SpanKind.SPAN_KIND_SERVER,
-    SpanKind.CLIENT: PbSpan.SpanKind.SPAN_KIND_CLIENT,
-    SpanKind.PRODUCER: PbSpan.SpanKind.SPAN_KIND_PRODUCER,
-    SpanKind.CONSUMER: PbSpan.SpanKind.SPAN_KIND_CONSUMER,
-}
-_STATUS_CODES = {
-    StatusCode.UNSET: PbStatus.StatusCode.STATUS_CODE_UNSET,
-    StatusCode.OK: PbStatus.StatusCode.STATUS_CODE_OK,
-    StatusCode.ERROR: PbStatus.StatusCode.STATUS_CODE_ERROR,
-}
 
 
 class LiteSpan(trace.Span):
@@ -85,7 +62,7 @@ class LiteSpan(trace.Span):
         kind: SpanKind,
         attributes: dict[str, AttributeValue],
         sink: Callable[[LiteSpan], None],
-        encoder: LiteEncoder,
+        encoder: OtlpWriter,
     ) -> None:
         self.name = name
         self._context = context
@@ -167,7 +144,7 @@ class LiteTracer:
         self._provider = provider
         self._processors: tuple[object, ...] | None = None
         self._sink: Callable[[LiteSpan], None] | None = None
-        self.encoder = LiteEncoder(provider, scope_name)
+        self.encoder = OtlpWriter(provider.resource, scope_name)
 
     def _current_sink(self) -> Callable[[LiteSpan], None] | None:
         from sidecar.telemetry._span_queue import SpanQueueProcessor
@@ -214,78 +191,3 @@ class LiteTracer:
             )
         cleaned = {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()}
         return LiteSpan(name, span_context, parent, kind, cleaned, sink, self.encoder)
-
-
-# --- encoding ------------------------------------------------------------------------------
-
-
-def _value(value: Any) -> AnyValue:
-    kind = type(value)
-    if kind is str:
-        return AnyValue(string_value=value)
-    if kind is bool:
-        return AnyValue(bool_value=value)
-    if kind is int:
-        return AnyValue(int_value=value)
-    if kind is float:
-        return AnyValue(double_value=value)
-    if kind is bytes:
-        return AnyValue(bytes_value=value)
-    if isinstance(value, Sequence):
-        return AnyValue(array_value=ArrayValue(values=[_value(v) for v in value]))
-    raise TypeError(f"span attribute value of type {kind.__name__} cannot be encoded")
-
-
-def _attributes(attributes: Mapping[str, Any]) -> list[KeyValue]:
-    return [KeyValue(key=key, value=_value(value)) for key, value in attributes.items()]
-
-
-def _trace_state(ctx: SpanContext) -> str:
-    state = ctx.trace_state
-    return ",".join(f"{k}={v}" for k, v in state.items()) if state else ""
-
-
-class LiteEncoder:
-    """`LiteSpan`s -> OTLP protobuf, the resource and scope encoded once."""
-
-    def __init__(self, provider: TracerProvider, scope_name: str) -> None:
-        self._resource = _encode_resource(provider.resource)
-        self._resource_schema = provider.resource.schema_url
-        self._scope = _encode_instrumentation_scope(InstrumentationScope(scope_name))
-
-    def encode(self, spans: Sequence[LiteSpan]) -> bytes:
-        """One `ExportTraceServiceRequest` (one resource, one scope) holding `spans`."""
-        request = ExportTraceServiceRequest(
-            resource_spans=[
-                ResourceSpans(
-                    resource=self._resource,
-                    scope_spans=[ScopeSpans(scope=self._scope, spans=[_span(s) for s in spans])],
-                    schema_url=self._resource_schema,
-                )
-            ]
-        )
-        return request.SerializeToString()
-
-
-def _span(span: LiteSpan) -> PbSpan:
-    ctx = span._context
-    parent = span.parent
-    status = span.status
-    return PbSpan(
-        trace_id=ctx.trace_id.to_bytes(16, "big"),
-        span_id=ctx.span_id.to_bytes(8, "big"),
-        trace_state=_trace_state(ctx),
-        parent_span_id=parent.span_id.to_bytes(8, "big") if parent is not None else b"",
-        name=span.name,
-        kind=_KINDS[span.kind],
-        start_time_unix_nano=span.start_time,
-        end_time_unix_nano=span.end_time or 0,
-        attributes=_attributes(span.attributes),
-        events=[
-            PbSpan.Event(name=name, time_unix_nano=ts, attributes=_attributes(attrs))
-            for name, ts, attrs in span.events
-        ]
-        or None,
-        status=PbStatus(code=_STATUS_CODES[status.status_code], message=status.description or ""),
-        flags=_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL,
-    )
