@@ -262,6 +262,11 @@ class ChatSpan(_RetryingHandle):
             attributes[sc.OUTRIDER_DEGRADED] = degraded
         self.span.set_attributes(attributes)
 
+    @property
+    def captures_content(self) -> bool:
+        """Whether `set_*_messages` record anything (so callers can skip building them)."""
+        return self._tracing.capture_content and self.span.is_recording()
+
     def set_input_messages(self, messages: Iterable[MessageLike]) -> None:
         """The prompt, only if content capture is on."""
         if self._tracing.capture_content and self.span.is_recording():

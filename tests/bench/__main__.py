@@ -11,6 +11,7 @@ from tests.bench import (
     openai_http,
     resilience,
     shadow,
+    sidecar_hotpath,
     sidecar_latency,
     sidecar_telemetry,
 )
@@ -18,6 +19,7 @@ from tests.bench import (
 BENCHMARKS = {
     "sidecar-latency": sidecar_latency.main,
     "sidecar-telemetry": sidecar_telemetry.main,
+    "sidecar-hotpath": sidecar_hotpath.main,
     "collector-ingest": collector_ingest.main,
     "resilience": resilience.main,
     "global-quota": global_quota.main,
