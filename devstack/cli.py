@@ -60,7 +60,9 @@ def sidecar(config_path: Path, listen: str | None, kafka: str | None, metrics_po
     except sidecar_pkg.ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     config = config.with_overrides(listen=listen, kafka_bootstrap=kafka, metrics_port=metrics_port)
-    sys.exit(asyncio.run(sidecar_pkg.run(config)))
+    from sidecar._loop import run as run_loop
+
+    sys.exit(run_loop(sidecar_pkg.run(config)))
 
 
 @main.command()

@@ -26,6 +26,7 @@ from outrider.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar._config import SidecarConfig
 from sidecar._grpc import SidecarService
 from sidecar._grpc_interceptor import RequestInterceptor
+from sidecar._loop import freeze_startup_objects
 from sidecar._openai_http import OpenAIEndpoint, OpenAIHttpError
 from sidecar._pipeline import CallPipeline
 from sidecar._record import Recorder
@@ -52,6 +53,7 @@ from sidecar.telemetry._semconv import CAPTURE_CONTENT_ENV, capture_content_enab
 from sidecar.telemetry._span_queue import SpanQueueProcessor
 from sidecar.telemetry._span_records import build_tracer_provider
 from sidecar.telemetry._tracing import Tracing
+from sidecar.upstream import _json as fast_json
 from sidecar.upstream._provider import ProviderClient
 from sidecar.upstream._tools import ToolClient
 
@@ -201,6 +203,7 @@ class Sidecar:
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=HTTP_POOL_LIMIT, ttl_dns_cache=300),
             trust_env=False,
+            **fast_json.aiohttp_session_options(),
         )
         self.upstreams = Upstreams(
             agent=config.agent,
@@ -424,6 +427,7 @@ async def run(config: SidecarConfig) -> int:
     """Serve until SIGTERM or SIGINT, then stop within the configured grace; return the exit code."""
     sidecar = Sidecar(config)
     await sidecar.start()
+    freeze_startup_objects()
     ids = ", ".join(f"{label}={vid}" for label, vid in config.version_ids().items())
     log.info(
         "sidecar %s for agent %s listening on %s (versions: %s; stable %s)%s",

@@ -263,7 +263,7 @@ def _end_chat_span(state: ChatState, record: events_pb2.CallRecord) -> None:
         span.set_guard_hits(state.guard_hits)
     if not ok:
         span.set_error(record.error_class)
-    elif result is not None:
+    elif result is not None and span.captures_content:
         span.set_output_messages(
             [common_pb2.ChatMessage(role="assistant", content=result.content)],
             finish_reason=result.finish_reason or "stop",

@@ -3,8 +3,9 @@ them while Kafka is away.
 
 `emit` (events) and `emit_span` (finished spans, see `_span_queue`) put items on one bounded
 queue (`_telemetry_queue`: never blocks, drops and counts when full). Everything else happens
-in one owned background task, which takes batches off the queue (encoding them in small
-slices between requests) and then:
+in one owned background task, which takes batches off the queue (`LINGER_S` after the first
+record arrives, so a batch holds several calls' records; encoding them in small slices
+between requests) and then:
 
 - Healthy (producer connected, spill empty): queued records are sent straight to Kafka in
   batches.
@@ -31,23 +32,32 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     KafkaError,
-    LeaderNotAvailableError,
-    NotLeaderForPartitionError,
-    UnknownTopicOrPartitionError,
 )
 from opentelemetry.sdk.trace import ReadableSpan
-from tenacity import RetryCallState, Retrying, wait_exponential, wait_random_exponential
 
 import outrider
 from outrider.v1 import events_pb2
+from sidecar.telemetry._lite_spans import LiteSpan
 from sidecar.telemetry._metrics import SidecarMetrics, SpanCounts
+from sidecar.telemetry._producer_policy import (
+    LINGER_S,
+    LINGER_UNTIL,
+    PRODUCER_REQUEST_TIMEOUT_MS,
+    PRODUCER_RETRY_BACKOFF_MS,
+    SEND_RETRIES,
+    SEND_RETRY_DELAY_S,
+    SEND_TIMEOUT_S,
+    SPILL_DIR_ALTERNATES,
+    TOPIC_RECHECK_S,
+    probe_delay,
+    transient,
+)
 from sidecar.telemetry._spill import (
     DEFAULT_MAX_BYTES,
     DEFAULT_SEGMENT_BYTES,
@@ -60,51 +70,6 @@ from sidecar.telemetry._spill import (
 from sidecar.telemetry._telemetry_queue import BATCH_MAX, YIELD_EVERY, TelemetryQueue
 
 log = logging.getLogger(__name__)
-
-BACKOFF_INITIAL_S = 0.1
-BACKOFF_MAX_S = 2.0
-# the delay before the next probe after the nth failure in a row: min(BACKOFF_MAX_S,
-# BACKOFF_INITIAL_S * 2**(n - 1)) times a uniform 0.5 to 1.0 jitter (half of it fixed, the
-# other half tenacity's full jitter)
-BACKOFF = wait_exponential(multiplier=BACKOFF_INITIAL_S / 2, max=BACKOFF_MAX_S / 2) + wait_random_exponential(
-    multiplier=BACKOFF_INITIAL_S / 2, max=BACKOFF_MAX_S / 2
-)
-# short, so an outage is noticed in a few seconds and records move to the spill
-PRODUCER_REQUEST_TIMEOUT_MS = 3_000
-PRODUCER_RETRY_BACKOFF_MS = 200
-# a whole batch (metadata wait + delivery) gets this long before it counts as failed
-SEND_TIMEOUT_S = 2 * PRODUCER_REQUEST_TIMEOUT_MS / 1000 + 1
-# a send refused with a retriable error (not a timeout) is retried this often before spilling
-SEND_RETRIES = 3
-SEND_RETRY_DELAY_S = 0.2
-# how often a topic found missing is looked up again
-TOPIC_RECHECK_S = 60.0
-# when the configured directory is held by another live sidecar, try <dir>.1 .. <dir>.N
-SPILL_DIR_ALTERNATES = 8
-
-
-def new_event_id() -> str:
-    return uuid.uuid4().hex
-
-
-_TRANSIENT = (NotLeaderForPartitionError, LeaderNotAvailableError, UnknownTopicOrPartitionError)
-
-
-def _transient(exc: BaseException) -> bool:
-    """A partition between leaders or a topic being created: worth a quick retry. Anything
-    else (unreachable node, timeout) is an outage and goes to the spill at once."""
-    return isinstance(exc, _TRANSIENT)
-
-
-# the probe is scheduled between batches, not a blocking loop: tenacity's wait strategy is
-# asked for the delay with the number of failures in a row as the attempt number
-_PROBING = Retrying(wait=BACKOFF)  # only carries the wait strategy; never called
-
-
-def _probe_delay(failures: int) -> float:
-    state = RetryCallState(retry_object=_PROBING, fn=None, args=(), kwargs={})
-    state.attempt_number = failures
-    return float(BACKOFF(state))
 
 
 class TelemetryProducer:
@@ -178,7 +143,7 @@ class TelemetryProducer:
         """Number `event` and queue it for Kafka; never blocks (see `TelemetryQueue.emit`)."""
         return self._queue.emit(event)
 
-    def emit_span(self, span: ReadableSpan) -> bool:
+    def emit_span(self, span: ReadableSpan | LiteSpan) -> bool:
         """Queue a finished span for `outrider.spans`; never blocks (see `SpanQueueProcessor`)."""
         return self._queue.emit_span(span)
 
@@ -239,6 +204,10 @@ class TelemetryProducer:
                 await self._connect_once()
                 continue
             if not self._queue.empty() and (self._producer is not None or self._spill is not None):
+                if not closing and self._queue.depth < LINGER_UNTIL:
+                    # let a few calls' records gather: the per-batch work (a produce request,
+                    # timers, task wake-ups) is then paid once for several calls
+                    await asyncio.sleep(LINGER_S)
                 await self._intake()
                 continue
             if closing:
@@ -358,7 +327,7 @@ class TelemetryProducer:
                     failure = result
                     break
                 ok += 1
-            if failure is None or not _transient(failure) or attempt == SEND_RETRIES:
+            if failure is None or not transient(failure) or attempt == SEND_RETRIES:
                 break
             # e.g. NotLeaderForPartition while a topic is being created: not an outage
             await asyncio.sleep(SEND_RETRY_DELAY_S)
@@ -392,7 +361,7 @@ class TelemetryProducer:
 
     def _schedule_probe(self) -> None:
         self._probe_failures += 1
-        self._next_probe = time.monotonic() + _probe_delay(self._probe_failures)
+        self._next_probe = time.monotonic() + probe_delay(self._probe_failures)
 
     async def _connect_once(self) -> None:
         producer = AIOKafkaProducer(

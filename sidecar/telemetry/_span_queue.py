@@ -17,6 +17,7 @@ import threading
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
+from sidecar.telemetry._lite_spans import LiteSpan
 from sidecar.telemetry._producer import TelemetryProducer
 
 
@@ -36,6 +37,19 @@ class SpanQueueProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if not span.context.trace_flags.sampled:
             return
+        if self._shutdown:
+            self.dropped_after_shutdown += 1
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._telemetry.emit_span(span)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._telemetry.emit_span, span)
+        except RuntimeError:  # the loop is closed
+            self.dropped_after_shutdown += 1
+
+    def on_end_lite(self, span: LiteSpan) -> None:
+        """A `LiteSpan` ended (the path without SDK spans, see `_lite_spans`): as `on_end`."""
         if self._shutdown:
             self.dropped_after_shutdown += 1
             return

@@ -1,7 +1,8 @@
 """Spans to `outrider.spans`: one Kafka record per trace, in the OTLP protobuf encoding.
 
 `encode_span_records` groups finished spans by trace id and encodes each group with the
-SDK's own OTLP encoder into an `ExportTraceServiceRequest` (resource and scope kept), as
+SDK's own OTLP encoder (SDK spans) or `_lite_spans.LiteEncoder` (`LiteSpan`s, the default
+path) into an `ExportTraceServiceRequest` (resource and scope kept), as
 records `(topic, key=trace id hex, value, headers)`. That is the `otlp_proto` encoding the
 OpenTelemetry Collector's Kafka receiver and Jaeger's ingester read, so any of them can
 consume the topic as well as our collector. The telemetry producer calls it from its own
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple, TypeVar
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
@@ -22,6 +23,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 import outrider
+from sidecar.telemetry._lite_spans import LiteSpan
 
 log = logging.getLogger(__name__)
 
@@ -45,41 +47,70 @@ def trace_key(trace_id: int) -> bytes:
     return format(trace_id, "032x").encode("ascii")
 
 
+def _sdk_bytes(spans: Sequence[ReadableSpan]) -> bytes:
+    return encode_spans(spans).SerializeToString()
+
+
+def _lite_bytes(spans: Sequence[LiteSpan]) -> bytes:
+    return spans[0].encoder.encode(spans)
+
+
 def encode_span_records(
-    spans: Sequence[ReadableSpan],
+    spans: Sequence[ReadableSpan | LiteSpan],
     *,
     topic: str = outrider.SPANS_TOPIC,
     max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> tuple[list[SpanRecord], int]:
     """One record per trace id (a trace too big for one record is split across several with
-    the same key). Returns the records and the number of spans dropped because a single span
-    alone exceeds `max_record_bytes`."""
-    by_trace: dict[int, list[ReadableSpan]] = {}
+    the same key; SDK spans and `LiteSpan`s of one trace, which only a processor added
+    mid-trace gives, go in separate records). Returns the records and the number of spans
+    dropped because a single span alone exceeds `max_record_bytes`."""
+    sdk: dict[int, list[ReadableSpan]] = {}
+    lite: dict[int, list[LiteSpan]] = {}
     for span in spans:
+        if isinstance(span, LiteSpan):
+            lite.setdefault(span.get_span_context().trace_id, []).append(span)
+            continue
         ctx = span.context
         if ctx is None or not ctx.is_valid:
             continue
-        by_trace.setdefault(ctx.trace_id, []).append(span)
+        sdk.setdefault(ctx.trace_id, []).append(span)
     records: list[SpanRecord] = []
     dropped = 0
-    headers = [(outrider.CONTENT_TYPE_HEADER, CONTENT_TYPE)]
-    for trace_id, group in by_trace.items():
-        key = trace_key(trace_id)
-        pending = [group]
-        while pending:
-            chunk = pending.pop()
-            value = encode_spans(chunk).SerializeToString()
-            if len(value) <= max_record_bytes:
-                records.append(SpanRecord(topic, key, value, list(headers)))
-            elif len(chunk) == 1:
-                dropped += 1
-                log.warning(
-                    "dropping span %s: %d bytes encoded, over %d", chunk[0].name, len(value), max_record_bytes
-                )
-            else:
-                half = len(chunk) // 2
-                pending.extend((chunk[half:], chunk[:half]))  # pop() takes the first half first
+    for trace_id, group in lite.items():
+        dropped += _split_encode(group, _lite_bytes, trace_key(trace_id), topic, max_record_bytes, records)
+    for trace_id, sdk_group in sdk.items():
+        dropped += _split_encode(sdk_group, _sdk_bytes, trace_key(trace_id), topic, max_record_bytes, records)
     return records, dropped
+
+
+_S = TypeVar("_S", ReadableSpan, LiteSpan)
+
+
+def _split_encode(
+    group: list[_S],
+    encode: Callable[[Sequence[_S]], bytes],
+    key: bytes,
+    topic: str,
+    max_record_bytes: int,
+    records: list[SpanRecord],
+) -> int:
+    """Append `group`'s records (halved until each fits); return the spans dropped."""
+    dropped = 0
+    pending = [group]
+    while pending:
+        chunk = pending.pop()
+        value = encode(chunk)
+        if len(value) <= max_record_bytes:
+            records.append(SpanRecord(topic, key, value, [(outrider.CONTENT_TYPE_HEADER, CONTENT_TYPE)]))
+        elif len(chunk) == 1:
+            dropped += 1
+            name = chunk[0].name
+            log.warning("dropping span %s: %d bytes encoded, over %d", name, len(value), max_record_bytes)
+        else:
+            half = len(chunk) // 2
+            pending.extend((chunk[half:], chunk[:half]))  # pop() takes the first half first
+    return dropped
 
 
 # --- provider assembly -------------------------------------------------------------------

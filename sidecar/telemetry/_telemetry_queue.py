@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 import outrider
 from outrider.v1 import events_pb2
+from sidecar.telemetry._lite_spans import LiteSpan
 from sidecar.telemetry._metrics import SidecarMetrics, SpanCounts
 from sidecar.telemetry._span_records import encode_span_records
 from sidecar.telemetry._spill import SpillRecord
@@ -33,7 +34,8 @@ SPAN_CHUNK = 16  # spans encoded between two yields to the loop
 DROP_LOG_INTERVAL_S = 10.0
 
 RawRecord = tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes]]]  # topic, key, value, headers
-QueueItem = events_pb2.Event | RawRecord | ReadableSpan
+AnySpan = ReadableSpan | LiteSpan
+QueueItem = events_pb2.Event | RawRecord | AnySpan
 
 
 def _to_record(item: events_pb2.Event | RawRecord) -> SpillRecord:
@@ -74,7 +76,7 @@ class TelemetryQueue:
             event.sequence = self._sequence
         return self._put(event)
 
-    def emit_span(self, span: ReadableSpan) -> bool:
+    def emit_span(self, span: AnySpan) -> bool:
         """Queue a finished span for `outrider.spans`; never blocks (see `SpanQueueProcessor`).
         Spans are encoded (OTLP protobuf, one record per trace) by `take_batch`."""
         if self._put(span):
@@ -110,15 +112,15 @@ class TelemetryQueue:
     async def take_batch(self, batch: list[SpillRecord]) -> None:
         """Move up to BATCH_MAX items off the queue into `batch`, encoded. `batch` is filled in
         place, so a caller cancelled meanwhile still holds what was taken."""
-        spans: list[ReadableSpan] = []
+        spans: list[AnySpan] = []
         taken = 0
         while taken < BATCH_MAX and not self._queue.empty():
             item = self._queue.get_nowait()
             taken += 1
-            if isinstance(item, ReadableSpan):
-                spans.append(item)
-            else:
+            if isinstance(item, events_pb2.Event | tuple):
                 batch.append(_to_record(item))
+            else:
+                spans.append(item)
             if taken % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # encoding is CPU work on the loop: let requests in
         # spans in small chunks, yielding in between: the OTLP encoder is pure Python
@@ -129,17 +131,17 @@ class TelemetryQueue:
     def take_all(self) -> list[SpillRecord]:
         """Everything left on the queue, encoded at once (at shutdown)."""
         records: list[SpillRecord] = []
-        spans: list[ReadableSpan] = []
+        spans: list[AnySpan] = []
         while not self._queue.empty():
             item = self._queue.get_nowait()
-            if isinstance(item, ReadableSpan):
-                spans.append(item)
-            else:
+            if isinstance(item, events_pb2.Event | tuple):
                 records.append(_to_record(item))
+            else:
+                spans.append(item)
         records.extend(self._encode_spans(spans))
         return records
 
-    def _encode_spans(self, spans: Sequence[ReadableSpan]) -> list[SpillRecord]:
+    def _encode_spans(self, spans: Sequence[AnySpan]) -> list[SpillRecord]:
         if not spans:
             return []
         try:

@@ -35,11 +35,13 @@ from typing import Any, Protocol, TypeVar
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from sidecar.telemetry import _semconv as sc
+from sidecar.telemetry._lite_spans import LiteTracer
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +262,11 @@ class ChatSpan(_RetryingHandle):
             attributes[sc.OUTRIDER_DEGRADED] = degraded
         self.span.set_attributes(attributes)
 
+    @property
+    def captures_content(self) -> bool:
+        """Whether `set_*_messages` record anything (so callers can skip building them)."""
+        return self._tracing.capture_content and self.span.is_recording()
+
     def set_input_messages(self, messages: Iterable[MessageLike]) -> None:
         """The prompt, only if content capture is on."""
         if self._tracing.capture_content and self.span.is_recording():
@@ -317,6 +324,10 @@ class Tracing:
         self.capture_content = capture_content
         provider = tracer_provider if tracer_provider is not None else trace.NoOpTracerProvider()
         self._tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+        # spans as plain records while only the telemetry queue takes them (see _lite_spans)
+        self._lite: LiteTracer | None = None
+        if isinstance(provider, SdkTracerProvider):
+            self._lite = LiteTracer(provider, INSTRUMENTATION_NAME)
         # W3C trace context only: baggage could carry the agent's data to third parties
         self._propagator = propagator or TraceContextTextMapPropagator()
 
@@ -450,12 +461,10 @@ class Tracing:
         handle_type: type[_H],
     ) -> Iterator[_H]:
         # an explicit empty Context, never the ambient one: the parent is what the caller says
-        span = self._tracer.start_span(
-            name,
-            context=parent_ctx if parent_ctx is not None else Context(),
-            kind=kind,
-            attributes=attributes,
-        )
+        context = parent_ctx if parent_ctx is not None else Context()
+        span = self._lite.start_span(name, context, kind, attributes) if self._lite is not None else None
+        if span is None:
+            span = self._tracer.start_span(name, context=context, kind=kind, attributes=attributes)
         handle = handle_type(self, span)
         try:
             yield handle

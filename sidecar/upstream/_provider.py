@@ -12,7 +12,6 @@ Every aiohttp, timeout and JSON failure is mapped here into the `sidecar.upstrea
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import aiohttp
 
 from outrider.v1 import common_pb2
 from sidecar.routing._versions import Version
+from sidecar.upstream import _json as fast_json
 from sidecar.upstream._exceptions import (
     UpstreamConnectError,
     UpstreamError,
@@ -86,7 +86,7 @@ class StreamAssembler:
             self.done = True
             return ""
         try:
-            chunk = json.loads(data)
+            chunk = fast_json.loads(data)
         except ValueError as exc:
             raise StreamError(f"stream chunk is not JSON: {exc}") from None
         if not isinstance(chunk, dict):
@@ -174,7 +174,7 @@ def to_openai_messages(
 def parse_completion(body: bytes, upstream: str) -> ChatResult:
     """A non-streamed chat completion; UpstreamInvalidResponse if it is not one."""
     try:
-        data = json.loads(body)
+        data = fast_json.loads(body)
         choice = data["choices"][0]
         message = choice["message"]
         result = ChatResult(

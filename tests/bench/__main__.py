@@ -12,6 +12,7 @@ from tests.bench import (
     resilience,
     shadow,
     sidecar_floor,
+    sidecar_hotpath,
     sidecar_latency,
     sidecar_telemetry,
 )
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "sidecar-latency": sidecar_latency.main,
     "sidecar-telemetry": sidecar_telemetry.main,
     "sidecar-floor": sidecar_floor.main,
+    "sidecar-hotpath": sidecar_hotpath.main,
     "collector-ingest": collector_ingest.main,
     "resilience": resilience.main,
     "global-quota": global_quota.main,
