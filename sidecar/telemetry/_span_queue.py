@@ -35,21 +35,14 @@ class SpanQueueProcessor(SpanProcessor):
         pass
 
     def on_end(self, span: ReadableSpan) -> None:
-        if not span.context.trace_flags.sampled:
-            return
-        if self._shutdown:
-            self.dropped_after_shutdown += 1
-            return
-        if threading.get_ident() == self._loop_thread:
-            self._telemetry.emit_span(span)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._telemetry.emit_span, span)
-        except RuntimeError:  # the loop is closed
-            self.dropped_after_shutdown += 1
+        if span.context.trace_flags.sampled:
+            self._emit(span)
 
     def on_end_lite(self, span: LiteSpan) -> None:
         """A `LiteSpan` ended (the path without SDK spans, see `_lite_spans`): as `on_end`."""
+        self._emit(span)
+
+    def _emit(self, span: ReadableSpan | LiteSpan) -> None:
         if self._shutdown:
             self.dropped_after_shutdown += 1
             return
