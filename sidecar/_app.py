@@ -203,6 +203,9 @@ class Sidecar:
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=HTTP_POOL_LIMIT, ttl_dns_cache=300),
             trust_env=False,
+            # one session serves every agent, user and tenant: an upstream's cookies must not
+            # ride along on someone else's call (and no jar is cheaper per call)
+            cookie_jar=aiohttp.DummyCookieJar(),
             **fast_json.aiohttp_session_options(),
         )
         self.upstreams = Upstreams(

@@ -14,7 +14,6 @@ is one call's pipeline run; `gen_ai.conversation.id` (the session nonce) links a
 from __future__ import annotations
 
 import time
-import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import cache
@@ -30,6 +29,7 @@ from sidecar.routing._session import Session
 from sidecar.routing._versions import SERVED_BY_PRIMARY, Version
 from sidecar.telemetry._genai_metrics import GenAIMetrics
 from sidecar.telemetry._producer import TelemetryProducer
+from sidecar.telemetry._producer_policy import new_event_id
 from sidecar.telemetry._tracing import AgentSpan, ChatSpan, GrpcMetadata, ToolSpan, Tracing
 from sidecar.upstream._provider import ChatResult
 
@@ -106,7 +106,7 @@ class Recorder:
     def event(self, session: Session) -> events_pb2.Event:
         """An event of `session`, with its version, role, rollout, randomization unit and flags."""
         event = events_pb2.Event(
-            event_id=uuid.uuid4().hex,
+            event_id=new_event_id(),
             time_unix_nano=int(self._clock.now() * 1e9),
             agent=self._agent,
             version_id=session.version_id,

@@ -191,67 +191,77 @@ class Executor:
         """
         breaker = self.upstreams.breaker(upstream, resilience.breaker)
         budget = self.upstreams.budget(upstream, resilience.retry_budget)
-        policy = retry_policy(settings)
+        last: list[UpstreamError] = []
 
         def remaining() -> float:
             return deadline - time.monotonic()
 
-        retrying = AsyncRetrying(
-            retry=TenacityRetry(policy, classify, idempotent=idempotent),
-            wait=TenacityWait(policy, self._rng, classify),
-            stop=TenacityStop(policy, remaining),
-            reraise=True,
-        )
-        budget.on_request()
-        first = True
-        last: list[UpstreamError] = []
-
         def skip(why: str) -> _Skip:
             return _Skip(f"{upstream}: {why}" + (f" after: {last[-1]}" if last else ""))
 
+        async def once(retry: bool) -> T:
+            holds_retry = False
+            if retry:
+                if not budget.try_acquire_retry():
+                    self.upstreams.budget_refused(upstream)
+                    raise skip("retry budget exhausted")
+                holds_retry = True
+                self.upstreams.retried(upstream)
+            try:
+                if not breaker.allow():
+                    self.upstreams.flush(breaker)
+                    raise skip("circuit open")
+                left = remaining()
+                if left <= 0:
+                    breaker.release()
+                    raise UpstreamTimeout(
+                        f"{upstream}: call deadline exceeded", upstream=upstream, kind="provider"
+                    )
+                counter[0] += 1
+                try:
+                    result = await call(min(per_attempt_s, left))
+                except UpstreamError as exc:
+                    last.append(exc)
+                    self.upstreams.outcome(upstream, exc.error_class)
+                    if _counts_against(exc):
+                        breaker.record_failure()
+                    else:
+                        breaker.release()
+                    raise
+                except BaseException:
+                    breaker.release()
+                    raise
+                self.upstreams.outcome(upstream, "ok")
+                if settle:
+                    breaker.record_success()
+                return result
+            finally:
+                self.upstreams.flush(breaker)
+                if holds_retry:
+                    budget.release_retry()
+
+        budget.on_request()
         try:
+            try:
+                return await once(False)
+            except UpstreamError as exc:
+                failed: UpstreamError | None = exc
+            # The first attempt runs bare: a call that succeeds never pays for tenacity. After a
+            # failure tenacity decides everything, from that attempt on: it is replayed as
+            # tenacity's attempt 1, so waits, stops and attempt numbers are as they always were.
+            policy = retry_policy(settings)
+            retrying = AsyncRetrying(
+                retry=TenacityRetry(policy, classify, idempotent=idempotent),
+                wait=TenacityWait(policy, self._rng, classify),
+                stop=TenacityStop(policy, remaining),
+                reraise=True,
+            )
             async for attempt in retrying:
                 with attempt:
-                    holds_retry = False
-                    if not first:
-                        if not budget.try_acquire_retry():
-                            self.upstreams.budget_refused(upstream)
-                            raise skip("retry budget exhausted")
-                        holds_retry = True
-                        self.upstreams.retried(upstream)
-                    first = False
-                    try:
-                        if not breaker.allow():
-                            self.upstreams.flush(breaker)
-                            raise skip("circuit open")
-                        left = remaining()
-                        if left <= 0:
-                            breaker.release()
-                            raise UpstreamTimeout(
-                                f"{upstream}: call deadline exceeded", upstream=upstream, kind="provider"
-                            )
-                        counter[0] += 1
-                        try:
-                            result = await call(min(per_attempt_s, left))
-                        except UpstreamError as exc:
-                            last.append(exc)
-                            self.upstreams.outcome(upstream, exc.error_class)
-                            if _counts_against(exc):
-                                breaker.record_failure()
-                            else:
-                                breaker.release()
-                            raise
-                        except BaseException:
-                            breaker.release()
-                            raise
-                        self.upstreams.outcome(upstream, "ok")
-                        if settle:
-                            breaker.record_success()
-                        return result
-                    finally:
-                        self.upstreams.flush(breaker)
-                        if holds_retry:
-                            budget.release_retry()
+                    if failed is not None:
+                        replay, failed = failed, None
+                        raise replay
+                    return await once(True)
         finally:
             budget.on_request_done()
         raise AssertionError("unreachable: tenacity reraises")

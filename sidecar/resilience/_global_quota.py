@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from sidecar._config import GlobalQuotaConfig
 from sidecar.resilience._quota import BoundedWaitQueue, GlobalQuota, Verdict
 from sidecar.telemetry._metrics import SidecarMetrics
 from sidecar.telemetry._producer import TelemetryProducer
+from sidecar.telemetry._producer_policy import new_event_id
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class GlobalQuotas:
             scale = max(1.0, self._windows[resource] / observed)
             used, demand = (x * scale for x in quota.usage_report())
             event = events_pb2.Event(
-                event_id=uuid.uuid4().hex,
+                event_id=new_event_id(),
                 time_unix_nano=int(self._clock.now() * 1e9),
                 agent=self._agent,
                 sidecar_id=self.sidecar_id,

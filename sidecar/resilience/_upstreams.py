@@ -5,7 +5,6 @@ uses it. Breaker transitions become `breaker` events and the breaker-state gauge
 from __future__ import annotations
 
 import logging
-import uuid
 
 from outrider.clock import Clock
 from outrider.v1 import events_pb2
@@ -15,6 +14,7 @@ from sidecar.resilience._retry import RetryBudget
 from sidecar.routing._versions import Tier
 from sidecar.telemetry._metrics import SidecarMetrics
 from sidecar.telemetry._producer import TelemetryProducer
+from sidecar.telemetry._producer_policy import new_event_id
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Upstreams:
                 move.cooldown_s,
             )
             event = events_pb2.Event(
-                event_id=uuid.uuid4().hex,
+                event_id=new_event_id(),
                 time_unix_nano=int(move.at * 1e9),
                 agent=self._agent,
                 sidecar_id=self._sidecar_id,

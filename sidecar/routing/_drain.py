@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -35,6 +34,7 @@ from sidecar.routing._router import Router
 from sidecar.routing._session import Session
 from sidecar.telemetry._metrics import SidecarMetrics
 from sidecar.telemetry._producer import TelemetryProducer
+from sidecar.telemetry._producer_policy import new_event_id
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class DrainTracker:
             sessions_cut,
         )
         event = events_pb2.Event(
-            event_id=uuid.uuid4().hex,
+            event_id=new_event_id(),
             time_unix_nano=round(self._clock.now() * 1e9),
             agent=self._agent,
             version_id=entry.version_id,

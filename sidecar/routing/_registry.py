@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from sidecar.routing._router import Router
 from sidecar.routing._versions import Version, build_version
 from sidecar.telemetry._metrics import SidecarMetrics
 from sidecar.telemetry._producer import TelemetryProducer
+from sidecar.telemetry._producer_policy import new_event_id
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class VersionRegistry:
 
     def report_event(self) -> events_pb2.Event:
         event = events_pb2.Event(
-            event_id=uuid.uuid4().hex,
+            event_id=new_event_id(),
             time_unix_nano=round(self._clock.now() * 1e9),
             agent=self._config.agent,
             sidecar_id=self._sidecar_id,

@@ -21,10 +21,13 @@ import json
 import secrets
 from dataclasses import dataclass
 
+from cachetools import LRUCache
+
 from outrider.clock import Clock
 
 MAC_BYTES = 16
 NONCE_BYTES = 12
+VERIFIED_CACHE = 8192  # tokens verified once and remembered: live sessions, not every one seen
 
 
 class SessionError(Exception):
@@ -76,6 +79,10 @@ class SessionCodec:
             raise ValueError("max_age_s must be positive")
         self._key = key
         self._clock = clock
+        # A session's every turn carries the same token: verify its MAC and parse it once.
+        # Only genuine tokens enter (a forged one never evicts a live session); expiry and
+        # max age are still checked on every use, against the clock.
+        self._verified: LRUCache[str, Session] = LRUCache(VERIFIED_CACHE)
         self.ttl_s = ttl_s
         self.max_age_s = max_age_s
 
@@ -132,6 +139,20 @@ class SessionCodec:
 
     def decode(self, token: str, *, allow_expired: bool = False) -> Session:
         """The session of a token; UnknownSession if not ours, SessionExpired if too old."""
+        session = self._verified.get(token)
+        if session is None:
+            session = self._verify(token)
+            self._verified[token] = session
+        if not allow_expired:
+            now = self._clock.now()
+            if now >= session.expires_at:
+                raise SessionExpired("session expired; open a new one")
+            if self.max_age_s is not None and session.issued_at and now >= session.issued_at + self.max_age_s:
+                raise SessionExpired("session reached max_session_duration; open a new one")
+        return session
+
+    def _verify(self, token: str) -> Session:
+        """The session a genuine token encodes (its MAC checked), expiry not considered."""
         body, sep, mac = token.partition(".")
         if not sep or not body or not mac:
             raise UnknownSession("unknown session")
@@ -144,7 +165,7 @@ class SessionCodec:
             raise UnknownSession("unknown session")
         try:
             data = json.loads(payload)
-            session = Session(
+            return Session(
                 nonce=str(data["n"]),
                 version_id=str(data["v"]),
                 role=int(data["r"]),
@@ -157,10 +178,3 @@ class SessionCodec:
             )
         except (ValueError, KeyError, TypeError):
             raise UnknownSession("unknown session") from None
-        if not allow_expired:
-            now = self._clock.now()
-            if now >= session.expires_at:
-                raise SessionExpired("session expired; open a new one")
-            if self.max_age_s is not None and session.issued_at and now >= session.issued_at + self.max_age_s:
-                raise SessionExpired("session reached max_session_duration; open a new one")
-        return session

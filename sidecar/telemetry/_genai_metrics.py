@@ -19,7 +19,10 @@ One call is recorded once, by `sidecar._record.Recorder.chat`, next to its event
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 # advisory bucket boundaries from the GenAI metrics conventions
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
@@ -47,6 +50,7 @@ class GenAIMetrics:
     """The GenAI client instruments on `registry`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.duration = Histogram(
             "gen_ai_client_operation_duration_seconds",
             "GenAI operation duration (gen_ai.client.operation.duration)",
@@ -96,12 +100,22 @@ class GenAIMetrics:
     ) -> None:
         """One call: its duration, first chunk (streams) and, when it succeeded, its tokens."""
         labels = (operation, provider, model, version_id)
-        self.duration.labels(*labels, error_type).observe(duration_s)
+        self._of(self.duration, *labels, error_type).observe(duration_s)
         if time_to_first_chunk_s is not None:
-            self.time_to_first_chunk.labels(*labels).observe(time_to_first_chunk_s)
+            self._of(self.time_to_first_chunk, *labels).observe(time_to_first_chunk_s)
         if input_tokens is not None:
-            self.token_usage.labels(*labels, "input").observe(input_tokens)
-            self.input_tokens.labels(*labels).inc(input_tokens)
+            self._of(self.token_usage, *labels, "input").observe(input_tokens)
+            self._of(self.input_tokens, *labels).inc(input_tokens)
         if output_tokens is not None:
-            self.token_usage.labels(*labels, "output").observe(output_tokens)
-            self.output_tokens.labels(*labels).inc(output_tokens)
+            self._of(self.token_usage, *labels, "output").observe(output_tokens)
+            self._of(self.output_tokens, *labels).inc(output_tokens)
+
+    def _of(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: `labels()` takes a lock and checks every
+        label, and these are written on every call. A series appears on first use, as before."""
+        key = (id(metric), labels)
+        child = self._series.get(key)
+        if child is None:
+            # bounded as the registry is: operations x providers x models x versions x errors
+            child = self._series[key] = metric.labels(*labels)
+        return child

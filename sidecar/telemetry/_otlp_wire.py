@@ -111,18 +111,36 @@ def _value(value: Any) -> bytes:
 
 
 _key_bytes: dict[str, bytes] = {}  # attribute key -> its KeyValue.key field; a small fixed set
+# (key, str value) -> the whole attribute field, per tag: most values repeat from span to span
+# (operation, provider, model, version, role, server, a session's conversation id)
+_pairs: dict[bytes, dict[tuple[str, str], bytes]] = {_SPAN_ATTRIBUTE: {}, _EVENT_ATTRIBUTE: {}}
+_PAIRS_MAX = 8192  # past this the cache starts over: conversation ids keep coming
+_PAIR_VALUE_MAX = 256  # longer values (captured content, opted in) are encoded each time
+
+
+def _key(key: str) -> bytes:
+    k = _key_bytes.get(key)
+    if k is None:
+        k = _field(_KV_KEY, key.encode())
+        if len(_key_bytes) < 4096:  # keys are the code's constants, bound the cache anyway
+            _key_bytes[key] = k
+    return k
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any], out: list[bytes]) -> None:
-    keys = _key_bytes
-    for key, value in attributes.items():
-        k = keys.get(key)
-        if k is None:
-            if len(keys) < 4096:  # keys are the code's constants, bound the cache anyway
-                k = keys[key] = _field(_KV_KEY, key.encode())
-            else:
-                k = _field(_KV_KEY, key.encode())
-        out.append(_field(tag, k + _field(_KV_VALUE, _value(value))))
+    pairs = _pairs[tag]
+    for item in attributes.items():
+        key, value = item
+        # str only: True == 1 would make (key, True) and (key, 1) one entry
+        if type(value) is str and len(value) <= _PAIR_VALUE_MAX:
+            encoded = pairs.get(item)
+            if encoded is None:
+                if len(pairs) >= _PAIRS_MAX:
+                    pairs.clear()
+                encoded = pairs[item] = _field(tag, _key(key) + _field(_KV_VALUE, _value(value)))
+            out.append(encoded)
+        else:
+            out.append(_field(tag, _key(key) + _field(_KV_VALUE, _value(value))))
 
 
 def _span(span: LiteSpan) -> bytes:

@@ -147,6 +147,9 @@ def test_lite_spans_encode_like_sdk_spans(make: object, traceparent: str | None)
     as_pairs = [(r.key, r.value) for r in lite_records], [(r.key, r.value) for r in sdk_records]
     assert _normalized(as_pairs[0]) == _normalized(as_pairs[1])
     assert [r.headers for r in lite_records] == [r.headers for r in sdk_records]
+    # again, from the writer's caches of attribute fields: the same bytes
+    again, _ = encode_span_records(lite.queue.spans)
+    assert [(r.key, r.value) for r in again] == as_pairs[0]
 
 
 def test_unsampled_parent_gives_no_span_but_passes_context_on(make: object) -> None:

@@ -269,3 +269,19 @@ def test_forged_payload_and_other_key() -> None:
     with pytest.raises(UnknownSession):
         codec(clock, key=b"another-key").decode(token)
     assert "k" * 32 not in repr(c)
+
+
+def test_verified_tokens_are_remembered_only_when_genuine_and_still_expire() -> None:
+    clock = ManualClock()
+    c = SessionCodec(b"k" * 32, clock, ttl_s=60, max_age_s=30)  # a replica with a shorter cap
+    token, session = codec(clock, ttl=60).issue(nonce="n", version_id=STABLE, role=1, rollout_id="")
+    body, mac = token.split(".")
+    for _ in range(3):
+        assert c.decode(token) == session
+        with pytest.raises(UnknownSession):
+            c.decode(f"{body}.{mac[::-1]}")
+    assert list(c._verified) == [token]  # one verification kept; the forgery never entered
+    clock.advance(30)  # max age is checked on every use, cached or not
+    with pytest.raises(SessionExpired, match="max_session_duration"):
+        c.decode(token)
+    assert c.decode(token, allow_expired=True) == session
