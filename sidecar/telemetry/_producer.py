@@ -43,6 +43,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 import outrider
 from outrider.v1 import events_pb2
+from sidecar.telemetry._bulk_send import BATCH_BYTES, send_in_batches
 from sidecar.telemetry._lite_spans import LiteSpan
 from sidecar.telemetry._metrics import SidecarMetrics, SpanCounts
 from sidecar.telemetry._producer_policy import (
@@ -318,7 +319,9 @@ class TelemetryProducer:
         for attempt in range(1 + SEND_RETRIES):
             rest = records[ok:]
             try:
-                results = await asyncio.wait_for(self._send_all(producer, rest), SEND_TIMEOUT_S)
+                results = await asyncio.wait_for(
+                    send_in_batches(producer, rest, yield_every=YIELD_EVERY), SEND_TIMEOUT_S
+                )
             except (TimeoutError, KafkaError) as exc:
                 results = [exc]
             failure = None
@@ -350,15 +353,6 @@ class TelemetryProducer:
             self._next_probe = 0.0
         return ok
 
-    @staticmethod
-    async def _send_all(producer: AIOKafkaProducer, records: Sequence[SpillRecord]) -> list[object]:
-        futures = []
-        for i, r in enumerate(records, 1):
-            futures.append(await producer.send(r.topic, value=r.value, key=r.key, headers=list(r.headers)))
-            if i % YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # send() rarely suspends: let requests in
-        return list(await asyncio.gather(*futures, return_exceptions=True))
-
     def _schedule_probe(self) -> None:
         self._probe_failures += 1
         self._next_probe = time.monotonic() + probe_delay(self._probe_failures)
@@ -370,6 +364,7 @@ class TelemetryProducer:
             enable_idempotence=False,  # the embedded broker has no idempotent producer
             acks="all",
             linger_ms=5,
+            max_batch_size=BATCH_BYTES,
             request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
             retry_backoff_ms=PRODUCER_RETRY_BACKOFF_MS,
         )
