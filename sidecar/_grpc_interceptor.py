@@ -67,9 +67,16 @@ def _code(context: Any, exc: BaseException | None) -> str:
 class RequestInterceptor(_Base):
     def __init__(self, metrics: SidecarMetrics) -> None:
         self._metrics = metrics
+        # grpc asks for a method's handler on every call: wrap each servicer handler once
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}  # method -> (given, wrapped)
+        self._counters: dict[tuple[str, str], Any] = {}  # (method, code) -> its labelled counter
 
     def _count(self, method: str, context: Any, exc: BaseException | None) -> None:
-        self._metrics.requests.labels(method, _code(context, exc)).inc()
+        key = (method, _code(context, exc))
+        counter = self._counters.get(key)
+        if counter is None:  # bounded: the service's methods x gRPC codes
+            counter = self._counters[key] = self._metrics.requests.labels(*key)
+        counter.inc()
 
     async def _reject(self, method: str, request: Any, context: Any) -> None:
         if isinstance(request, _Undecodable):
@@ -89,6 +96,14 @@ class RequestInterceptor(_Base):
             self._metrics.requests.labels(UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED.name).inc()
             return handler  # type: ignore[return-value]  # grpc answers UNIMPLEMENTED
         method = handler_call_details.method.lstrip("/")
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
         if handler.unary_unary is not None:
             return self._unary_unary(method, handler)
         if handler.unary_stream is not None:
