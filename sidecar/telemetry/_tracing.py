@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from opentelemetry import trace
@@ -171,10 +172,9 @@ class _RetryingHandle(_Handle):
     _server_address: str | None = None
     _server_port: int | None = None
 
-    @contextmanager
     def attempt(
         self, number: int, *, tier: int | None = None, model: str | None = None
-    ) -> Iterator[AttemptSpan]:
+    ) -> SpanScope[AttemptSpan]:
         """A child span `attempt` around one try; an exception escaping it marks it failed."""
         attributes: dict[str, AttributeValue] = {sc.OUTRIDER_ATTEMPT: number}
         if tier is not None:
@@ -185,10 +185,7 @@ class _RetryingHandle(_Handle):
             attributes[sc.SERVER_ADDRESS] = self._server_address
         if self._server_port is not None:
             attributes[sc.SERVER_PORT] = self._server_port
-        with self._tracing._span(
-            sc.ATTEMPT_SPAN, SpanKind.CLIENT, self.context, attributes, AttemptSpan
-        ) as h:
-            yield h
+        return self._tracing._span(sc.ATTEMPT_SPAN, SpanKind.CLIENT, self.context, attributes, AttemptSpan)
 
     def record_attempt(
         self,
@@ -307,6 +304,30 @@ class AgentSpan(_Handle):
 _H = TypeVar("_H", bound=_Handle)
 
 
+class SpanScope(AbstractContextManager[_H]):
+    """`with` around one started span: yields its handle, marks it failed when an exception
+    escapes, ends it on the way out. A class, not a generator context manager: three spans a
+    call, each entered on the request path."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: _H) -> None:
+        self.handle = handle
+
+    def __enter__(self) -> _H:
+        return self.handle
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        handle = self.handle
+        try:
+            if exc is not None and handle.error_type is None:
+                handle.set_error(error_type_of(exc))
+        finally:
+            handle.span.end()
+
+
 # --- the entry point ---------------------------------------------------------------------
 
 
@@ -354,7 +375,6 @@ class Tracing:
 
     # spans ------------------------------------------------------------------------------
 
-    @contextmanager
     def chat_span(
         self,
         parent_ctx: Context | None,
@@ -368,7 +388,7 @@ class Tracing:
         role: str | None = None,
         request_params: Mapping[str, Any] | None = None,
         stream: bool | None = None,
-    ) -> Iterator[ChatSpan]:
+    ) -> SpanScope[ChatSpan]:
         """A `chat {model}` CLIENT span, child of `parent_ctx` (None: a new trace)."""
         attributes = self._common(
             sc.OPERATION_CHAT, server_address, server_port, conversation_id, version_id, role
@@ -382,11 +402,10 @@ class Tracing:
             key = _REQUEST_PARAMS.get(name)
             if key is not None and isinstance(value, int | float) and not isinstance(value, bool):
                 attributes[key] = value
-        with self._span(sc.chat_span_name(model), SpanKind.CLIENT, parent_ctx, attributes, ChatSpan) as h:
-            h._server_address, h._server_port = server_address, server_port
-            yield h
+        scope = self._span(sc.chat_span_name(model), SpanKind.CLIENT, parent_ctx, attributes, ChatSpan)
+        scope.handle._server_address, scope.handle._server_port = server_address, server_port
+        return scope
 
-    @contextmanager
     def agent_span(
         self,
         parent_ctx: Context | None,
@@ -395,16 +414,14 @@ class Tracing:
         conversation_id: str | None = None,
         version_id: str | None = None,
         role: str | None = None,
-    ) -> Iterator[AgentSpan]:
+    ) -> SpanScope[AgentSpan]:
         """An `invoke_agent {agent}` INTERNAL span (the sidecar runs in the agent's process
         boundary, so not CLIENT), grouping a turn's spans under `gen_ai.conversation.id`."""
         attributes = self._common(sc.OPERATION_INVOKE_AGENT, None, None, conversation_id, version_id, role)
         if agent:
             attributes[sc.GEN_AI_AGENT_NAME] = agent
-        with self._span(sc.agent_span_name(agent), SpanKind.INTERNAL, parent_ctx, attributes, AgentSpan) as h:
-            yield h
+        return self._span(sc.agent_span_name(agent), SpanKind.INTERNAL, parent_ctx, attributes, AgentSpan)
 
-    @contextmanager
     def tool_span(
         self,
         parent_ctx: Context | None,
@@ -416,7 +433,7 @@ class Tracing:
         conversation_id: str | None = None,
         version_id: str | None = None,
         role: str | None = None,
-    ) -> Iterator[ToolSpan]:
+    ) -> SpanScope[ToolSpan]:
         """An `execute_tool {tool}` INTERNAL span (the conventions' kind for tool execution)."""
         attributes = self._common(
             sc.OPERATION_EXECUTE_TOOL, server_address, server_port, conversation_id, version_id, role
@@ -425,9 +442,9 @@ class Tracing:
         attributes[sc.GEN_AI_TOOL_TYPE] = sc.TOOL_TYPE_FUNCTION
         if call_id:
             attributes[sc.GEN_AI_TOOL_CALL_ID] = call_id
-        with self._span(sc.tool_span_name(tool), SpanKind.INTERNAL, parent_ctx, attributes, ToolSpan) as h:
-            h._server_address, h._server_port = server_address, server_port
-            yield h
+        scope = self._span(sc.tool_span_name(tool), SpanKind.INTERNAL, parent_ctx, attributes, ToolSpan)
+        scope.handle._server_address, scope.handle._server_port = server_address, server_port
+        return scope
 
     @staticmethod
     def _common(
@@ -451,7 +468,6 @@ class Tracing:
             attributes[sc.OUTRIDER_ROLE] = role
         return attributes
 
-    @contextmanager
     def _span(
         self,
         name: str,
@@ -459,18 +475,10 @@ class Tracing:
         parent_ctx: Context | None,
         attributes: Mapping[str, AttributeValue],
         handle_type: type[_H],
-    ) -> Iterator[_H]:
+    ) -> SpanScope[_H]:
         # an explicit empty Context, never the ambient one: the parent is what the caller says
         context = parent_ctx if parent_ctx is not None else Context()
         span = self._lite.start_span(name, context, kind, attributes) if self._lite is not None else None
         if span is None:
             span = self._tracer.start_span(name, context=context, kind=kind, attributes=attributes)
-        handle = handle_type(self, span)
-        try:
-            yield handle
-        except BaseException as exc:
-            if handle.error_type is None:
-                handle.set_error(error_type_of(exc))
-            raise
-        finally:
-            span.end()
+        return SpanScope(handle_type(self, span))
