@@ -23,6 +23,8 @@ from sidecar.telemetry._spill_models import SpillRecord
 
 # what one BatchBuilder holds (the producer's max_batch_size); a record over it goes alone
 BATCH_BYTES = 256 * 1024
+HASHES_MAX = 4096  # keys' murmur2 remembered; trace ids never repeat, so it starts over when full
+_hashes: dict[bytes, int] = {}
 
 
 def partition_of(key: bytes | None, partitions: Sequence[int]) -> int:
@@ -31,8 +33,12 @@ def partition_of(key: bytes | None, partitions: Sequence[int]) -> int:
         return partitions[0]
     if key is None:
         return random.choice(partitions)
-    index: int = (murmur2(key) & 0x7FFFFFFF) % len(partitions)
-    return partitions[index]
+    hashed = _hashes.get(key)
+    if hashed is None:  # murmur2 is pure Python (~5 us); events all carry their agent's key
+        if len(_hashes) >= HASHES_MAX:
+            _hashes.clear()
+        hashed = _hashes[key] = murmur2(key) & 0x7FFFFFFF
+    return partitions[hashed % len(partitions)]
 
 
 async def send_in_batches(

@@ -111,9 +111,11 @@ def _value(value: Any) -> bytes:
 
 
 _key_bytes: dict[str, bytes] = {}  # attribute key -> its KeyValue.key field; a small fixed set
-# (key, str value) -> the whole attribute field, per tag: most values repeat from span to span
-# (operation, provider, model, version, role, server, a session's conversation id)
-_pairs: dict[bytes, dict[tuple[str, str], bytes]] = {_SPAN_ATTRIBUTE: {}, _EVENT_ATTRIBUTE: {}}
+# (key, str or int value) -> the whole attribute field, per tag: most values repeat from span to
+# span (operation, provider, model, version, role, server and port, attempt number, a session's
+# conversation id). Only str and int values are looked up: True == 1 == 1.0 as dict keys, so
+# bools and floats would share int entries
+_pairs: dict[bytes, dict[tuple[str, str | int], bytes]] = {_SPAN_ATTRIBUTE: {}, _EVENT_ATTRIBUTE: {}}
 _PAIRS_MAX = 8192  # past this the cache starts over: conversation ids keep coming
 _PAIR_VALUE_MAX = 256  # longer values (captured content, opted in) are encoded each time
 
@@ -131,8 +133,8 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any], out: list[bytes]) -> 
     pairs = _pairs[tag]
     for item in attributes.items():
         key, value = item
-        # str only: True == 1 would make (key, True) and (key, 1) one entry
-        if type(value) is str and len(value) <= _PAIR_VALUE_MAX:
+        kind = type(value)
+        if kind is int or (kind is str and len(value) <= _PAIR_VALUE_MAX):
             encoded = pairs.get(item)
             if encoded is None:
                 if len(pairs) >= _PAIRS_MAX:

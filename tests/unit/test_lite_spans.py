@@ -186,3 +186,17 @@ def test_lite_span_after_end_changes_nothing(make: object) -> None:
     chat.set_error("Late")
     span.end()
     assert "late" not in span.attributes and len(lite.queue.spans) == 1
+
+
+def test_cached_attribute_fields_keep_bool_int_and_float_apart() -> None:
+    from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+
+    from sidecar.telemetry import _otlp_wire
+
+    decoded = []
+    for value in (1, True, 1.0, "1", 1, True):  # the repeats come from the cache
+        out: list[bytes] = []
+        _otlp_wire._attributes(_otlp_wire._SPAN_ATTRIBUTE, {"a": value}, out)
+        field = out[0][2:]  # tag and one-byte length off: the KeyValue
+        decoded.append(KeyValue.FromString(field).value.WhichOneof("value"))
+    assert decoded == ["int_value", "bool_value", "double_value", "string_value", "int_value", "bool_value"]
