@@ -24,6 +24,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from sidecar.telemetry._metrics import SidecarMetrics
+from sidecar.telemetry._series import SeriesCache
 
 if TYPE_CHECKING:  # generic only in grpc-stubs
     Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
@@ -69,14 +70,10 @@ class RequestInterceptor(_Base):
         self._metrics = metrics
         # grpc asks for a method's handler on every call: wrap each servicer handler once
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}  # method -> (given, wrapped)
-        self._counters: dict[tuple[str, str], Any] = {}  # (method, code) -> its labelled counter
+        self._series = SeriesCache()
 
     def _count(self, method: str, context: Any, exc: BaseException | None) -> None:
-        key = (method, _code(context, exc))
-        counter = self._counters.get(key)
-        if counter is None:  # bounded: the service's methods x gRPC codes
-            counter = self._counters[key] = self._metrics.requests.labels(*key)
-        counter.inc()
+        self._series(self._metrics.requests, method, _code(context, exc)).inc()
 
     async def _reject(self, method: str, request: Any, context: Any) -> None:
         if isinstance(request, _Undecodable):

@@ -16,6 +16,7 @@ from sidecar.guards import GuardPolicy, Hit
 from sidecar.resilience._user_quotas import Refusal
 from sidecar.routing._session import Session
 from sidecar.telemetry._metrics import SidecarMetrics
+from sidecar.telemetry._series import SeriesCache
 from sidecar.upstream._cost import SessionCostTracker
 
 
@@ -26,6 +27,7 @@ class Safety:
         self._recorder = recorder
         self._metrics = metrics
         self.costs = SessionCostTracker(clock=clock)
+        self._series = SeriesCache()
 
     def report(self, session: Session, hits: Sequence[Hit], direction: str, operation: str) -> list[str]:
         """One safety event per hit; the "category:action" labels for the call record."""
@@ -79,5 +81,5 @@ class Safety:
 
     def add_cost(self, session: Session, model: str, cost: float) -> float:
         if cost > 0:
-            self._metrics.cost_usd.labels(model).inc(cost)
+            self._series(self._metrics.cost_usd, model).inc(cost)
         return self.costs.add(session.nonce, cost)

@@ -15,6 +15,7 @@ from sidecar.routing._versions import Tier
 from sidecar.telemetry._metrics import SidecarMetrics
 from sidecar.telemetry._producer import TelemetryProducer
 from sidecar.telemetry._producer_policy import new_event_id
+from sidecar.telemetry._series import SeriesCache
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Upstreams:
         self._telemetry = telemetry
         self._breakers: dict[str, CircuitBreaker] = {}
         self._budgets: dict[str, RetryBudget] = {}
+        self._series = SeriesCache()
 
     def breaker(self, upstream: str, settings: BreakerSettings) -> CircuitBreaker:
         breaker = self._breakers.get(upstream)
@@ -97,7 +99,7 @@ class Upstreams:
             self._telemetry.emit(event)
 
     def outcome(self, upstream: str, outcome: str) -> None:
-        self.metrics.upstream_attempts.labels(upstream, outcome).inc()
+        self._series(self.metrics.upstream_attempts, upstream, outcome).inc()
 
     def retried(self, upstream: str) -> None:
         self.metrics.retries.labels(upstream).inc()

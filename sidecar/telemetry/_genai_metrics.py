@@ -19,10 +19,9 @@ One call is recorded once, by `sidecar._record.Recorder.chat`, next to its event
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+
+from sidecar.telemetry._series import SeriesCache
 
 # advisory bucket boundaries from the GenAI metrics conventions
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
@@ -50,7 +49,7 @@ class GenAIMetrics:
     """The GenAI client instruments on `registry`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._of = SeriesCache()
         self.duration = Histogram(
             "gen_ai_client_operation_duration_seconds",
             "GenAI operation duration (gen_ai.client.operation.duration)",
@@ -109,13 +108,3 @@ class GenAIMetrics:
         if output_tokens is not None:
             self._of(self.token_usage, *labels, "output").observe(output_tokens)
             self._of(self.output_tokens, *labels).inc(output_tokens)
-
-    def _of(self, metric: MetricWrapperBase, *labels: str) -> Any:
-        """`metric.labels(*labels)`, looked up once: `labels()` takes a lock and checks every
-        label, and these are written on every call. A series appears on first use, as before."""
-        key = (id(metric), labels)
-        child = self._series.get(key)
-        if child is None:
-            # bounded as the registry is: operations x providers x models x versions x errors
-            child = self._series[key] = metric.labels(*labels)
-        return child
