@@ -137,13 +137,17 @@ class ShadowRunner:
         """A served, priced, guarded answer: mirror it and/or evaluate it. Never blocks."""
         if state.result is None:
             return
-        stable = answer_of(state.result, latency_ms=elapsed_ms(state.start), cost_usd=state.cost_usd)
         judge = self.judge
-        if judge is not None and judge.config.should_evaluate(role_name(session.role), self._rng):
+        evaluate = judge is not None and judge.config.should_evaluate(role_name(session.role), self._rng)
+        target = self._router.shadow_target()
+        mirror = target is not None and session.role == common_pb2.ROLE_STABLE
+        if not (evaluate or mirror):  # most calls: nothing to do, nothing built
+            return
+        stable = answer_of(state.result, latency_ms=elapsed_ms(state.start), cost_usd=state.cost_usd)
+        if evaluate:
             conversation = conversation_of(messages)
             self.work.offer(Job("", lambda: self._evaluate(session, conversation, stable), "evaluate"))
-        target = self._router.shadow_target()
-        if target is None or session.role != common_pb2.ROLE_STABLE:
+        if target is None or not mirror:
             return
         if session.version_id != target.stable_version_id or not self._sampled(target, session):
             return
