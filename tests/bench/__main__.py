@@ -8,6 +8,7 @@ from tests.bench import (
     collector_ingest,
     decisions,
     global_quota,
+    guards,
     openai_http,
     resilience,
     shadow,
@@ -28,6 +29,7 @@ BENCHMARKS = {
     "decisions": decisions.main,
     "shadow": shadow.main,
     "openai-http": openai_http.main,
+    "guards": guards.main,
 }
 
 

@@ -543,22 +543,6 @@ def test_stream_without_output_rules_passes_through() -> None:
 # ---------------------------------------------------------------------------- performance
 
 
-def test_scanning_a_4kb_reply_is_fast() -> None:
-    policy = build_policy({"pii": "redact", "secret": "redact", "prompt_injection": "flag"})
-    reply = (
-        "Sure! The order 20240115-0001 shipped on 2024-01-15 at 10:30 (v1.2.3); contact john@example.com "
-        "or (415) 555-2671. Total: $87.50 for 3 items. "
-    ) * 30
-    reply = reply[:4096]
-    policy.scan_output(reply)
-    runs = 100
-    started = time.perf_counter()
-    for _ in range(runs):
-        policy.scan_output(reply)
-    average = (time.perf_counter() - started) / runs
-    assert average < 0.005, f"{average * 1e6:.0f} us per 4 KB scan"  # ~0.3 ms here; slack for slow CI
-
-
 @pytest.mark.parametrize(
     "text",
     [
