@@ -283,3 +283,19 @@ async def test_openai_http_every_tier_failed_is_503() -> None:
                 await client.chat.completions.create(model="m", messages=user("hi"))
     assert info.value.status_code == 503 and "every tier failed" in info.value.message
     assert info.value.response.headers["x-should-retry"] == "true"
+
+
+async def test_openai_sdk_reaches_the_sidecar_from_openai_base_url_alone(
+    sim: SimProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's zero-code path: `OpenAI()` without arguments, pointed by the environment."""
+    async with serving(openai_config(sim)) as (sidecar, _):
+        assert sidecar.openai is not None
+        monkeypatch.setenv("OPENAI_BASE_URL", sidecar.openai.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "unused")
+        async with openai.AsyncOpenAI(
+            max_retries=0, http_client=openai.DefaultAsyncHttpxClient(trust_env=False)
+        ) as client:
+            raw = await client.chat.completions.with_raw_response.create(model="m", messages=user("hi"))
+        assert raw.headers[SESSION]
+        assert raw.parse().system_fingerprint == sidecar.config.version_ids()["v1"]
