@@ -275,18 +275,9 @@ def chat_response(session: Session, version: Version, state: ChatState) -> sidec
     """The response to a served call (the final chunk of a stream)."""
     result, served = state.result, state.served
     assert result is not None and served is not None
-    message = common_pb2.ChatMessage(role="assistant", content=result.content)
-    for tool_call in result.tool_calls:
-        message.tool_calls.add(id=tool_call.id, name=tool_call.name, arguments_json=tool_call.arguments)
     target = served.tier.target
-    return sidecar_pb2.ChatResponse(
-        message=message,
+    response = sidecar_pb2.ChatResponse(
         finish_reason=result.finish_reason,
-        usage=common_pb2.Usage(
-            input_tokens=result.input_tokens,
-            output_tokens=result.output_tokens,
-            cached_input_tokens=result.cached_input_tokens,
-        ),
         version_id=version.version_id,
         role=session.role,  # type: ignore[arg-type]
         served_by=served.tier.name,
@@ -298,3 +289,12 @@ def chat_response(session: Session, version: Version, state: ChatState) -> sidec
         attempts=served.attempts,
         session_cost_usd=state.session_cost_usd,
     )
+    # filled in place: a sub-message passed to the constructor is built, then copied in
+    message = response.message
+    message.role, message.content = "assistant", result.content
+    for tool_call in result.tool_calls:
+        message.tool_calls.add(id=tool_call.id, name=tool_call.name, arguments_json=tool_call.arguments)
+    usage = response.usage
+    usage.input_tokens, usage.output_tokens = result.input_tokens, result.output_tokens
+    usage.cached_input_tokens = result.cached_input_tokens
+    return response

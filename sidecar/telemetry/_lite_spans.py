@@ -147,11 +147,11 @@ class LiteTracer:
         self.encoder = OtlpWriter(provider.resource, scope_name)
 
     def _current_sink(self) -> Callable[[LiteSpan], None] | None:
-        from sidecar.telemetry._span_queue import SpanQueueProcessor
-
         # re-checked only when a processor is added (the SDK replaces its tuple then)
         processors = self._provider._active_span_processor._span_processors
         if processors is not self._processors:
+            from sidecar.telemetry._span_queue import SpanQueueProcessor
+
             self._processors = processors
             only: SpanQueueProcessor | None = None
             if len(processors) == 1 and isinstance(processors[0], SpanQueueProcessor):
