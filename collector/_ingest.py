@@ -60,10 +60,14 @@ class Ingestor:
         metrics, positions, gaps = self.metrics, self.positions, self.gaps
         applied = 0
         versioned: list[tuple[Any, str]] = []  # (event, body) for the windows, in order
+        decode = outrider.decode_event
+        where: tuple[str, int] | None = None
+        expected: int | None = None
         for record in records:
             applied += 1
-            where = (record.topic, record.partition)
-            expected = positions.get(where)
+            if where is None or record.partition != where[1] or record.topic != where[0]:
+                where = (record.topic, record.partition)  # records come in runs of one partition
+                expected = positions.get(where)
             if expected is not None and record.offset < expected:
                 # the consumer went back without us asking: its position was out of range (a
                 # new or truncated log). Never silent: counted and logged; the broker watch
@@ -76,9 +80,9 @@ class Ingestor:
                     expected,
                     record.offset,
                 )
-            positions[where] = record.offset + 1
+            expected = positions[where] = record.offset + 1
             try:
-                event = outrider.decode_event(record.value, record.headers)
+                event = decode(record.value, record.headers)
             except outrider.DecodeError as exc:
                 metrics.undecodable.inc()
                 dead.append(
@@ -133,12 +137,13 @@ class Ingestor:
         metrics = self.metrics
         counted: list[tuple[Any, str]] = []
         duplicates = stale = 0
+        kept, duplicate, old = Ingest.COUNTED, Ingest.DUPLICATE, Ingest.STALE
         for item, result in zip(versioned, self.windows.add_events(versioned, now), strict=True):
-            if result is Ingest.COUNTED:
+            if result is kept:
                 counted.append(item)
-            elif result is Ingest.DUPLICATE:
+            elif result is duplicate:
                 duplicates += 1
-            elif result is Ingest.STALE:
+            elif result is old:
                 stale += 1
                 counted.append(item)
         if duplicates:

@@ -251,10 +251,11 @@ class AgentTotals:
         latency_size, token_size = len(LATENCY_BUCKETS_S), len(TOKEN_BUCKETS)
         cost_size = len(COST_BUCKETS_USD)
         isfinite, where = math.isfinite, bisect.bisect_left
+        seen: dict[tuple[str, str, int], tuple[Labels, Labels, Labels]] = {}  # this batch's label sets
         for event, body in events:
             if body == "call":
                 call = event.call
-                series: Labels = (event.agent, event.version_id, role_label(event.role))
+                series, inputs, outputs = _labels(seen, event)
                 if series in requests:
                     requests[series] += 1.0
                 else:
@@ -281,13 +282,16 @@ class AgentTotals:
                         hist = ttfts[series] = _Hist(latency_size)
                     hist.counts[where(LATENCY_BUCKETS_S, value)] += 1
                     hist.sum += value
-                for kind, count in (("input", call.input_tokens), ("output", call.output_tokens)):
-                    count = max(count, 0)
-                    labels = (*series, kind)
-                    if (hist := tokens.get(labels)) is None:
-                        hist = tokens[labels] = _Hist(token_size)
-                    hist.counts[where(TOKEN_BUCKETS, count)] += 1
-                    hist.sum += count
+                count = max(call.input_tokens, 0)
+                if (hist := tokens.get(inputs)) is None:
+                    hist = tokens[inputs] = _Hist(token_size)
+                hist.counts[where(TOKEN_BUCKETS, count)] += 1
+                hist.sum += count
+                count = max(call.output_tokens, 0)
+                if (hist := tokens.get(outputs)) is None:
+                    hist = tokens[outputs] = _Hist(token_size)
+                hist.counts[where(TOKEN_BUCKETS, count)] += 1
+                hist.sum += count
                 value = max(call.cost_usd, 0.0)
                 if isfinite(value):
                     if (hist := costs.get(series)) is None:
@@ -303,7 +307,7 @@ class AgentTotals:
                     self.observe("outrider_llm_quota_wait_seconds", series, call.quota_wait_ms / 1000)
             elif body == "tool":
                 tool = event.tool
-                series = (event.agent, event.version_id, role_label(event.role))
+                series = _labels(seen, event)[0]
                 if series in requests:
                     requests[series] += 1.0
                 else:
@@ -407,6 +411,18 @@ class AgentTotals:
 
 
 _ERROR = events_pb2.OUTCOME_ERROR
+
+
+def _labels(
+    seen: dict[tuple[str, str, int], tuple[Labels, Labels, Labels]], event: Any
+) -> tuple[Labels, Labels, Labels]:
+    """The event's series labels, and those of its input and output tokens, made once per batch."""
+    key = (event.agent, event.version_id, event.role)
+    found = seen.get(key)
+    if found is None:
+        series = (key[0], key[1], role_label(key[2]))
+        found = seen[key] = (series, (*series, "input"), (*series, "output"))
+    return found
 
 
 def _bound(value: float) -> str:

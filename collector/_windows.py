@@ -108,6 +108,8 @@ class Ingest(enum.Enum):
     IGNORED = "ignored"  # a body that is not about a version (usage reports)
 
 
+# a module constant is read faster than an enum member (Ingest.COUNTED), once per event
+_COUNTED, _DUPLICATE, _STALE, _IGNORED = Ingest.COUNTED, Ingest.DUPLICATE, Ingest.STALE, Ingest.IGNORED
 # the bodies about a version, which the windows count (the rest: `Ingest.IGNORED`)
 COUNTED_BODIES = frozenset({"call", "tool", "feedback", "safety", "breaker", "shadow", "judge"})
 
@@ -151,35 +153,35 @@ class RollingWindows:
         event shares `now`, and an id seen at `now` cannot expire at `now`), duplicates are
         told in order, also within the batch."""
         results: list[Ingest] = []
-        seen, bucket_s = self._seen, self.bucket_s
+        append, seen, bucket_s, floor = results.append, self._seen, self.bucket_s, math.floor
         horizon = now - self.retention_s
         buckets: dict[tuple[str, str, int, int], _Bucket] = {}  # this batch's, by series and index
-        advanced = False
+        seen_at: float | None = None  # the clock, moved on at the first counted body
         for event, body in events:
             if body not in COUNTED_BODIES:
-                results.append(Ingest.IGNORED)
+                append(_IGNORED)
                 continue
-            if not advanced:
+            if seen_at is None:
                 self._advance(now)
-                seen.expire(self._now)
-                advanced = True
+                seen_at = self._now
+                seen.expire(seen_at)
             agent = event.agent
-            if not seen.add(agent + _ID_SEP + event.event_id, self._now):
-                results.append(Ingest.DUPLICATE)
+            if not seen.add(agent + _ID_SEP + event.event_id, seen_at):
+                append(_DUPLICATE)
                 continue
             stamp = event.time_unix_nano
             t = stamp / 1e9 if stamp > 0 else now
-            # a sidecar clock ahead of ours: count it now rather than in a bucket no window reaches yet
-            t = min(t, now)
+            if t > now:  # a sidecar clock ahead of ours: count it now, not in a bucket no window reaches yet
+                t = now
             if t < horizon:
-                results.append(Ingest.STALE)
+                append(_STALE)
                 continue
-            version, role, index = event.version_id, int(event.role), math.floor(t / bucket_s)
+            version, role, index = event.version_id, int(event.role), floor(t / bucket_s)
             bucket = buckets.get(where := (agent, version, role, index))
             if bucket is None:
                 bucket = buckets[where] = self._bucket((agent, version, role), t)
             _apply(bucket, event, body)
-            results.append(Ingest.COUNTED)
+            append(_COUNTED)
         return results
 
     def _advance(self, now: float) -> None:
@@ -238,7 +240,9 @@ class RollingWindows:
                 for (agent, version, role), buckets in self._series.items()
                 if agents is None or agents(agent)
             ],
-            "seen": self._seen.to_state(None if agents is None else lambda key: agents(_seen_agent(key))),
+            "seen": (
+                self._seen.to_state() if agents is None else self._seen.to_state_by_prefix(agents, _ID_SEP)
+            ),
         }
 
     def load_state(self, state: Mapping[str, Any], agents: AgentFilter | None = None) -> None:

@@ -4,6 +4,7 @@ the windows (duplicates within a batch too), the totals, the sightings and the w
 
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import outrider
 from collector import RollingWindows
 from collector import _sightings as sightings_module
 from collector import _totals as totals_module
+from collector._checkpoint import gc_paused
 from collector._ingest import Ingestor
 from collector._metrics import CollectorMetrics
 from collector._sightings import VersionSightings
@@ -279,3 +281,49 @@ def test_any_split_into_batches_gives_the_same_state(
         batch.apply(recs[start : start + size], NOW)
         start, k = start + size, k + 1
     assert_same(batch, one)
+
+
+def test_a_log_that_goes_back_within_a_batch_is_told_as_one_by_one() -> None:
+    recs = records([_event(i, "call") for i in range(6)])
+    for r, offset in zip(recs, (5, 6, 2, 3, 9, 1), strict=False):
+        r.partition, r.offset = 0, offset
+    one, batch = _ingestor(), _ingestor()
+    for r in recs:
+        one.apply([r], NOW)
+    batch.apply(recs, NOW)
+    assert_same(batch, one)
+    resets = batch.metrics.registry.get_sample_value("outrider_collector_offset_resets_total")
+    assert resets == 2
+
+
+def test_a_partial_state_keeps_the_ids_of_the_chosen_agents_in_order() -> None:
+    w = RollingWindows(bucket_s=5, retention_s=900)
+    w.add_events(pairs(mixed()), NOW)
+    asked: list[str] = []
+
+    def chosen(agent: str) -> bool:
+        asked.append(agent)
+        return agent != "helper"
+
+    everything = w.to_state()
+    assert w.to_state(chosen)["seen"] == [
+        [key, t] for key, t in everything["seen"] if not key.startswith("helper\x00")
+    ]
+    # once per series and once per agent for the ids, not once per id
+    assert set(asked) == {"bot", "helper", "triage"} and len(asked) == len(w.series()) + 3 < len(
+        everything["seen"]
+    )
+
+
+def test_gc_paused_restores_the_collector_as_it_was() -> None:
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
