@@ -251,11 +251,16 @@ class AgentTotals:
         latency_size, token_size = len(LATENCY_BUCKETS_S), len(TOKEN_BUCKETS)
         cost_size = len(COST_BUCKETS_USD)
         isfinite, where = math.isfinite, bisect.bisect_left
-        seen: dict[tuple[str, str, int], tuple[Labels, Labels, Labels]] = {}  # this batch's label sets
+        # per (agent, version, role) in this batch: its label sets, then its histograms (each made
+        # on its first finite value, as `observe` makes it), so that each is looked up once
+        handles: dict[tuple[str, str, int], list[Any]] = {}
         for event, body in events:
             if body == "call":
                 call = event.call
-                series, inputs, outputs = _labels(seen, event)
+                key = (event.agent, event.version_id, event.role)
+                if (h := handles.get(key)) is None:
+                    h = handles[key] = _handle(key, durations, ttfts, tokens, costs)
+                series = h[0]
                 if series in requests:
                     requests[series] += 1.0
                 else:
@@ -269,33 +274,32 @@ class AgentTotals:
                     self.inc("outrider_errors_total", (*series, error_class))
                     if error_class == QUOTA:
                         self.inc("outrider_llm_quota_total", (*series, "refused"))
-                # each histogram as `observe` does it: finite values only, made on the first
                 value = max(call.latency_ms, 0.0) / 1000
                 if isfinite(value):
-                    if (hist := durations.get(series)) is None:
-                        hist = durations[series] = _Hist(latency_size)
+                    if (hist := h[3]) is None:
+                        hist = h[3] = durations[series] = _Hist(latency_size)
                     hist.counts[where(LATENCY_BUCKETS_S, value)] += 1
                     hist.sum += value
                 ttft = call.time_to_first_token_ms
                 if ttft > 0 and isfinite(value := ttft / 1000):
-                    if (hist := ttfts.get(series)) is None:
-                        hist = ttfts[series] = _Hist(latency_size)
+                    if (hist := h[4]) is None:
+                        hist = h[4] = ttfts[series] = _Hist(latency_size)
                     hist.counts[where(LATENCY_BUCKETS_S, value)] += 1
                     hist.sum += value
                 count = max(call.input_tokens, 0)
-                if (hist := tokens.get(inputs)) is None:
-                    hist = tokens[inputs] = _Hist(token_size)
+                if (hist := h[5]) is None:
+                    hist = h[5] = tokens[h[1]] = _Hist(token_size)
                 hist.counts[where(TOKEN_BUCKETS, count)] += 1
                 hist.sum += count
                 count = max(call.output_tokens, 0)
-                if (hist := tokens.get(outputs)) is None:
-                    hist = tokens[outputs] = _Hist(token_size)
+                if (hist := h[6]) is None:
+                    hist = h[6] = tokens[h[2]] = _Hist(token_size)
                 hist.counts[where(TOKEN_BUCKETS, count)] += 1
                 hist.sum += count
                 value = max(call.cost_usd, 0.0)
                 if isfinite(value):
-                    if (hist := costs.get(series)) is None:
-                        hist = costs[series] = _Hist(cost_size)
+                    if (hist := h[7]) is None:
+                        hist = h[7] = costs[series] = _Hist(cost_size)
                     hist.counts[where(COST_BUCKETS_USD, value)] += 1
                     hist.sum += value
                 if call.fallback_tier > 0:
@@ -307,7 +311,10 @@ class AgentTotals:
                     self.observe("outrider_llm_quota_wait_seconds", series, call.quota_wait_ms / 1000)
             elif body == "tool":
                 tool = event.tool
-                series = _labels(seen, event)[0]
+                key = (event.agent, event.version_id, event.role)
+                if (h := handles.get(key)) is None:
+                    h = handles[key] = _handle(key, durations, ttfts, tokens, costs)
+                series = h[0]
                 if series in requests:
                     requests[series] += 1.0
                 else:
@@ -321,8 +328,8 @@ class AgentTotals:
                     self.inc("outrider_tool_failures_total", series)
                 value = max(tool.latency_ms, 0.0) / 1000
                 if isfinite(value):
-                    if (hist := durations.get(series)) is None:
-                        hist = durations[series] = _Hist(latency_size)
+                    if (hist := h[3]) is None:
+                        hist = h[3] = durations[series] = _Hist(latency_size)
                     hist.counts[where(LATENCY_BUCKETS_S, value)] += 1
                     hist.sum += value
                 if tool.intercepted and event.role == common_pb2.ROLE_SHADOW:
@@ -413,16 +420,27 @@ class AgentTotals:
 _ERROR = events_pb2.OUTCOME_ERROR
 
 
-def _labels(
-    seen: dict[tuple[str, str, int], tuple[Labels, Labels, Labels]], event: Any
-) -> tuple[Labels, Labels, Labels]:
-    """The event's series labels, and those of its input and output tokens, made once per batch."""
-    key = (event.agent, event.version_id, event.role)
-    found = seen.get(key)
-    if found is None:
-        series = (key[0], key[1], role_label(key[2]))
-        found = seen[key] = (series, (*series, "input"), (*series, "output"))
-    return found
+def _handle(
+    key: tuple[str, str, int],
+    durations: dict[Labels, _Hist],
+    ttfts: dict[Labels, _Hist],
+    tokens: dict[Labels, _Hist],
+    costs: dict[Labels, _Hist],
+) -> list[Any]:
+    """[series, its input and output token labels, then its duration, TTFT, input, output and
+    cost histograms, None where there is none yet]."""
+    series = (key[0], key[1], role_label(key[2]))
+    inputs, outputs = (*series, "input"), (*series, "output")
+    return [
+        series,
+        inputs,
+        outputs,
+        durations.get(series),
+        ttfts.get(series),
+        tokens.get(inputs),
+        tokens.get(outputs),
+        costs.get(series),
+    ]
 
 
 def _bound(value: float) -> str:
