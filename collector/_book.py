@@ -94,6 +94,10 @@ class EvidenceBook:
             evidence.begin_stage(state.step_index, state.step_started_at_unix_nano / 1e9)
         return evidence
 
+    def tracked(self) -> set[str]:
+        """The agents whose counted events `add_events` uses (smoke records aside)."""
+        return {*self._by_agent, *self._shadow, *self.groups.agents()}
+
     def add_events(self, events: Iterable[events_pb2.Event], now: float) -> int:
         """Add the events that are evidence of a current rollout; how many were."""
         rows: dict[str, Rows] = {}

@@ -51,6 +51,20 @@ class SeenIds:
     def to_state(self, keep: Callable[[str], bool] | None = None) -> list[Any]:
         return [[k, v] for k, v in self._ids.items() if keep is None or keep(k)]
 
+    def to_state_by_prefix(self, keep: Callable[[str], bool], sep: str) -> list[Any]:
+        """`to_state` of the ids whose part before `sep` `keep` selects: it is asked once per
+        distinct part (a checkpoint holds every id; few agents own them)."""
+        kept: dict[str, bool] = {}
+        state: list[Any] = []
+        for key, seen in self._ids.items():
+            prefix = key.partition(sep)[0]
+            mine = kept.get(prefix)
+            if mine is None:
+                mine = kept[prefix] = keep(prefix)
+            if mine:
+                state.append([key, seen])
+        return state
+
     def load_state(self, state: list[Any]) -> None:
         self._ids = OrderedDict((str(k), float(v)) for k, v in state)
         while len(self._ids) > self.maxsize:

@@ -24,7 +24,7 @@ from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
 from collector._sightings import VersionSightings
 from collector._usage_relay import GRANTER_PARTITION, UsageRelay, is_relayed
-from collector._windows import Ingest, RollingWindows
+from collector._windows import COUNTED_BODIES, Ingest, RollingWindows
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,23 @@ class Ingestor:
         self.flag_metrics: FlagMetrics | None = None
 
     def apply(self, records: Iterable[Any], now: float) -> list[DeadLetter]:
-        """Apply consumed records (aiokafka ConsumerRecords) in order; the dead letters."""
+        """Apply consumed records (aiokafka ConsumerRecords) in order; the dead letters.
+
+        Records are decoded one by one, each body read once; the events about a version then go
+        to the windows, the totals and the rest as one batch (`add_events`), which is the same as
+        one by one: those take no part in anything the other bodies touch, and share `now`."""
         dead: list[DeadLetter] = []
-        metrics, windows = self.metrics, self.windows
+        metrics, positions, gaps = self.metrics, self.positions, self.gaps
         applied = 0
-        counted: list[Any] = []
+        versioned: list[tuple[Any, str]] = []  # (event, body) for the windows, in order
+        decode = outrider.decode_event
+        where: tuple[str, int] | None = None
+        expected: int | None = None
         for record in records:
             applied += 1
-            where = (record.topic, record.partition)
-            expected = self.positions.get(where)
+            if where is None or record.partition != where[1] or record.topic != where[0]:
+                where = (record.topic, record.partition)  # records come in runs of one partition
+                expected = positions.get(where)
             if expected is not None and record.offset < expected:
                 # the consumer went back without us asking: its position was out of range (a
                 # new or truncated log). Never silent: counted and logged; the broker watch
@@ -72,9 +80,9 @@ class Ingestor:
                     expected,
                     record.offset,
                 )
-            self.positions[where] = record.offset + 1
+            expected = positions[where] = record.offset + 1
             try:
-                event = outrider.decode_event(record.value, record.headers)
+                event = decode(record.value, record.headers)
             except outrider.DecodeError as exc:
                 metrics.undecodable.inc()
                 dead.append(
@@ -89,9 +97,7 @@ class Ingestor:
                     )
                 )
                 continue
-            if event.sequence and (
-                missing := self.gaps.observe(event.sidecar_id, event.agent, event.sequence)
-            ):
+            if event.sequence and (missing := gaps.observe(event.sidecar_id, event.agent, event.sequence)):
                 metrics.events_missing.labels(event.sidecar_id, event.agent).inc(missing)
                 log.warning(
                     "%d events from sidecar %s (%s) never arrived (sequence %d after %d)",
@@ -101,13 +107,14 @@ class Ingestor:
                     event.sequence,
                     event.sequence - missing - 1,
                 )
-            if event.WhichOneof("body") == "versions_report":
+            body = event.WhichOneof("body")
+            if body in COUNTED_BODIES:
+                versioned.append((event, body))
+            elif body == "versions_report":
                 self.sightings.report(event, now)
-                continue
-            if event.WhichOneof("body") == "smoke":  # blue-green: idempotent per (sidecar, test)
+            elif body == "smoke":  # blue-green: idempotent per (sidecar, test)
                 self.evidence.smoke.add(event)
-                continue
-            if event.WhichOneof("body") == "usage":
+            elif body == "usage":
                 if self.quotas is not None:
                     self.quotas.observe(event)
                 else:
@@ -118,24 +125,37 @@ class Ingestor:
                     and not is_relayed(record.headers)
                 ):
                     self.usage_relay.add(event)
-                continue
-            result = windows.add_event(event, now)
-            if result is Ingest.COUNTED:
-                metrics.observe_event(event)
-                counted.append(event)
-            elif result is Ingest.DUPLICATE:
-                metrics.duplicates.inc()
-            elif result is Ingest.STALE:
-                # too old for any window, but it happened: the totals and the evidence take it
-                metrics.stale.inc()
-                metrics.observe_event(event)
-                counted.append(event)
-        if counted:
-            self.evidence.add_events(counted, now)
-            if self.flag_metrics is not None:
-                self.flag_metrics.observe_all(counted)
-            for event in counted:
-                self.sightings.observe(event, now)
+        if versioned:
+            self._count(versioned, now)
         self.applied += applied
         metrics.consumed.inc(applied)
         return dead
+
+    def _count(self, versioned: list[tuple[Any, str]], now: float) -> None:
+        """The windows take each event once; the totals, evidence, flags and sightings the ones
+        they took, and the stale (too old for any window, but they happened)."""
+        metrics = self.metrics
+        counted: list[tuple[Any, str]] = []
+        duplicates = stale = 0
+        kept, duplicate, old = Ingest.COUNTED, Ingest.DUPLICATE, Ingest.STALE
+        for item, result in zip(versioned, self.windows.add_events(versioned, now), strict=True):
+            if result is kept:
+                counted.append(item)
+            elif result is duplicate:
+                duplicates += 1
+            elif result is old:
+                stale += 1
+                counted.append(item)
+        if duplicates:
+            metrics.duplicates.inc(duplicates)
+        if stale:
+            metrics.stale.inc(stale)
+        if not counted:
+            return
+        metrics.observe_events(counted)
+        tracked = self.evidence.tracked()
+        if tracked:
+            self.evidence.add_events([event for event, _ in counted if event.agent in tracked], now)
+        if self.flag_metrics is not None:
+            self.flag_metrics.observe_all(event for event, _ in counted)
+        self.sightings.observe_all(counted, now)

@@ -6,7 +6,7 @@ Each Collector has its own CollectorRegistry, so several can live in one process
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from aiohttp import web
@@ -229,6 +229,10 @@ class CollectorMetrics:
     def observe_event(self, event: events_pb2.Event) -> None:
         """Count an event the windows counted (so exactly once)."""
         self.totals.add_event(event)
+
+    def observe_events(self, events: Sequence[tuple[events_pb2.Event, str | None]]) -> None:
+        """`observe_event` for each (event, its body), in order."""
+        self.totals.add_events(events)
 
     def watch_shadow(self, shadows: Callable[[], list[tuple[str, ShadowEvidence]]]) -> None:
         """Show each current rollout's shadow figures (gauges of the evidence since it started)."""

@@ -65,9 +65,13 @@ class Ownership:
     def agents_of(self, partitions: Iterable[int]) -> Callable[[str], bool]:
         """A predicate: is an agent on one of `partitions`?"""
         chosen, total = frozenset(partitions), self.partitions
+        known: dict[str, bool] = {}  # a checkpoint asks once per seen id: hash each agent once
 
         def on(agent: str) -> bool:
-            return total > 0 and partition_for(agent, total) in chosen
+            mine = known.get(agent)
+            if mine is None:
+                mine = known[agent] = total > 0 and partition_for(agent, total) in chosen
+            return mine
 
         return on
 

@@ -10,7 +10,9 @@ rather than a false all-clear.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from outrider.v1 import events_pb2
 
@@ -50,6 +52,38 @@ class VersionSightings:
             seen.models.append(model)
         if len(self._seen) > MAX_VERSIONS:
             del self._seen[next(iter(self._seen))]
+
+    def observe_all(self, events: Sequence[tuple[events_pb2.Event, str | None]], now: float) -> None:
+        """`observe` each (event, its body) in order, with the same result: each version is
+        touched once, in the order of its last event (the recency order one by one leaves)."""
+        if len(self._seen) + len(events) > MAX_VERSIONS:  # evictions midway: keep their order
+            for event, _ in events:
+                self.observe(event, now)
+            return
+        batch: dict[tuple[str, str], list[Any]] = {}  # key -> [index of its last event, newest, models]
+        for index, (event, body) in enumerate(events):
+            version = event.version_id
+            if not version:
+                continue
+            key = (event.agent, version)
+            stamp = event.time_unix_nano
+            at = stamp / 1e9 if stamp else now
+            entry = batch.get(key)
+            if entry is None:
+                entry = batch[key] = [index, at, []]
+            else:
+                entry[0] = index
+                if at > entry[1]:
+                    entry[1] = at
+            if body == "call" and (model := event.call.model) and model not in entry[2]:
+                entry[2].append(model)
+        for key, (_, at, models) in sorted(batch.items(), key=lambda item: item[1][0]):
+            seen = self._seen.pop(key, None) or Sighting()
+            self._seen[key] = seen  # re-inserted in the order of the last events
+            seen.last_seen = max(seen.last_seen, at)
+            for model in models:
+                if model not in seen.models and len(seen.models) < MAX_MODELS:
+                    seen.models.append(model)
 
     def _entry(self, agent: str, version_id: str) -> Sighting:
         key = (agent, version_id)

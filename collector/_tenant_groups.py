@@ -16,8 +16,8 @@ from typing import Any
 
 from ddsketch import DDSketch
 
+from collector._buckets import RELATIVE_ACCURACY, _dump_sketch, _load_sketch
 from collector._spec import RolloutSpec
-from collector._windows import RELATIVE_ACCURACY, _dump_sketch, _load_sketch
 from outrider.v1 import admin_pb2, control_pb2, events_pb2
 
 STATE_FORMAT = 1
@@ -128,6 +128,10 @@ class TenantGroups:
             self._by_agent[state.agent] = GroupTally(state.rollout_id)
         else:
             self._by_agent.pop(state.agent, None)
+
+    def agents(self) -> set[str]:
+        """The agents with a tally (whose events `add_events` counts)."""
+        return set(self._by_agent)
 
     def add_events(self, events: Iterable[events_pb2.Event]) -> None:
         for event in events:

@@ -34,8 +34,9 @@ labels agent, version, role (never session or trace ids), some a bounded extra l
 from __future__ import annotations
 
 import bisect
+import functools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,7 @@ _FEEDBACK_KINDS = {
 Labels = tuple[str, ...]
 
 
+@functools.lru_cache(maxsize=64)  # a handful of roles, named on every event
 def role_label(role: int) -> str:
     try:
         return common_pb2.Role.Name(role).removeprefix("ROLE_").lower()  # type: ignore[arg-type]
@@ -229,6 +231,112 @@ class AgentTotals:
         if body == "tool" and event.tool.intercepted and event.role == common_pb2.ROLE_SHADOW:
             self.inc("outrider_shadow_intercepted_writes_total", series)
 
+    def add_events(self, events: Sequence[tuple[events_pb2.Event, str | None]]) -> None:
+        """`add_event` for each (event, its body) in order, with the same result.
+
+        Calls and tool calls (nearly every event) take an inlined path: the tables are looked
+        up once per batch and no label set can be refused (checked first, for the whole batch:
+        an event adds at most two label sets to a family), so the room check is skipped."""
+        tables: list[Mapping[Labels, object]] = [*self._counters.values(), *self._hists.values()]
+        if any(len(table) + 2 * len(events) >= MAX_SERIES for table in tables):
+            for event, _ in events:
+                self.add_event(event)
+            return
+        counters, hists = self._counters, self._hists
+        requests, llm_calls = counters["outrider_requests_total"], counters["outrider_llm_calls_total"]
+        tool_calls = counters["outrider_tool_calls_total"]
+        durations = hists["outrider_request_duration_seconds"]
+        ttfts, tokens = hists["outrider_llm_time_to_first_token_seconds"], hists["outrider_llm_tokens"]
+        costs = hists["outrider_llm_cost_usd"]
+        latency_size, token_size = len(LATENCY_BUCKETS_S), len(TOKEN_BUCKETS)
+        cost_size = len(COST_BUCKETS_USD)
+        isfinite, where = math.isfinite, bisect.bisect_left
+        # per (agent, version, role) in this batch: its label sets, then its histograms (each made
+        # on its first finite value, as `observe` makes it), so that each is looked up once
+        handles: dict[tuple[str, str, int], list[Any]] = {}
+        for event, body in events:
+            if body == "call":
+                call = event.call
+                key = (event.agent, event.version_id, event.role)
+                if (h := handles.get(key)) is None:
+                    h = handles[key] = _handle(key, durations, ttfts, tokens, costs)
+                series = h[0]
+                if series in requests:
+                    requests[series] += 1.0
+                else:
+                    requests[series] = 1.0
+                if series in llm_calls:
+                    llm_calls[series] += 1.0
+                else:
+                    llm_calls[series] = 1.0
+                if call.outcome == _ERROR:
+                    error_class = classify(call.error_class)
+                    self.inc("outrider_errors_total", (*series, error_class))
+                    if error_class == QUOTA:
+                        self.inc("outrider_llm_quota_total", (*series, "refused"))
+                value = max(call.latency_ms, 0.0) / 1000
+                if isfinite(value):
+                    if (hist := h[3]) is None:
+                        hist = h[3] = durations[series] = _Hist(latency_size)
+                    hist.counts[where(LATENCY_BUCKETS_S, value)] += 1
+                    hist.sum += value
+                ttft = call.time_to_first_token_ms
+                if ttft > 0 and isfinite(value := ttft / 1000):
+                    if (hist := h[4]) is None:
+                        hist = h[4] = ttfts[series] = _Hist(latency_size)
+                    hist.counts[where(LATENCY_BUCKETS_S, value)] += 1
+                    hist.sum += value
+                count = max(call.input_tokens, 0)
+                if (hist := h[5]) is None:
+                    hist = h[5] = tokens[h[1]] = _Hist(token_size)
+                hist.counts[where(TOKEN_BUCKETS, count)] += 1
+                hist.sum += count
+                count = max(call.output_tokens, 0)
+                if (hist := h[6]) is None:
+                    hist = h[6] = tokens[h[2]] = _Hist(token_size)
+                hist.counts[where(TOKEN_BUCKETS, count)] += 1
+                hist.sum += count
+                value = max(call.cost_usd, 0.0)
+                if isfinite(value):
+                    if (hist := h[7]) is None:
+                        hist = h[7] = costs[series] = _Hist(cost_size)
+                    hist.counts[where(COST_BUCKETS_USD, value)] += 1
+                    hist.sum += value
+                if call.fallback_tier > 0:
+                    self.inc("outrider_llm_fallbacks_total", series)
+                if call.degraded:
+                    self.inc("outrider_llm_degraded_total", series)
+                if call.quota_wait_ms > 0:
+                    self.inc("outrider_llm_quota_total", (*series, "waited"))
+                    self.observe("outrider_llm_quota_wait_seconds", series, call.quota_wait_ms / 1000)
+            elif body == "tool":
+                tool = event.tool
+                key = (event.agent, event.version_id, event.role)
+                if (h := handles.get(key)) is None:
+                    h = handles[key] = _handle(key, durations, ttfts, tokens, costs)
+                series = h[0]
+                if series in requests:
+                    requests[series] += 1.0
+                else:
+                    requests[series] = 1.0
+                if series in tool_calls:
+                    tool_calls[series] += 1.0
+                else:
+                    tool_calls[series] = 1.0
+                if tool.outcome == _ERROR:
+                    self.inc("outrider_errors_total", (*series, classify(tool.error_class, tool=True)))
+                    self.inc("outrider_tool_failures_total", series)
+                value = max(tool.latency_ms, 0.0) / 1000
+                if isfinite(value):
+                    if (hist := h[3]) is None:
+                        hist = h[3] = durations[series] = _Hist(latency_size)
+                    hist.counts[where(LATENCY_BUCKETS_S, value)] += 1
+                    hist.sum += value
+                if tool.intercepted and event.role == common_pb2.ROLE_SHADOW:
+                    self.inc("outrider_shadow_intercepted_writes_total", series)
+            else:
+                self.add_event(event)
+
     def _judge(self, judge: events_pb2.JudgeRecord, series: Labels) -> None:
         kind = judge.kind if judge.kind in ("pair", "single") else "unknown"
         self.inc("outrider_judge_verdicts_total", (*series, kind, "parsed" if judge.parsed else "unparsed"))
@@ -307,6 +415,32 @@ class AgentTotals:
         for hists in self._hists.values():
             for key in [k for k in hists if agents(k[0])]:
                 del hists[key]
+
+
+_ERROR = events_pb2.OUTCOME_ERROR
+
+
+def _handle(
+    key: tuple[str, str, int],
+    durations: dict[Labels, _Hist],
+    ttfts: dict[Labels, _Hist],
+    tokens: dict[Labels, _Hist],
+    costs: dict[Labels, _Hist],
+) -> list[Any]:
+    """[series, its input and output token labels, then its duration, TTFT, input, output and
+    cost histograms, None where there is none yet]."""
+    series = (key[0], key[1], role_label(key[2]))
+    inputs, outputs = (*series, "input"), (*series, "output")
+    return [
+        series,
+        inputs,
+        outputs,
+        durations.get(series),
+        ttfts.get(series),
+        tokens.get(inputs),
+        tokens.get(outputs),
+        costs.get(series),
+    ]
 
 
 def _bound(value: float) -> str:

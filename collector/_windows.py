@@ -20,35 +20,26 @@ Usage reports are not about a version and are left to the quota book.
 
 from __future__ import annotations
 
-import base64
 import enum
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ddsketch import DDSketch
-from ddsketch.pb.ddsketch_pb2 import DDSketch as DDSketchMessage
-from ddsketch.pb.proto import DDSketchProto
 
+from collector._buckets import _apply, _Bucket, _merge
 from collector._dedupe import SeenIds
-from collector._errclass import QUOTA, classify
-from outrider.v1 import events_pb2, sidecar_pb2
+from outrider.v1 import events_pb2
 
-RELATIVE_ACCURACY = 0.01
 DEFAULT_BUCKET_S = 5.0
 DEFAULT_RETENTION_S = 900.0
 DEFAULT_DEDUPE_SIZE = 200_000
-MAX_SESSIONS_PER_BUCKET = 10_000  # beyond this a bucket's cost still counts, not per session
 STATE_FORMAT = 1
 
 SeriesKey = tuple[str, str, int]  # (agent, version_id, role)
 AgentFilter = Callable[[str], bool]  # which agents a partial state covers (one partition's)
 _ID_SEP = "\x00"  # seen ids are "<agent>\x00<event id>", so a partition's ids can be told apart
-
-
-def _seen_key(agent: str, event_id: str) -> str:
-    return f"{agent}{_ID_SEP}{event_id}"
 
 
 def _seen_agent(key: str) -> str:
@@ -117,169 +108,10 @@ class Ingest(enum.Enum):
     IGNORED = "ignored"  # a body that is not about a version (usage reports)
 
 
-def _sketch() -> DDSketch:
-    return DDSketch(RELATIVE_ACCURACY)
-
-
-def _dump_sketch(sketch: DDSketch) -> str:
-    message = DDSketchProto.to_proto(sketch)  # type: ignore[no-untyped-call]
-    return base64.b64encode(message.SerializeToString()).decode("ascii")
-
-
-def _load_sketch(text: str) -> DDSketch:
-    message = DDSketchMessage()
-    message.ParseFromString(base64.b64decode(text))
-    return DDSketchProto.from_proto(message)  # type: ignore[no-untyped-call,no-any-return]
-
-
-# counters every bucket has, by name (all ints but the sums of floats)
-_INT_FIELDS = (
-    "requests",
-    "errors",
-    "calls",
-    "tool_calls",
-    "tool_failures",
-    "input_tokens",
-    "output_tokens",
-    "cached_tokens",
-    "fallbacks",
-    "degraded",
-    "quota_waits",
-    "quota_refusals",
-    "thumbs_up",
-    "thumbs_down",
-    "task_successes",
-    "task_failures",
-    "scores",
-    "breaker_changes",
-    "judge_scores",
-)
-_FLOAT_FIELDS = ("cost_usd", "quota_wait_ms", "score_sum", "judge_score_sum")
-
-
-@dataclass
-class _Bucket:
-    requests: int = 0
-    errors: int = 0
-    calls: int = 0
-    tool_calls: int = 0
-    tool_failures: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    fallbacks: int = 0
-    degraded: int = 0
-    quota_waits: int = 0
-    quota_refusals: int = 0
-    thumbs_up: int = 0
-    thumbs_down: int = 0
-    task_successes: int = 0
-    task_failures: int = 0
-    scores: int = 0
-    breaker_changes: int = 0
-    judge_scores: int = 0
-    cost_usd: float = 0.0
-    quota_wait_ms: float = 0.0
-    score_sum: float = 0.0
-    judge_score_sum: float = 0.0
-    errors_by_class: dict[str, int] = field(default_factory=dict)
-    safety: dict[str, int] = field(default_factory=dict)
-    session_cost: dict[str, float] = field(default_factory=dict)
-    sketch: DDSketch = field(default_factory=_sketch)  # request latency, ms
-    ttft: DDSketch = field(default_factory=_sketch)  # time to first token, ms
-
-    def error(self, error_class: str) -> None:
-        self.errors += 1
-        self.errors_by_class[error_class] = self.errors_by_class.get(error_class, 0) + 1
-
-    def to_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {name: getattr(self, name) for name in _INT_FIELDS + _FLOAT_FIELDS}
-        state.update(
-            errors_by_class=self.errors_by_class,
-            safety=self.safety,
-            session_cost=self.session_cost,
-            sketch=_dump_sketch(self.sketch),
-            ttft=_dump_sketch(self.ttft),
-        )
-        return state
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> _Bucket:
-        bucket = cls()
-        for name in _INT_FIELDS:
-            setattr(bucket, name, int(state.get(name, 0)))
-        for name in _FLOAT_FIELDS:
-            setattr(bucket, name, float(state.get(name, 0.0)))
-        bucket.errors_by_class = {str(k): int(v) for k, v in state.get("errors_by_class", {}).items()}
-        bucket.safety = {str(k): int(v) for k, v in state.get("safety", {}).items()}
-        bucket.session_cost = {str(k): float(v) for k, v in state.get("session_cost", {}).items()}
-        bucket.sketch = _load_sketch(state["sketch"])
-        bucket.ttft = _load_sketch(state["ttft"])
-        return bucket
-
-
-def _apply(bucket: _Bucket, event: events_pb2.Event, body: str) -> None:
-    if body == "call":
-        call = event.call
-        bucket.requests += 1
-        bucket.calls += 1
-        if call.outcome == events_pb2.OUTCOME_ERROR:
-            error_class = classify(call.error_class)
-            bucket.error(error_class)
-            bucket.quota_refusals += error_class == QUOTA
-        if math.isfinite(call.latency_ms):
-            bucket.sketch.add(max(call.latency_ms, 0.0))
-        if call.time_to_first_token_ms > 0 and math.isfinite(call.time_to_first_token_ms):
-            bucket.ttft.add(call.time_to_first_token_ms)
-        bucket.input_tokens += max(call.input_tokens, 0)
-        bucket.output_tokens += max(call.output_tokens, 0)
-        bucket.cached_tokens += max(call.cached_input_tokens, 0)
-        cost = call.cost_usd if math.isfinite(call.cost_usd) and call.cost_usd > 0 else 0.0
-        bucket.cost_usd += cost
-        if event.session_id and (
-            event.session_id in bucket.session_cost or len(bucket.session_cost) < MAX_SESSIONS_PER_BUCKET
-        ):
-            bucket.session_cost[event.session_id] = bucket.session_cost.get(event.session_id, 0.0) + cost
-        bucket.fallbacks += call.fallback_tier > 0
-        bucket.degraded += call.degraded
-        if call.quota_wait_ms > 0 and math.isfinite(call.quota_wait_ms):
-            bucket.quota_waits += 1
-            bucket.quota_wait_ms += call.quota_wait_ms
-    elif body == "tool":
-        tool = event.tool
-        bucket.requests += 1
-        bucket.tool_calls += 1
-        if tool.outcome == events_pb2.OUTCOME_ERROR:
-            bucket.error(classify(tool.error_class, tool=True))
-            bucket.tool_failures += 1
-        if math.isfinite(tool.latency_ms):
-            bucket.sketch.add(max(tool.latency_ms, 0.0))
-    elif body == "feedback":
-        kind, score = event.feedback.kind, event.feedback.score
-        if kind == sidecar_pb2.FEEDBACK_KIND_THUMBS_UP:
-            bucket.thumbs_up += 1
-        elif kind == sidecar_pb2.FEEDBACK_KIND_THUMBS_DOWN:
-            bucket.thumbs_down += 1
-        elif kind == sidecar_pb2.FEEDBACK_KIND_TASK_SUCCESS:
-            bucket.task_successes += 1
-        elif kind == sidecar_pb2.FEEDBACK_KIND_TASK_FAILURE:
-            bucket.task_failures += 1
-        if (kind == sidecar_pb2.FEEDBACK_KIND_SCORE or score) and math.isfinite(score):
-            bucket.scores += 1
-            bucket.score_sum += score
-    elif body == "safety":
-        category = event.safety.category or "unknown"
-        bucket.safety[category] = bucket.safety.get(category, 0) + max(event.safety.count, 1)
-    elif body == "breaker":
-        bucket.breaker_changes += 1
-    elif body == "judge":
-        judge = event.judge
-        if judge.kind == "single" and judge.parsed and math.isfinite(judge.score):
-            bucket.judge_scores += 1
-            bucket.judge_score_sum += judge.score
-
-
-_COUNTED_BODIES = frozenset({"call", "tool", "feedback", "safety", "breaker", "shadow", "judge"})
+# a module constant is read faster than an enum member (Ingest.COUNTED), once per event
+_COUNTED, _DUPLICATE, _STALE, _IGNORED = Ingest.COUNTED, Ingest.DUPLICATE, Ingest.STALE, Ingest.IGNORED
+# the bodies about a version, which the windows count (the rest: `Ingest.IGNORED`)
+COUNTED_BODIES = frozenset({"call", "tool", "feedback", "safety", "breaker", "shadow", "judge"})
 
 
 class RollingWindows:
@@ -312,20 +144,45 @@ class RollingWindows:
 
     def add_event(self, event: events_pb2.Event, now: float) -> Ingest:
         """Count one decoded event once (duplicates by event_id are dropped)."""
-        body = event.WhichOneof("body")
-        if body not in _COUNTED_BODIES:
-            return Ingest.IGNORED
-        self._advance(now)
-        self._seen.expire(self._now)
-        if not self._seen.add(_seen_key(event.agent, event.event_id), self._now):
-            return Ingest.DUPLICATE
-        t = event.time_unix_nano / 1e9 if event.time_unix_nano > 0 else now
-        # a sidecar clock ahead of ours: count it now rather than in a bucket no window reaches yet
-        t = min(t, now)
-        if t < now - self.retention_s:
-            return Ingest.STALE
-        _apply(self._bucket((event.agent, event.version_id, int(event.role)), t), event, body)
-        return Ingest.COUNTED
+        return self.add_events([(event, event.WhichOneof("body"))], now)[0]
+
+    def add_events(self, events: Sequence[tuple[events_pb2.Event, str | None]], now: float) -> list[Ingest]:
+        """`add_event` for each (event, its body) in order, at one `now`: what happened to each.
+
+        The same as adding them one by one: the clock moves and old ids expire once (every
+        event shares `now`, and an id seen at `now` cannot expire at `now`), duplicates are
+        told in order, also within the batch."""
+        results: list[Ingest] = []
+        append, seen, bucket_s, floor = results.append, self._seen, self.bucket_s, math.floor
+        horizon = now - self.retention_s
+        buckets: dict[tuple[str, str, int, int], _Bucket] = {}  # this batch's, by series and index
+        seen_at: float | None = None  # the clock, moved on at the first counted body
+        for event, body in events:
+            if body not in COUNTED_BODIES:
+                append(_IGNORED)
+                continue
+            if seen_at is None:
+                self._advance(now)
+                seen_at = self._now
+                seen.expire(seen_at)
+            agent = event.agent
+            if not seen.add(agent + _ID_SEP + event.event_id, seen_at):
+                append(_DUPLICATE)
+                continue
+            stamp = event.time_unix_nano
+            t = stamp / 1e9 if stamp > 0 else now
+            if t > now:  # a sidecar clock ahead of ours: count it now, not in a bucket no window reaches yet
+                t = now
+            if t < horizon:
+                append(_STALE)
+                continue
+            version, role, index = event.version_id, int(event.role), floor(t / bucket_s)
+            bucket = buckets.get(where := (agent, version, role, index))
+            if bucket is None:
+                bucket = buckets[where] = self._bucket((agent, version, role), t)
+            _apply(bucket, event, body)
+            append(_COUNTED)
+        return results
 
     def _advance(self, now: float) -> None:
         # the dedupe horizon must not go backwards
@@ -383,7 +240,9 @@ class RollingWindows:
                 for (agent, version, role), buckets in self._series.items()
                 if agents is None or agents(agent)
             ],
-            "seen": self._seen.to_state(None if agents is None else lambda key: agents(_seen_agent(key))),
+            "seen": (
+                self._seen.to_state() if agents is None else self._seen.to_state_by_prefix(agents, _ID_SEP)
+            ),
         }
 
     def load_state(self, state: Mapping[str, Any], agents: AgentFilter | None = None) -> None:
@@ -417,21 +276,6 @@ class RollingWindows:
         for key in [k for k in self._series if agents(k[0])]:
             del self._series[key]
         self._seen.discard(lambda key: agents(_seen_agent(key)))
-
-
-def _merge(acc: _Bucket, bucket: _Bucket, session_cost: dict[str, float]) -> None:
-    for name in _INT_FIELDS + _FLOAT_FIELDS:
-        setattr(acc, name, getattr(acc, name) + getattr(bucket, name))
-    for key, count in bucket.errors_by_class.items():
-        acc.errors_by_class[key] = acc.errors_by_class.get(key, 0) + count
-    for key, count in bucket.safety.items():
-        acc.safety[key] = acc.safety.get(key, 0) + count
-    for session, cost in bucket.session_cost.items():
-        session_cost[session] = session_cost.get(session, 0.0) + cost
-    if bucket.sketch.count:
-        acc.sketch.merge(bucket.sketch)
-    if bucket.ttft.count:
-        acc.ttft.merge(bucket.ttft)
 
 
 def _rate(part: float, whole: float) -> float:
