@@ -1,10 +1,12 @@
 """JSON for the upstream request and response bodies: orjson when installed, else the stdlib.
 
 orjson parses a typical completion about 5x faster and writes a request body about 15x
-faster than `json`. Anything orjson refuses (NaN or Infinity in a body; integers past 64
+faster than `json`. Anything orjson refuses (NaN or Infinity in a response; integers past 64
 bits or non-string keys in a request) falls back to the stdlib, so what is accepted is
-unchanged. One difference remains: orjson parses an integer past 64 bits as a float (no
-provider sends a count that large). `OUTRIDER_ORJSON=0` turns it off.
+unchanged. Two differences remain: orjson parses an integer past 64 bits as a float (no
+provider sends a count that large), and it writes a NaN or Infinity in a request as `null`
+where the stdlib writes `NaN`, which is not JSON and which a provider would refuse.
+`OUTRIDER_ORJSON=0` turns it off.
 """
 
 from __future__ import annotations
