@@ -255,20 +255,17 @@ class AgentTotals:
         # on its first finite value, as `observe` makes it), so that each is looked up once
         handles: dict[tuple[str, str, int], list[Any]] = {}
         for event, body in events:
+            if body != "call" and body != "tool":
+                self.add_event(event)
+                continue
+            key = (event.agent, event.version_id, event.role)
+            if (h := handles.get(key)) is None:
+                h = handles[key] = _handle(key, durations, ttfts, tokens, costs)
+            series = h[0]
+            requests[series] = requests.get(series, 0.0) + 1.0
             if body == "call":
                 call = event.call
-                key = (event.agent, event.version_id, event.role)
-                if (h := handles.get(key)) is None:
-                    h = handles[key] = _handle(key, durations, ttfts, tokens, costs)
-                series = h[0]
-                if series in requests:
-                    requests[series] += 1.0
-                else:
-                    requests[series] = 1.0
-                if series in llm_calls:
-                    llm_calls[series] += 1.0
-                else:
-                    llm_calls[series] = 1.0
+                llm_calls[series] = llm_calls.get(series, 0.0) + 1.0
                 if call.outcome == _ERROR:
                     error_class = classify(call.error_class)
                     self.inc("outrider_errors_total", (*series, error_class))
@@ -309,20 +306,9 @@ class AgentTotals:
                 if call.quota_wait_ms > 0:
                     self.inc("outrider_llm_quota_total", (*series, "waited"))
                     self.observe("outrider_llm_quota_wait_seconds", series, call.quota_wait_ms / 1000)
-            elif body == "tool":
+            else:
                 tool = event.tool
-                key = (event.agent, event.version_id, event.role)
-                if (h := handles.get(key)) is None:
-                    h = handles[key] = _handle(key, durations, ttfts, tokens, costs)
-                series = h[0]
-                if series in requests:
-                    requests[series] += 1.0
-                else:
-                    requests[series] = 1.0
-                if series in tool_calls:
-                    tool_calls[series] += 1.0
-                else:
-                    tool_calls[series] = 1.0
+                tool_calls[series] = tool_calls.get(series, 0.0) + 1.0
                 if tool.outcome == _ERROR:
                     self.inc("outrider_errors_total", (*series, classify(tool.error_class, tool=True)))
                     self.inc("outrider_tool_failures_total", series)
@@ -334,8 +320,6 @@ class AgentTotals:
                     hist.sum += value
                 if tool.intercepted and event.role == common_pb2.ROLE_SHADOW:
                     self.inc("outrider_shadow_intercepted_writes_total", series)
-            else:
-                self.add_event(event)
 
     def _judge(self, judge: events_pb2.JudgeRecord, series: Labels) -> None:
         kind = judge.kind if judge.kind in ("pair", "single") else "unknown"
