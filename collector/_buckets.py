@@ -25,6 +25,36 @@ def _sketch() -> DDSketch:
     return DDSketch(RELATIVE_ACCURACY)
 
 
+# `DDSketch.add(value)` for the sketches above, inlined: it is the hottest call of ingest (two
+# per LLM call), and the library's own path is five Python calls deep (add, key, _log_gamma,
+# store.add, _get_index). The same arithmetic in the same order, so the result is the same
+# sketch bit for bit (tests/unit/test_collector_sketch_add.py holds it to `DDSketch.add`);
+# it reads ddsketch 3's internals, hence the pin below 4 in pyproject.
+_MAPPING = _sketch()._mapping
+_MULTIPLIER, _KEY_OFFSET, _MIN_POSSIBLE = _MAPPING._multiplier, _MAPPING._offset, _MAPPING.min_possible
+_ceil, _log = math.ceil, math.log
+
+
+def sketch_add(sketch: DDSketch, value: float) -> None:
+    """`sketch.add(value)` for a finite value >= 0 (a latency) of a sketch made by `_sketch`."""
+    if value > _MIN_POSSIBLE:
+        key = int(_ceil(_log(value, 2) * _MULTIPLIER) + _KEY_OFFSET)
+        store = sketch._store
+        if store.min_key <= key <= store.max_key:  # within the bins: what store.add comes to
+            store.bins[key - store.offset] += 1.0
+            store.count += 1.0
+        else:
+            store.add(key, 1.0)  # grows the bins
+    else:
+        sketch._zero_count += 1.0
+    sketch._count += 1.0
+    sketch._sum += value
+    if value < sketch._min:
+        sketch._min = value
+    if value > sketch._max:
+        sketch._max = value
+
+
 def _dump_sketch(sketch: DDSketch) -> str:
     message = DDSketchProto.to_proto(sketch)  # type: ignore[no-untyped-call]
     return base64.b64encode(message.SerializeToString()).decode("ascii")
@@ -138,10 +168,10 @@ def _apply(bucket: _Bucket, event: events_pb2.Event, body: str) -> None:
             bucket.quota_refusals += error_class == QUOTA
         latency = call.latency_ms
         if _isfinite(latency):
-            bucket.sketch.add(latency if latency > 0.0 else 0.0)  # max(latency, 0.0), for a finite one
+            sketch_add(bucket.sketch, latency if latency > 0.0 else 0.0)  # max(latency, 0), finite
         ttft = call.time_to_first_token_ms
         if ttft > 0 and _isfinite(ttft):
-            bucket.ttft.add(ttft)
+            sketch_add(bucket.ttft, ttft)
         tokens = call.input_tokens
         if tokens > 0:
             bucket.input_tokens += tokens
@@ -179,7 +209,7 @@ def _apply(bucket: _Bucket, event: events_pb2.Event, body: str) -> None:
             bucket.tool_failures += 1
         latency = tool.latency_ms
         if _isfinite(latency):
-            bucket.sketch.add(latency if latency > 0.0 else 0.0)
+            sketch_add(bucket.sketch, latency if latency > 0.0 else 0.0)
     elif body == "feedback":
         kind, score = event.feedback.kind, event.feedback.score
         if kind == sidecar_pb2.FEEDBACK_KIND_THUMBS_UP:

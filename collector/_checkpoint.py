@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from collector._files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -66,22 +68,50 @@ def gc_paused() -> Iterator[None]:
 
 
 def encode(checkpoint: Checkpoint) -> bytes:
-    """The file's bytes (JSON, compressed); call this where the state cannot change meanwhile."""
-    document = {
+    """The file's bytes (JSON, compressed); call this where the state cannot change meanwhile.
+
+    The windows and totals (nearly all of it: every seen id) are written by orjson, about 15x
+    faster than the stdlib; every float in them is finite, so orjson's one difference (NaN
+    written as null) cannot arise there. The rest (evidence, sequence gaps) goes through the
+    stdlib, which keeps whatever it holds as it is."""
+    head = {
         "format": FORMAT,
         "bootstrap": checkpoint.bootstrap,
         "written_at": checkpoint.written_at,
         "offsets": [[topic, partition, offset] for (topic, partition), offset in checkpoint.offsets.items()],
-        "windows": checkpoint.windows,
-        "totals": checkpoint.totals,
-        "extra": checkpoint.extra,
     }
-    return zlib.compress(json.dumps(document, separators=(",", ":")).encode("utf-8"), 1)
+    document = b"".join(
+        (
+            _dumps(head)[:-1],  # the head without its closing brace
+            b',"windows":',
+            _dumps(checkpoint.windows),
+            b',"totals":',
+            _dumps(checkpoint.totals),
+            b',"extra":',
+            json.dumps(checkpoint.extra, separators=(",", ":")).encode("utf-8"),
+            b"}",
+        )
+    )
+    return zlib.compress(document, 1)
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError: e.g. an integer past 64 bits (a forged count)
+        return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:  # NaN or Infinity (the stdlib writes them), or not JSON
+        return json.loads(data)
 
 
 def decode(data: bytes) -> Checkpoint:
     try:
-        document = json.loads(zlib.decompress(data))
+        document = _loads(zlib.decompress(data))
     except (zlib.error, ValueError) as exc:
         raise CheckpointError(f"not a checkpoint: {exc}") from exc
     if not isinstance(document, Mapping):

@@ -73,3 +73,32 @@ def test_a_failed_write_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: py
     loaded = store.load("127.0.0.1:9092", 0)
     assert loaded is not None and loaded.offsets[("outrider.events", 0)] == 1
     assert sorted(os.listdir(store.directory)) == [store.path(0).name]
+
+
+def test_what_orjson_cannot_write_as_the_stdlib_does_still_round_trips() -> None:
+    """The windows and totals go through orjson, the rest through the stdlib: a NaN in the
+    evidence stays a NaN (orjson would write null), a count past 64 bits stays exact, and a
+    checkpoint the stdlib wrote whole (an earlier release, NaN included) still reads."""
+    import json
+    import math
+    import zlib
+
+    checkpoint = sample()
+    counters = {"outrider_requests_total": [[["a", "v", "stable"], 2**70]]}
+    checkpoint.totals = {"format": 1, "counters": counters}
+    checkpoint.extra = {"evidence": {"score": math.nan, "ids": ["x"]}}
+    back = decode(encode(checkpoint))
+    assert back.offsets == checkpoint.offsets and back.windows == checkpoint.windows
+    assert back.totals["counters"]["outrider_requests_total"][0][1] == 2**70
+    assert math.isnan(back.extra["evidence"]["score"]) and back.extra["evidence"]["ids"] == ["x"]
+    earlier = {
+        "format": 1,
+        "bootstrap": "b:1",
+        "written_at": 2.0,
+        "offsets": [["outrider.events", 0, 5]],
+        "windows": {"format": 1},
+        "totals": {"format": 1},
+        "extra": {"gaps": {"x": math.inf}},
+    }
+    old = decode(zlib.compress(json.dumps(earlier).encode(), 1))
+    assert old.offsets == {("outrider.events", 0): 5} and old.extra["gaps"]["x"] == math.inf

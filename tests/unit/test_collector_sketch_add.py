@@ -1,0 +1,58 @@
+"""The collector's inlined DDSketch add is `DDSketch.add`, bit for bit: same bins, same counts,
+same sum, min and max, for any finite latency, in any order, across bin growth."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collector._buckets import _dump_sketch, _sketch, sketch_add
+
+latencies = st.one_of(
+    st.floats(min_value=0.0, max_value=1e12, allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, sys.float_info.min, 5e-324, 1e-300, 1.0, 1.01, 250.0, 1e308]),
+)
+
+
+def _state(sketch: object) -> tuple[object, ...]:
+    s = sketch
+    store = s._store  # type: ignore[attr-defined]
+    return (
+        s._count,  # type: ignore[attr-defined]
+        s._sum,  # type: ignore[attr-defined]
+        s._min,  # type: ignore[attr-defined]
+        s._max,  # type: ignore[attr-defined]
+        s._zero_count,  # type: ignore[attr-defined]
+        list(store.bins),
+        store.offset,
+        store.min_key,
+        store.max_key,
+        store.count,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(latencies, max_size=200))
+def test_inlined_add_is_the_librarys_add(values: list[float]) -> None:
+    ours, theirs = _sketch(), _sketch()
+    for value in values:
+        sketch_add(ours, value)
+        theirs.add(value)
+    assert _state(ours) == _state(theirs)
+    assert _dump_sketch(ours) == _dump_sketch(theirs)
+    for q in (0.0, 0.5, 0.95, 0.99, 1.0):
+        assert ours.get_quantile_value(q) == theirs.get_quantile_value(q)
+
+
+def test_it_reaches_the_bins_already_there_and_grows_them() -> None:
+    ours, theirs = _sketch(), _sketch()
+    values = [100.0, 101.0, 99.5, 1e-3, 1e6, 100.0, 0.0]  # in range, below it, above it, zero
+    for value in values:
+        sketch_add(ours, value)
+        theirs.add(value)
+    assert _state(ours) == _state(theirs)
+    assert ours.count == len(values) and ours._zero_count == 1.0  # type: ignore[attr-defined]
+    assert math.isclose(ours.get_quantile_value(0.5) or 0.0, 100.0, rel_tol=0.02)
