@@ -91,7 +91,7 @@ _INT_FIELDS = (
 _FLOAT_FIELDS = ("cost_usd", "quota_wait_ms", "score_sum", "judge_score_sum")
 
 
-@dataclass
+@dataclass(slots=True)  # slots: faster attribute updates, on every event
 class _Bucket:
     requests: int = 0
     errors: int = 0
