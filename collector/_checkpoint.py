@@ -98,7 +98,8 @@ def encode(checkpoint: Checkpoint) -> bytes:
 def _dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
-    except TypeError:  # orjson.JSONEncodeError: e.g. an integer past 64 bits (a forged count)
+    except TypeError:  # orjson.JSONEncodeError: e.g. an integer past 64 bits (a forged count),
+        # which orjson then reads back as a float (within 1e-16 of it)
         return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
 
