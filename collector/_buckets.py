@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from ddsketch.pb.ddsketch_pb2 import DDSketch as DDSketchMessage
 from ddsketch.pb.proto import DDSketchProto
 
 from collector._errclass import QUOTA, classify
+from collector._rows import Row
 from outrider.v1 import events_pb2, sidecar_pb2
 
 RELATIVE_ACCURACY = 0.01
@@ -25,34 +26,22 @@ def _sketch() -> DDSketch:
     return DDSketch(RELATIVE_ACCURACY)
 
 
-# `DDSketch.add(value)` for the sketches above, inlined: it is the hottest call of ingest (two
-# per LLM call), and the library's own path is five Python calls deep (add, key, _log_gamma,
-# store.add, _get_index). The same arithmetic in the same order, so the result is the same
-# sketch bit for bit (tests/unit/test_collector_sketch_add.py holds it to `DDSketch.add`);
-# it reads ddsketch 3's internals, hence the pin below 4 in pyproject.
+# `DDSketch.add(value)` for the sketches above, inlined (`sketch_add_many`): it is the hottest
+# call of ingest (two per LLM call), and the library's own path is five Python calls deep (add,
+# key, _log_gamma, store.add, _get_index). The same arithmetic in the same order, so the result
+# is the same sketch bit for bit (tests/unit/test_collector_sketch_add.py holds it to
+# `DDSketch.add`); it reads ddsketch 3's internals, hence the pin below 4 in pyproject.
 _MAPPING = _sketch()._mapping
 _MULTIPLIER, _KEY_OFFSET, _MIN_POSSIBLE = _MAPPING._multiplier, _MAPPING._offset, _MAPPING.min_possible
 _ceil, _log = math.ceil, math.log
-
-
-def sketch_add(sketch: DDSketch, value: float) -> None:
-    """`sketch.add(value)` for a finite value >= 0 (a latency) of a sketch made by `_sketch`."""
-    if value > _MIN_POSSIBLE:
-        key = int(_ceil(_log(value, 2) * _MULTIPLIER) + _KEY_OFFSET)
-        store = sketch._store
-        if store.min_key <= key <= store.max_key:  # within the bins: what store.add comes to
-            store.bins[key - store.offset] += 1.0
-            store.count += 1.0
-        else:
-            store.add(key, 1.0)  # grows the bins
-    else:
-        sketch._zero_count += 1.0
-    sketch._count += 1.0
-    sketch._sum += value
-    if value < sketch._min:
-        sketch._min = value
-    if value > sketch._max:
-        sketch._max = value
+# `math.log(value, 2)`, as ddsketch takes it, is `log(value) / log(2)` computed just so in C;
+# dividing by the same `log(2)` here gives the same float and saves a log per value
+_LN2 = math.log(2)
+# `int(ceil(x) + offset)` is `ceil(x) + offset` in ints while the offset is a whole number (it
+# is 0 for this mapping), which saves a float round trip per value
+_WHOLE_KEY_OFFSET = int(_KEY_OFFSET)
+if _WHOLE_KEY_OFFSET != _KEY_OFFSET:
+    raise RuntimeError(f"ddsketch's key offset {_KEY_OFFSET!r} is not a whole number; see _buckets.py")
 
 
 def _dump_sketch(sketch: DDSketch) -> str:
@@ -156,61 +145,114 @@ _ERROR = events_pb2.OUTCOME_ERROR
 _isfinite = math.isfinite
 
 
-def _apply(bucket: _Bucket, event: events_pb2.Event, body: str) -> None:
-    # the hot path of ingest: each field is read once, into a local
-    if body == "call":
-        call = event.call
-        bucket.requests += 1
-        bucket.calls += 1
-        if call.outcome == _ERROR:
-            error_class = classify(call.error_class)
-            bucket.error(error_class)
-            bucket.quota_refusals += error_class == QUOTA
-        latency = call.latency_ms
-        if _isfinite(latency):
-            sketch_add(bucket.sketch, latency if latency > 0.0 else 0.0)  # max(latency, 0), finite
-        ttft = call.time_to_first_token_ms
-        if ttft > 0 and _isfinite(ttft):
-            sketch_add(bucket.ttft, ttft)
-        tokens = call.input_tokens
-        if tokens > 0:
-            bucket.input_tokens += tokens
-        tokens = call.output_tokens
-        if tokens > 0:
-            bucket.output_tokens += tokens
-        tokens = call.cached_input_tokens
-        if tokens > 0:
-            bucket.cached_tokens += tokens
-        cost = call.cost_usd
-        if not (cost > 0 and _isfinite(cost)):
-            cost = 0.0
-        bucket.cost_usd += cost
-        session = event.session_id
-        if session:
-            costs = bucket.session_cost
-            if session in costs:
-                costs[session] += cost
-            elif len(costs) < MAX_SESSIONS_PER_BUCKET:
-                costs[session] = 0.0 + cost
-        if call.fallback_tier > 0:
-            bucket.fallbacks += 1
-        if call.degraded:
-            bucket.degraded += 1
-        wait = call.quota_wait_ms
-        if wait > 0 and _isfinite(wait):
-            bucket.quota_waits += 1
-            bucket.quota_wait_ms += wait
-    elif body == "tool":
-        tool = event.tool
-        bucket.requests += 1
-        bucket.tool_calls += 1
-        if tool.outcome == _ERROR:
-            bucket.error(classify(tool.error_class, tool=True))
-            bucket.tool_failures += 1
-        latency = tool.latency_ms
-        if _isfinite(latency):
-            sketch_add(bucket.sketch, latency if latency > 0.0 else 0.0)
-    elif body == "feedback":
+def sketch_add_many(sketch: DDSketch, values: list[float]) -> None:
+    """`sketch.add(value)` of each value in order (finite, >= 0: latencies), for a sketch made by
+    `_sketch`, with the same result: the bins are read once and again only when a value grows
+    them; the counts (whole numbers) are added at the end, the sum value by value, in order."""
+    if not values:
+        return
+    store = sketch._store
+    bins, offset, low, high = store.bins, store.offset, store.min_key, store.max_key
+    binned = zeros = 0
+    total = sketch._sum
+    for value in values:
+        total += value
+        if value > _MIN_POSSIBLE:
+            key = _ceil(_log(value) / _LN2 * _MULTIPLIER) + _WHOLE_KEY_OFFSET
+            if low <= key <= high:
+                bins[key - offset] += 1.0
+                binned += 1
+            else:
+                store.add(key, 1.0)  # grows the bins: read them again
+                bins, offset, low, high = store.bins, store.offset, store.min_key, store.max_key
+        else:
+            zeros += 1
+    store.count += float(binned)
+    sketch._zero_count += float(zeros)
+    sketch._count += float(len(values))
+    sketch._sum = total
+    if (least := min(values)) < sketch._min:
+        sketch._min = least
+    if (most := max(values)) > sketch._max:
+        sketch._max = most
+
+
+def fold_rows(bucket: _Bucket, rows: Sequence[Row]) -> None:
+    """Add each row (`collector._rows`) to the bucket, in order.
+
+    The hot path of ingest. Calls and tool calls are summed in locals and written once; the
+    latencies go to the sketches in bulk. The floats are added one by one in the rows' order,
+    so the bucket ends as it would event by event. The other bodies (few) take `_apply`."""
+    calls = tools = tool_failures = input_tokens = output_tokens = cached = 0
+    fallbacks = degraded = waits = refusals = 0
+    cost_usd, waited = bucket.cost_usd, bucket.quota_wait_ms
+    costs = bucket.session_cost
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    for body, _, _, _, _, _, session, event, detail in rows:
+        if body == "call":
+            outcome, error_class, latency, ttft, inputs, outputs, cached_in, cost, tier, worse, wait, _ = (
+                detail  # type: ignore[misc]
+            )
+            calls += 1
+            if outcome == _ERROR:
+                error_class = classify(error_class)
+                bucket.error(error_class)
+                refusals += error_class == QUOTA
+            if _isfinite(latency):
+                latencies.append(latency if latency > 0.0 else 0.0)  # max(latency, 0), finite
+            if ttft > 0 and _isfinite(ttft):
+                ttfts.append(ttft)
+            if inputs > 0:
+                input_tokens += inputs
+            if outputs > 0:
+                output_tokens += outputs
+            if cached_in > 0:
+                cached += cached_in
+            if not (cost > 0 and _isfinite(cost)):
+                cost = 0.0
+            cost_usd += cost
+            if session:
+                if session in costs:
+                    costs[session] += cost
+                elif len(costs) < MAX_SESSIONS_PER_BUCKET:
+                    costs[session] = 0.0 + cost
+            if tier > 0:
+                fallbacks += 1
+            if worse:
+                degraded += 1
+            if wait > 0 and _isfinite(wait):
+                waits += 1
+                waited += wait
+        elif body == "tool":
+            outcome, error_class, latency, _ = detail  # type: ignore[misc]
+            tools += 1
+            if outcome == _ERROR:
+                bucket.error(classify(error_class, tool=True))
+                tool_failures += 1
+            if _isfinite(latency):
+                latencies.append(latency if latency > 0.0 else 0.0)
+        else:
+            _apply(bucket, event, body)
+    bucket.requests += calls + tools
+    bucket.calls += calls
+    bucket.tool_calls += tools
+    bucket.tool_failures += tool_failures
+    bucket.input_tokens += input_tokens
+    bucket.output_tokens += output_tokens
+    bucket.cached_tokens += cached
+    bucket.fallbacks += fallbacks
+    bucket.degraded += degraded
+    bucket.quota_waits += waits
+    bucket.quota_refusals += refusals
+    bucket.cost_usd, bucket.quota_wait_ms = cost_usd, waited
+    sketch_add_many(bucket.sketch, latencies)
+    sketch_add_many(bucket.ttft, ttfts)
+
+
+def _apply(bucket: _Bucket, event: events_pb2.Event, body: str | None) -> None:
+    """What an event other than a call or a tool call adds (those: `fold_rows`)."""
+    if body == "feedback":
         kind, score = event.feedback.kind, event.feedback.score
         if kind == sidecar_pb2.FEEDBACK_KIND_THUMBS_UP:
             bucket.thumbs_up += 1

@@ -28,8 +28,9 @@ from typing import Any
 
 from ddsketch import DDSketch
 
-from collector._buckets import _apply, _Bucket, _merge
+from collector._buckets import _Bucket, _merge, fold_rows
 from collector._dedupe import SeenIds
+from collector._rows import Row, read_rows
 from outrider.v1 import events_pb2
 
 DEFAULT_BUCKET_S = 5.0
@@ -147,17 +148,24 @@ class RollingWindows:
         return self.add_events([(event, event.WhichOneof("body"))], now)[0]
 
     def add_events(self, events: Sequence[tuple[events_pb2.Event, str | None]], now: float) -> list[Ingest]:
-        """`add_event` for each (event, its body) in order, at one `now`: what happened to each.
+        """`add_event` for each (event, its body) in order, at one `now`: what happened to each."""
+        return self.add_rows(read_rows(events), now)
+
+    def add_rows(self, rows: Sequence[Row], now: float) -> list[Ingest]:
+        """`add_events` of the events as rows (`collector._rows`).
 
         The same as adding them one by one: the clock moves and old ids expire once (every
         event shares `now`, and an id seen at `now` cannot expire at `now`), duplicates are
-        told in order, also within the batch."""
+        told in order, also within the batch. The rows counted are then folded per bucket,
+        each bucket's in their order (buckets share nothing)."""
         results: list[Ingest] = []
         append, seen, bucket_s, floor = results.append, self._seen, self.bucket_s, math.floor
         horizon = now - self.retention_s
-        buckets: dict[tuple[str, str, int, int], _Bucket] = {}  # this batch's, by series and index
+        groups: dict[tuple[str, str, int, int], list[Row]] = {}  # by series and bucket index
+        buckets: list[tuple[_Bucket, list[Row]]] = []
         seen_at: float | None = None  # the clock, moved on at the first counted body
-        for event, body in events:
+        for row in rows:
+            body, agent, event_id, stamp, version, role, _, _, _ = row
             if body not in COUNTED_BODIES:
                 append(_IGNORED)
                 continue
@@ -165,23 +173,23 @@ class RollingWindows:
                 self._advance(now)
                 seen_at = self._now
                 seen.expire(seen_at)
-            agent = event.agent
-            if not seen.add(agent + _ID_SEP + event.event_id, seen_at):
+            if not seen.add(agent + _ID_SEP + event_id, seen_at):
                 append(_DUPLICATE)
                 continue
-            stamp = event.time_unix_nano
             t = stamp / 1e9 if stamp > 0 else now
             if t > now:  # a sidecar clock ahead of ours: count it now, not in a bucket no window reaches yet
                 t = now
             if t < horizon:
                 append(_STALE)
                 continue
-            version, role, index = event.version_id, int(event.role), floor(t / bucket_s)
-            bucket = buckets.get(where := (agent, version, role, index))
-            if bucket is None:
-                bucket = buckets[where] = self._bucket((agent, version, role), t)
-            _apply(bucket, event, body)
+            group = groups.get(where := (agent, version, role, floor(t / bucket_s)))
+            if group is None:  # the bucket is made here, so buckets are made in the events' order
+                group = groups[where] = []
+                buckets.append((self._bucket((agent, version, role), t), group))
+            group.append(row)
             append(_COUNTED)
+        for bucket, group in buckets:
+            fold_rows(bucket, group)
         return results
 
     def _advance(self, now: float) -> None:

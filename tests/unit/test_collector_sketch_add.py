@@ -1,5 +1,6 @@
 """The collector's inlined DDSketch add is `DDSketch.add`, bit for bit: same bins, same counts,
-same sum, min and max, for any finite latency, in any order, across bin growth."""
+same sum, min and max, for any finite latency, in any order, across bin growth, however the
+values are cut into the lists it adds at a time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector._buckets import _dump_sketch, _sketch, sketch_add
+from collector._buckets import _dump_sketch, _sketch, sketch_add_many
 
 latencies = st.one_of(
     st.floats(min_value=0.0, max_value=1e12, allow_nan=False, allow_infinity=False),
@@ -35,11 +36,15 @@ def _state(sketch: object) -> tuple[object, ...]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(latencies, max_size=200))
-def test_inlined_add_is_the_librarys_add(values: list[float]) -> None:
+@given(st.lists(latencies, max_size=200), st.lists(st.integers(0, 40), min_size=1, max_size=6).filter(any))
+def test_inlined_add_is_the_librarys_add(values: list[float], cuts: list[int]) -> None:
     ours, theirs = _sketch(), _sketch()
+    start, k = 0, 0
+    while start < len(values):  # in lists of the sizes drawn; 0 adds an empty list
+        size = cuts[k % len(cuts)]
+        sketch_add_many(ours, values[start : start + size])
+        start, k = start + size, k + 1
     for value in values:
-        sketch_add(ours, value)
         theirs.add(value)
     assert _state(ours) == _state(theirs)
     assert _dump_sketch(ours) == _dump_sketch(theirs)
@@ -50,8 +55,8 @@ def test_inlined_add_is_the_librarys_add(values: list[float]) -> None:
 def test_it_reaches_the_bins_already_there_and_grows_them() -> None:
     ours, theirs = _sketch(), _sketch()
     values = [100.0, 101.0, 99.5, 1e-3, 1e6, 100.0, 0.0]  # in range, below it, above it, zero
+    sketch_add_many(ours, values)
     for value in values:
-        sketch_add(ours, value)
         theirs.add(value)
     assert _state(ours) == _state(theirs)
     assert ours.count == len(values) and ours._zero_count == 1.0  # type: ignore[attr-defined]
