@@ -44,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from collector._errclass import QUOTA, classify
+from collector._rows import ROW_EVENT, Row, read_rows
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -232,94 +233,114 @@ class AgentTotals:
             self.inc("outrider_shadow_intercepted_writes_total", series)
 
     def add_events(self, events: Sequence[tuple[events_pb2.Event, str | None]]) -> None:
-        """`add_event` for each (event, its body) in order, with the same result.
+        """`add_event` for each (event, its body) in order, with the same result."""
+        self.add_rows(read_rows(events))
+
+    def add_rows(self, rows: Sequence[Row]) -> None:
+        """`add_events` of the events as rows (`collector._rows`).
 
         Calls and tool calls (nearly every event) take an inlined path: the tables are looked
-        up once per batch and no label set can be refused (checked first, for the whole batch:
-        an event adds at most two label sets to a family), so the room check is skipped."""
+        up once per series and batch, and no label set can be refused (checked first, for the
+        whole batch: an event adds at most two label sets to a family), so the room check is
+        skipped. Histogram sums are added value by value in the rows' order."""
         tables: list[Mapping[Labels, object]] = [*self._counters.values(), *self._hists.values()]
-        if any(len(table) + 2 * len(events) >= MAX_SERIES for table in tables):
-            for event, _ in events:
-                self.add_event(event)
+        if any(len(table) + 2 * len(rows) >= MAX_SERIES for table in tables):
+            for row in rows:
+                self.add_event(row[ROW_EVENT])
             return
         counters, hists = self._counters, self._hists
-        requests, llm_calls = counters["outrider_requests_total"], counters["outrider_llm_calls_total"]
-        tool_calls = counters["outrider_tool_calls_total"]
         durations = hists["outrider_request_duration_seconds"]
         ttfts, tokens = hists["outrider_llm_time_to_first_token_seconds"], hists["outrider_llm_tokens"]
         costs = hists["outrider_llm_cost_usd"]
         latency_size, token_size = len(LATENCY_BUCKETS_S), len(TOKEN_BUCKETS)
         cost_size = len(COST_BUCKETS_USD)
         isfinite, where = math.isfinite, bisect.bisect_left
-        # per (agent, version, role) in this batch: its label sets, then its histograms (each made
-        # on its first finite value, as `observe` makes it), so that each is looked up once
+        # per (agent, version, role) in this batch: its label sets, its histograms (each made on
+        # its first finite value, as `observe` makes it) and its call and tool counts
         handles: dict[tuple[str, str, int], list[Any]] = {}
-        for event, body in events:
+        by_series: dict[Labels, list[Any]] = {}
+        requests, llm_calls = counters["outrider_requests_total"], counters["outrider_llm_calls_total"]
+        tool_calls = counters["outrider_tool_calls_total"]
+        for body, agent, _, _, version, role, _, event, detail in rows:
             if body != "call" and body != "tool":
                 self.add_event(event)
                 continue
-            key = (event.agent, event.version_id, event.role)
-            if (h := handles.get(key)) is None:
-                h = handles[key] = _handle(key, durations, ttfts, tokens, costs)
+            if (h := handles.get(key := (agent, version, role))) is None:
+                # roles unknown to this build share the label "unknown", so their handle too
+                series = (agent, version, role_label(role))
+                if (h := by_series.get(series)) is None:
+                    h = by_series[series] = _handle(series, durations, ttfts, tokens, costs)
+                    requests.setdefault(series, 0.0)  # each table keeps the order of first events
+                handles[key] = h
             series = h[0]
-            requests[series] = requests.get(series, 0.0) + 1.0
             if body == "call":
-                call = event.call
-                llm_calls[series] = llm_calls.get(series, 0.0) + 1.0
-                if call.outcome == _ERROR:
-                    error_class = classify(call.error_class)
+                outcome, error_class, latency, ttft, inputs, outputs, _, cost, tier, worse, wait, _ = detail  # type: ignore[misc]
+                if not h[8]:
+                    llm_calls.setdefault(series, 0.0)
+                h[8] += 1
+                if outcome == _ERROR:
+                    error_class = classify(error_class)
                     self.inc("outrider_errors_total", (*series, error_class))
                     if error_class == QUOTA:
                         self.inc("outrider_llm_quota_total", (*series, "refused"))
-                value = max(call.latency_ms, 0.0) / 1000
+                value = (0.0 if latency < 0.0 else latency) / 1000  # max(latency, 0.0): NaN stays NaN
                 if isfinite(value):
                     if (hist := h[3]) is None:
                         hist = h[3] = durations[series] = _Hist(latency_size)
                     hist.counts[where(LATENCY_BUCKETS_S, value)] += 1
                     hist.sum += value
-                ttft = call.time_to_first_token_ms
                 if ttft > 0 and isfinite(value := ttft / 1000):
                     if (hist := h[4]) is None:
                         hist = h[4] = ttfts[series] = _Hist(latency_size)
                     hist.counts[where(LATENCY_BUCKETS_S, value)] += 1
                     hist.sum += value
-                count = max(call.input_tokens, 0)
+                count = inputs if inputs > 0 else 0
                 if (hist := h[5]) is None:
                     hist = h[5] = tokens[h[1]] = _Hist(token_size)
                 hist.counts[where(TOKEN_BUCKETS, count)] += 1
                 hist.sum += count
-                count = max(call.output_tokens, 0)
+                count = outputs if outputs > 0 else 0
                 if (hist := h[6]) is None:
                     hist = h[6] = tokens[h[2]] = _Hist(token_size)
                 hist.counts[where(TOKEN_BUCKETS, count)] += 1
                 hist.sum += count
-                value = max(call.cost_usd, 0.0)
+                value = 0.0 if cost < 0.0 else cost
                 if isfinite(value):
                     if (hist := h[7]) is None:
                         hist = h[7] = costs[series] = _Hist(cost_size)
                     hist.counts[where(COST_BUCKETS_USD, value)] += 1
                     hist.sum += value
-                if call.fallback_tier > 0:
+                if tier > 0:
                     self.inc("outrider_llm_fallbacks_total", series)
-                if call.degraded:
+                if worse:
                     self.inc("outrider_llm_degraded_total", series)
-                if call.quota_wait_ms > 0:
+                if wait > 0:
                     self.inc("outrider_llm_quota_total", (*series, "waited"))
-                    self.observe("outrider_llm_quota_wait_seconds", series, call.quota_wait_ms / 1000)
+                    self.observe("outrider_llm_quota_wait_seconds", series, wait / 1000)
             else:
-                tool = event.tool
-                tool_calls[series] = tool_calls.get(series, 0.0) + 1.0
-                if tool.outcome == _ERROR:
-                    self.inc("outrider_errors_total", (*series, classify(tool.error_class, tool=True)))
+                outcome, error_class, latency, intercepted = detail  # type: ignore[misc]
+                if not h[9]:
+                    tool_calls.setdefault(series, 0.0)
+                h[9] += 1
+                if outcome == _ERROR:
+                    self.inc("outrider_errors_total", (*series, classify(error_class, tool=True)))
                     self.inc("outrider_tool_failures_total", series)
-                value = max(tool.latency_ms, 0.0) / 1000
+                value = (0.0 if latency < 0.0 else latency) / 1000  # max(latency, 0.0): NaN stays NaN
                 if isfinite(value):
                     if (hist := h[3]) is None:
                         hist = h[3] = durations[series] = _Hist(latency_size)
                     hist.counts[where(LATENCY_BUCKETS_S, value)] += 1
                     hist.sum += value
-                if tool.intercepted and event.role == common_pb2.ROLE_SHADOW:
+                if intercepted and role == common_pb2.ROLE_SHADOW:
                     self.inc("outrider_shadow_intercepted_writes_total", series)
+        # the counts, once per series (whole numbers: the same as adding 1 per event)
+        for h in by_series.values():
+            series, calls, tools = h[0], h[8], h[9]
+            requests[series] += float(calls + tools)
+            if calls:
+                llm_calls[series] += float(calls)
+            if tools:
+                tool_calls[series] += float(tools)
 
     def _judge(self, judge: events_pb2.JudgeRecord, series: Labels) -> None:
         kind = judge.kind if judge.kind in ("pair", "single") else "unknown"
@@ -405,15 +426,14 @@ _ERROR = events_pb2.OUTCOME_ERROR
 
 
 def _handle(
-    key: tuple[str, str, int],
+    series: Labels,
     durations: dict[Labels, _Hist],
     ttfts: dict[Labels, _Hist],
     tokens: dict[Labels, _Hist],
     costs: dict[Labels, _Hist],
 ) -> list[Any]:
     """[series, its input and output token labels, then its duration, TTFT, input, output and
-    cost histograms, None where there is none yet]."""
-    series = (key[0], key[1], role_label(key[2]))
+    cost histograms, None where there is none yet, then its calls and tool calls so far: 0]."""
     inputs, outputs = (*series, "input"), (*series, "output")
     return [
         series,
@@ -424,6 +444,8 @@ def _handle(
         tokens.get(inputs),
         tokens.get(outputs),
         costs.get(series),
+        0,
+        0,
     ]
 
 

@@ -140,6 +140,22 @@ def test_totals_batch_equals_one_by_one() -> None:
     assert [list(m.samples) for m in batch.families()] == [list(m.samples) for m in one.families()]
 
 
+def test_totals_batch_of_roles_unknown_to_this_build_shares_their_series() -> None:
+    # two roles this build has no name for both read "unknown": one series, nothing lost
+    events = [_event(i, ("call", "tool")[i % 2], agent="bot") for i in range(12)]
+    for i, e in enumerate(events):
+        e.version_id, e.role = "v1", (77, 78, common_pb2.ROLE_CANARY)[i % 3]
+    one, batch = AgentTotals(), AgentTotals()
+    for e in events:
+        one.add_event(e)
+    batch.add_events(pairs(events))
+    assert batch.to_state() == one.to_state()
+    unknown = ("bot", "v1", "unknown")
+    assert batch.value("outrider_requests_total", unknown) == 8.0
+    assert batch.value("outrider_llm_calls_total", unknown) == 4.0
+    assert batch.value("outrider_tool_calls_total", unknown) == 4.0
+
+
 def test_totals_batch_near_the_series_cap_refuses_the_same_label_sets(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
