@@ -22,6 +22,7 @@ from collector._flag_metrics import FlagMetrics
 from collector._gaps import GapTracker
 from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
+from collector._rows import ROW_EVENT, Row, read_rows
 from collector._sightings import VersionSightings
 from collector._usage_relay import GRANTER_PARTITION, UsageRelay, is_relayed
 from collector._windows import COUNTED_BODIES, Ingest, RollingWindows
@@ -54,7 +55,7 @@ class Ingestor:
         """Apply consumed records (aiokafka ConsumerRecords) in order; the dead letters.
 
         Records are decoded one by one, each body read once; the events about a version then go
-        to the windows, the totals and the rest as one batch (`add_events`), which is the same as
+        to the windows, the totals and the rest as one batch (`add_rows`), which is the same as
         one by one: those take no part in anything the other bodies touch, and share `now`."""
         dead: list[DeadLetter] = []
         metrics, positions, gaps = self.metrics, self.positions, self.gaps
@@ -133,29 +134,31 @@ class Ingestor:
 
     def _count(self, versioned: list[tuple[Any, str]], now: float) -> None:
         """The windows take each event once; the totals, evidence, flags and sightings the ones
-        they took, and the stale (too old for any window, but they happened)."""
+        they took, and the stale (too old for any window, but they happened). Each event's
+        fields are read once, into the rows they all share."""
         metrics = self.metrics
-        counted: list[tuple[Any, str]] = []
+        rows = read_rows(versioned)
+        counted: list[Row] = []
         duplicates = stale = 0
         kept, duplicate, old = Ingest.COUNTED, Ingest.DUPLICATE, Ingest.STALE
-        for item, result in zip(versioned, self.windows.add_events(versioned, now), strict=True):
+        for row, result in zip(rows, self.windows.add_rows(rows, now), strict=True):
             if result is kept:
-                counted.append(item)
+                counted.append(row)
             elif result is duplicate:
                 duplicates += 1
             elif result is old:
                 stale += 1
-                counted.append(item)
+                counted.append(row)
         if duplicates:
             metrics.duplicates.inc(duplicates)
         if stale:
             metrics.stale.inc(stale)
         if not counted:
             return
-        metrics.observe_events(counted)
+        metrics.observe_rows(counted)
         tracked = self.evidence.tracked()
         if tracked:
-            self.evidence.add_events([event for event, _ in counted if event.agent in tracked], now)
+            self.evidence.add_events([row[ROW_EVENT] for row in counted if row[1] in tracked], now)
         if self.flag_metrics is not None:
-            self.flag_metrics.observe_all(event for event, _ in counted)
-        self.sightings.observe_all(counted, now)
+            self.flag_metrics.observe_all(row[ROW_EVENT] for row in counted)
+        self.sightings.observe_rows(counted, now)

@@ -21,6 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from collector._rows import Row
 from collector._shadow_evidence import ShadowEvidence
 from collector._totals import LATENCY_BUCKETS_S, AgentTotals, AgentTotalsCollector, role_label
 from outrider.v1 import admin_pb2, control_pb2, events_pb2
@@ -230,9 +231,9 @@ class CollectorMetrics:
         """Count an event the windows counted (so exactly once)."""
         self.totals.add_event(event)
 
-    def observe_events(self, events: Sequence[tuple[events_pb2.Event, str | None]]) -> None:
-        """`observe_event` for each (event, its body), in order."""
-        self.totals.add_events(events)
+    def observe_rows(self, rows: Sequence[Row]) -> None:
+        """`observe_event` for each event, as rows (`collector._rows`), in order."""
+        self.totals.add_rows(rows)
 
     def watch_shadow(self, shadows: Callable[[], list[tuple[str, ShadowEvidence]]]) -> None:
         """Show each current rollout's shadow figures (gauges of the evidence since it started)."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from collector._rows import ROW_EVENT, Row, read_rows
 from outrider.v1 import events_pb2
 
 MAX_MODELS = 8  # per version: a version names one model, plus its fallbacks
@@ -54,28 +55,29 @@ class VersionSightings:
             del self._seen[next(iter(self._seen))]
 
     def observe_all(self, events: Sequence[tuple[events_pb2.Event, str | None]], now: float) -> None:
-        """`observe` each (event, its body) in order, with the same result: each version is
-        touched once, in the order of its last event (the recency order one by one leaves)."""
-        if len(self._seen) + len(events) > MAX_VERSIONS:  # evictions midway: keep their order
-            for event, _ in events:
-                self.observe(event, now)
+        """`observe` each (event, its body) in order, with the same result."""
+        self.observe_rows(read_rows(events), now)
+
+    def observe_rows(self, rows: Sequence[Row], now: float) -> None:
+        """`observe_all` of the events as rows (`collector._rows`): each version is touched
+        once, in the order of its last event (the recency order one by one leaves)."""
+        if len(self._seen) + len(rows) > MAX_VERSIONS:  # evictions midway: keep their order
+            for row in rows:
+                self.observe(row[ROW_EVENT], now)
             return
         batch: dict[tuple[str, str], list[Any]] = {}  # key -> [index of its last event, newest, models]
-        for index, (event, body) in enumerate(events):
-            version = event.version_id
+        for index, (body, agent, _, stamp, version, _, _, _, detail) in enumerate(rows):
             if not version:
                 continue
-            key = (event.agent, version)
-            stamp = event.time_unix_nano
             at = stamp / 1e9 if stamp else now
-            entry = batch.get(key)
+            entry = batch.get(key := (agent, version))
             if entry is None:
                 entry = batch[key] = [index, at, []]
             else:
                 entry[0] = index
                 if at > entry[1]:
                     entry[1] = at
-            if body == "call" and (model := event.call.model) and model not in entry[2]:
+            if body == "call" and (model := detail[11]) and model not in entry[2]:  # type: ignore[index,misc]
                 entry[2].append(model)
         for key, (_, at, models) in sorted(batch.items(), key=lambda item: item[1][0]):
             seen = self._seen.pop(key, None) or Sighting()
