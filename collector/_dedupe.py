@@ -29,11 +29,12 @@ class SeenIds:
 
     def add(self, event_id: str, now: float) -> bool:
         """Remember `event_id`; False if it was already remembered (a duplicate)."""
-        if event_id in self._ids:
+        ids = self._ids
+        if event_id in ids:
             return False
-        self._ids[event_id] = now
-        while len(self._ids) > self.maxsize:
-            self._ids.popitem(last=False)
+        ids[event_id] = now
+        if len(ids) > self.maxsize:
+            ids.popitem(last=False)  # one in, one out: the cap holds after every add
         return True
 
     def expire(self, now: float) -> int:
