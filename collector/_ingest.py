@@ -22,7 +22,7 @@ from collector._flag_metrics import FlagMetrics
 from collector._gaps import GapTracker
 from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
-from collector._rows import ROW_EVENT, Row, read_rows
+from collector._rows import ROW_EVENT, Head, Row, read_rows
 from collector._sightings import VersionSightings
 from collector._usage_relay import GRANTER_PARTITION, UsageRelay, is_relayed
 from collector._windows import COUNTED_BODIES, Ingest, RollingWindows
@@ -60,8 +60,8 @@ class Ingestor:
         dead: list[DeadLetter] = []
         metrics, positions, gaps = self.metrics, self.positions, self.gaps
         applied = 0
-        versioned: list[tuple[Any, str]] = []  # (event, body) for the windows, in order
-        decode = outrider.decode_event
+        versioned: list[Head] = []  # the events for the windows, in order
+        decode = outrider.decode_event_head
         where: tuple[str, int] | None = None
         expected: int | None = None
         for record in records:
@@ -83,7 +83,7 @@ class Ingestor:
                 )
             expected = positions[where] = record.offset + 1
             try:
-                event = decode(record.value, record.headers)
+                head = event, _, agent, body = decode(record.value, record.headers)
             except outrider.DecodeError as exc:
                 metrics.undecodable.inc()
                 dead.append(
@@ -98,19 +98,18 @@ class Ingestor:
                     )
                 )
                 continue
-            if event.sequence and (missing := gaps.observe(event.sidecar_id, event.agent, event.sequence)):
-                metrics.events_missing.labels(event.sidecar_id, event.agent).inc(missing)
+            if event.sequence and (missing := gaps.observe(event.sidecar_id, agent, event.sequence)):
+                metrics.events_missing.labels(event.sidecar_id, agent).inc(missing)
                 log.warning(
                     "%d events from sidecar %s (%s) never arrived (sequence %d after %d)",
                     missing,
                     event.sidecar_id,
-                    event.agent,
+                    agent,
                     event.sequence,
                     event.sequence - missing - 1,
                 )
-            body = event.WhichOneof("body")
             if body in COUNTED_BODIES:
-                versioned.append((event, body))
+                versioned.append(head)
             elif body == "versions_report":
                 self.sightings.report(event, now)
             elif body == "smoke":  # blue-green: idempotent per (sidecar, test)
@@ -132,7 +131,7 @@ class Ingestor:
         metrics.consumed.inc(applied)
         return dead
 
-    def _count(self, versioned: list[tuple[Any, str]], now: float) -> None:
+    def _count(self, versioned: list[Head], now: float) -> None:
         """The windows take each event once; the totals, evidence, flags and sightings the ones
         they took, and the stale (too old for any window, but they happened). Each event's
         fields are read once, into the rows they all share."""

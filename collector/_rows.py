@@ -13,13 +13,16 @@ paths that fall back to one event at a time), and `detail` is
 - a tool:  `ToolDetail` (outcome, error_class, latency_ms, intercepted);
 - any other body: None.
 
+The rows are read from heads, `(event, event_id, agent, body)`, as
+`outrider.decode_event_head` gives them: those three it read already.
+
 Plain tuples, not named ones: a row is made per event and unpacked where it is used, and a
 plain tuple is the cheapest thing to make and unpack.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final, TypeAlias
 
 from outrider.v1 import events_pb2
@@ -30,14 +33,21 @@ Row: TypeAlias = tuple[
     str | None, str, str, int, str, int, str, events_pb2.Event, CallDetail | ToolDetail | None
 ]
 
+Head: TypeAlias = tuple[events_pb2.Event, str, str, str | None]  # (event, event_id, agent, body)
+
 ROW_EVENT: Final = 7  # where the event is in a row
 
 
-def read_rows(events: Sequence[tuple[events_pb2.Event, str | None]]) -> list[Row]:
-    """A row for each (event, its body), in order."""
+def heads(events: Iterable[tuple[events_pb2.Event, str | None]]) -> list[Head]:
+    """The heads of (event, its body) pairs, for the paths given events rather than records."""
+    return [(event, event.event_id, event.agent, body) for event, body in events]
+
+
+def read_rows(events: Sequence[Head]) -> list[Row]:
+    """A row for each head, in order."""
     rows: list[Row] = []
     append = rows.append
-    for event, body in events:
+    for event, event_id, agent, body in events:
         detail: CallDetail | ToolDetail | None
         if body == "call":
             c = event.call
@@ -63,8 +73,8 @@ def read_rows(events: Sequence[tuple[events_pb2.Event, str | None]]) -> list[Row
         append(
             (
                 body,
-                event.agent,
-                event.event_id,
+                agent,
+                event_id,
                 event.time_unix_nano,
                 event.version_id,
                 event.role,

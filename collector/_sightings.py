@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector._rows import ROW_EVENT, Row, read_rows
+from collector._rows import ROW_EVENT, Row, heads, read_rows
 from outrider.v1 import events_pb2
 
 MAX_MODELS = 8  # per version: a version names one model, plus its fallbacks
@@ -56,7 +56,7 @@ class VersionSightings:
 
     def observe_all(self, events: Sequence[tuple[events_pb2.Event, str | None]], now: float) -> None:
         """`observe` each (event, its body) in order, with the same result."""
-        self.observe_rows(read_rows(events), now)
+        self.observe_rows(read_rows(heads(events)), now)
 
     def observe_rows(self, rows: Sequence[Row], now: float) -> None:
         """`observe_all` of the events as rows (`collector._rows`): each version is touched

@@ -44,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from collector._errclass import QUOTA, classify
-from collector._rows import ROW_EVENT, Row, read_rows
+from collector._rows import ROW_EVENT, Row, heads, read_rows
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -234,7 +234,7 @@ class AgentTotals:
 
     def add_events(self, events: Sequence[tuple[events_pb2.Event, str | None]]) -> None:
         """`add_event` for each (event, its body) in order, with the same result."""
-        self.add_rows(read_rows(events))
+        self.add_rows(read_rows(heads(events)))
 
     def add_rows(self, rows: Sequence[Row]) -> None:
         """`add_events` of the events as rows (`collector._rows`).

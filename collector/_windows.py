@@ -30,7 +30,7 @@ from ddsketch import DDSketch
 
 from collector._buckets import _Bucket, _merge, fold_rows
 from collector._dedupe import SeenIds
-from collector._rows import Row, read_rows
+from collector._rows import Row, heads, read_rows
 from outrider.v1 import events_pb2
 
 DEFAULT_BUCKET_S = 5.0
@@ -149,7 +149,7 @@ class RollingWindows:
 
     def add_events(self, events: Sequence[tuple[events_pb2.Event, str | None]], now: float) -> list[Ingest]:
         """`add_event` for each (event, its body) in order, at one `now`: what happened to each."""
-        return self.add_rows(read_rows(events), now)
+        return self.add_rows(read_rows(heads(events)), now)
 
     def add_rows(self, rows: Sequence[Row], now: float) -> list[Ingest]:
         """`add_events` of the events as rows (`collector._rows`).

@@ -16,6 +16,7 @@ from outrider._envelope import (
     DecodeError,
     decode_control,
     decode_event,
+    decode_event_head,
     encode_control,
     encode_event,
 )
@@ -156,6 +157,7 @@ __all__ = [
     "save_records",
     "decode_control",
     "decode_event",
+    "decode_event_head",
     "encode_control",
     "encode_event",
 ]

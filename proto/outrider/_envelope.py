@@ -31,14 +31,22 @@ def _headers(content_type: bytes) -> list[tuple[str, bytes]]:
     return [(CONTENT_TYPE_HEADER, content_type), (SCHEMA_HEADER, str(SCHEMA_VERSION).encode())]
 
 
+# content type -> the headers last accepted for it: a consumed batch is mostly one writer's
+# records, all with equal headers, and comparing with the last is a third of judging afresh
+_accepted: dict[bytes, Headers] = {}
+
+
 def _check(headers: Headers | None, content_type: bytes) -> None:
-    if not headers:
+    if not headers or headers == _accepted.get(content_type):
         return  # records from writers that set no headers are judged by their bytes alone
     try:
         # every record of a writer carries the same headers: judge each distinct set once
         problem = _judged(headers, content_type)
-    except TypeError:  # headers that are not hashable (a list): judged afresh
+    except TypeError:  # headers that are not hashable (a list): judged afresh, not kept
         problem = _problem(headers, content_type)
+    else:
+        if problem is None:
+            _accepted[content_type] = headers  # hashable: a tuple of tuples, immutable
     if problem is not None:
         raise DecodeError(problem)
 
@@ -71,16 +79,26 @@ def encode_event(event: events_pb2.Event) -> tuple[bytes, list[tuple[str, bytes]
 
 def decode_event(value: bytes | None, headers: Headers | None = None) -> events_pb2.Event:
     """Parse an `outrider.events` record; raise DecodeError for anything else."""
-    _check(headers, _EVENT_TYPE)
+    return decode_event_head(value, headers)[0]
+
+
+def decode_event_head(
+    value: bytes | None, headers: Headers | None = None
+) -> tuple[events_pb2.Event, str, str, str]:
+    """`decode_event`, with what it read to judge the event: (event, event_id, agent, body
+    name). A reader of many events takes them from here rather than read them again."""
+    if headers and headers != _accepted.get(_EVENT_TYPE):  # `_check`'s first test, without the call
+        _check(headers, _EVENT_TYPE)
     if not value:
         raise DecodeError("empty record")
     try:
         event = events_pb2.Event.FromString(value)  # one call: a third cheaper than Event() + Parse
     except _ProtoDecodeError as exc:
         raise DecodeError(f"not an outrider.v1.Event: {exc}") from exc
-    if not event.event_id or not event.agent or event.WhichOneof("body") is None:
+    event_id, agent, body = event.event_id, event.agent, event.WhichOneof("body")
+    if not event_id or not agent or body is None:
         raise DecodeError("event lacks event_id, agent or body")
-    return event
+    return event, event_id, agent, body
 
 
 def encode_control(message: control_pb2.ControlMessage) -> tuple[bytes, list[tuple[str, bytes]]]:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from collector import _buckets
 from collector._buckets import MAX_SESSIONS_PER_BUCKET, _Bucket, fold_rows
 from collector._errclass import QUOTA, classify
-from collector._rows import read_rows
+from collector._rows import heads, read_rows
 from outrider.v1 import events_pb2, sidecar_pb2
 
 odd_floats = st.one_of(
@@ -114,7 +114,7 @@ def _same(ours: _Bucket, theirs: _Bucket) -> None:
 @given(st.lists(events(), max_size=60), st.lists(st.integers(1, 25), min_size=1, max_size=4))
 def test_bulk_fold_is_the_event_by_event_fold(batch: list[events_pb2.Event], cuts: list[int]) -> None:
     ours, theirs = _Bucket(), _Bucket()
-    rows = read_rows([(e, e.WhichOneof("body")) for e in batch])
+    rows = read_rows(heads((e, e.WhichOneof("body")) for e in batch))
     start, k = 0, 0
     while start < len(rows):  # folded in runs of the sizes drawn, as batches arrive
         size = cuts[k % len(cuts)]
@@ -133,7 +133,7 @@ def test_session_costs_stop_at_the_cap_but_the_bucket_cost_does_not(monkeypatch:
         e.call.cost_usd, e.call.latency_ms = 0.5, 10.0
         batch.append(e)
     bucket = _Bucket()
-    fold_rows(bucket, read_rows([(e, "call") for e in batch]))
+    fold_rows(bucket, read_rows(heads((e, "call") for e in batch)))
     assert bucket.session_cost == {"a": 1.0, "b": 0.5}
     assert bucket.cost_usd == 2.5 and bucket.calls == bucket.requests == 5
     assert bucket.sketch.count == 5

@@ -80,6 +80,7 @@ def test_public_surface() -> None:
             "save_records",
             "decode_control",
             "decode_event",
+            "decode_event_head",
             "encode_control",
             "encode_event",
         ]
@@ -125,3 +126,26 @@ def test_agent_key() -> None:
     assert outrider.agent_key("bot") == b"bot"
     with pytest.raises(ValueError, match="agent"):
         outrider.agent_key("")
+
+
+def test_headers_are_judged_each_time_they_change() -> None:
+    # the last accepted headers are remembered; any other set is judged afresh, never waved through
+    event = events_pb2.Event(event_id="e1", agent="a")
+    event.feedback.score = 1
+    value, headers = outrider.encode_event(event)
+    good = tuple(headers)
+    newer = tuple((k, b"99" if k == outrider.SCHEMA_HEADER else v) for k, v in headers)
+    foreign = ((outrider.CONTENT_TYPE_HEADER, b"application/json"),)
+    assert outrider.decode_event_head(value, good) == (event, "e1", "a", "feedback")
+    for _ in range(2):
+        assert outrider.decode_event(value, good) == event
+        with pytest.raises(outrider.DecodeError, match="newer"):
+            outrider.decode_event(value, newer)
+        with pytest.raises(outrider.DecodeError, match="content type"):
+            outrider.decode_event(value, foreign)
+    mutable = [list(pair) for pair in newer]  # unhashable: judged every time, never remembered
+    with pytest.raises(outrider.DecodeError, match="newer"):
+        outrider.decode_event(value, mutable)  # type: ignore[arg-type]
+    assert outrider.decode_event(value, list(good)) == event
+    with pytest.raises(outrider.DecodeError, match="newer"):
+        outrider.decode_event(value, mutable)  # type: ignore[arg-type]
