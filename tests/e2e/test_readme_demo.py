@@ -204,8 +204,12 @@ def test_readme_demo_rolls_back_the_bad_candidate(tmp_path: Path, capsys: pytest
         f"no rollback within {ROLLBACK_WITHIN_S}s (at {rolled_back_after}s):\n{last}"
     )
     assert _rolled_back(last), f"the block's last status does not say it rolled back:\n{last}"
-    # and why: the errors gate, or latency or cost (retries also make v2 slower and dearer)
-    assert any(f"gate {g} found harm" in last for g in ("errors", "latency", "cost")), last
+    # and why: the errors gate, or latency or cost (retries also make v2 slower and dearer), or
+    # the absolute trigger on one of those: which of them has its samples first is a race the
+    # traffic's luck decides (the README names the gate as an example, "e.g.")
+    reasons = [f"gate {g} found harm" for g in ("errors", "latency", "cost")]
+    reasons += [f"trigger:{t} found harm" for t in ("error_rate", "latency_p99_ms", "cost_ratio")]
+    assert any(reason in last for reason in reasons), last
     assert "canary" in agent_log and "stable" in agent_log, agent_log
     # newest first: this run's rollout, rolled back by the controller (the earlier run's never ended)
     rollout_id = re.search(r"^rollout\s+(\w+)", last, re.M)
