@@ -4,6 +4,7 @@ shadow summary, and the shadow metrics on /metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 
@@ -110,7 +111,13 @@ async def test_agreeing_shadow_pairs_open_the_first_step(broker: EmbeddedBroker)
         assert opened.shadow_sample == 0 and "shadow phase passed" in opened.reason
         assert {g.name: g.verdict for g in opened.gate_results} == {"tools": "no_harm", "quality": "no_harm"}
 
-        status = await admin.GetRollout(admin_pb2.GetRolloutRequest(agent=AGENT))
+        # the phase opens once `min_pairs` (60) are in, and the rest may still be on their way:
+        # every pair sent is counted, once
+        request = admin_pb2.GetRolloutRequest(agent=AGENT)
+        status, deadline = await admin.GetRollout(request), time.monotonic() + 30
+        while min(status.shadow.pairs, status.shadow.judged) < 80 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            status = await admin.GetRollout(request)
         assert status.shadow.pairs == 80 and status.shadow.judged == 80
         assert status.shadow.tool_agreement == 1.0 and status.shadow.judge_cost_usd == pytest.approx(0.04)
         assert [s.phase for s in status.timeline] == [SHADOW, RUNNING]
