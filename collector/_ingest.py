@@ -22,7 +22,7 @@ from collector._flag_metrics import FlagMetrics
 from collector._gaps import GapTracker
 from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
-from collector._rows import ROW_EVENT, Head, Row, read_rows
+from collector._rows import ROW_AGENT, ROW_EVENT, Head, Row, read_rows
 from collector._sightings import VersionSightings
 from collector._usage_relay import GRANTER_PARTITION, UsageRelay, is_relayed
 from collector._windows import COUNTED_BODIES, Ingest, RollingWindows
@@ -157,7 +157,7 @@ class Ingestor:
         metrics.observe_rows(counted)
         tracked = self.evidence.tracked()
         if tracked:
-            self.evidence.add_events([row[ROW_EVENT] for row in counted if row[1] in tracked], now)
+            self.evidence.add_events([row[ROW_EVENT] for row in counted if row[ROW_AGENT] in tracked], now)
         if self.flag_metrics is not None:
             self.flag_metrics.observe_all(row[ROW_EVENT] for row in counted)
         self.sightings.observe_rows(counted, now)

@@ -35,7 +35,9 @@ Row: TypeAlias = tuple[
 
 Head: TypeAlias = tuple[events_pb2.Event, str, str, str | None]  # (event, event_id, agent, body)
 
+ROW_AGENT: Final = 1  # where the agent is in a row
 ROW_EVENT: Final = 7  # where the event is in a row
+CALL_MODEL: Final = 11  # where the model is in a CallDetail
 
 
 def heads(events: Iterable[tuple[events_pb2.Event, str | None]]) -> list[Head]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector._rows import ROW_EVENT, Row, heads, read_rows
+from collector._rows import CALL_MODEL, ROW_EVENT, Row, heads, read_rows
 from outrider.v1 import events_pb2
 
 MAX_MODELS = 8  # per version: a version names one model, plus its fallbacks
@@ -77,7 +77,7 @@ class VersionSightings:
                 entry[0] = index
                 if at > entry[1]:
                     entry[1] = at
-            if body == "call" and (model := detail[11]) and model not in entry[2]:  # type: ignore[index,misc]
+            if body == "call" and (model := detail[CALL_MODEL]) and model not in entry[2]:  # type: ignore[index,misc]
                 entry[2].append(model)
         for key, (_, at, models) in sorted(batch.items(), key=lambda item: item[1][0]):
             seen = self._seen.pop(key, None) or Sighting()
