@@ -141,7 +141,7 @@ async def test_blue_green_switches_then_switches_back_on_a_trigger(
                 await asyncio.sleep(0.1)
             assert seen.get(green, 0) >= 5, seen
             sim.set_model("sim-green", ModelBehavior(error_rate=1.0))  # green breaks while blue is warm
-            # the trigger needs 20 of green's calls after the break in its window, and then a
+            # the trigger needs 20 samples in its window and enough failures to clear 5%, then a
             # look: on a loaded machine (a full CI run) that has taken more than 30 s
             done = await until_phase(admin, PROMOTED, ROLLED_BACK, within=90)
             await asyncio.sleep(0.5)  # sessions opened before the switch-back reached the sidecar end
