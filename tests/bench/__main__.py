@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from tests.bench import (
+    collector_breakdown,
     collector_ingest,
     decisions,
     global_quota,
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "sidecar-floor": sidecar_floor.main,
     "sidecar-hotpath": sidecar_hotpath.main,
     "collector-ingest": collector_ingest.main,
+    "collector-breakdown": collector_breakdown.main,
     "resilience": resilience.main,
     "global-quota": global_quota.main,
     "decisions": decisions.main,
