@@ -27,17 +27,18 @@ class GapTracker:
         """How many events this one shows to be missing (0 for most)."""
         if not sidecar or sequence <= 0:
             return 0
-        known = self._highest.get(sidecar)
+        seen = self._highest
+        known = seen.get(sidecar)
         if known is None:
-            self._highest[sidecar] = (agent, sequence)
-            if len(self._highest) > self._max:
-                self._highest.popitem(last=False)
+            seen[sidecar] = (agent, sequence)
+            if len(seen) > self._max:
+                seen.popitem(last=False)
             return 0
         highest = known[1]
         if sequence <= highest:
             return 0
-        self._highest[sidecar] = (agent, sequence)
-        self._highest.move_to_end(sidecar)
+        seen[sidecar] = (agent, sequence)
+        seen.move_to_end(sidecar)
         missing = sequence - highest - 1
         if missing:
             self.missing_by_agent[agent] = self.missing_by_agent.get(agent, 0) + missing

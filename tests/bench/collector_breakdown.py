@@ -3,7 +3,7 @@
     scripts/bench collector-breakdown [--events 20000] [--json]
 
 `Ingestor.apply` runs over pre-made records (the collector-ingest bench's synthetic events,
-500 a batch, after one batch of warm-up) in a child process under callgrind (valgrind, a
+500 a batch, after a first batch of them as warm-up) in a child process under callgrind (valgrind, a
 Debian package), which counts only the instructions executed inside those applies. The child
 runs once whole and once with each stage below replaced by a no-op; a stage's cost is what
 removing it saved. Instruction counts repeat to within 0.1% run to run, whatever else the
@@ -100,12 +100,12 @@ def child(stage: str, n: int) -> None:
     from collector._metrics import CollectorMetrics
 
     _ablate(stage)
-    records = _records(n)
+    records = _records(n, first=BATCH)
     ingestor = Ingestor(
         RollingWindows(bucket_s=5, retention_s=900, dedupe_size=max(200_000, n)), CollectorMetrics()
     )
     now = NOW_NS / 1e9
-    ingestor.apply(_records(BATCH, first=10**8, partition=1), now)  # warm-up: first-use costs not counted
+    ingestor.apply(_records(BATCH, partition=1), now)  # warm-up: first-use costs not counted
     batches = [(records[i : i + BATCH], now) for i in range(0, n, BATCH)]
     list(itertools.starmap(ingestor.apply, batches))
     if ingestor.applied != n + BATCH:

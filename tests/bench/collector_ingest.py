@@ -43,6 +43,7 @@ from devstack.broker import EmbeddedBroker
 from outrider.v1 import common_pb2, events_pb2
 
 AGENTS = ("support-bot", "billing-bot", "triage-bot", "search-bot")
+SIDECARS = 2 * len(AGENTS)
 
 
 def synthetic_event(i: int, now_ns: int) -> events_pb2.Event:
@@ -54,7 +55,9 @@ def synthetic_event(i: int, now_ns: int) -> events_pb2.Event:
         version_id="9f8e7d6c5b4a" if canary else "1a2b3c4d5e6f",
         role=common_pb2.ROLE_CANARY if canary else common_pb2.ROLE_STABLE,
         session_id=f"session-{i % 5000}",
-        sidecar_id="sidecar-1",
+        # eight sidecars, two per agent, each numbering its events 1, 2, 3, ... as sidecars do
+        sidecar_id=f"sidecar-{i % SIDECARS}",
+        sequence=i // SIDECARS + 1,
     )
     if i % 5 == 4:
         event.tool.tool_name = "lookup_order"
