@@ -16,7 +16,9 @@ cycle), so the targets stay with collector-ingest.
 - rows: `read_rows`, each event's fields read once;
 - windows: dedupe, grouping and the rest of `add_rows` and `_count` (the remainder);
 - fold: `fold_rows` without its sketches; sketches: `sketch_add_many`;
-- totals: the /metrics totals (`AgentTotals.add_rows`); sightings: `observe_rows`.
+- totals: the /metrics totals (`AgentTotals.add_rows`); sightings: `observe_rows`;
+- rollout evidence, reported apart: what tracking a canary of one agent of the four adds
+  (`EvidenceBook.add_events`, the run with `examples/rollout.yaml` tracked, less the whole).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import concurrent.futures
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOW_NS = 1_780_000_000 * 10**9  # a fixed stamp: every run folds the same buckets
 BATCH = 500  # the collector's default max_batch_records
 # stage -> what the child replaces with a no-op ("count": everything after decoding)
-ABLATIONS = ("whole", "count", "rows_only", "totals", "sightings", "fold", "sketches")
+ABLATIONS = ("whole", "count", "rows_only", "totals", "sightings", "fold", "sketches", "rollout")
 
 
 def _records(n: int, first: int = 0, partition: int = 0) -> list[Any]:
@@ -80,6 +83,7 @@ def _ablate(stage: str) -> None:
 
     owner, name, stub = {
         "whole": (None, "", nothing),
+        "rollout": (None, "", nothing),
         "count": (_ingest.Ingestor, "_count", nothing),
         "rows_only": (_ingest.Ingestor, "_count", rows_only),
         "totals": (_totals.AgentTotals, "add_rows", nothing),
@@ -105,11 +109,45 @@ def child(stage: str, n: int) -> None:
         RollingWindows(bucket_s=5, retention_s=900, dedupe_size=max(200_000, n)), CollectorMetrics()
     )
     now = NOW_NS / 1e9
+    if stage == "rollout":
+        _track_rollout(ingestor.evidence, now)
     ingestor.apply(_records(BATCH, partition=1), now)  # warm-up: first-use costs not counted
     batches = [(records[i : i + BATCH], now) for i in range(0, n, BATCH)]
     list(itertools.starmap(ingestor.apply, batches))
     if ingestor.applied != n + BATCH:
         raise SystemExit(f"applied {ingestor.applied} records, expected {n + BATCH}")
+    if stage == "rollout":
+        from tests.bench.collector_ingest import ROLLOUT_AGENT
+
+        evidence = ingestor.evidence.get(ROLLOUT_AGENT)
+        if evidence is None or evidence.candidate_requests(0) == 0:
+            raise SystemExit("the bench rollout took no evidence")
+
+
+def _track_rollout(book: Any, now: float) -> None:
+    """The example canary spec, for the bench events' rollout, tracked as the collector would."""
+    from collector import load_spec_text
+    from outrider.v1 import control_pb2
+    from tests.bench.collector_ingest import CANDIDATE, ROLLOUT_AGENT, ROLLOUT_ID, STABLE
+
+    text = (ROOT / "examples" / "rollout.yaml").read_text()
+    text = re.sub(r"^agent: \S+", f"agent: {ROLLOUT_AGENT}", text, flags=re.MULTILINE)
+    text = re.sub(r"^stable: \S+", f"stable: {STABLE}", text, flags=re.MULTILINE)
+    text = re.sub(r"^candidate: \S+", f"candidate: {CANDIDATE}", text, flags=re.MULTILINE)
+    started = int((now - 60) * 1e9)
+    state = control_pb2.RolloutState(
+        agent=ROLLOUT_AGENT,
+        rollout_id=ROLLOUT_ID,
+        stable_version_id=STABLE,
+        candidate_version_id=CANDIDATE,
+        started_at_unix_nano=started,
+        step_started_at_unix_nano=started,
+    )
+    if (
+        book.sync(state, load_spec_text(text, "bench-rollout.yaml")) is None
+        or ROLLOUT_AGENT not in book.tracked()
+    ):
+        raise SystemExit("the bench rollout is not tracked")
 
 
 def _instructions(stage: str, n: int, workdir: Path) -> int:
@@ -155,6 +193,9 @@ def run(n: int) -> dict[str, Any]:
         "benchmark": "collector-breakdown",
         "events": n,
         "instructions_per_event": round(whole),
+        # a quarter of the events are the tracked rollout's: per event of all, and per event of it
+        "rollout_evidence_per_event": round(per["rollout"] - whole),
+        "instructions_per_event_with_rollout": round(per["rollout"]),
         "stages": {
             name: {"instructions_per_event": round(value), "share": round(value / whole, 3)}
             for name, value in sorted(stages.items(), key=lambda item: -item[1])
@@ -184,6 +225,10 @@ def main(argv: list[str]) -> None:
     print(f"{result['instructions_per_event']:,} instructions per event applied ({args.events:,} events)")
     for name, stage in result["stages"].items():
         print(f"  {name:<10} {stage['instructions_per_event']:>8,}  {stage['share']:6.1%}")
+    print(
+        f"with a canary of one agent tracked: {result['instructions_per_event_with_rollout']:,}"
+        f" (its evidence: +{result['rollout_evidence_per_event']:,} per event)"
+    )
 
 
 if __name__ == "__main__":  # the child, under callgrind

@@ -44,6 +44,10 @@ from outrider.v1 import common_pb2, events_pb2
 
 AGENTS = ("support-bot", "billing-bot", "triage-bot", "search-bot")
 SIDECARS = 2 * len(AGENTS)
+# the first agent's events belong to a rollout (stable against canary), as during a canary;
+# the collector counts them as evidence only while it tracks that rollout
+ROLLOUT_AGENT, ROLLOUT_ID = AGENTS[0], "bench-rollout"
+STABLE, CANDIDATE = "1a2b3c4d5e6f", "9f8e7d6c5b4a"
 
 
 def synthetic_event(i: int, now_ns: int) -> events_pb2.Event:
@@ -52,13 +56,15 @@ def synthetic_event(i: int, now_ns: int) -> events_pb2.Event:
         event_id=f"bench-{i:09d}",
         time_unix_nano=now_ns,
         agent=AGENTS[i % len(AGENTS)],
-        version_id="9f8e7d6c5b4a" if canary else "1a2b3c4d5e6f",
+        version_id=CANDIDATE if canary else STABLE,
         role=common_pb2.ROLE_CANARY if canary else common_pb2.ROLE_STABLE,
         session_id=f"session-{i % 5000}",
         # eight sidecars, two per agent, each numbering its events 1, 2, 3, ... as sidecars do
         sidecar_id=f"sidecar-{i % SIDECARS}",
         sequence=i // SIDECARS + 1,
     )
+    if event.agent == ROLLOUT_AGENT:
+        event.rollout_id = ROLLOUT_ID
     if i % 5 == 4:
         event.tool.tool_name = "lookup_order"
         event.tool.latency_ms = 5 + i % 40
@@ -191,7 +197,7 @@ async def collector_ingest(bootstrap: str, n: int, run: int, state_dir: Path) ->
         await asyncio.wait([task], timeout=5)
         task.cancel()
         await consumer.stop()
-    stats = windows.snapshot(AGENTS[0], "1a2b3c4d5e6f", common_pb2.ROLE_STABLE, 900, time.time())
+    stats = windows.snapshot(AGENTS[0], STABLE, common_pb2.ROLE_STABLE, 900, time.time())
     figures["checkpoints"] = consumer.checkpoints
     figures["sample_requests"] = stats.requests  # a sanity check that events were aggregated
     return figures
