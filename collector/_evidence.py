@@ -165,7 +165,8 @@ class RolloutEvidence:
         arm = self.arm_of(event)
         if arm is None:
             return False
-        t = min(event.time_unix_nano / 1e9 if event.time_unix_nano > 0 else now, now)
+        stamp = event.time_unix_nano  # each field read once: a read costs about what using it does
+        t = min(stamp / 1e9 if stamp > 0 else now, now)
         body = event.WhichOneof("body")
         dn, ds, trig = [0.0] * F, [0.0] * F, [0.0] * TCOLS
         if body == "call":
@@ -175,16 +176,18 @@ class RolloutEvidence:
                 rows.excluded.append((arm, error))
                 return True
             # reliability: what the agent saw, and what retries and fallback tiers hid from it
-            hidden = call.attempts > 1 or call.fallback_tier > 0
+            fell_back = call.fallback_tier > 0
+            hidden = call.attempts > 1 or fell_back
             dn[REQ], ds[REQ] = 1.0, float(bool(error) or hidden)
-            dn[CALL], ds[CALL] = 1.0, float(call.fallback_tier > 0)
+            dn[CALL], ds[CALL] = 1.0, float(fell_back)
             trig[T_REQ], trig[T_ERR], trig[T_CALLS] = 1.0, float(bool(error)), 1.0
-            if math.isfinite(call.latency_ms) and call.latency_ms > 0:
-                dn[LAT], ds[LAT] = 1.0, math.log(call.latency_ms)
-                trig[T_SLOW] = float(call.latency_ms > self.slow_ms)
-            if math.isfinite(call.time_to_first_token_ms) and call.time_to_first_token_ms > 0:
-                dn[TTFT], ds[TTFT] = 1.0, math.log(call.time_to_first_token_ms)
-            cost = call.cost_usd if math.isfinite(call.cost_usd) and call.cost_usd > 0 else 0.0
+            latency, ttft, cost = call.latency_ms, call.time_to_first_token_ms, call.cost_usd
+            if math.isfinite(latency) and latency > 0:
+                dn[LAT], ds[LAT] = 1.0, math.log(latency)
+                trig[T_SLOW] = float(latency > self.slow_ms)
+            if math.isfinite(ttft) and ttft > 0:
+                dn[TTFT], ds[TTFT] = 1.0, math.log(ttft)
+            cost = cost if math.isfinite(cost) and cost > 0 else 0.0
             if cost > 0:
                 dn[COST], ds[COST] = 1.0, math.log(cost)
             dn[SPEND], ds[SPEND] = 1.0, cost
@@ -199,8 +202,9 @@ class RolloutEvidence:
             dn[REQ], ds[REQ] = 1.0, float(bool(error) or tool.attempts > 1)
             dn[TOOL], ds[TOOL] = 1.0, float(bool(error))
             trig[T_REQ], trig[T_ERR] = 1.0, float(bool(error))
-            if math.isfinite(tool.latency_ms) and tool.latency_ms > 0:
-                dn[LAT], ds[LAT] = 1.0, math.log(tool.latency_ms)
+            latency = tool.latency_ms
+            if math.isfinite(latency) and latency > 0:
+                dn[LAT], ds[LAT] = 1.0, math.log(latency)
         elif body == "feedback":
             kind, score = event.feedback.kind, event.feedback.score
             if kind in (sidecar_pb2.FEEDBACK_KIND_TASK_SUCCESS, sidecar_pb2.FEEDBACK_KIND_TASK_FAILURE):

@@ -6,9 +6,9 @@
 500 a batch, after a first batch of them as warm-up) in a child process under callgrind (valgrind, a
 Debian package), which counts only the instructions executed inside those applies. The child
 runs once whole and once with each stage below replaced by a no-op; a stage's cost is what
-removing it saved. Instruction counts repeat to within 0.1% run to run, whatever else the
-machine does (two runs: 57,146 and 57,183 per event), so a change of a percent shows where the
-CPU-time benches swing by a fifth. They are not time (stages differ in instructions per
+removing it saved. Instruction counts repeat to within 0.2% run to run, whatever else the
+machine does (57,146 and 57,183 per event in two runs; 61,828 and 61,713 in two others), so a
+change of a percent shows where the CPU-time benches swing by a fifth. They are not time (stages differ in instructions per
 cycle), so the targets stay with collector-ingest.
 
 - decode: the records loop, `decode_event_head` and what is not a counted body (everything
