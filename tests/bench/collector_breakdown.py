@@ -8,8 +8,8 @@ Debian package), which counts only the instructions executed inside those applie
 runs once whole and once with each stage below replaced by a no-op; a stage's cost is what
 removing it saved. Instruction counts repeat to within 0.2% run to run, whatever else the
 machine does (57,146 and 57,183 per event in two runs; 61,828 and 61,713 in two others), so a
-change of a percent shows where the CPU-time benches swing by a fifth. They are not time (stages differ in instructions per
-cycle), so the targets stay with collector-ingest.
+change of a percent shows where the CPU-time benches swing by a fifth. They are not time
+(stages differ in instructions per cycle), so the targets stay with collector-ingest.
 
 - decode: the records loop, `decode_event_head` and what is not a counted body (everything
   but `_count`; measured as the run with `_count` a no-op);
