@@ -15,7 +15,7 @@ from ddsketch.pb.ddsketch_pb2 import DDSketch as DDSketchMessage
 from ddsketch.pb.proto import DDSketchProto
 
 from collector._errclass import QUOTA, classify
-from collector._rows import Row
+from collector._rows import Row, event_of
 from outrider.v1 import events_pb2, sidecar_pb2
 
 RELATIVE_ACCURACY = 0.01
@@ -233,7 +233,7 @@ def fold_rows(bucket: _Bucket, rows: Sequence[Row]) -> None:
             if _isfinite(latency):
                 latencies.append(latency if latency > 0.0 else 0.0)
         else:
-            _apply(bucket, event, body)
+            _apply(bucket, event_of(event), body)
     bucket.requests += calls + tools
     bucket.calls += calls
     bucket.tool_calls += tools

@@ -22,7 +22,7 @@ from collector._flag_metrics import FlagMetrics
 from collector._gaps import GapTracker
 from collector._granter import QuotaGranter
 from collector._metrics import CollectorMetrics
-from collector._rows import ROW_AGENT, ROW_EVENT, Head, Row, read_rows
+from collector._rows import ROW_AGENT, ROW_EVENT, Row, event_of, fast_row, row_of
 from collector._sightings import VersionSightings
 from collector._usage_relay import GRANTER_PARTITION, UsageRelay, is_relayed
 from collector._windows import COUNTED_BODIES, Ingest, RollingWindows
@@ -60,8 +60,8 @@ class Ingestor:
         dead: list[DeadLetter] = []
         metrics, positions, gaps = self.metrics, self.positions, self.gaps
         applied = 0
-        versioned: list[Head] = []  # the events for the windows, in order
-        decode = outrider.decode_event_head
+        versioned: list[Row] = []  # the events for the windows, in order
+        decode, check, fast = outrider.decode_event_head, outrider.check_event_headers, fast_row
         where: tuple[str, int] | None = None
         expected: int | None = None
         for record in records:
@@ -83,7 +83,15 @@ class Ingestor:
                 )
             expected = positions[where] = record.offset + 1
             try:
-                head = event, _, agent, body = decode(record.value, record.headers)
+                check(record.headers)
+                if fast is not None and (read := fast(record.value)) is not None:
+                    # a call or tool event, read off the wire: counted, nothing else to do
+                    row, sidecar, sequence = read
+                    if sequence and (missing := gaps.observe(sidecar, row[ROW_AGENT], sequence)):
+                        self._missed(sidecar, row[ROW_AGENT], sequence, missing)
+                    versioned.append(row)
+                    continue
+                head = event, _, agent, body = decode(record.value)
             except outrider.DecodeError as exc:
                 metrics.undecodable.inc()
                 dead.append(
@@ -100,17 +108,9 @@ class Ingestor:
                 continue
             sequence = event.sequence  # read once: a field read costs about what observing it does
             if sequence and (missing := gaps.observe(event.sidecar_id, agent, sequence)):
-                metrics.events_missing.labels(event.sidecar_id, agent).inc(missing)
-                log.warning(
-                    "%d events from sidecar %s (%s) never arrived (sequence %d after %d)",
-                    missing,
-                    event.sidecar_id,
-                    agent,
-                    sequence,
-                    sequence - missing - 1,
-                )
+                self._missed(event.sidecar_id, agent, sequence, missing)
             if body in COUNTED_BODIES:
-                versioned.append(head)
+                versioned.append(row_of(head))
             elif body == "versions_report":
                 self.sightings.report(event, now)
             elif body == "smoke":  # blue-green: idempotent per (sidecar, test)
@@ -132,12 +132,22 @@ class Ingestor:
         metrics.consumed.inc(applied)
         return dead
 
-    def _count(self, versioned: list[Head], now: float) -> None:
+    def _missed(self, sidecar: str, agent: str, sequence: int, missing: int) -> None:
+        self.metrics.events_missing.labels(sidecar, agent).inc(missing)
+        log.warning(
+            "%d events from sidecar %s (%s) never arrived (sequence %d after %d)",
+            missing,
+            sidecar,
+            agent,
+            sequence,
+            sequence - missing - 1,
+        )
+
+    def _count(self, rows: list[Row], now: float) -> None:
         """The windows take each event once; the totals, evidence, flags and sightings the ones
         they took, and the stale (too old for any window, but they happened). Each event's
         fields are read once, into the rows they all share."""
         metrics = self.metrics
-        rows = read_rows(versioned)
         counted: list[Row] = []
         duplicates = stale = 0
         kept, duplicate, old = Ingest.COUNTED, Ingest.DUPLICATE, Ingest.STALE
@@ -158,7 +168,11 @@ class Ingestor:
         metrics.observe_rows(counted)
         tracked = self.evidence.tracked()
         if tracked:
-            self.evidence.add_events([row[ROW_EVENT] for row in counted if row[ROW_AGENT] in tracked], now)
-        if self.flag_metrics is not None:
-            self.flag_metrics.observe_all(row[ROW_EVENT] for row in counted)
+            self.evidence.add_events(
+                [event_of(row[ROW_EVENT]) for row in counted if row[ROW_AGENT] in tracked], now
+            )
+        if self.flag_metrics is not None:  # events read off the wire (bytes) carry no flags
+            self.flag_metrics.observe_all(
+                event for row in counted if not isinstance(event := row[ROW_EVENT], bytes)
+            )
         self.sightings.observe_rows(counted, now)

@@ -14,7 +14,12 @@ paths that fall back to one event at a time), and `detail` is
 - any other body: None.
 
 The rows are read from heads, `(event, event_id, agent, body)`, as
-`outrider.decode_event_head` gives them: those three it read already.
+`outrider.decode_event_head` gives them: those three it read already. Or, for call and tool
+events, straight from the record's bytes by `fast_row` (`collector/_fastrow.c`), which skips
+upb: then the row's `event` is those bytes, and `event_of` parses them where a path needs
+the whole event (a tracked rollout's evidence, the one-at-a-time fallbacks). Such rows never
+carry feature flags: `fast_row` leaves events with flags to upb. `OUTRIDER_NATIVE=0`, or an
+install without a C compiler, leaves every event to upb.
 
 Plain tuples, not named ones: a row is made per event and unpacked where it is used, and a
 plain tuple is the cheapest thing to make and unpack.
@@ -22,22 +27,46 @@ plain tuple is the cheapest thing to make and unpack.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, TypeAlias
 
 from outrider.v1 import events_pb2
 
 CallDetail: TypeAlias = tuple[int, str, float, float, int, int, int, float, int, bool, float, str]
 ToolDetail: TypeAlias = tuple[int, str, float, bool]
-Row: TypeAlias = tuple[
-    str | None, str, str, int, str, int, str, events_pb2.Event, CallDetail | ToolDetail | None
-]
+EventRef: TypeAlias = events_pb2.Event | bytes  # the event, or its record's bytes (`event_of`)
+Row: TypeAlias = tuple[str | None, str, str, int, str, int, str, EventRef, CallDetail | ToolDetail | None]
 
 Head: TypeAlias = tuple[events_pb2.Event, str, str, str | None]  # (event, event_id, agent, body)
 
 ROW_AGENT: Final = 1  # where the agent is in a row
 ROW_EVENT: Final = 7  # where the event is in a row
 CALL_MODEL: Final = 11  # where the model is in a CallDetail
+
+
+NATIVE_ENV = "OUTRIDER_NATIVE"
+
+
+def _native() -> Callable[[bytes], tuple[Row, str, int] | None] | None:
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    try:
+        from collector._fastrow import read_row
+    except ImportError:  # built without a C compiler (setup.py: optional)
+        return None
+    return read_row
+
+
+# `(row, sidecar_id, sequence)` of a call or tool event's record value, or None: then decode it
+# with upb (`outrider.decode_event_head`) and take `row_of` its head. None when not built.
+fast_row: Final = _native()
+
+
+def event_of(ref: EventRef) -> events_pb2.Event:
+    """The event of a row: parsed from its bytes when `fast_row` read it (it parses: fast_row
+    takes nothing upb would refuse)."""
+    return events_pb2.Event.FromString(ref) if isinstance(ref, bytes) else ref
 
 
 def heads(events: Iterable[tuple[events_pb2.Event, str | None]]) -> list[Head]:
@@ -47,42 +76,42 @@ def heads(events: Iterable[tuple[events_pb2.Event, str | None]]) -> list[Head]:
 
 def read_rows(events: Sequence[Head]) -> list[Row]:
     """A row for each head, in order."""
-    rows: list[Row] = []
-    append = rows.append
-    for event, event_id, agent, body in events:
-        detail: CallDetail | ToolDetail | None
-        if body == "call":
-            c = event.call
-            detail = (
-                c.outcome,
-                c.error_class,
-                c.latency_ms,
-                c.time_to_first_token_ms,
-                c.input_tokens,
-                c.output_tokens,
-                c.cached_input_tokens,
-                c.cost_usd,
-                c.fallback_tier,
-                c.degraded,
-                c.quota_wait_ms,
-                c.model,
-            )
-        elif body == "tool":
-            t = event.tool
-            detail = (t.outcome, t.error_class, t.latency_ms, t.intercepted)
-        else:
-            detail = None
-        append(
-            (
-                body,
-                agent,
-                event_id,
-                event.time_unix_nano,
-                event.version_id,
-                event.role,
-                event.session_id,
-                event,
-                detail,
-            )
+    return [row_of(head) for head in events]
+
+
+def row_of(head: Head) -> Row:
+    """The row of one head."""
+    event, event_id, agent, body = head
+    detail: CallDetail | ToolDetail | None
+    if body == "call":
+        c = event.call
+        detail = (
+            c.outcome,
+            c.error_class,
+            c.latency_ms,
+            c.time_to_first_token_ms,
+            c.input_tokens,
+            c.output_tokens,
+            c.cached_input_tokens,
+            c.cost_usd,
+            c.fallback_tier,
+            c.degraded,
+            c.quota_wait_ms,
+            c.model,
         )
-    return rows
+    elif body == "tool":
+        t = event.tool
+        detail = (t.outcome, t.error_class, t.latency_ms, t.intercepted)
+    else:
+        detail = None
+    return (
+        body,
+        agent,
+        event_id,
+        event.time_unix_nano,
+        event.version_id,
+        event.role,
+        event.session_id,
+        event,
+        detail,
+    )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector._rows import CALL_MODEL, ROW_EVENT, Row, heads, read_rows
+from collector._rows import CALL_MODEL, ROW_EVENT, Row, event_of, heads, read_rows
 from outrider.v1 import events_pb2
 
 MAX_MODELS = 8  # per version: a version names one model, plus its fallbacks
@@ -63,7 +63,7 @@ class VersionSightings:
         once, in the order of its last event (the recency order one by one leaves)."""
         if len(self._seen) + len(rows) > MAX_VERSIONS:  # evictions midway: keep their order
             for row in rows:
-                self.observe(row[ROW_EVENT], now)
+                self.observe(event_of(row[ROW_EVENT]), now)
             return
         batch: dict[tuple[str, str], list[Any]] = {}  # key -> [index of its last event, newest, models]
         for index, (body, agent, _, stamp, version, _, _, _, detail) in enumerate(rows):

@@ -44,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from collector._errclass import QUOTA, classify
-from collector._rows import ROW_EVENT, Row, heads, read_rows
+from collector._rows import ROW_EVENT, Row, event_of, heads, read_rows
 from outrider.v1 import common_pb2, events_pb2, sidecar_pb2
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -246,7 +246,7 @@ class AgentTotals:
         tables: list[Mapping[Labels, object]] = [*self._counters.values(), *self._hists.values()]
         if any(len(table) + 2 * len(rows) >= MAX_SERIES for table in tables):
             for row in rows:
-                self.add_event(row[ROW_EVENT])
+                self.add_event(event_of(row[ROW_EVENT]))
             return
         counters, hists = self._counters, self._hists
         durations = hists["outrider_request_duration_seconds"]
@@ -263,7 +263,7 @@ class AgentTotals:
         tool_calls = counters["outrider_tool_calls_total"]
         for body, agent, _, _, version, role, _, event, detail in rows:
             if body != "call" and body != "tool":
-                self.add_event(event)
+                self.add_event(event_of(event))
                 continue
             if (h := handles.get(key := (agent, version, role))) is None:
                 # roles unknown to this build share the label "unknown", so their handle too

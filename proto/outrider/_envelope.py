@@ -82,6 +82,13 @@ def decode_event(value: bytes | None, headers: Headers | None = None) -> events_
     return decode_event_head(value, headers)[0]
 
 
+def check_event_headers(headers: Headers | None) -> None:
+    """Raise DecodeError when the headers rule out an `outrider.events` record (the check
+    `decode_event` makes first), for a reader that decodes the value itself."""
+    if headers and headers != _accepted.get(_EVENT_TYPE):
+        _check(headers, _EVENT_TYPE)
+
+
 def decode_event_head(
     value: bytes | None, headers: Headers | None = None
 ) -> tuple[events_pb2.Event, str, str, str]:

@@ -11,14 +11,16 @@ machine does (57,146 and 57,183 per event in two runs; 61,828 and 61,713 in two 
 change of a percent shows where the CPU-time benches swing by a fifth. They are not time
 (stages differ in instructions per cycle), so the targets stay with collector-ingest.
 
-- decode: the records loop, `decode_event_head` and what is not a counted body (everything
-  but `_count`; measured as the run with `_count` a no-op);
-- rows: `read_rows`, each event's fields read once;
+- decode: the records loop, the rows read (off the wire by `collector._fastrow`, or by upb
+  and `row_of`), gap tracking and what is not a counted body (everything but `_count`;
+  measured as the run with `_count` a no-op);
 - windows: dedupe, grouping and the rest of `add_rows` and `_count` (the remainder);
 - fold: `fold_rows` without its sketches; sketches: `sketch_add_many`;
 - totals: the /metrics totals (`AgentTotals.add_rows`); sightings: `observe_rows`;
 - rollout evidence, reported apart: what tracking a canary of one agent of the four adds
-  (`EvidenceBook.add_events`, the run with `examples/rollout.yaml` tracked, less the whole).
+  (`EvidenceBook.add_events`, the run with `examples/rollout.yaml` tracked, less the whole);
+- upb, reported apart: the whole and its decode again with `OUTRIDER_NATIVE=0`, every event
+  read through upb (the path of an install without a C compiler, and the reference).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOW_NS = 1_780_000_000 * 10**9  # a fixed stamp: every run folds the same buckets
 BATCH = 500  # the collector's default max_batch_records
 # stage -> what the child replaces with a no-op ("count": everything after decoding)
-ABLATIONS = ("whole", "count", "rows_only", "totals", "sightings", "fold", "sketches", "rollout")
+ABLATIONS = ("whole", "count", "totals", "sightings", "fold", "sketches", "rollout", "upb", "upb_count")
 
 
 def _records(n: int, first: int = 0, partition: int = 0) -> list[Any]:
@@ -78,14 +80,12 @@ def _ablate(stage: str) -> None:
     def nothing(*_: object) -> None:
         return None
 
-    def rows_only(self: object, heads: Any, now: float) -> None:  # decode and read, aggregate nothing
-        _ingest.read_rows(heads)
-
     owner, name, stub = {
         "whole": (None, "", nothing),
         "rollout": (None, "", nothing),
+        "upb": (None, "", nothing),
         "count": (_ingest.Ingestor, "_count", nothing),
-        "rows_only": (_ingest.Ingestor, "_count", rows_only),
+        "upb_count": (_ingest.Ingestor, "_count", nothing),
         "totals": (_totals.AgentTotals, "add_rows", nothing),
         "sightings": (_sightings.VersionSightings, "observe_rows", nothing),
         "fold": (_windows, "fold_rows", nothing),
@@ -102,7 +102,10 @@ def child(stage: str, n: int) -> None:
     from collector import RollingWindows
     from collector._ingest import Ingestor
     from collector._metrics import CollectorMetrics
+    from collector._rows import fast_row
 
+    if (fast_row is None) != stage.startswith("upb"):  # the bench measures the path it says
+        raise SystemExit(f"collector._fastrow {'not built' if fast_row is None else 'in use'}: {stage}")
     _ablate(stage)
     records = _records(n, first=BATCH)
     ingestor = Ingestor(
@@ -158,6 +161,7 @@ def _instructions(stage: str, n: int, workdir: Path) -> int:
         "--child", stage, "--events", str(n),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same hashes, so the same dict probes, every run
+    env["OUTRIDER_NATIVE"] = "0" if stage.startswith("upb") else "1"
     done = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=1800
     )
@@ -182,7 +186,6 @@ def run(n: int) -> dict[str, Any]:
     whole = per["whole"]
     stages = {
         "decode": per["count"],
-        "rows": per["rows_only"] - per["count"],
         "totals": whole - per["totals"],
         "sightings": whole - per["sightings"],
         "fold": per["sketches"] - per["fold"],
@@ -196,6 +199,9 @@ def run(n: int) -> dict[str, Any]:
         # a quarter of the events are the tracked rollout's: per event of all, and per event of it
         "rollout_evidence_per_event": round(per["rollout"] - whole),
         "instructions_per_event_with_rollout": round(per["rollout"]),
+        # every event through upb (OUTRIDER_NATIVE=0): the whole, and its decode stage
+        "upb_instructions_per_event": round(per["upb"]),
+        "upb_decode_per_event": round(per["upb_count"]),
         "stages": {
             name: {"instructions_per_event": round(value), "share": round(value / whole, 3)}
             for name, value in sorted(stages.items(), key=lambda item: -item[1])
@@ -228,6 +234,10 @@ def main(argv: list[str]) -> None:
     print(
         f"with a canary of one agent tracked: {result['instructions_per_event_with_rollout']:,}"
         f" (its evidence: +{result['rollout_evidence_per_event']:,} per event)"
+    )
+    print(
+        f"every event through upb (OUTRIDER_NATIVE=0): {result['upb_instructions_per_event']:,}"
+        f" (decode {result['upb_decode_per_event']:,})"
     )
 
 

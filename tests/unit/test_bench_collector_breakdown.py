@@ -5,6 +5,7 @@ The counting itself needs valgrind and minutes, so it is left to the bench."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ def test_the_child_applies_every_record_with_the_stage_taken_out(stage: str) -> 
     done = subprocess.run(
         [sys.executable, "-m", "tests.bench.collector_breakdown", "--child", stage, "--events", "500"],
         cwd=ROOT,
+        env={**os.environ, "OUTRIDER_NATIVE": "0" if stage.startswith("upb") else "1"},
         capture_output=True,
         text=True,
         timeout=120,

@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 import outrider
 from collector import RollingWindows
+from collector import _ingest as ingest_module
 from collector import _sightings as sightings_module
 from collector import _totals as totals_module
 from collector._checkpoint import gc_paused
+from collector._flag_metrics import FlagMetrics
 from collector._ingest import Ingestor
 from collector._metrics import CollectorMetrics
 from collector._sightings import VersionSightings
@@ -265,6 +267,25 @@ def test_ingest_of_a_batch_equals_record_by_record() -> None:
     before = batch.windows.to_state()["series"]
     batch.apply(recs, NOW)
     assert batch.windows.to_state()["series"] == before
+
+
+def test_rows_read_off_the_wire_give_what_upb_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`collector._fastrow` against `OUTRIDER_NATIVE=0`: the same state, the same dead letters."""
+    events = mixed()
+    for e in events[::7]:  # feature flags: those events are left to upb
+        e.flags["new-prompt"] = e.sequence % 2 == 0
+    recs = records(events)
+    native, upb = _ingestor(), _ingestor()
+    native.flag_metrics, upb.flag_metrics = FlagMetrics(), FlagMetrics()
+    if ingest_module.fast_row is None:
+        pytest.skip("collector._fastrow is off or not built")
+    dead_native = native.apply(recs, NOW)
+    monkeypatch.setattr(ingest_module, "fast_row", None)
+    assert upb.apply(recs, NOW) == dead_native
+    assert_same(native, upb)
+    flags = [native.flag_metrics.arms(agent, "new-prompt") for agent in ("bot", "helper", "triage")]
+    assert flags == [upb.flag_metrics.arms(agent, "new-prompt") for agent in ("bot", "helper", "triage")]
+    assert any(arm.requests for arms in flags for arm in arms)
 
 
 def test_undecodable_records_give_the_same_reason_every_time() -> None:

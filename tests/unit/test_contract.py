@@ -81,6 +81,7 @@ def test_public_surface() -> None:
             "decode_control",
             "decode_event",
             "decode_event_head",
+            "check_event_headers",
             "encode_control",
             "encode_event",
         ]

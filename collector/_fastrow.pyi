@@ -1,0 +1,5 @@
+from collector._rows import Row
+
+KNOWN_FIELDS: dict[str, tuple[int, ...]]
+
+def read_row(value: bytes, /) -> tuple[Row, str, int] | None: ...
