@@ -1,14 +1,16 @@
 /* The collector's row of a call or tool event, read straight off the wire.
 
    `read_row(value)` gives what `collector._rows.row_of(outrider.decode_event_head(value))`
-   gives, as `(row, sidecar_id, sequence)`, with the record's bytes in the row's event slot
+   gives, as `(row, gap)`, with the record's bytes in the row's event slot
    (parsed by upb later, only where something needs the whole event) -- or None, and then the
    caller takes the upb path, which stays the reference. None is the answer to anything this
    reader does not take as it stands: another body, feature flags, a second body field, a
    known field with an unexpected wire type, groups, varints past 64 bits, truncation, bad
    UTF-8 in any string field. So it never accepts what upb would refuse, and it never has to
    merge messages or say why a record is bad. tests/unit/test_collector_fastrow.py holds it
-   to upb on generated and mangled records.
+   to upb on generated and mangled records. `gap` is `(sidecar_id, agent, sequence)` for
+   `GapTracker`, or None when the event has no sidecar id or sequence (there is nothing to
+   observe).
 
    Why native: reading a field of a upb message from Python costs about 500 instructions (a
    lookup by name, then a new object), and a call event's row reads about 25 of them. */
@@ -21,6 +23,7 @@
 typedef struct {
     const uint8_t *p;
     Py_ssize_t n;
+    int ascii; /* a string field's bytes are all ASCII */
 } Span;
 
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
@@ -75,7 +78,8 @@ INLINE int read_double(const uint8_t **pp, const uint8_t *end, double *out) {
 }
 
 /* well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF), as upb checks
-   every string field of a proto3 message when it parses one */
+   every string field of a proto3 message when it parses one: 2 when it is all ASCII, 1 when
+   it is well-formed otherwise, 0 when it is not */
 INLINE int utf8_ok(const uint8_t *s, Py_ssize_t n) {
     Py_ssize_t i = 0;
     for (; n - i >= 8; i += 8) { /* ASCII, eight bytes at a time: nearly every string */
@@ -83,6 +87,8 @@ INLINE int utf8_ok(const uint8_t *s, Py_ssize_t n) {
         memcpy(&word, s + i, 8);
         if (word & 0x8080808080808080ULL) break;
     }
+    while (i < n && s[i] < 0x80) i++;
+    if (i == n) return 2;
     while (i < n) {
         uint8_t c = s[i];
         if (c < 0x80) {
@@ -103,7 +109,10 @@ INLINE int utf8_ok(const uint8_t *s, Py_ssize_t n) {
 }
 
 INLINE int read_string(const uint8_t **pp, const uint8_t *end, Span *out) {
-    return read_len(pp, end, out) || !utf8_ok(out->p, out->n) ? -1 : 0;
+    if (read_len(pp, end, out)) return -1;
+    int ok = utf8_ok(out->p, out->n);
+    out->ascii = ok == 2;
+    return ok ? 0 : -1;
 }
 
 /* skip an unknown field; groups (3, 4) and the wire types that do not exist are upb's */
@@ -242,6 +251,13 @@ static int read_event(const uint8_t *p, const uint8_t *end, Head *h) {
     return 0;
 }
 
+static PyObject *new_str(Span s) {
+    if (!s.ascii) return PyUnicode_DecodeUTF8((const char *)s.p, s.n, "strict");
+    PyObject *made = PyUnicode_New(s.n, 127); /* known ASCII: a copy, not a decode */
+    if (made != NULL) memcpy(PyUnicode_1BYTE_DATA(made), s.p, (size_t)s.n);
+    return made;
+}
+
 static PyObject *cached_str(int slot, Span s) {
     PyObject *last = cache[slot];
     if (last != NULL && PyUnicode_GET_LENGTH(last) == s.n && PyUnicode_IS_COMPACT_ASCII(last) &&
@@ -249,14 +265,13 @@ static PyObject *cached_str(int slot, Span s) {
         Py_INCREF(last);
         return last;
     }
-    PyObject *made = PyUnicode_DecodeUTF8((const char *)s.p, s.n, "strict");
+    PyObject *made = new_str(s);
     if (made == NULL) return NULL;
     Py_INCREF(made);
     Py_XSETREF(cache[slot], made);
     return made;
 }
 
-static PyObject *new_str(Span s) { return PyUnicode_DecodeUTF8((const char *)s.p, s.n, "strict"); }
 
 /* a tuple of the n objects, which it takes; NULL (and the objects released) when any is NULL,
    which only running out of memory makes */
@@ -318,8 +333,13 @@ static PyObject *read_row(PyObject *module, PyObject *value) {
         Py_NewRef(value),
         detail_of(h.body, &d),
     };
-    PyObject *read[] = {tuple_of(9, row), cached_str(C_SIDECAR, h.sidecar), PyLong_FromLongLong(h.sequence)};
-    return tuple_of(3, read);
+    PyObject *agent = row[1];
+    PyObject *read[] = {tuple_of(9, row), Py_NewRef(Py_None)};
+    if (read[0] != NULL && h.sidecar.n > 0 && h.sequence > 0) { /* what GapTracker observes */
+        PyObject *gap[] = {cached_str(C_SIDECAR, h.sidecar), Py_NewRef(agent), PyLong_FromLongLong(h.sequence)};
+        Py_SETREF(read[1], tuple_of(3, gap));
+    }
+    return tuple_of(2, read);
 }
 
 static PyObject *known_fields(void) {
@@ -333,7 +353,7 @@ static PyObject *known_fields(void) {
 
 static PyMethodDef methods[] = {
     {"read_row", read_row, METH_O,
-     "read_row(value, /) -> (row, sidecar_id, sequence) | None: the row of a call or tool event."},
+     "read_row(value, /) -> (row, gap) | None: the row of a call or tool event."},
     {NULL, NULL, 0, NULL},
 };
 

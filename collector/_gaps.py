@@ -11,7 +11,7 @@ windows, so a restart neither forgets a sidecar nor counts its gap again.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 MAX_SIDECARS = 10_000  # the oldest-seen sidecar is forgotten past this
@@ -43,6 +43,41 @@ class GapTracker:
         if missing:
             self.missing_by_agent[agent] = self.missing_by_agent.get(agent, 0) + missing
         return missing
+
+    def observe_all(self, seen: Sequence[tuple[str, str, int]]) -> list[tuple[str, str, int, int]]:
+        """`observe` each (sidecar, agent, sequence) in order, with the same result; the ones
+        that show events missing, as (sidecar, agent, sequence, missing).
+
+        A batch moves each sidecar it updates to the end once, in the order of its last update,
+        as updating them one by one leaves them; when the batch could push a sidecar out (past
+        the cap), one by one."""
+        highest = self._highest
+        if len(highest) + len(seen) > self._max:
+            return [(s, a, q, missing) for s, a, q in seen if (missing := self.observe(s, a, q))]
+        gaps: list[tuple[str, str, int, int]] = []
+        latest: dict[str, tuple[str, str, int]] = {}  # sidecar -> its last update, in that order
+        for item in seen:
+            sidecar, agent, sequence = item
+            if not sidecar or sequence <= 0:
+                continue
+            if (last := latest.get(sidecar)) is not None:
+                if sequence <= (top := last[2]):
+                    continue
+                del latest[sidecar]  # to the end, as move_to_end would
+            elif (known := highest.get(sidecar)) is not None:
+                if sequence <= (top := known[1]):
+                    continue
+            else:  # the first seen: its baseline
+                latest[sidecar] = item
+                continue
+            latest[sidecar] = item
+            if missing := sequence - top - 1:
+                self.missing_by_agent[agent] = self.missing_by_agent.get(agent, 0) + missing
+                gaps.append((sidecar, agent, sequence, missing))
+        for sidecar, (_, agent, sequence) in latest.items():
+            highest[sidecar] = (agent, sequence)
+            highest.move_to_end(sidecar)
+        return gaps
 
     def to_state(self, agents: Callable[[str], bool] | None = None) -> dict[str, Any]:
         def mine(agent: str) -> bool:

@@ -59,8 +59,9 @@ class Ingestor:
         one by one: those take no part in anything the other bodies touch, and share `now`."""
         dead: list[DeadLetter] = []
         metrics, positions, gaps = self.metrics, self.positions, self.gaps
-        applied = 0
+        applied = decoded = 0  # decoded: counted bodies read by upb (only they can carry flags)
         versioned: list[Row] = []  # the events for the windows, in order
+        sequenced: list[tuple[str, str, int]] = []  # (sidecar, agent, sequence) for the gaps, in order
         decode, check, fast = outrider.decode_event_head, outrider.check_event_headers, fast_row
         where: tuple[str, int] | None = None
         expected: int | None = None
@@ -86,9 +87,9 @@ class Ingestor:
                 check(record.headers)
                 if fast is not None and (read := fast(record.value)) is not None:
                     # a call or tool event, read off the wire: counted, nothing else to do
-                    row, sidecar, sequence = read
-                    if sequence and (missing := gaps.observe(sidecar, row[ROW_AGENT], sequence)):
-                        self._missed(sidecar, row[ROW_AGENT], sequence, missing)
+                    row, gap = read
+                    if gap is not None:
+                        sequenced.append(gap)
                     versioned.append(row)
                     continue
                 head = event, _, agent, body = decode(record.value)
@@ -106,11 +107,11 @@ class Ingestor:
                     )
                 )
                 continue
-            sequence = event.sequence  # read once: a field read costs about what observing it does
-            if sequence and (missing := gaps.observe(event.sidecar_id, agent, sequence)):
-                self._missed(event.sidecar_id, agent, sequence, missing)
+            if sequence := event.sequence:  # read once: a field read costs about what observing it does
+                sequenced.append((event.sidecar_id, agent, sequence))
             if body in COUNTED_BODIES:
                 versioned.append(row_of(head))
+                decoded += 1
             elif body == "versions_report":
                 self.sightings.report(event, now)
             elif body == "smoke":  # blue-green: idempotent per (sidecar, test)
@@ -126,24 +127,24 @@ class Ingestor:
                     and not is_relayed(record.headers)
                 ):
                     self.usage_relay.add(event)
+        if sequenced:
+            for sidecar, agent, sequence, missing in gaps.observe_all(sequenced):
+                metrics.events_missing.labels(sidecar, agent).inc(missing)
+                log.warning(
+                    "%d events from sidecar %s (%s) never arrived (sequence %d after %d)",
+                    missing,
+                    sidecar,
+                    agent,
+                    sequence,
+                    sequence - missing - 1,
+                )
         if versioned:
-            self._count(versioned, now)
+            self._count(versioned, now, decoded)
         self.applied += applied
         metrics.consumed.inc(applied)
         return dead
 
-    def _missed(self, sidecar: str, agent: str, sequence: int, missing: int) -> None:
-        self.metrics.events_missing.labels(sidecar, agent).inc(missing)
-        log.warning(
-            "%d events from sidecar %s (%s) never arrived (sequence %d after %d)",
-            missing,
-            sidecar,
-            agent,
-            sequence,
-            sequence - missing - 1,
-        )
-
-    def _count(self, rows: list[Row], now: float) -> None:
+    def _count(self, rows: list[Row], now: float, decoded: int) -> None:
         """The windows take each event once; the totals, evidence, flags and sightings the ones
         they took, and the stale (too old for any window, but they happened). Each event's
         fields are read once, into the rows they all share."""
@@ -171,7 +172,7 @@ class Ingestor:
             self.evidence.add_events(
                 [event_of(row[ROW_EVENT]) for row in counted if row[ROW_AGENT] in tracked], now
             )
-        if self.flag_metrics is not None:  # events read off the wire (bytes) carry no flags
+        if self.flag_metrics is not None and decoded:  # rows read off the wire carry no flags
             self.flag_metrics.observe_all(
                 event for row in counted if not isinstance(event := row[ROW_EVENT], bytes)
             )

@@ -48,7 +48,7 @@ CALL_MODEL: Final = 11  # where the model is in a CallDetail
 NATIVE_ENV = "OUTRIDER_NATIVE"
 
 
-def _native() -> Callable[[bytes], tuple[Row, str, int] | None] | None:
+def _native() -> Callable[[bytes], tuple[Row, tuple[str, str, int] | None] | None] | None:
     if os.environ.get(NATIVE_ENV, "1") == "0":
         return None
     try:
@@ -58,8 +58,9 @@ def _native() -> Callable[[bytes], tuple[Row, str, int] | None] | None:
     return read_row
 
 
-# `(row, sidecar_id, sequence)` of a call or tool event's record value, or None: then decode it
-# with upb (`outrider.decode_event_head`) and take `row_of` its head. None when not built.
+# `(row, gap)` of a call or tool event's record value, gap being `(sidecar_id, agent, sequence)`
+# (or None when there is no sequence to observe); None for any other record: decode that with
+# upb (`outrider.decode_event_head`) and take `row_of` its head. None when not built.
 fast_row: Final = _native()
 
 

@@ -43,18 +43,19 @@ def _same(value: Any) -> Any:
     return (type(value).__name__, value)
 
 
-def _expected(value: bytes) -> tuple[Any, str, int] | None:
+def _expected(value: bytes) -> tuple[Any, tuple[str, str, int] | None] | None:
     """What the reader must give: upb's row, or None when upb refuses or it is no call or tool."""
     try:
         head = outrider.decode_event_head(value)
     except outrider.DecodeError:
         return None
-    event = head[0]
+    event, _, agent, _ = head
     row = row_of(head)
-    return (*row[:7], value, row[8]), event.sidecar_id, event.sequence
+    gap = (event.sidecar_id, agent, event.sequence) if event.sidecar_id and event.sequence > 0 else None
+    return (*row[:7], value, row[8]), gap
 
 
-def _check(value: bytes) -> tuple[Any, str, int] | None:
+def _check(value: bytes) -> tuple[Any, tuple[str, str, int] | None] | None:
     got, want = read_row(value), _expected(value)
     if got is not None:
         assert want is not None, "read a row upb refuses"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from collector._gaps import GapTracker
 from collector._ingest import Ingestor
 from collector._metrics import CollectorMetrics
@@ -65,3 +68,25 @@ def test_a_consumer_that_went_back_is_never_silent() -> None:
     assert metrics.registry.get_sample_value("outrider_collector_offset_resets_total") == 0
     ingestor.apply([_Record(0, event)], now=1.0)  # a new log under the same name
     assert metrics.registry.get_sample_value("outrider_collector_offset_resets_total") == 1
+
+
+SIDECARS = st.sampled_from(["", "a", "b", "c", "d", "e"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(SIDECARS, st.sampled_from(["bot", "helper"]), st.integers(-1, 12)), max_size=40),
+    st.lists(st.tuples(st.sampled_from(["a", "b", "c", "z"]), st.integers(1, 6)), max_size=4),
+    st.integers(2, 8),
+)
+def test_a_batch_observes_what_one_by_one_observes(
+    seen: list[tuple[str, str, int]], before: list[tuple[str, int]], cap: int
+) -> None:
+    """The same gaps, missing counts and state, the order of sidecars and the cap included."""
+    one, batch = GapTracker(max_sidecars=cap), GapTracker(max_sidecars=cap)
+    for tracker in (one, batch):
+        for sidecar, sequence in before:
+            tracker.observe(sidecar, "bot", sequence)
+    singles = [(s, a, q, m) for s, a, q in seen if (m := one.observe(s, a, q))]
+    assert batch.observe_all(seen) == singles
+    assert batch.to_state() == one.to_state()
