@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -272,8 +273,7 @@ class RolloutEvidence:
             dtype=np.int64,
             count=len(rows),
         )
-        dn = np.asarray(rows.dn, dtype=np.float64).reshape(len(rows), F)
-        ds = np.asarray(rows.ds, dtype=np.float64).reshape(len(rows), F)
+        dn, ds = _matrix(rows.dn, F), _matrix(rows.ds, F)
         slots, dn, ds = sum_by_unit(slots, dn, ds)
         old_n, old_s = self._n[slots], self._s[slots]
         new_n, new_s = old_n + dn, old_s + ds
@@ -288,7 +288,7 @@ class RolloutEvidence:
         contrib[:, :, NS] = new_n * new_s - old_n * old_s
         np.add.at(self.sums, (self._stratum[slots], self._arm[slots]), contrib)
         # the triggers' minutes (rows of the last hour only)
-        trig = np.asarray(rows.trig, dtype=np.float64).reshape(len(rows), TCOLS)
+        trig = _matrix(rows.trig, TCOLS)
         minutes = np.floor(times / 60.0).astype(np.int64)
         horizon = math.floor((now - TRIGGER_HORIZON_S) / 60.0)
         for minute in np.unique(minutes):
@@ -445,6 +445,13 @@ class RolloutEvidence:
             evidence._slots = {key: i for i, key in enumerate(keys)}
             evidence._free = list(range(size - 1, count - 1, -1))
         return evidence
+
+
+def _matrix(rows: Sequence[Sequence[float]], columns: int) -> FloatArray:
+    """Rows of floats as an array: flattened first, which numpy takes at a third of the cost
+    of working out the shape of a list of lists."""
+    flat = itertools.chain.from_iterable(rows)
+    return np.fromiter(flat, dtype=np.float64, count=len(rows) * columns).reshape(len(rows), columns)
 
 
 def sum_by_unit(
