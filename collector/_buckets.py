@@ -15,6 +15,7 @@ from ddsketch.pb.ddsketch_pb2 import DDSketch as DDSketchMessage
 from ddsketch.pb.proto import DDSketchProto
 
 from collector._errclass import QUOTA, classify
+from collector._native import native
 from collector._rows import Row, event_of
 from outrider.v1 import events_pb2, sidecar_pb2
 
@@ -145,6 +146,9 @@ _ERROR = events_pb2.OUTCOME_ERROR
 _isfinite = math.isfinite
 
 
+_fastsketch = native("_fastsketch")  # the loop below in C (collector/_fastsketch.c), or None
+
+
 def sketch_add_many(sketch: DDSketch, values: list[float]) -> None:
     """`sketch.add(value)` of each value in order (finite, >= 0: latencies), for a sketch made by
     `_sketch`, with the same result: the bins are read once and again only when a value grows
@@ -152,21 +156,34 @@ def sketch_add_many(sketch: DDSketch, values: list[float]) -> None:
     if not values:
         return
     store = sketch._store
-    bins, offset, low, high = store.bins, store.offset, store.min_key, store.max_key
     binned = zeros = 0
     total = sketch._sum
-    for value in values:
-        total += value
-        if value > _MIN_POSSIBLE:
-            key = _ceil(_log(value) / _LN2 * _MULTIPLIER) + _WHOLE_KEY_OFFSET
-            if low <= key <= high:
-                bins[key - offset] += 1.0
-                binned += 1
+    if _fastsketch is not None:
+        add_run, start = _fastsketch.add_run, 0
+        while True:
+            start, total, more, zero, key = add_run(
+                values, start, store.bins, store.offset, store.min_key, store.max_key, total,
+                _MULTIPLIER, _LN2, _MIN_POSSIBLE, _WHOLE_KEY_OFFSET,
+            )  # fmt: skip
+            binned, zeros = binned + more, zeros + zero
+            if start >= len(values):
+                break
+            store.add(key, 1.0)  # grows the bins
+            start += 1
+    else:
+        bins, offset, low, high = store.bins, store.offset, store.min_key, store.max_key
+        for value in values:
+            total += value
+            if value > _MIN_POSSIBLE:
+                key = _ceil(_log(value) / _LN2 * _MULTIPLIER) + _WHOLE_KEY_OFFSET
+                if low <= key <= high:
+                    bins[key - offset] += 1.0
+                    binned += 1
+                else:
+                    store.add(key, 1.0)  # grows the bins: read them again
+                    bins, offset, low, high = store.bins, store.offset, store.min_key, store.max_key
             else:
-                store.add(key, 1.0)  # grows the bins: read them again
-                bins, offset, low, high = store.bins, store.offset, store.min_key, store.max_key
-        else:
-            zeros += 1
+                zeros += 1
     store.count += float(binned)
     sketch._zero_count += float(zeros)
     sketch._count += float(len(values))

@@ -272,7 +272,6 @@ static PyObject *cached_str(int slot, Span s) {
     return made;
 }
 
-
 /* a tuple of the n objects, which it takes; NULL (and the objects released) when any is NULL,
    which only running out of memory makes */
 static PyObject *tuple_of(Py_ssize_t n, PyObject **items) {

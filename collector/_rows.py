@@ -27,10 +27,10 @@ plain tuple is the cheapest thing to make and unpack.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, TypeAlias
 
+from collector._native import native
 from outrider.v1 import events_pb2
 
 CallDetail: TypeAlias = tuple[int, str, float, float, int, int, int, float, int, bool, float, str]
@@ -45,23 +45,13 @@ ROW_EVENT: Final = 7  # where the event is in a row
 CALL_MODEL: Final = 11  # where the model is in a CallDetail
 
 
-NATIVE_ENV = "OUTRIDER_NATIVE"
-
-
-def _native() -> Callable[[bytes], tuple[Row, tuple[str, str, int] | None] | None] | None:
-    if os.environ.get(NATIVE_ENV, "1") == "0":
-        return None
-    try:
-        from collector._fastrow import read_row
-    except ImportError:  # built without a C compiler (setup.py: optional)
-        return None
-    return read_row
-
-
+_fastrow = native("_fastrow")
 # `(row, gap)` of a call or tool event's record value, gap being `(sidecar_id, agent, sequence)`
 # (or None when there is no sequence to observe); None for any other record: decode that with
 # upb (`outrider.decode_event_head`) and take `row_of` its head. None when not built.
-fast_row: Final = _native()
+fast_row: Final[Callable[[bytes], tuple[Row, tuple[str, str, int] | None] | None] | None] = (
+    None if _fastrow is None else _fastrow.read_row
+)
 
 
 def event_of(ref: EventRef) -> events_pb2.Event:

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import outrider
 from collector import _rows
-from collector._rows import NATIVE_ENV, event_of, row_of
+from collector._native import NATIVE_ENV
+from collector._rows import event_of, row_of
 from outrider.v1 import events_pb2
 
 if os.environ.get(NATIVE_ENV) == "0":  # pragma: no cover - the suite's upb-only run
@@ -190,6 +191,8 @@ def test_unknown_fields_are_skipped_as_upb_skips_them() -> None:
     assert got is not None and got[0][8][11] == "m"
     inner = events_pb2.Event(event_id="e1", agent="a").SerializeToString() + b"\x52\x03\xf0\x01\x05"
     assert _check(inner) is not None
+    reserved = plain.SerializeToString() + b"\xc0\xa3\x09\x01"  # field 19000: upb takes it too
+    assert _check(reserved) is not None
 
 
 def test_repeated_strings_are_shared_within_a_run() -> None:
