@@ -5,6 +5,8 @@ Pre-produces synthetic call and tool events to an embedded broker, then, three t
 (b) raw at the collector's fetch size (500 records): the same, as the collector fetches;
 (c) ingest: the collector's own consumer path (consumer group, decode, dedupe, windows,
     totals, checkpoints to a temporary state dir) applies every record.
+(d) ingest through upb: (c) with the collector's C modules off (as `OUTRIDER_NATIVE=0`, or an
+    install without a C compiler, runs it): every event read by upb, the sketches in Python.
 (a) is the baseline the targets are stated against (`ingest_over_raw_per_core`). (b) is
 reported beside it because it is about twice as fast: a 5,000-record batch lives long enough
 for cyclic GC to promote it and scan the whole heap, about half of (a)'s CPU; at 500 records
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 import outrider
-from collector import RollingWindows, SystemClock
+from collector import RollingWindows, SystemClock, _buckets
+from collector import _ingest as _ingest_module
 from collector._checkpoint import CheckpointStore
 from collector._consumer import EventConsumer
 from collector._deadletter import DeadLetter
@@ -170,7 +174,28 @@ class _TimedIngestor(Ingestor):
         return dead
 
 
-async def collector_ingest(bootstrap: str, n: int, run: int, state_dir: Path) -> dict[str, float]:
+@contextlib.contextmanager
+def _natives(on: bool) -> Iterator[None]:
+    """The collector's C modules in use (as installed), or off: what OUTRIDER_NATIVE=0 does at
+    import, done in this process so both paths run in one run."""
+    saved = _ingest_module.fast_row, _buckets._fastsketch
+    if not on:
+        _ingest_module.fast_row = None
+        _buckets._fastsketch = None
+    try:
+        yield
+    finally:
+        _ingest_module.fast_row, _buckets._fastsketch = saved
+
+
+async def collector_ingest(
+    bootstrap: str, n: int, run: int, state_dir: Path, *, native: bool = True
+) -> dict[str, float]:
+    with _natives(native):
+        return await _collector_ingest(bootstrap, n, run, state_dir)
+
+
+async def _collector_ingest(bootstrap: str, n: int, run: int, state_dir: Path) -> dict[str, float]:
     windows = RollingWindows(bucket_s=5, retention_s=900, dedupe_size=max(200_000, n))
     ingestor = _TimedIngestor(n, windows, CollectorMetrics())
     group = f"bench-ingest-{run}"
@@ -213,13 +238,17 @@ async def main_async(n: int, runs: int) -> dict[str, object]:
         raw: list[dict[str, float]] = []
         raw_small: list[dict[str, float]] = []
         ingest: list[dict[str, float]] = []
+        upb: list[dict[str, float]] = []
         with tempfile.TemporaryDirectory(prefix="outrider-bench-") as tmp:
             for run in range(runs):  # alternate, so all see the same machine noise
                 raw.append(await raw_consume(broker.bootstrap_servers, n))
                 raw_small.append(await raw_consume(broker.bootstrap_servers, n, COLLECTOR_FETCH_RECORDS))
-                ingest.append(await collector_ingest(broker.bootstrap_servers, n, run, Path(tmp)))
+                bootstrap, state = broker.bootstrap_servers, Path(tmp)
+                ingest.append(await collector_ingest(bootstrap, n, run, state))
+                upb.append(await collector_ingest(bootstrap, n, runs + run, state, native=False))
     raw_core, ingest_core = _median(raw, "events_per_cpu_s"), _median(ingest, "events_per_cpu_s")
     raw_small_core = _median(raw_small, "events_per_cpu_s")
+    upb_core = _median(upb, "events_per_cpu_s")
     return {
         "benchmark": "collector-ingest",
         "events": n,
@@ -242,7 +271,14 @@ async def main_async(n: int, runs: int) -> dict[str, object]:
             "median_events_per_cpu_s": ingest_core,
             "runs": ingest,
         },
+        "collector_ingest_upb": {
+            "median_events_per_s": _median(upb, "events_per_s"),
+            "median_events_per_cpu_s": upb_core,
+            "runs": upb,
+        },
         "ingest_over_raw_per_core": round(ingest_core / raw_core, 3) if raw_core else None,
+        "ingest_upb_over_raw_per_core": round(upb_core / raw_core, 3) if raw_core else None,
+        "ingest_over_upb_per_core": round(ingest_core / upb_core, 3) if upb_core else None,
         "ingest_over_raw_at_collector_fetch_per_core": (
             round(ingest_core / raw_small_core, 3) if raw_small_core else None
         ),
